@@ -1,0 +1,1954 @@
+"""ledger.py: exactly-once and singleflight for AI-agent tool calls.
+
+Agents retry, fan out and run in parallel. When a tool charges a card or
+sends an email, a duplicate call is an incident; when a tool is an expensive
+lookup, identical concurrent calls waste money. ledger.py records every tool
+call under a fingerprint of (tool, normalized arguments, workflow) and lets
+each one run once::
+
+    from ledger import guard
+
+    def charge_card(order_id: int, amount: float) -> dict:
+        return {"charged": amount}
+
+    guard(charge_card, order_id=123, amount=99.0)   # runs, returns {'charged': 99.0}
+    guard(charge_card, order_id=123, amount=99.0)   # blocked: returns ledger.BLOCKED
+
+    tools = guard.wrap_tools({"charge_card": charge_card})  # a whole toolset
+    tools["charge_card"](order_id=124, amount=5.0)
+
+Shareable work (lookups, searches) runs once while identical calls wait for it
+and all get its result, then reuse it for `ttl` seconds::
+
+    guard.policy("search", replay=True, ttl=300)
+
+Records live in SQLite (``$LEDGER_DB`` or ``./ledger.db``, opened on first
+use); ``Guard(":memory:")`` keeps them in memory for tests. Inside a running
+tool, ``current_key()`` is a stable idempotency key to hand to the downstream
+API, which is what makes a crash between the side effect and the record
+harmless.
+
+The file reads top to bottom in the order a call flows through it:
+normalize -> fingerprint -> records and states -> stores -> engine ->
+public Guard -> command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import contextvars
+import dataclasses
+import datetime as _dt
+import decimal
+import enum
+import functools
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import math
+import os
+import pathlib
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+__all__ = [
+    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "Record", "Status",
+    "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
+    "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
+    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
+]
+__version__ = "0.1.0"
+
+log = logging.getLogger("ledger")
+
+
+# ---------------------------------------------------------------------------
+# Errors. Everything the library raises on purpose is a LedgerError, and each
+# message says what to do next.
+# ---------------------------------------------------------------------------
+
+class LedgerError(Exception):
+    """Base class of every error ledger.py raises on purpose."""
+
+
+class FingerprintError(LedgerError, TypeError):
+    """An argument has no stable canonical form; raised before the tool runs."""
+
+
+class ConfigError(LedgerError, ValueError):
+    """A policy, URL or setting is invalid."""
+
+
+class KeyReuseError(LedgerError):
+    """The same idempotency key came back with different validated arguments."""
+
+
+class IntegrityError(LedgerError):
+    """A stored record failed HMAC verification; it is neither replayed nor re-run."""
+
+
+class StoreError(LedgerError):
+    """The store cannot be opened, read or written."""
+
+
+class CompletionError(LedgerError):
+    """The tool ran, but its record could not be completed. `.value` holds its result."""
+
+    def __init__(self, message: str, value: Any = None):
+        super().__init__(message)
+        self.value = value
+
+
+class WaitTimeout(LedgerError):
+    """A duplicate waited for the running call longer than the policy's `wait`."""
+
+
+class LeaderFailed(LedgerError):
+    """The run a duplicate was waiting for raised; the next new call runs again."""
+
+
+# ---------------------------------------------------------------------------
+# Normalize: turn argument values into a canonical JSON structure, so that
+# equal calls encode to equal bytes in every process. Special values become
+# ["\x00tag", payload] lists; user strings that start with "\x00" are escaped
+# with a second one, so no user value can imitate a tag.
+#
+# Floats are rounded to 10 significant digits (format(x, ".10g")); a float
+# that is then integral becomes an int (99.0 == 99, -0.0 == 0); NaN and the
+# infinities get tags. Use Decimal or integer cents where 10 digits are not enough.
+# ---------------------------------------------------------------------------
+
+FLOAT_DIGITS = 10
+_TAG = "\x00"
+
+
+class _Unsupported(Exception):
+    """Carries the path to a value that has no canonical form, innermost first."""
+
+    def __init__(self, value: Any, path: list[str]):
+        self.value, self.path = value, path
+
+
+def _str(s: str) -> str:
+    return _TAG + s if s[:1] == _TAG else s
+
+
+def _float(x: float) -> Any:
+    if x != x or x in (math.inf, -math.inf):
+        return [_TAG + "float", repr(x)]
+    r = float(format(x, ".%dg" % FLOAT_DIGITS))
+    if r in (math.inf, -math.inf):  # rounding up past the largest float
+        r = x
+    return int(r) if r.is_integer() else r
+
+
+def _list(items: Iterable[Any]) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(canonical(item))
+        except _Unsupported as e:
+            e.path.append("[%d]" % i)
+            raise
+    return out
+
+
+def _dict(d: Mapping) -> Any:
+    if all(type(k) is str for k in d):
+        out = {}
+        for k, v in d.items():
+            try:
+                out[_str(k)] = canonical(v)
+            except _Unsupported as e:
+                e.path.append("[%r]" % k)
+                raise
+        return out
+    pairs = [[canonical(k), canonical(v)] for k, v in d.items()]
+    pairs.sort(key=_dump)
+    return [_TAG + "map", pairs]
+
+
+def _set(s: Any) -> list:
+    items = [canonical(v) for v in s]
+    items.sort(key=_dump)
+    return [_TAG + "set", items]
+
+
+def _typed(tag: str, obj: Any, fields: Mapping) -> list:
+    return [_TAG + tag, type(obj).__module__ + "." + type(obj).__qualname__, _dict(fields)]
+
+
+def _datetime(d: _dt.datetime) -> list:
+    if d.tzinfo is None or d.utcoffset() is None:
+        return [_TAG + "naive", d.isoformat()]
+    return [_TAG + "datetime", d.astimezone(_dt.timezone.utc).isoformat()]
+
+
+_CANON: dict[type, Callable[[Any], Any]] = {
+    str: _str,
+    int: lambda v: v,
+    bool: lambda v: v,
+    type(None): lambda v: v,
+    float: _float,
+    list: _list,
+    tuple: _list,
+    dict: _dict,
+    set: _set,
+    frozenset: _set,
+    bytes: lambda v: [_TAG + "bytes", base64.b64encode(v).decode()],
+    bytearray: lambda v: [_TAG + "bytes", base64.b64encode(v).decode()],
+    decimal.Decimal: lambda v: [_TAG + "decimal", str(v.normalize()) if v.is_finite() else str(v)],
+    _dt.datetime: _datetime,
+    _dt.date: lambda v: [_TAG + "date", v.isoformat()],
+    _dt.time: lambda v: [_TAG + "time", v.isoformat()],
+    _dt.timedelta: lambda v: [_TAG + "timedelta", _float(v.total_seconds())],
+    uuid.UUID: lambda v: [_TAG + "uuid", str(v)],
+}
+
+
+def canonical(value: Any) -> Any:
+    """The canonical JSON structure of `value`; raises _Unsupported if it has none."""
+    handler = _CANON.get(type(value))
+    if handler is not None:
+        return handler(value)
+    return _canonical_other(value)
+
+
+def _canonical_other(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return [_TAG + "enum", type(value).__module__ + "." + type(value).__qualname__, canonical(value.value)]
+    if isinstance(value, pathlib.PurePath):
+        return [_TAG + "path", value.as_posix()]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _typed("dataclass", value, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return _typed("namedtuple", value, value._asdict())
+    if hasattr(value, "model_dump") and not isinstance(value, type):
+        return _typed("model", value, value.model_dump())
+    for base, handler in _CANON.items():
+        if isinstance(value, base) and base is not bool and base is not type(None):
+            return handler(base(value) if base in (str, int, float) else value)
+    raise _Unsupported(value, [])
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _describe(value: Any) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else t.__module__ + "." + t.__qualname__
+
+
+# ---------------------------------------------------------------------------
+# Fingerprint: bind a call's arguments to the tool's parameters (so positional
+# and keyword spellings and defaults agree), then hash (tool, arguments,
+# workflow) with sha256. Tool names are module.qualname, with the module a
+# script was run as resolved to its import name, and lambdas and closures told
+# apart by where they are defined and what they capture.
+# ---------------------------------------------------------------------------
+
+class _ToolInfo:
+    """What the guard needs to know about a callable, computed once per callable."""
+
+    __slots__ = ("name", "is_async", "takes_key", "names", "defaults", "signature", "simple")
+
+    def __init__(self, fn: Callable):
+        self.name = tool_name(fn)
+        self.is_async = _is_async(fn)
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self.signature = None
+        params = list(self.signature.parameters.values()) if self.signature else []
+        self.takes_key = any(p.name == "key" for p in params)
+        self.names = tuple(p.name for p in params)
+        self.defaults = tuple((p.name, p.default) for p in params if p.default is not p.empty)
+        self.simple = self.signature is not None and all(
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Arguments by parameter name, defaults filled in; TypeError if they do not fit."""
+        if self.simple and len(args) <= len(self.names):
+            bound = dict(zip(self.names, args))
+            if not kwargs.keys() & bound.keys():
+                bound.update(kwargs)
+                for name, default in self.defaults:
+                    bound.setdefault(name, default)
+                if len(bound) == len(self.names):
+                    return bound
+        if self.signature is None:
+            return {"*args": args, "**kwargs": kwargs}
+        ba = self.signature.bind(*args, **kwargs)
+        ba.apply_defaults()
+        return ba.arguments
+
+
+_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _info(fn: Callable) -> _ToolInfo:
+    try:
+        info = _INFO.get(fn)
+    except TypeError:
+        return _ToolInfo(fn)
+    if info is None:
+        info = _INFO[fn] = _ToolInfo(fn)
+    return info
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _module_name(module: str | None) -> str:
+    """A function's module as it would be imported, also when it ran as a script."""
+    if module != "__main__":
+        return module or "?"
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    path = getattr(main_mod, "__file__", None)
+    return pathlib.Path(path).stem if path else "__main__"
+
+
+def tool_name(fn: Callable) -> str:
+    """The stable name records of `fn` are kept under."""
+    if isinstance(fn, functools.partial):
+        return tool_name(fn.func)
+    target = getattr(fn, "__func__", fn)
+    qualname = getattr(target, "__qualname__", None)
+    if qualname is None:
+        target = type(fn)
+        qualname = target.__qualname__
+    name = _module_name(getattr(target, "__module__", None)) + "." + qualname
+    code = getattr(target, "__code__", None)
+    if code is None or "<" not in qualname:
+        return name
+    return name + "#" + _definition_digest(target, code)
+
+
+def _definition_digest(fn: Callable, code: Any) -> str:
+    """Tells apart lambdas and nested functions that share a qualname."""
+    parts: list[Any] = [code.co_firstlineno if "<lambda>" in fn.__qualname__ else 0]
+    if "<lambda>" in fn.__qualname__:
+        parts += [code.co_code.hex(), list(code.co_names),
+                  [repr(c) for c in code.co_consts if isinstance(c, (str, int, float, bytes, type(None)))]]
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(canonical(cell.cell_contents))
+        except (_Unsupported, ValueError):
+            parts.append(None)
+    return hashlib.sha256(_dump(parts).encode()).hexdigest()[:10]
+
+
+def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
+    out = {}
+    for name, value in bound.items():
+        try:
+            out[_str(name)] = canonical(value)
+        except _Unsupported as e:
+            where = name + "".join(reversed(e.path))
+            raise FingerprintError(
+                f"argument {where!r} is a {_describe(e.value)}, which has no stable fingerprint. "
+                f"Pass key='...' (a stable id for this call, e.g. key=f'refund-{{order_id}}') "
+                f"so the arguments are not fingerprinted, or pass a plain value (str, number, dict, list, "
+                f"dataclass, pydantic model) instead") from None
+    return out
+
+
+def fingerprint(tool: str, workflow: str, arguments: Any) -> str:
+    """sha256 of the canonical (tool, workflow, arguments) triple, 32 hex digits."""
+    return hashlib.sha256(_dump([tool, workflow, arguments]).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------
+# Records and states. A record is one call's row in the ledger:
+#
+#     (none) --claim--> RUNNING --complete--> SUCCESS
+#                          |  \--raise-----> FAILED --next call--> RUNNING
+#                          \--lease expired--> RUNNING (epoch + 1, new owner)
+#
+# Every transition is one compare-and-set on (epoch, owner), so two workers
+# never both win, and a leader whose lease was taken over (a lower epoch)
+# cannot overwrite the new leader's record.
+# ---------------------------------------------------------------------------
+
+class Status(enum.StrEnum):
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass(slots=True)
+class Record:
+    """One call in the ledger. Treat as immutable: use `evolve` for changes."""
+
+    id: str
+    tool: str
+    workflow: str
+    caller: str | None
+    status: str
+    owner: str
+    epoch: int
+    lease_until: float
+    run_key: str
+    runs: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+    started: float | None = None
+    duration: float | None = None
+    expires: float | None = None
+    attempts: int = 0
+    executed: int = 0
+    blocked: int = 0
+    result: str | None = None
+    sig: str | None = None
+    unstored: str | None = None
+    error: str | None = None
+    argsum: str | None = None
+    args: str | None = None
+    cost: float | None = None
+
+    def evolve(self, **changes: Any) -> Record:
+        values = {name: getattr(self, name) for name in RECORD_FIELDS}
+        values.update(changes)
+        return Record(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RECORD_FIELDS}
+
+    def stale(self, now: float | None = None) -> bool:
+        """RUNNING whose lease ran out: its owner died or was paused."""
+        return self.status == Status.RUNNING and self.lease_until <= (now or time.time())
+
+
+RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+COUNTER_FIELDS = ("attempts", "blocked")
+STATE_FIELDS = tuple(f for f in RECORD_FIELDS if f not in COUNTER_FIELDS)
+
+
+class _Blocked:
+    """The value a blocked duplicate returns. Falsy, a singleton, survives pickling."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "BLOCKED"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self):
+        return (_Blocked, ())
+
+
+BLOCKED = _Blocked()
+
+RECOVER_MODES = ("retry", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How calls of one tool are treated.
+
+    unlimited: run every call, keep no record (read-only tools).
+    replay:    duplicates get the recorded result, waiting for a running call
+               (singleflight); otherwise they get BLOCKED at once.
+    max:       how many successful runs a call may have (one at a time).
+    ttl:       seconds after a success when the call may run again.
+    lease:     seconds a running call is presumed alive without a heartbeat.
+    recover:   "retry" lets the next call take over an expired lease;
+               "block" keeps it blocked until an operator retries it.
+    validate:  True, or argument names: with key=, the same key with other
+               values of those arguments raises KeyReuseError.
+    cost:      what one run costs, for the savings report.
+    serializer: an object or pair with dumps(value) -> str and loads(str).
+    wait:      longest time in seconds a duplicate waits for a running call.
+    """
+
+    unlimited: bool = False
+    replay: bool = False
+    max: int = 1
+    ttl: float | None = None
+    lease: float = 30.0
+    recover: str = "retry"
+    validate: bool | tuple[str, ...] = False
+    cost: float | None = None
+    serializer: Any = None
+    wait: float | None = None
+
+    def __post_init__(self):
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ConfigError(f"policy {what}")
+        need(isinstance(self.max, int) and not isinstance(self.max, bool) and self.max >= 1,
+             f"max must be a whole number >= 1, not {self.max!r}")
+        need(self.ttl is None or (isinstance(self.ttl, (int, float)) and self.ttl > 0),
+             f"ttl must be seconds > 0 or None, not {self.ttl!r}")
+        need(isinstance(self.lease, (int, float)) and self.lease > 0, f"lease must be seconds > 0, not {self.lease!r}")
+        need(self.recover in RECOVER_MODES, f"recover must be one of {RECOVER_MODES}, not {self.recover!r}")
+        need(self.wait is None or (isinstance(self.wait, (int, float)) and self.wait >= 0),
+             f"wait must be seconds >= 0 or None, not {self.wait!r}")
+        need(self.cost is None or isinstance(self.cost, (int, float)), f"cost must be a number, not {self.cost!r}")
+        if isinstance(self.validate, (list, tuple, set, frozenset)):
+            object.__setattr__(self, "validate", tuple(sorted(self.validate)))
+        need(isinstance(self.validate, (bool, tuple)), f"validate must be True or argument names, not {self.validate!r}")
+        if self.serializer is not None:
+            _codec(self.serializer)
+
+
+DEFAULT_POLICY = Policy()
+MAX_RESULT_BYTES = 1 << 20
+
+
+def _codec(serializer: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]:
+    if isinstance(serializer, (tuple, list)) and len(serializer) == 2 and all(map(callable, serializer)):
+        return serializer[0], serializer[1]
+    if callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None)):
+        return serializer.dumps, serializer.loads
+    raise ConfigError(f"serializer must have dumps and loads, or be a (dumps, loads) pair, not {serializer!r}")
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sign(secret: bytes, r: Record) -> str:
+    message = "\x00".join((r.id, str(r.epoch), r.run_key, r.result or "", r.unstored or ""))
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What a guarded call did. `source` is one of: executed, replayed, shared,
+    blocked, forced, unlimited."""
+
+    value: Any
+    source: str
+    key: str | None = None
+    record: Record | None = None
+
+    @property
+    def ran(self) -> bool:
+        return self.source in ("executed", "forced", "unlimited")
+
+
+# ---------------------------------------------------------------------------
+# Stores. A store keeps records and offers a handful of atomic operations; all
+# logic lives in the engine, so a backend is a thin translation of these
+# methods into its own atomic primitives. `check_store` verifies one.
+# ---------------------------------------------------------------------------
+
+class Store:
+    """The interface every backend implements. Each method is atomic.
+
+    get(id)                   the record, or None
+    insert(record)            add it if no record has its id; True if added
+    swap(record, epoch, owner) replace the stored record's state fields with
+                              record's iff the stored epoch and owner match;
+                              the counters attempts and blocked are kept
+    delete(id, epoch=None)    remove it (only at that epoch, if given)
+    add_counts({id: (attempts, blocked)})  increment counters of existing records
+    records(workflow=None, tool=None)      a list, oldest first
+    clear(workflow=None)      delete records (of one workflow); how many
+    wait(id, timeout)         sleep up to timeout, waking early if id may have
+                              changed (an optimisation; sleeping is correct)
+    secret()                  the HMAC key when none is configured
+    close()
+    """
+
+    url = "store"
+
+    def get(self, id: str) -> Record | None:
+        raise NotImplementedError
+
+    def insert(self, record: Record) -> bool:
+        raise NotImplementedError
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        raise NotImplementedError
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        raise NotImplementedError
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        raise NotImplementedError
+
+    def clear(self, workflow: str | None = None) -> int:
+        raise NotImplementedError
+
+    def wait(self, id: str, timeout: float) -> None:
+        time.sleep(timeout)
+
+    def secret(self) -> bytes:
+        raise ConfigError(
+            f"{type(self).__name__} has no place for a signing key: set LEDGER_SECRET "
+            f"(the same value on every worker) or pass Guard(secret=...)")
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class MemoryStore(Store):
+    """Records in a dict, for tests and single-process use. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Record] = {}
+        self._lock = threading.Lock()
+        self._secret = secrets.token_bytes(32)
+        self.url = f":memory:{id(self):x}"
+
+    def get(self, id: str) -> Record | None:
+        return self._rows.get(id)
+
+    def insert(self, record: Record) -> bool:
+        with self._lock:
+            if record.id in self._rows:
+                return False
+            self._rows[record.id] = record
+            return True
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        with self._lock:
+            old = self._rows.get(record.id)
+            if old is None or old.epoch != epoch or old.owner != owner:
+                return False
+            self._rows[record.id] = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            return True
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        with self._lock:
+            old = self._rows.get(id)
+            if old is None or (epoch is not None and old.epoch != epoch):
+                return False
+            del self._rows[id]
+            return True
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        with self._lock:
+            for id, (attempts, blocked) in counts.items():
+                old = self._rows.get(id)
+                if old is not None:
+                    self._rows[id] = old.evolve(attempts=old.attempts + attempts, blocked=old.blocked + blocked)
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        with self._lock:
+            rows = list(self._rows.values())
+        return sorted((r for r in rows if (workflow is None or r.workflow == workflow)
+                       and (tool is None or r.tool == tool)), key=lambda r: r.created)
+
+    def clear(self, workflow: str | None = None) -> int:
+        with self._lock:
+            doomed = [k for k, r in self._rows.items() if workflow is None or r.workflow == workflow]
+            for k in doomed:
+                del self._rows[k]
+            return len(doomed)
+
+    def secret(self) -> bytes:
+        return self._secret
+
+
+SCHEMA_VERSION = 1
+_SQL_COLUMNS = ", ".join(RECORD_FIELDS)
+_SQL_STATE = ", ".join(f"{f} = ?" for f in STATE_FIELDS)
+
+
+class SQLiteStore(Store):
+    """Records in one SQLite file (WAL), shared by every thread and process on a machine.
+
+    `durable=True` syncs every commit to disk (survives power loss); the default
+    (synchronous=NORMAL) survives a crash of any process.
+    """
+
+    def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0):
+        self.path = os.fspath(path)
+        self.url = "sqlite:///" + os.path.abspath(self.path)
+        self.durable = durable
+        self.timeout = timeout
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._conn()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._pid == os.getpid():
+            return conn
+        if self._pid != os.getpid():
+            # A connection must not cross fork(); the child abandons the parent's.
+            self._local = threading.local()
+            self._pid = os.getpid()
+        conn = self._local.conn = self._open()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"cannot open ledger database {self.path!r}: directory {folder!r} does not exist; "
+                             f"create it or point LEDGER_DB elsewhere")
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            self._migrate(conn)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open ledger database {self.path!r}: {e}. If the file is not a ledger "
+                             f"database or is corrupt, move it aside and a new one is created") from None
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
+        if version == SCHEMA_VERSION:
+            return
+        columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
+            conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _run(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn().execute(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+
+    def get(self, id: str) -> Record | None:
+        row = self._run(f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?", (id,)).fetchone()
+        return Record(*row) if row else None
+
+    def insert(self, record: Record) -> bool:
+        values = [getattr(record, f) for f in RECORD_FIELDS]
+        sql = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+        return self._run(sql, values).rowcount == 1
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        values = [getattr(record, f) for f in STATE_FIELDS] + [record.id, epoch, owner]
+        return self._run(f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?",
+                         values).rowcount == 1
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        if epoch is None:
+            return self._run("DELETE FROM records WHERE id = ?", (id,)).rowcount == 1
+        return self._run("DELETE FROM records WHERE id = ? AND epoch = ?", (id, epoch)).rowcount == 1
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        conn = self._conn()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
+                                 [(a, b, id) for id, (a, b) in counts.items()])
+        except sqlite3.Error as e:
+            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        sql, params = f"SELECT {_SQL_COLUMNS} FROM records WHERE 1", []
+        if workflow is not None:
+            sql, params = sql + " AND workflow = ?", params + [workflow]
+        if tool is not None:
+            sql, params = sql + " AND tool = ?", params + [tool]
+        return [Record(*row) for row in self._run(sql + " ORDER BY created", params)]
+
+    def clear(self, workflow: str | None = None) -> int:
+        if workflow is None:
+            return self._run("DELETE FROM records").rowcount
+        return self._run("DELETE FROM records WHERE workflow = ?", (workflow,)).rowcount
+
+    def secret(self) -> bytes:
+        return _key_file(self.path + ".key")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+
+def _sqlite_type(field: str) -> str:
+    kind = Record.__dataclass_fields__[field].type
+    if "int" in kind:
+        return "INTEGER"
+    if "float" in kind:
+        return "REAL"
+    return "TEXT"
+
+
+def _key_file(path: str) -> bytes:
+    """Read the signing key beside the database, creating it (mode 0600) if absent."""
+    for _ in range(50):
+        try:
+            with open(path, "rb") as f:
+                key = f.read()
+            if len(key) >= 32:
+                return key
+        except FileNotFoundError:
+            tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+            try:
+                os.link(tmp, path)  # atomic: no reader ever sees a half-written key
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            continue
+        except OSError as e:
+            raise StoreError(f"cannot read the signing key {path!r}: {e}; "
+                             f"fix its permissions or set LEDGER_SECRET") from None
+        time.sleep(0.01)
+    raise StoreError(f"the signing key {path!r} is too short; delete it to have a new one made, "
+                     f"or set LEDGER_SECRET")
+
+
+def open_store(spec: str | os.PathLike | Store | None) -> Store:
+    """A store from a Store, a file path, ":memory:" or a URL."""
+    if isinstance(spec, Store):
+        return spec
+    spec = os.fspath(spec) if spec is not None else (os.environ.get("LEDGER_DB") or "ledger.db")
+    if spec == ":memory:":
+        return MemoryStore()
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        return SQLiteStore(spec)
+    if scheme == "sqlite":
+        return SQLiteStore(rest[1:] if rest.startswith("/") else rest)
+    raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:' or sqlite:///path")
+
+
+def check_store(store: Store) -> None:
+    """Conformance checks for a Store implementation; raises AssertionError on a defect.
+
+    Safe against a live database: it works only on scratch records of its own
+    (a workflow named ledger-check-<random>) and removes them afterwards.
+    """
+    scope = "ledger-check-" + secrets.token_hex(6)
+    now = time.time()
+
+    def scratch(n: int, **kw: Any) -> Record:
+        base = dict(id=f"{scope}-{n}", tool="ledger.check", workflow=scope, caller=None,
+                    status=Status.RUNNING.value, owner="a", epoch=1, lease_until=now + 60,
+                    run_key=f"{scope}-{n}", created=now + n, updated=now)
+        base.update(kw)
+        return Record(**base)
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            raise AssertionError(f"{type(store).__name__}: {what}")
+
+    try:
+        first = scratch(1, args='{"x":"<b>é</b>"}', argsum="s", expires=now + 5.5)
+        expect(store.get(first.id) is None, "get of a missing id must return None")
+        expect(store.insert(first) is True, "insert of a new record must return True")
+        expect(store.insert(scratch(1, owner="b")) is False, "insert of an existing id must return False")
+        got = store.get(first.id)
+        expect(got is not None and got.as_dict() == first.as_dict(),
+               f"get must return the inserted record unchanged, got {got!r}")
+
+        done = first.evolve(status=Status.SUCCESS.value, result='{"v":1}', sig="s1", duration=0.25, runs=1)
+        expect(store.swap(done, 2, "a") is False, "swap with a wrong epoch must fail")
+        expect(store.swap(done, 1, "b") is False, "swap with a wrong owner must fail")
+        store.add_counts({first.id: (3, 2), f"{scope}-missing": (1, 1)})
+        expect(store.get(f"{scope}-missing") is None, "add_counts must not create records")
+        expect(store.swap(done.evolve(attempts=99, blocked=99), 1, "a") is True, "swap with epoch and owner must win")
+        got = store.get(first.id)
+        expect(got.status == "SUCCESS" and got.result == '{"v":1}' and got.runs == 1, "swap must write state fields")
+        expect((got.attempts, got.blocked) == (3, 2), f"swap must keep counters, got {(got.attempts, got.blocked)}")
+
+        second = scratch(2, tool="ledger.check2")
+        store.insert(second)
+        racers = 8
+        results: list[bool] = []
+        barrier = threading.Barrier(racers)
+
+        def take_over(i: int) -> None:
+            barrier.wait()
+            results.append(store.swap(second.evolve(owner=f"w{i}", epoch=2), 1, "a"))
+
+        def count() -> None:
+            barrier.wait()
+            store.add_counts({second.id: (1, 1)})
+
+        for target in (take_over, count):
+            threads = [threading.Thread(target=target, args=(i,) if target is take_over else ())
+                       for i in range(racers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        expect(results.count(True) == 1, f"exactly one concurrent swap must win, {results.count(True)} did")
+        got = store.get(second.id)
+        expect((got.attempts, got.blocked) == (racers, racers), "concurrent add_counts must all count")
+
+        ids = [r.id for r in store.records(workflow=scope)]
+        expect(ids == [first.id, second.id], f"records(workflow) must list exactly its records oldest first: {ids}")
+        expect([r.id for r in store.records(workflow=scope, tool="ledger.check2")] == [second.id],
+               "records(tool=) must filter by tool")
+        expect(store.delete(second.id, epoch=1) is False, "delete at a stale epoch must fail")
+        expect(store.delete(second.id, epoch=2) is True, "delete at the current epoch must succeed")
+        expect(store.get(second.id) is None, "a deleted record must be gone")
+        expect(store.clear(workflow=scope) == 1, "clear(workflow) must count what it removed")
+        expect(store.records(workflow=scope) == [], "clear(workflow) must remove the workflow's records")
+    finally:
+        store.clear(workflow=scope)
+
+
+# ---------------------------------------------------------------------------
+# Engine: leases and their heartbeat. One daemon thread per process renews the
+# lease of every running call (so a tool may run far longer than its lease)
+# and flushes buffered counters once a second.
+# ---------------------------------------------------------------------------
+
+FLUSH_INTERVAL = 1.0
+POLL_FIRST, POLL_MAX = 0.001, 0.02
+COMPLETION_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+class _Heartbeat:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.runs: dict[int, _Run] = {}
+        self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+
+    def add(self, run: _Run) -> None:
+        with self.cond:
+            self.runs[id(run)] = run
+            self._ensure_thread()
+            if run.renew_at < time.time() + FLUSH_INTERVAL:
+                self.cond.notify()
+
+    def discard(self, run: _Run) -> None:
+        with self.cond:
+            self.runs.pop(id(run), None)
+
+    def watch(self, core: _Core) -> None:
+        with self.cond:
+            self.cores.add(core)
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, name="ledger-heartbeat", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        next_flush = time.time() + FLUSH_INTERVAL
+        while True:
+            with self.cond:
+                now = time.time()
+                wake = min([next_flush] + [r.renew_at for r in self.runs.values()])
+                if wake > now:
+                    self.cond.wait(wake - now)
+                    continue
+                due = [r for r in self.runs.values() if r.renew_at <= now]
+                cores = list(self.cores) if now >= next_flush else []
+            for run in due:
+                run.renew()
+            for core in cores:
+                core.flush(quietly=True)
+            if cores:
+                next_flush = time.time() + FLUSH_INTERVAL
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+class _Flight:
+    """Wakes in-process duplicates the moment the leader's record is written."""
+
+    __slots__ = ("epoch", "lock", "event", "futures", "landed")
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.lock = threading.Lock()
+        self.event: threading.Event | None = None
+        self.futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.landed = False
+
+    def wait(self, timeout: float) -> None:
+        with self.lock:
+            if self.landed:
+                return
+            if self.event is None:
+                self.event = threading.Event()
+            event = self.event
+        event.wait(timeout)
+
+    async def wait_async(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.lock:
+            if self.landed:
+                return
+            self.futures.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def land(self) -> None:
+        with self.lock:
+            self.landed = True
+            event, futures, self.futures = self.event, self.futures, []
+        if event is not None:
+            event.set()
+        for loop, future in futures:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that loop has closed; nobody is waiting there
+                pass
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_FLIGHTS: dict[tuple[str, str], _Flight] = {}
+
+
+class _Wait:
+    """A pause the state machine asks for; the sync or async driver carries it out."""
+
+    __slots__ = ("flight", "timeout", "store", "id")
+
+    def __init__(self, flight: _Flight | None, timeout: float, store: Store, id: str):
+        self.flight, self.timeout, self.store, self.id = flight, max(timeout, 0.0), store, id
+
+
+def _drive(steps: Iterator) -> Any:
+    try:
+        wait = next(steps)
+        while True:
+            if wait.flight is not None:
+                wait.flight.wait(wait.timeout)
+            else:
+                wait.store.wait(wait.id, wait.timeout)
+            wait = next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _drive_async(steps: Iterator) -> Any:
+    try:
+        wait = next(steps)
+        while True:
+            if wait.flight is not None:
+                await wait.flight.wait_async(wait.timeout)
+            else:
+                await asyncio.sleep(wait.timeout)
+            wait = next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _after_fork_in_child() -> None:
+    global _HEARTBEAT
+    cores = list(_HEARTBEAT.cores)
+    _HEARTBEAT = _Heartbeat()
+    _FLIGHTS.clear()
+    for core in cores:
+        core.forget_pending()
+        _HEARTBEAT.cores.add(core)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# Engine: the state machine. `_settle` reads the record and decides: run (it
+# won the claim), return a duplicate's outcome, or wait and look again. It is
+# a generator so the sync and async paths share every decision and differ
+# only in how they wait.
+# ---------------------------------------------------------------------------
+
+_CURRENT_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_current_key", default=None)
+_WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
+_NO_DEFAULT = object()
+
+
+def current_key(default: Any = _NO_DEFAULT) -> str:
+    """The idempotency key of the guarded call running now.
+
+    Stable across a retry after a crash or a failure of the same call, and
+    different for each intended run (after `ttl`, or under `max`): pass it to
+    the downstream API (an Idempotency-Key header) so that a call re-run after
+    a crash between the side effect and the record is deduplicated there.
+    Outside a guarded call it raises LedgerError, or returns `default` if given.
+    """
+    key = _CURRENT_KEY.get()
+    if key is None:
+        if default is _NO_DEFAULT:
+            raise LedgerError("current_key() is only set inside a guarded tool call; "
+                              "call the tool through guard(...) or pass current_key(default=None)")
+        return default
+    return key
+
+
+class _Call:
+    """One prepared call: everything decided before the store is touched."""
+
+    __slots__ = ("fn", "args", "kwargs", "info", "name", "workflow", "caller", "policy",
+                 "key", "id", "bound", "arguments", "argsum")
+
+
+class _Run:
+    """A claimed call that this process is running."""
+
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "__weakref__")
+
+    def __init__(self, core: _Core, call: _Call, record: Record):
+        self.core, self.call, self.record = core, call, record
+        self.lock = threading.Lock()
+        self.done = self.lost = False
+        self.renew_at = record.started + call.policy.lease / 3
+
+    def renew(self) -> None:
+        """Push the lease deadline forward; notice if another worker took the call over."""
+        with self.lock:
+            if self.done or self.lost:
+                return
+            now = time.time()
+            renewed = self.record.evolve(lease_until=now + self.call.policy.lease, updated=now)
+            try:
+                won = self.core.store.swap(renewed, self.record.epoch, self.record.owner)
+            except LedgerError as e:
+                log.warning("lease of %s could not be renewed: %s", self.call.name, e)
+                self.renew_at = now + min(1.0, self.call.policy.lease / 10)
+                return
+            if won:
+                self.record = renewed
+                self.renew_at = now + self.call.policy.lease / 3
+            else:
+                self.lost = True
+                self.core.warn("%s (call %s): lease lost while running; another worker took it over",
+                               self.call.name, self.call.id)
+        if self.lost:
+            _HEARTBEAT.discard(self)
+
+
+class _Core:
+    """State shared by a Guard and the scoped guards made from it."""
+
+    def __init__(self, store: Any, quiet: bool | None, secret: str | bytes | None):
+        self.store_spec = store
+        self._store: Store | None = None
+        self.quiet = quiet
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self.lock = threading.Lock()
+        self.policies: dict[str, Policy] = {}
+        self.policies_by_fn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.tools: dict[str, Callable] = {}
+        self.callbacks: dict[str, list[Callable[[Record], Any]]] = {"success": [], "block": [], "fail": []}
+        self.pending: dict[str, list[int]] = {}
+        self.fenced = 0
+        self.recent: dict[str, list[tuple[float, str, str]]] = {}
+        self.warned: set[str] = set()
+
+    @property
+    def store(self) -> Store:
+        store = self._store
+        if store is None:
+            with self.lock:
+                if self._store is None:
+                    self._store = open_store(self.store_spec)
+                    if self.quiet is None:
+                        self.quiet = os.environ.get("LEDGER_QUIET", "0") not in ("", "0")
+                    _HEARTBEAT.watch(self)
+                    atexit.register(self.flush, quietly=True)
+                store = self._store
+        return store
+
+    @property
+    def secret(self) -> bytes:
+        if self._secret is None:
+            env = os.environ.get("LEDGER_SECRET")
+            self._secret = env.encode() if env else self.store.secret()
+        return self._secret
+
+    def warn(self, message: str, *args: Any) -> None:
+        if not self.quiet:
+            log.warning(message, *args)
+
+    def count(self, id: str, attempts: int, blocked: int) -> None:
+        with self.lock:
+            pending = self.pending.get(id)
+            if pending is None:
+                self.pending[id] = [attempts, blocked]
+            else:
+                pending[0] += attempts
+                pending[1] += blocked
+
+    def flush(self, quietly: bool = False) -> None:
+        """Write buffered counters; on failure they stay buffered for the next flush."""
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        if not pending or self._store is None:
+            return
+        try:
+            self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
+        except LedgerError as e:
+            with self.lock:
+                for id, (a, b) in pending.items():
+                    slot = self.pending.setdefault(id, [0, 0])
+                    slot[0] += a
+                    slot[1] += b
+            if not quietly:
+                raise
+            log.warning("counters not written yet: %s", e)
+
+    def forget_pending(self) -> None:
+        self.pending = {}
+        self.lock = threading.Lock()
+
+    def policy_for(self, name: str, fn: Callable) -> Policy:
+        policy = self.policies.get(name)
+        if policy is None:
+            try:
+                policy = self.policies_by_fn.get(fn)
+            except TypeError:
+                policy = None
+        return policy or DEFAULT_POLICY
+
+    def fire(self, event: str, record: Record) -> None:
+        for callback in self.callbacks[event]:
+            try:
+                callback(record)
+            except Exception:
+                log.exception("ledger on_%s callback %r raised; ignored", event, callback)
+
+    # -- deciding ----------------------------------------------------------
+
+    def settle(self, call: _Call, force: bool = False) -> Iterator[_Wait]:
+        """Yield waits until the call either wins a claim (returns a _Run) or is a
+        duplicate (returns an Outcome)."""
+        store, policy = self.store, call.policy
+        waited_epoch = deadline = None
+        delay = POLL_FIRST
+        while True:
+            now = time.time()
+            record = store.get(call.id)
+            if record is None:
+                run = self.claim(call, None, now)
+                if store.insert(run.record):
+                    self.note_new_call(call, now)
+                    return self.started(run)
+                continue
+            if call.argsum is not None and record.argsum not in (None, call.argsum):
+                self.count(call.id, 1, 0)
+                raise KeyReuseError(
+                    f"{call.name}: idempotency key {call.key!r} was first used with other values of "
+                    f"{_validated_names(policy)}; use a new key for a different request")
+            status = record.status
+            if force:
+                takeover = self.claim(call, record, now, new_run=True)
+            elif status == Status.RUNNING:
+                if record.lease_until > now:
+                    if not policy.replay:
+                        return self.duplicate(call, record, "blocked")
+                    if policy.wait is not None and deadline is None:
+                        deadline = now + policy.wait
+                    if deadline is not None and now >= deadline:
+                        self.count(call.id, 1, 0)
+                        raise WaitTimeout(f"{call.name}: waited {policy.wait}s for the running call {call.id} "
+                                          f"to finish; raise the policy's wait= or try again later")
+                    waited_epoch = record.epoch
+                    timeout = min(record.lease_until - now, (deadline or math.inf) - now)
+                    flight = _FLIGHTS.get((store.url, call.id))
+                    if flight is not None and flight.epoch == record.epoch:
+                        yield _Wait(flight, timeout, store, call.id)
+                    else:
+                        yield _Wait(None, min(delay, timeout), store, call.id)
+                        delay = min(delay * 1.5, POLL_MAX)
+                    continue
+                if policy.recover == "block":
+                    self.warn("%s (call %s) is stale: its worker stopped renewing the lease %.1fs ago and "
+                              "recover='block' keeps it blocked; clear it with guard.retry(...) or "
+                              "`ledger retry %s` once you know whether it took effect",
+                              call.name, call.id, now - record.lease_until, call.id)
+                    return self.duplicate(call, record, "blocked")
+                takeover = self.claim(call, record, now)
+            elif status == Status.FAILED:
+                if waited_epoch == record.epoch:
+                    self.count(call.id, 1, 0)
+                    raise LeaderFailed(f"{call.name}: the running call this one waited for raised "
+                                       f"{record.error}; the next call runs it again")
+                takeover = self.claim(call, record, now)
+            else:
+                fresh = record.expires is None or record.expires > now
+                if fresh and record.runs >= policy.max:
+                    source = "shared" if waited_epoch is not None else "replayed" if policy.replay else "blocked"
+                    return self.duplicate(call, record, source)
+                takeover = self.claim(call, record, now, new_run=True, new_window=not fresh)
+            if store.swap(takeover.record, record.epoch, record.owner):
+                if status == Status.RUNNING and not force:
+                    self.warn("%s (call %s): took over from a worker whose lease expired %.1fs ago "
+                              "(epoch %d -> %d)", call.name, call.id, now - record.lease_until,
+                              record.epoch, takeover.record.epoch)
+                return self.started(takeover)
+
+    def claim(self, call: _Call, prev: Record | None, now: float,
+              new_run: bool = False, new_window: bool = False) -> _Run:
+        """The RUNNING record this process would write to claim the call."""
+        policy = call.policy
+        if prev is None or new_run:
+            once = policy.max == 1 and policy.ttl is None and prev is None
+            run_key = call.id if once else f"{call.id}.{secrets.token_hex(4)}"
+        else:
+            run_key = prev.run_key
+        record = Record(
+            id=call.id, tool=call.name, workflow=call.workflow, caller=call.caller,
+            status=Status.RUNNING.value, owner=secrets.token_hex(8),
+            epoch=prev.epoch + 1 if prev else 1, lease_until=now + policy.lease, run_key=run_key,
+            runs=0 if prev is None or new_window else prev.runs,
+            created=prev.created if prev else now, updated=now, started=now,
+            attempts=prev.attempts if prev else 0, executed=prev.executed + 1 if prev else 1,
+            blocked=prev.blocked if prev else 0, argsum=call.argsum, args=_preview(call),
+            cost=policy.cost)
+        return _Run(self, call, record)
+
+    def started(self, run: _Run) -> _Run:
+        self.count(run.call.id, 1, 0)
+        _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
+        _HEARTBEAT.add(run)
+        return run
+
+    def duplicate(self, call: _Call, record: Record, source: str) -> Outcome:
+        value = BLOCKED if source == "blocked" else self.replay(call, record)
+        self.count(call.id, 1, 1)
+        self.fire("block", record)
+        return Outcome(value, source, record.run_key, record)
+
+    def replay(self, call: _Call, record: Record) -> Any:
+        if record.sig is None or not hmac.compare_digest(record.sig, _sign(self.secret, record)):
+            raise IntegrityError(
+                f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
+                f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
+                f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
+        if record.unstored is not None:
+            self.warn("%s returned a %s, which could not be stored, so this duplicate gets BLOCKED "
+                      "instead of the result; give the policy a serializer= to store such values",
+                      call.name, record.unstored)
+            return BLOCKED
+        loads = _codec(call.policy.serializer)[1] if call.policy.serializer else json.loads
+        try:
+            return loads(record.result)
+        except Exception as e:
+            raise LedgerError(f"{call.name}: the stored result of call {record.id} cannot be decoded "
+                              f"({type(e).__name__}: {e}); did the policy's serializer change?") from e
+
+    # -- completing --------------------------------------------------------
+
+    def succeed(self, run: _Run, value: Any) -> Outcome:
+        call, now = run.call, time.time()
+        result, unstored = _encode(call, value)
+        record = run.record.evolve(
+            status=Status.SUCCESS.value, updated=now, lease_until=now, duration=now - run.record.started,
+            expires=now + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
+            result=result, unstored=unstored)
+        record.sig = _sign(self.secret, record)
+        if unstored is not None:
+            self.warn("%s returned a %s, which cannot be stored (%s); the call is recorded as done and "
+                      "duplicates get BLOCKED; give the policy a serializer= to store such values",
+                      call.name, _describe(value), unstored)
+        try:
+            self.complete(run, record)
+        except StoreError as e:
+            raise CompletionError(
+                f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
+                f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
+                f"its lease expires in {call.policy.lease}s", value) from e
+        self.fire("success", record)
+        return Outcome(value, "executed", record.run_key, record)
+
+    def fail(self, run: _Run, error: BaseException) -> None:
+        call, now = run.call, time.time()
+        if not isinstance(error, Exception) and call.policy.recover == "block":
+            # Interrupted, not failed: whether it took effect is unknown, so the
+            # record stays RUNNING and turns stale when its lease runs out.
+            with run.lock:
+                run.done = True
+            self.release(run)
+            return
+        record = run.record.evolve(status=Status.FAILED.value, updated=now, lease_until=now,
+                                   duration=now - run.record.started,
+                                   error=f"{type(error).__name__}: {error}"[:2000])
+        try:
+            self.complete(run, record)
+        except StoreError as e:
+            log.error("%s raised %s and its FAILED record could not be written: %s",
+                      call.name, type(error).__name__, e)
+        self.fire("fail", record)
+
+    def complete(self, run: _Run, record: Record) -> bool:
+        """Write the final record with retries; False if another worker fenced this run off."""
+        with run.lock:
+            run.done = True
+        try:
+            for delay in COMPLETION_RETRIES + (None,):
+                try:
+                    won = self.store.swap(record, run.record.epoch, run.record.owner)
+                    break
+                except StoreError:
+                    if delay is None:
+                        raise
+                    time.sleep(delay)
+            if not won:
+                with self.lock:
+                    self.fenced += 1
+                self.warn("%s (call %s): this run's lease had expired and another worker took the call "
+                          "over (epoch > %d); its outcome was not recorded, but its caller still gets it",
+                          run.call.name, run.call.id, run.record.epoch)
+            return won
+        finally:
+            self.release(run)
+
+    def release(self, run: _Run) -> None:
+        _HEARTBEAT.discard(run)
+        flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
+        if flight is not None:
+            flight.land()
+
+    # -- noticing non-deterministic arguments ------------------------------
+
+    def note_new_call(self, call: _Call, now: float) -> None:
+        """Warn when a tool keeps running with arguments that differ only in
+        timestamps or UUIDs: those are retries the ledger cannot recognise."""
+        if call.key is not None or call.name in self.warned:
+            return
+        volatile = sorted(name for name, value in call.bound.items() if _looks_volatile(value))
+        if not volatile:
+            return
+        stable = _dump({k: v for k, v in call.arguments.items() if k not in volatile})
+        recent = [entry for entry in self.recent.get(call.name, ()) if now - entry[0] < 10]
+        recent.append((now, stable, call.id))
+        self.recent[call.name] = recent[-8:]
+        repeats = sum(1 for _, s, id in recent if s == stable and id != call.id)
+        if repeats:
+            self.warned.add(call.name)
+            self.warn("%s ran %d times within 10 s with arguments that differ only in %s; if these are "
+                      "retries of one call, pass key='...' (a stable id such as f'email-{order_id}') "
+                      "so they count as one", call.name, repeats + 1, ", ".join(volatile))
+
+
+def _looks_volatile(value: Any) -> bool:
+    if isinstance(value, (_dt.datetime, _dt.time, uuid.UUID)):
+        return True
+    if isinstance(value, str) and 20 <= len(value) <= 40:
+        try:
+            uuid.UUID(value)
+            return True
+        except ValueError:
+            pass
+        try:
+            _dt.datetime.fromisoformat(value)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _validated_names(policy: Policy) -> str:
+    return "its arguments" if policy.validate is True else ", ".join(policy.validate)
+
+
+def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
+    """The stored form of a result, or (None, why it cannot be stored)."""
+    try:
+        text = _codec(call.policy.serializer)[0](value) if call.policy.serializer else _json_dumps(value)
+    except Exception as e:
+        return None, f"{_describe(value)} ({type(e).__name__}: {e})"
+    if not isinstance(text, str):
+        return None, f"{_describe(value)} (the serializer returned {_describe(text)}, not str)"
+    if len(text) > MAX_RESULT_BYTES:
+        return None, f"{_describe(value)} of {len(text)} characters, over the {MAX_RESULT_BYTES} limit"
+    return text, None
+
+
+def _preview(call: _Call) -> str:
+    """The arguments as shown to operators; never executed, escaped by every viewer."""
+    if call.key is None:
+        text = _dump(call.arguments)
+    else:
+        shown = {}
+        for name, value in call.bound.items():
+            try:
+                shown[name] = canonical(value)
+            except _Unsupported:
+                shown[name] = "<" + _describe(value) + ">"
+        text = _dump({"key": call.key, "arguments": shown})
+    return text if len(text) <= 2000 else text[:1999] + "…"
+
+
+# ---------------------------------------------------------------------------
+# Public Guard. `guard(fn, *args, **kwargs)` prepares the call (binding and
+# fingerprinting, so bad arguments fail before anything runs), settles it
+# against the store, runs the tool if it won, and records the outcome.
+# ---------------------------------------------------------------------------
+
+class Guard:
+    """Exactly-once and singleflight for tool calls.
+
+    Guard(store=None, *, workflow=None, caller=None, quiet=None, secret=None)
+
+    store:    a Store, a file path (SQLite), ":memory:", or a URL; default
+              $LEDGER_DB or ./ledger.db, opened on first use.
+    workflow: the default scope of fingerprints (else $LEDGER_WORKFLOW or "default").
+    caller:   a tag recorded with each call (who made it); not fingerprinted.
+    quiet:    silence warnings (also LEDGER_QUIET=1).
+    secret:   the HMAC key for stored results (also LEDGER_SECRET).
+    """
+
+    def __init__(self, store: Store | str | os.PathLike | None = None, *, workflow: str | None = None,
+                 caller: str | None = None, quiet: bool | None = None, secret: str | bytes | None = None):
+        self._core = _Core(store, quiet, secret)
+        self._default_workflow = workflow
+        self._default_caller = caller
+        self._scope: tuple[str | None, str | None] = (None, None)
+        self._saved: list[tuple[contextvars.Token, contextvars.Token]] = []
+
+    def __repr__(self) -> str:
+        store = self._core._store or self._core.store_spec or os.environ.get("LEDGER_DB") or "ledger.db"
+        return f"<Guard store={store!r} workflow={self._workflow()!r}>"
+
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use."""
+        return self._core.store
+
+    # -- scoping -----------------------------------------------------------
+
+    def workflow(self, id: str) -> Guard:
+        """A guard whose calls are fingerprinted in workflow `id`; also a `with` block
+        that scopes calls made in this thread or task."""
+        return self._scoped(str(id), self._scope[1])
+
+    def as_caller(self, name: str) -> Guard:
+        """A guard that records its calls as made by `name`; also a `with` block."""
+        return self._scoped(self._scope[0], str(name))
+
+    def _scoped(self, workflow: str | None, caller: str | None) -> Guard:
+        scoped = object.__new__(Guard)
+        scoped._core = self._core
+        scoped._default_workflow, scoped._default_caller = self._default_workflow, self._default_caller
+        scoped._scope = (workflow, caller)
+        scoped._saved = []
+        return scoped
+
+    def __enter__(self) -> Guard:
+        workflow, caller = self._scope
+        self._saved.append((_WORKFLOW.set(workflow or _WORKFLOW.get()), _CALLER.set(caller or _CALLER.get())))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        workflow_token, caller_token = self._saved.pop()
+        _CALLER.reset(caller_token)
+        _WORKFLOW.reset(workflow_token)
+
+    def _workflow(self) -> str:
+        return (self._scope[0] or _WORKFLOW.get() or self._default_workflow
+                or os.environ.get("LEDGER_WORKFLOW") or "default")
+
+    def _caller(self) -> str | None:
+        return self._scope[1] or _CALLER.get() or self._default_caller
+
+    # -- calling -----------------------------------------------------------
+
+    def __call__(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` unless this call already ran; an async fn gives an awaitable.
+
+        A duplicate returns BLOCKED, or with replay=True the recorded result.
+        key= (or idempotency_key=) names the call instead of its arguments.
+        """
+        call = self._prepare(fn, args, kwargs)
+        if call.policy.unlimited:
+            return call.fn(*call.args, **call.kwargs)
+        if call.info.is_async:
+            return _value_of(self._run_async(call))
+        return self._run(call).value
+
+    def execute(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Outcome:
+        """Like calling the guard, but returns an Outcome: the value and where it came from
+        (executed, replayed, shared, blocked, unlimited). An async fn gives an awaitable."""
+        call = self._prepare(fn, args, kwargs)
+        if call.policy.unlimited:
+            if call.info.is_async:
+                return _outcome_of(call.fn(*call.args, **call.kwargs))
+            return Outcome(call.fn(*call.args, **call.kwargs), "unlimited")
+        return self._run_async(call) if call.info.is_async else self._run(call)
+
+    def force(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run the call now whatever the ledger says, and record it as its latest run."""
+        call = self._prepare(fn, args, kwargs)
+        if call.info.is_async:
+            return _value_of(self._run_async(call, force=True))
+        return self._run(call, force=True).value
+
+    def _run(self, call: _Call, force: bool = False) -> Outcome:
+        step = _drive(self._core.settle(call, force))
+        if isinstance(step, Outcome):
+            return step
+        token = _CURRENT_KEY.set(step.record.run_key)
+        try:
+            value = call.fn(*call.args, **call.kwargs)
+        except BaseException as error:
+            self._core.fail(step, error)
+            raise
+        finally:
+            _CURRENT_KEY.reset(token)
+        outcome = self._core.succeed(step, value)
+        if force:
+            outcome.source = "forced"
+        return outcome
+
+    async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
+        step = await _drive_async(self._core.settle(call, force))
+        if isinstance(step, Outcome):
+            return step
+        token = _CURRENT_KEY.set(step.record.run_key)
+        try:
+            value = await call.fn(*call.args, **call.kwargs)
+        except BaseException as error:
+            self._core.fail(step, error)
+            raise
+        finally:
+            _CURRENT_KEY.reset(token)
+        outcome = self._core.succeed(step, value)
+        if force:
+            outcome.source = "forced"
+        return outcome
+
+    def _prepare(self, fn: Callable, args: tuple, kwargs: dict) -> _Call:
+        fn, name = _unwrap(fn)
+        while isinstance(fn, functools.partial):
+            args, kwargs = fn.args + args, {**fn.keywords, **kwargs}
+            fn = fn.func
+        if not callable(fn):
+            raise ConfigError(f"guard needs a callable tool, got {_describe(fn)}")
+        info = _info(fn)
+        call = _Call()
+        call.fn, call.info = fn, info
+        call.name = name or info.name
+        call.key = kwargs.pop("idempotency_key", None)
+        if "key" in kwargs and not info.takes_key:
+            if call.key is not None:
+                raise ConfigError("pass key= or idempotency_key=, not both")
+            call.key = kwargs.pop("key")
+        call.args, call.kwargs = args, kwargs
+        call.policy = policy = self._core.policy_for(call.name, fn)
+        if policy.unlimited:
+            return call
+        call.workflow, call.caller = self._workflow(), self._caller()
+        call.bound = info.bind(args, kwargs)
+        if call.key is None:
+            call.arguments = _canonical_arguments(call.bound)
+            call.argsum = None
+            call.id = fingerprint(call.name, call.workflow, call.arguments)
+        else:
+            if not isinstance(call.key, str) or not call.key:
+                raise FingerprintError(f"{call.name}: key must be a non-empty str, not {call.key!r}")
+            call.arguments = None
+            call.argsum = _argsum(call.bound, policy.validate) if policy.validate else None
+            call.id = fingerprint(call.name, call.workflow, {_TAG + "key": call.key})
+        return call
+
+    # -- wrapping ----------------------------------------------------------
+
+    def once(self, fn: Callable | None = None, /, *, name: str | None = None, **policy: Any) -> Any:
+        """Decorator: `@guard.once` or `@guard.once(replay=True, ttl=60, name="crm.lookup")`."""
+        def decorate(fn: Callable) -> Callable:
+            if policy:
+                self.policy(name or fn, **policy)
+            return self._wrap(fn, name, BLOCKED)
+        return decorate(fn) if fn is not None else decorate
+
+    def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED) -> Any:
+        """Guard every tool of a dict (keys are the tool names) or a list; same kind back."""
+        if isinstance(tools, Mapping):
+            return type(tools)((name, self._wrap(fn, name, blocked_return)) for name, fn in tools.items()) \
+                if type(tools) is not dict else {name: self._wrap(fn, name, blocked_return)
+                                                  for name, fn in tools.items()}
+        if isinstance(tools, (list, tuple)):
+            return type(tools)(self._wrap(fn, None, blocked_return) for fn in tools)
+        raise ConfigError(f"wrap_tools takes a dict or a list of tools, not {_describe(tools)}")
+
+    def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
+        inner, inner_name = _unwrap(fn)
+        name = name or inner_name or _info(inner).name
+        if name not in self._core.tools:
+            self._core.tools[name] = inner
+        guard = self
+        if _is_async(inner):
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                value = await guard._call_named(inner, name, args, kwargs)
+                return blocked_return if value is BLOCKED else value
+        else:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                value = guard._call_named(inner, name, args, kwargs)
+                return blocked_return if value is BLOCKED else value
+        functools.update_wrapper(wrapper, inner)
+        wrapper.__ledger__ = (inner, name)
+        return wrapper
+
+    def _call_named(self, fn: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+        return self(_Named(fn, name), *args, **kwargs)
+
+    # -- policies and callbacks ----------------------------------------------
+
+    def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
+               max: int = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
+               validate: bool | Iterable[str] = False, cost: float | None = None,
+               serializer: Any = None, wait: float | None = None) -> Policy:
+        """Set how calls of one tool (a function, its wrapped form, or its name) are treated."""
+        policy = Policy(unlimited=unlimited, replay=replay, max=max, ttl=ttl, lease=lease, recover=recover,
+                        validate=validate, cost=cost, serializer=serializer, wait=wait)
+        if isinstance(fn_or_name, str):
+            self._core.policies[fn_or_name] = policy
+            return policy
+        fn, name = _unwrap(fn_or_name)
+        self._core.policies[name or _info(fn).name] = policy
+        try:
+            self._core.policies_by_fn[fn] = policy
+        except TypeError:
+            pass
+        return policy
+
+    def on_success(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
+        """Call `callback(record)` after each recorded run; usable as a decorator."""
+        self._core.callbacks["success"].append(callback)
+        return callback
+
+    def on_block(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
+        """Call `callback(record)` for each duplicate (blocked, replayed or shared)."""
+        self._core.callbacks["block"].append(callback)
+        return callback
+
+    def on_fail(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
+        """Call `callback(record)` after each run whose tool raised."""
+        self._core.callbacks["fail"].append(callback)
+        return callback
+
+    # -- operating -----------------------------------------------------------
+
+    def retry(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> bool:
+        """Let this call run again on its next attempt (for a call a stale lease or
+        recover='block' left blocked). True if there was a record to release."""
+        fn = self._core.tools.get(fn, fn) if isinstance(fn, str) else fn
+        if isinstance(fn, str):
+            call_id = fingerprint(fn, self._workflow(), _key_or_arguments(kwargs, args, fn))
+        else:
+            call_id = self._prepare(fn, args, kwargs).id
+        return self.retry_id(call_id)
+
+    def retry_id(self, id: str) -> bool:
+        """`retry` by record id, as `ledger retry ID` does."""
+        store = self.store
+        while True:
+            record = store.get(id)
+            if record is None or record.status == Status.FAILED:
+                return False
+            released = record.evolve(status=Status.FAILED.value, owner="retry", epoch=record.epoch + 1,
+                                      updated=time.time(), error="released for retry by an operator")
+            if store.swap(released, record.epoch, record.owner):
+                return True
+
+    def reset(self, wf: str | None = None) -> int:
+        """Delete every record (of workflow `wf`); how many were deleted."""
+        self._core.flush()
+        return self.store.clear(wf)
+
+    def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
+        """Every record (of one tool, one workflow) as a dict, oldest first."""
+        self._core.flush()
+        return [r.as_dict() for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
+
+    def stats(self, wf: str | None = None) -> dict[str, Any]:
+        """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
+        fenced (this process), saved_usd and saved_seconds (what duplicates avoided)."""
+        self._core.flush()
+        now = time.time()
+        records = self.store.records(workflow=wf)
+        return {
+            "actions": len(records),
+            "attempts": sum(r.attempts for r in records),
+            "executed": sum(r.executed for r in records),
+            "blocked": sum(r.blocked for r in records),
+            "failed": sum(r.status == Status.FAILED for r in records),
+            "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
+            "stale": sum(r.stale(now) for r in records),
+            "fenced": self._core.fenced,
+            "saved_usd": round(sum(r.blocked * (r.cost or 0) for r in records), 6),
+            "saved_seconds": round(sum(r.blocked * (r.duration or 0) for r in records), 6),
+        }
+
+    def log(self, wf: str | None = None, file: Any = None) -> str:
+        """A per-tool summary, written to stderr (or `file`) and returned."""
+        self._core.flush()
+        lines = [_summary_line(tool, rows) for tool, rows in _by_tool(self.store.records(workflow=wf)).items()]
+        text = "\n".join(lines) if lines else "(no calls recorded)"
+        print(text, file=file or sys.stderr)
+        return text
+
+    def check(self) -> bool:
+        """Self-test: the store contract and the state machine, in memory. True or raises."""
+        check_store(MemoryStore())
+        probe = Guard(MemoryStore(), quiet=True)
+        calls: list[int] = []
+
+        def tool(n: int) -> int:
+            calls.append(n)
+            if n < 0:
+                raise ValueError(n)
+            return n * 2
+
+        probe.policy(tool, replay=True)
+        results = [probe(tool, 21), probe(tool, n=21)]
+        for _ in range(2):
+            try:
+                probe(tool, -1)
+            except ValueError:
+                pass
+        if results != [42, 42] or calls != [21, -1, -1]:
+            raise LedgerError(f"self-check failed: results {results}, runs {calls}")
+        return True
+
+    def close(self) -> None:
+        """Flush counters and close the store."""
+        self._core.flush()
+        if self._core._store is not None:
+            self._core._store.close()
+
+    def _tool_name(self, tool: Callable | str | None) -> str | None:
+        if tool is None or isinstance(tool, str):
+            return tool
+        fn, name = _unwrap(tool)
+        return name or _info(fn).name
+
+
+class _Named:
+    """A tool under an explicit name (from wrap_tools or once(name=))."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+
+
+def _unwrap(fn: Any) -> tuple[Callable, str | None]:
+    if type(fn) is _Named:
+        return fn.fn, fn.name
+    marker = getattr(fn, "__ledger__", None)
+    if type(marker) is tuple:
+        return marker
+    return fn, None
+
+
+def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
+    names = bound.keys() if validate is True else validate
+    return hashlib.sha256(_dump(_canonical_arguments({n: bound.get(n) for n in names})).encode()).hexdigest()[:16]
+
+
+def _key_or_arguments(kwargs: dict, args: tuple, name: str) -> Any:
+    key = kwargs.pop("idempotency_key", None) or kwargs.pop("key", None)
+    if key is not None:
+        return {_TAG + "key": key}
+    if args:
+        raise ConfigError(f"retry by tool name {name!r} takes keyword arguments only; "
+                          f"or pass the function itself")
+    return _canonical_arguments(kwargs)
+
+
+async def _value_of(outcome: Any) -> Any:
+    return (await outcome).value
+
+
+async def _outcome_of(awaitable: Any) -> Outcome:
+    return Outcome(await awaitable, "unlimited")
+
+
+def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.tool, []).append(record)
+    return groups
+
+
+def _summary_line(tool: str, rows: list[Record]) -> str:
+    failed = [r for r in rows if r.status == Status.FAILED]
+    mark = "✗" if failed else "✓"
+    line = (f"{mark} {tool:<24} attempts {sum(r.attempts for r in rows):<4} "
+            f"executed {sum(r.executed for r in rows):<4} blocked {sum(r.blocked for r in rows)}")
+    return line + (f"  -> {failed[-1].error}" if failed else "")
+
+
+guard = Guard()
+
+
+# ---------------------------------------------------------------------------
+# Command line: `python ledger.py demo` (and the `ledger` console script).
+# ---------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ledger", description="exactly-once tool calls for AI agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="show retries blocked and duplicates shared, on a temporary database")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo()
+    return 2
+
+
+def _demo() -> int:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        demo = Guard(os.path.join(folder, "demo.db"))
+        charged: list[float] = []
+
+        def charge_card(order_id: int, amount: float) -> str:
+            charged.append(amount)
+            return f"charged {amount} for order {order_id}"
+
+        for attempt in range(3):
+            print(f"attempt {attempt + 1}: {demo(charge_card, order_id=7, amount=99.0)!r}", file=sys.stderr)
+        print(f"charge_card ran {len(charged)} time(s)", file=sys.stderr)
+        demo.log()
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
