@@ -262,7 +262,7 @@ def _describe(value: Any) -> str:
 class _ToolInfo:
     """What the guard needs to know about a callable, computed once per callable."""
 
-    __slots__ = ("name", "is_async", "takes_key", "names", "defaults", "signature", "simple")
+    __slots__ = ("name", "is_async", "takes_key", "names", "defaults", "signature", "simple", "var_keyword")
 
     def __init__(self, fn: Callable):
         self.name = tool_name(fn)
@@ -277,6 +277,7 @@ class _ToolInfo:
         self.defaults = tuple((p.name, p.default) for p in params if p.default is not p.empty)
         self.simple = self.signature is not None and all(
             p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self.var_keyword = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Arguments by parameter name, defaults filled in; TypeError if they do not fit."""
@@ -292,7 +293,14 @@ class _ToolInfo:
             return {"*args": args, "**kwargs": kwargs}
         ba = self.signature.bind(*args, **kwargs)
         ba.apply_defaults()
-        return ba.arguments
+        bound = dict(ba.arguments)
+        extra = bound.pop(self.var_keyword, None) if self.var_keyword else None
+        if extra:  # f(**options) is fingerprinted by the options' own names
+            if extra.keys() & bound.keys():
+                bound[self.var_keyword] = extra
+            else:
+                bound.update(extra)
+        return bound
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
