@@ -527,3 +527,530 @@ def test_ledger_secret_environment_variable_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("LEDGER_SECRET", "from-env")
     Guard(str(tmp_path / "l.db"), quiet=True)(charge, 1)
     assert not (tmp_path / "l.db.key").exists()
+
+
+# ---------------------------------------------------------------------------
+# Stores: the contract, for every backend.
+# ---------------------------------------------------------------------------
+
+def test_every_store_passes_check_store(store):
+    check_store(store)
+
+
+def test_check_store_leaves_other_records_alone(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    guard.workflow("other")(charge, 2)
+    before = [r.as_dict() for r in store.records()]
+    check_store(store)
+    assert [r.as_dict() for r in store.records()] == before
+
+
+class LedgerModel(RuleBasedStateMachine):
+    """The guard against a model of the state machine, on one store."""
+
+    make_store = staticmethod(lambda: MemoryStore())
+
+    def __init__(self):
+        super().__init__()
+        self.store = self.make_store()
+        self.guard = Guard(self.store, quiet=True, secret="model")
+        self.guard.policy(model_tool, replay=True)
+        self.status: dict[int, str] = {}
+        self.values: dict[int, int] = {}
+        self.runs: list[int] = []
+        MODEL_RUNS.clear()
+
+    def call_id(self, k):
+        return self.guard._prepare(model_tool, (k, False), {"key": f"call-{k}"}).id
+
+    @rule(k=st.integers(0, 3), fails=st.booleans())
+    def call(self, k, fails):
+        expect_run = self.status.get(k) != "SUCCESS"
+        before = len(MODEL_RUNS)
+        try:
+            value = self.guard(model_tool, k, fails, key=f"call-{k}")
+        except RuntimeError:
+            value = None
+        ran = len(MODEL_RUNS) - before
+        assert ran == (1 if expect_run else 0), (k, self.status.get(k), ran)
+        if expect_run:
+            self.status[k] = "FAILED" if fails else "SUCCESS"
+            if not fails:
+                self.values[k] = value
+        else:
+            assert value == self.values[k]
+
+    @rule(k=st.integers(0, 3))
+    def crash_mid_call(self, k):
+        """A worker claimed the call and died: its RUNNING record's lease has run out."""
+        id = self.call_id(k)
+        current = self.store.get(id)
+        dead = Record(id=id, tool=ledger.tool_name(model_tool), workflow="default", caller=None,
+                      status="RUNNING", owner="dead", epoch=current.epoch + 1 if current else 1,
+                      lease_until=time.time() - 1, run_key=id, created=time.time())
+        if current is None:
+            assert self.store.insert(dead)
+        else:
+            assert self.store.swap(dead, current.epoch, current.owner)
+        self.status[k] = "CRASHED"
+
+    @rule(k=st.integers(0, 3))
+    def operator_retry(self, k):
+        released = self.guard.retry(model_tool, k, False, key=f"call-{k}")
+        assert released == (self.status.get(k) in ("SUCCESS", "CRASHED"))
+        if released:
+            self.status[k] = "FAILED"
+
+    @invariant()
+    def records_match_the_model(self):
+        for k, status in self.status.items():
+            record = self.store.get(self.call_id(k))
+            expected = "RUNNING" if status == "CRASHED" else status
+            assert record is not None and record.status == expected, (k, status, record)
+        assert len(self.store.records()) == len(self.status)
+
+    def teardown(self):
+        self.store.close()
+
+
+MODEL_RUNS: list = []
+
+
+def model_tool(k: int, fails: bool) -> int:
+    MODEL_RUNS.append(k)
+    if fails:
+        raise RuntimeError("model failure")
+    return k * 10 + len(MODEL_RUNS)
+
+
+@pytest.mark.parametrize("backend", list(STORES))
+def test_state_machine_model(backend, tmp_path_factory):
+    def make():
+        return STORES[backend](tmp_path_factory.mktemp("model"))
+
+    class Model(LedgerModel):
+        make_store = staticmethod(make)
+    Model.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+    Model.TestCase().runTest()
+
+
+# ---------------------------------------------------------------------------
+# Engine: shared waits, leases, crashes, fencing, races, async.
+# ---------------------------------------------------------------------------
+
+PERSISTENT = [name for name in STORES if name != "memory"]
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture(params=PERSISTENT)
+def shared_store(request, tmp_path):
+    """A store that several processes can share."""
+    s = STORES[request.param](tmp_path)
+    yield s
+    s.close()
+
+
+def log_run(path: str, value: str, sleep: float = 0.0) -> str:
+    """A tool whose runs are counted across processes, one line each."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {current_key()}\n")
+    if sleep:
+        time.sleep(sleep)
+    return f"{value}-{os.getpid()}"
+
+
+def runs_of(path) -> list[str]:
+    return pathlib.Path(path).read_text().splitlines() if os.path.exists(path) else []
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def test_threads_racing_on_one_call_run_it_once(store, tmp_path):
+    guard = Guard(store, quiet=True, secret="s")
+    path, barrier, results = str(tmp_path / "runs"), threading.Barrier(16), []
+
+    def worker():
+        barrier.wait()
+        results.append(guard(log_run, path, "v", 0.05))
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(runs_of(path)) == 1
+    assert results.count(BLOCKED) == 15
+
+
+def _race_in_process(store, path, barrier, queue):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(log_run, replay=True)
+    barrier.wait()
+    queue.put(guard(log_run, path, "v", 0.1))
+
+
+def test_processes_racing_on_one_call_run_it_once(shared_store, tmp_path):
+    path, barrier, queue = str(tmp_path / "runs"), FORK.Barrier(4), FORK.Queue()
+    procs = [FORK.Process(target=_race_in_process, args=(shared_store, path, barrier, queue)) for _ in range(4)]
+    [p.start() for p in procs]
+    values = [queue.get(timeout=30) for _ in procs]
+    [p.join(10) for p in procs]
+    assert len(runs_of(path)) == 1
+    assert len(set(values)) == 1 and values[0].startswith("v-")
+
+
+def test_counters_are_exact_under_concurrency(store):
+    guard = Guard(store, quiet=True, secret="s")
+    barrier = threading.Barrier(8)
+
+    def worker():
+        barrier.wait()
+        for _ in range(50):
+            guard(charge, 1)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    stats = guard.stats()
+    assert (stats["attempts"], stats["executed"], stats["blocked"]) == (400, 1, 399)
+
+
+def test_replay_waiters_share_the_running_leaders_result(store):
+    guard = Guard(store, quiet=True, secret="s")
+    tool = Counter(result="answer", sleep=0.2)
+    guard.policy(tool, replay=True)
+    results, threads = [], []
+    for _ in range(10):
+        threads.append(threading.Thread(target=lambda: results.append(guard.execute(tool, "q"))))
+        threads[-1].start()
+    [t.join() for t in threads]
+    assert [o.value for o in results] == ["answer"] * 10 and len(tool.calls) == 1
+    assert sorted(o.source for o in results) == ["executed"] + ["shared"] * 9
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that counts reads, to tell notification from polling."""
+
+    gets = 0
+
+    def get(self, id):
+        CountingStore.gets += 1
+        return super().get(id)
+
+
+def test_in_process_waiters_are_woken_by_notification_not_polling(tmp_path):
+    guard = Guard(CountingStore(tmp_path / "l.db"), quiet=True, secret="s")
+    tool = Counter(result="done", sleep=0.5)
+    guard.policy(tool, replay=True)
+    leader = threading.Thread(target=guard, args=(tool,))
+    leader.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+    CountingStore.gets = 0
+    finished = []
+    waiter = threading.Thread(target=lambda: finished.append((guard(tool), time.perf_counter())))
+    waiter.start()
+    leader.join()
+    leader_done = time.perf_counter()
+    waiter.join()
+    assert finished[0][0] == "done"
+    assert CountingStore.gets <= 3, f"the waiter read the store {CountingStore.gets} times while waiting"
+    assert finished[0][1] - leader_done < 0.05
+
+
+def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
+    guard = Guard(store, quiet=True, secret="s")
+    tool = Counter(fail=True, sleep=0.2)
+    guard.policy(tool, replay=True)
+    errors = []
+
+    def waiter():
+        try:
+            guard(tool, 1)
+        except Exception as e:
+            errors.append(type(e))
+    leader = threading.Thread(target=waiter)
+    leader.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+    waiters = [threading.Thread(target=waiter) for _ in range(3)]
+    [t.start() for t in waiters]
+    [t.join() for t in [leader] + waiters]
+    assert sorted(errors, key=lambda e: e.__name__) == [ledger.LeaderFailed] * 3 + [RuntimeError]
+    assert len(tool.calls) == 1
+    tool.fail = False
+    assert guard(tool, 1) is not BLOCKED and len(tool.calls) == 2
+
+
+def test_a_bounded_wait_that_runs_out_raises(store):
+    guard = Guard(store, quiet=True, secret="s")
+    tool = Counter(sleep=0.5)
+    guard.policy(tool, replay=True, wait=0.1)
+    leader = threading.Thread(target=guard, args=(tool,))
+    leader.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+    started = time.time()
+    with pytest.raises(ledger.WaitTimeout, match="wait="):
+        guard(tool)
+    assert time.time() - started < 0.4
+    leader.join()
+    assert len(tool.calls) == 1
+
+
+def _run_long_tool(store, path, lease, sleep, queue=None):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(log_run, lease=lease, replay=True)
+    value = guard(log_run, path, "long", sleep, key="long-job")
+    if queue is not None:
+        queue.put((value, guard.stats()["fenced"]))
+
+
+def test_a_tool_running_ten_times_its_lease_is_never_run_twice(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    leader = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.2, 2.0))
+    leader.start()
+    wait_for(lambda: runs_of(path), what="the leader to start")
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, lease=0.2)
+    seen = set()
+    while leader.is_alive():
+        seen.add(guard(log_run, path, "long", 0, key="long-job"))
+        time.sleep(0.05)
+    leader.join()
+    assert len(runs_of(path)) == 1 and seen <= {BLOCKED}
+    assert guard.store.records()[0].status == "SUCCESS"
+
+
+def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    victim = FORK.Process(target=_run_long_tool, args=(shared_store, path, 1.0, 60))
+    victim.start()
+    wait_for(lambda: runs_of(path), what="the victim to start")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, lease=1.0)
+    assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED   # its lease is still alive
+    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    value = guard(log_run, path, "long", 0, key="long-job")
+    assert value == f"long-{os.getpid()}"
+    runs = runs_of(path)
+    assert len(runs) == 2
+    assert runs[0].split()[1] == runs[1].split()[1], "current_key() must survive the takeover"
+    record = shared_store.records()[0]
+    assert (record.status, record.epoch, record.executed) == ("SUCCESS", 2, 2)
+
+
+def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    victim = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.3, 60))
+    victim.start()
+    wait_for(lambda: runs_of(path), what="the victim to start")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, lease=0.3, recover="block")
+    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED
+    assert guard.stats()["stale"] == 1
+    assert guard.retry(log_run, path, "long", 0, key="long-job") is True
+    assert guard(log_run, path, "long", 0, key="long-job") == f"long-{os.getpid()}"
+    assert len(runs_of(path)) == 2
+
+
+def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(shared_store, tmp_path):
+    path, queue = str(tmp_path / "runs"), FORK.Queue()
+    paused = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.4, 1.0, queue))
+    paused.start()
+    wait_for(lambda: runs_of(path), what="the leader to start")
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: shared_store.records()[0].stale(), what="the paused leader's lease to expire")
+        guard = Guard(shared_store, quiet=True, secret="s")
+        guard.policy(log_run, lease=0.4, replay=True)
+        mine = guard(log_run, path, "long", 0, key="long-job")
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    theirs, fenced = queue.get(timeout=30)
+    paused.join(10)
+    assert theirs == f"long-{paused.pid}" and fenced == 1
+    record = shared_store.records()[0]
+    assert (record.epoch, json.loads(record.result)) == (2, mine)
+    assert guard(log_run, path, "long", 0, key="long-job") == mine and len(runs_of(path)) == 2
+
+
+def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
+    def tool():
+        record = g.store.records()[0]
+        g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1, status="SUCCESS",
+                                   result='"theirs"'), record.epoch, record.owner)
+        return "mine"
+    assert g(tool) == "mine"
+    assert g.store.records()[0].result == '"theirs"' and g.stats()["fenced"] == 1
+
+
+class FlakyStore(SQLiteStore):
+    """A real SQLite store whose writes fail on demand."""
+
+    def __init__(self, path, fail_swaps=0, fail_gets=0):
+        super().__init__(path)
+        self.fail_swaps, self.fail_gets = fail_swaps, fail_gets
+
+    def swap(self, record, epoch, owner):
+        if self.fail_swaps:
+            self.fail_swaps -= 1
+            raise ledger.StoreError("disk I/O error")
+        return super().swap(record, epoch, owner)
+
+    def get(self, id):
+        if self.fail_gets:
+            self.fail_gets -= 1
+            raise ledger.StoreError("database is locked")
+        return super().get(id)
+
+
+def test_a_store_that_cannot_complete_the_record_says_the_tool_ran(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "COMPLETION_RETRIES", (0.01, 0.01))
+    store = FlakyStore(tmp_path / "l.db", fail_swaps=10)
+    guard = Guard(store, quiet=True, secret="s")
+    with pytest.raises(ledger.CompletionError, match="RAN") as err:
+        guard(charge, 1)
+    assert err.value.value == {"charged": 10.0, "order": 1} and len(CHARGES) == 1
+    store.fail_swaps = 0
+    assert guard(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
+def test_completion_is_retried_through_brief_store_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "COMPLETION_RETRIES", (0.01, 0.01, 0.01))
+    guard = Guard(FlakyStore(tmp_path / "l.db", fail_swaps=2), quiet=True, secret="s")
+    assert guard(charge, 1)["charged"] == 10.0
+    assert guard.store.records()[0].status == "SUCCESS"
+
+
+def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
+    guard = Guard(FlakyStore(tmp_path / "l.db", fail_gets=1), quiet=True, secret="s")
+    with pytest.raises(ledger.StoreError, match="locked"):
+        guard(charge, 1)
+    assert CHARGES == []
+
+
+def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g):
+    keys = []
+
+    def tool(fail):
+        keys.append(current_key())
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError
+    flag = [True]
+    with pytest.raises(RuntimeError):
+        g(tool, flag, key="k")
+    g(tool, flag, key="k")
+    assert keys[0] == keys[1]
+    g.policy(tool, ttl=0.05)
+    g(tool, [False], key="t")
+    time.sleep(0.06)
+    g(tool, [False], key="t")
+    assert keys[2] != keys[3]
+
+
+def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
+    with pytest.raises(LedgerError, match="inside a guarded"):
+        current_key()
+    assert current_key(default=None) is None
+
+
+def test_async_tools_are_guarded_and_duplicates_blocked(g):
+    runs = []
+
+    async def fetch(url):
+        runs.append(url)
+        return url.upper()
+
+    async def main():
+        return [await g(fetch, "a"), await g(fetch, "a")]
+    assert asyncio.run(main()) == ["A", BLOCKED] and runs == ["a"]
+
+
+def test_waiting_never_blocks_the_event_loop(g):
+    async def slow(x):
+        await asyncio.sleep(0.3)
+        return x
+    g.policy(slow, replay=True)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        tick = asyncio.create_task(ticker())
+        results = await asyncio.gather(*[g(slow, 1) for _ in range(20)])
+        tick.cancel()
+        return results, ticks
+    results, ticks = asyncio.run(main())
+    assert results == [1] * 20 and ticks >= 15
+
+
+def test_a_sync_tool_guarded_inside_a_running_loop_works(g):
+    async def main():
+        return g(charge, 1), g(charge, 1)
+    assert asyncio.run(main()) == ({"charged": 10.0, "order": 1}, BLOCKED)
+
+
+def test_async_waiters_in_one_loop_are_woken_by_a_leader_in_another_thread(g):
+    tool = Counter(result="r", sleep=0.3)
+    g.policy(tool, replay=True)
+    leader = threading.Thread(target=g, args=(tool,))
+    leader.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+
+    async def main():
+        return await asyncio.gather(*[g.execute(_async_view(tool)) for _ in range(5)])
+    results = asyncio.run(main())
+    leader.join()
+    assert {o.value for o in results} == {"r"}
+
+
+def _async_view(tool):
+    """The same tool name, awaited: an async tool sharing a sync leader's record."""
+    async def view():
+        return tool()
+    return ledger._Named(view, ledger.tool_name(tool))
+
+
+def test_workflow_scopes_are_private_to_each_thread(g):
+    seen = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name):
+        with g.workflow(name):
+            barrier.wait()
+            g(charge, 1)
+            seen[name] = g._workflow()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert seen == {"a": "a", "b": "b"} and len(CHARGES) == 2
+    assert sorted(r["workflow"] for r in g.history()) == ["a", "b"]
+
+
+def test_workflow_scopes_are_private_to_each_asyncio_task(g):
+    async def request(name):
+        with g.workflow(name), g.as_caller(f"agent-{name}"):
+            await asyncio.sleep(0.01)
+            return g._workflow(), g._caller()
+
+    async def main():
+        return await asyncio.gather(request("a"), request("b"))
+    assert asyncio.run(main()) == [("a", "agent-a"), ("b", "agent-b")]
+    assert g._workflow() == "default"
+
+
+def test_as_caller_is_recorded_but_not_fingerprinted(g):
+    g.as_caller("agent-A")(charge, 1)
+    assert g.as_caller("agent-B")(charge, 1) is BLOCKED
+    assert g.history()[0]["caller"] == "agent-A"
