@@ -1180,6 +1180,7 @@ class _Core:
         self.policies: dict[str, Policy] = {}
         self.policies_by_fn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.tools: dict[str, Callable] = {}
+        self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.callbacks: dict[str, list[Callable[[Record], Any]]] = {"success": [], "block": [], "fail": []}
         self.pending: dict[str, list[int]] = {}
         self.fenced = 0
@@ -1241,6 +1242,13 @@ class _Core:
     def forget_pending(self) -> None:
         self.pending = {}
         self.lock = threading.Lock()
+
+    def name_of(self, fn: Callable, info: _ToolInfo) -> str:
+        """The name a function's records are kept under: the one it was wrapped under, if any."""
+        try:
+            return self.names.get(fn) or info.name
+        except TypeError:
+            return info.name
 
     def policy_for(self, name: str, fn: Callable) -> Policy:
         policy = self.policies.get(name)
@@ -1620,7 +1628,7 @@ class Guard:
 
     def force(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run the call now whatever the ledger says, and record it as its latest run."""
-        call = self._prepare(fn, args, kwargs)
+        call = self._prepare(self._resolve(fn), args, kwargs)
         if call.info.is_async:
             return _value_of(self._run_async(call, force=True))
         return self._run(call, force=True).value
@@ -1669,7 +1677,7 @@ class Guard:
         info = _info(fn)
         call = _Call()
         call.fn, call.info = fn, info
-        call.name = name or info.name
+        call.name = name or self._core.name_of(fn, info)
         call.key = kwargs.pop("idempotency_key", None)
         if "key" in kwargs and not info.takes_key:
             if call.key is not None:
@@ -1715,9 +1723,12 @@ class Guard:
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
         inner, inner_name = _unwrap(fn)
-        name = name or inner_name or _info(inner).name
-        if name not in self._core.tools:
-            self._core.tools[name] = inner
+        name = name or inner_name or self._core.name_of(inner, _info(inner))
+        self._core.tools.setdefault(name, inner)
+        try:
+            self._core.names.setdefault(inner, name)
+        except TypeError:
+            pass
         guard = self
         if _is_async(inner):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -1747,7 +1758,7 @@ class Guard:
             self._core.policies[fn_or_name] = policy
             return policy
         fn, name = _unwrap(fn_or_name)
-        self._core.policies[name or _info(fn).name] = policy
+        self._core.policies[name or self._core.name_of(fn, _info(fn))] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
@@ -1774,12 +1785,7 @@ class Guard:
     def retry(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> bool:
         """Let this call run again on its next attempt (for a call a stale lease or
         recover='block' left blocked). True if there was a record to release."""
-        fn = self._core.tools.get(fn, fn) if isinstance(fn, str) else fn
-        if isinstance(fn, str):
-            call_id = fingerprint(fn, self._workflow(), _key_or_arguments(kwargs, args, fn))
-        else:
-            call_id = self._prepare(fn, args, kwargs).id
-        return self.retry_id(call_id)
+        return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id)
 
     def retry_id(self, id: str) -> bool:
         """`retry` by record id, as `ledger retry ID` does."""
@@ -1859,11 +1865,19 @@ class Guard:
         if self._core._store is not None:
             self._core._store.close()
 
+    def _resolve(self, fn: Callable | str) -> Callable:
+        """A tool given by name: the function this guard wrapped under that name."""
+        if not isinstance(fn, str):
+            return fn
+        if fn not in self._core.tools:
+            raise ConfigError(f"no tool named {fn!r} was wrapped by this guard; pass the function itself")
+        return _Named(self._core.tools[fn], fn)
+
     def _tool_name(self, tool: Callable | str | None) -> str | None:
         if tool is None or isinstance(tool, str):
             return tool
         fn, name = _unwrap(tool)
-        return name or _info(fn).name
+        return name or self._core.name_of(fn, _info(fn))
 
 
 class _Named:
@@ -1887,16 +1901,6 @@ def _unwrap(fn: Any) -> tuple[Callable, str | None]:
 def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
     names = bound.keys() if validate is True else validate
     return hashlib.sha256(_dump(_canonical_arguments({n: bound.get(n) for n in names})).encode()).hexdigest()[:16]
-
-
-def _key_or_arguments(kwargs: dict, args: tuple, name: str) -> Any:
-    key = kwargs.pop("idempotency_key", None) or kwargs.pop("key", None)
-    if key is not None:
-        return {_TAG + "key": key}
-    if args:
-        raise ConfigError(f"retry by tool name {name!r} takes keyword arguments only; "
-                          f"or pass the function itself")
-    return _canonical_arguments(kwargs)
 
 
 async def _value_of(outcome: Any) -> Any:

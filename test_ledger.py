@@ -1054,3 +1054,259 @@ def test_as_caller_is_recorded_but_not_fingerprinted(g):
     g.as_caller("agent-A")(charge, 1)
     assert g.as_caller("agent-B")(charge, 1) is BLOCKED
     assert g.history()[0]["caller"] == "agent-A"
+
+
+# ---------------------------------------------------------------------------
+# Stores: SQLite specifics.
+# ---------------------------------------------------------------------------
+
+def test_sqlite_uses_wal_and_normal_sync_by_default_and_full_when_durable(tmp_path):
+    plain, durable = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db", durable=True)
+    assert plain._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert plain._conn().execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert durable._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_sqlite_gives_each_thread_its_own_connection(tmp_path):
+    store = SQLiteStore(tmp_path / "a.db")
+    other = []
+    t = threading.Thread(target=lambda: other.append(store._conn()))
+    t.start()
+    t.join()
+    assert other[0] is not store._conn()
+
+
+def test_sqlite_records_the_schema_version(tmp_path):
+    SQLiteStore(tmp_path / "a.db")
+    assert sqlite3.connect(tmp_path / "a.db").execute("PRAGMA user_version").fetchone()[0] == ledger.SCHEMA_VERSION
+
+
+def test_sqlite_refuses_a_database_from_a_newer_version(tmp_path):
+    conn = sqlite3.connect(tmp_path / "a.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(ledger.StoreError, match="newer"):
+        SQLiteStore(tmp_path / "a.db")
+
+
+def test_a_missing_directory_fails_before_the_tool_runs(tmp_path):
+    guard = Guard(str(tmp_path / "nope" / "l.db"))
+    with pytest.raises(ledger.StoreError, match="does not exist"):
+        guard(charge, 1)
+    assert CHARGES == []
+
+
+def test_a_corrupt_database_fails_before_the_tool_runs(tmp_path):
+    (tmp_path / "l.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ledger.StoreError, match="not a database"):
+        Guard(str(tmp_path / "l.db"))(charge, 1)
+    assert CHARGES == []
+
+
+def test_a_path_that_is_a_directory_fails_clearly(tmp_path):
+    with pytest.raises(ledger.StoreError, match="cannot open"):
+        Guard(str(tmp_path))(charge, 1)
+
+
+def _use_after_fork(store, queue):
+    guard = Guard(store, quiet=True, secret="s")
+    queue.put(guard(charge, 99))
+
+
+def test_sqlite_is_safe_after_fork(tmp_path):
+    store = SQLiteStore(tmp_path / "l.db")
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    queue = FORK.Queue()
+    child = FORK.Process(target=_use_after_fork, args=(store, queue))
+    child.start()
+    assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
+    child.join()
+    assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
+
+
+def test_store_urls_open_the_right_backend(tmp_path):
+    assert isinstance(ledger.open_store(":memory:"), MemoryStore)
+    assert isinstance(ledger.open_store(str(tmp_path / "a.db")), SQLiteStore)
+    assert ledger.open_store(f"sqlite:///{tmp_path}/b.db").path == f"{tmp_path}/b.db"
+    with pytest.raises(ledger.ConfigError, match="unknown store URL"):
+        ledger.open_store("ftp://x")
+
+
+def test_ledger_db_environment_variable_chooses_the_default_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEDGER_DB", str(tmp_path / "env.db"))
+    Guard(quiet=True)(charge, 1)
+    assert (tmp_path / "env.db").exists()
+
+
+# ---------------------------------------------------------------------------
+# Public Guard: wrapping, policies, operating, output.
+# ---------------------------------------------------------------------------
+
+def test_importing_ledger_prints_nothing_and_creates_no_file(tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import ledger"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert (result.stdout, result.stderr, list(tmp_path.iterdir())) == ("", "", [])
+
+
+def test_the_default_guard_opens_ledger_db_lazily(tmp_path):
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import os; from ledger import guard; "
+            "assert not os.path.exists('ledger.db'); guard(print, 'ran'); assert os.path.exists('ledger.db')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "LEDGER_DB"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ran\n"
+
+
+def test_wrap_tools_returns_the_same_kind_of_collection(g):
+    def search(q):
+        return q
+    as_dict = g.wrap_tools({"charge": charge, "search": search})
+    as_list = g.wrap_tools([charge, search])
+    assert list(as_dict) == ["charge", "search"] and isinstance(as_list, list)
+    assert as_dict["search"]("x") == "x" and as_list[1]("y") == "y"
+
+
+def test_wrapped_tools_keep_name_docstring_and_signature(g):
+    wrapped = g.wrap_tools([charge])[0]
+    assert wrapped.__name__ == "charge" and wrapped.__doc__ == charge.__doc__
+    assert str(ledger.inspect.signature(wrapped)) == str(ledger.inspect.signature(charge))
+
+
+def test_dict_keys_are_the_tool_names(g):
+    g.wrap_tools({"payments.charge": charge})["payments.charge"](1)
+    assert g.history()[0]["tool"] == "payments.charge"
+
+
+def test_once_decorator_guards_the_function(g):
+    @g.once
+    def send(to):
+        CHARGES.append(to)
+
+    @g.once(replay=True, name="crm.lookup")
+    def lookup(email):
+        CHARGES.append(email)
+        return {"email": email}
+    send("a")
+    send("a")
+    assert lookup("b") == lookup("b") == {"email": "b"}
+    assert CHARGES == ["a", "b"]
+    assert {r["tool"] for r in g.history()} == {ledger.tool_name(send.__wrapped__), "crm.lookup"}
+
+
+def test_async_wrapped_tools_stay_coroutine_functions(g):
+    async def fetch(u):
+        return u
+    wrapped = g.wrap_tools([fetch])[0]
+    assert ledger.inspect.iscoroutinefunction(wrapped)
+    assert asyncio.run(wrapped("x")) == "x"
+
+
+@pytest.mark.parametrize("form", ["function", "wrapped", "name"])
+def test_retry_and_force_accept_the_function_its_wrapped_form_or_its_name(g, form):
+    wrapped = g.wrap_tools({"pay": charge})["pay"]
+    target = {"function": charge, "wrapped": wrapped, "name": "pay"}[form]
+    g.policy("pay", max=1)
+    wrapped(order_id=1)
+    assert wrapped(order_id=1) is BLOCKED
+    assert g.retry(target, order_id=1) is True
+    wrapped(order_id=1)
+    assert len(CHARGES) == 2
+    assert g.force(target, order_id=1) == {"charged": 10.0, "order": 1} and len(CHARGES) == 3
+
+
+def test_force_runs_even_while_the_call_is_recorded(g):
+    g(charge, 1)
+    g.force(charge, 1)
+    assert len(CHARGES) == 2 and g.history()[0]["executed"] == 2
+
+
+def test_history_filters_by_tool_and_workflow(g):
+    def other(x):
+        return x
+    g(charge, 1)
+    g(other, 1)
+    g.workflow("w2")(charge, 2)
+    assert len(g.history()) == 3
+    assert len(g.history(tool=charge)) == 2
+    assert [r["workflow"] for r in g.history(tool=charge, wf="w2")] == ["w2"]
+
+
+def test_reset_clears_one_workflow_or_everything(g):
+    g(charge, 1)
+    g.workflow("w2")(charge, 1)
+    assert g.reset(wf="w2") == 1 and len(g.history()) == 1
+    assert g.reset() == 1 and g.history() == []
+
+
+def test_stats_count_attempts_executions_blocks_and_savings(g):
+    g.policy(charge, cost=0.5)
+    for _ in range(3):
+        g(charge, 1)
+    failing = Counter(fail=True)
+    with pytest.raises(RuntimeError):
+        g(failing)
+    stats = g.stats()
+    assert {k: stats[k] for k in ("actions", "attempts", "executed", "blocked", "failed")} == \
+        {"actions": 2, "attempts": 4, "executed": 2, "blocked": 2, "failed": 1}
+    assert stats["saved_usd"] == 1.0
+
+
+def test_log_writes_to_stderr_never_stdout(g, capsys):
+    g(charge, 1)
+    g(charge, 1)
+    text = g.log()
+    out, err = capsys.readouterr()
+    assert out == "" and "attempts 2" in err and "blocked 1" in text
+
+
+def test_warnings_go_through_the_ledger_logger_and_quiet_silences_them(tmp_path, caplog, capsys, monkeypatch):
+    loud, quiet = Guard(str(tmp_path / "a.db")), Guard(str(tmp_path / "b.db"), quiet=True)
+    monkeypatch.setenv("LEDGER_QUIET", "1")
+    quiet_by_env = Guard(str(tmp_path / "c.db"))
+    for name, guard in (("loud", loud), ("quiet", quiet), ("env", quiet_by_env)):
+        guard(lambda tag: threading.Lock(), name)
+    assert [r.name for r in caplog.records] == ["ledger"]
+    assert "lock" in caplog.records[0].getMessage()
+    assert capsys.readouterr().out == ""
+
+
+def test_calls_differing_only_in_timestamps_draw_a_warning(g, caplog):
+    g._core.quiet = False
+
+    def send_email(to, sent_at):
+        return to
+    for _ in range(2):
+        g(send_email, "a@x", dt.datetime.now())
+    assert "differ only in sent_at" in caplog.text and "key=" in caplog.text
+
+
+def test_distinct_calls_draw_no_retry_warning(g, caplog):
+    g._core.quiet = False
+    for n in range(5):
+        g(charge, n)
+    assert "differ only" not in caplog.text
+
+
+def test_callbacks_fire_and_a_raising_callback_changes_nothing(g):
+    events = []
+    g.on_success(lambda r: events.append(("success", r.tool)))
+    g.on_block(lambda r: events.append(("block", r.status)))
+    g.on_fail(lambda r: events.append(("fail", r.error)))
+    g.on_success(lambda r: 1 / 0)
+    assert g(charge, 1)["order"] == 1
+    g(charge, 1)
+    with pytest.raises(RuntimeError):
+        g(Counter(fail=True))
+    assert [e[0] for e in events] == ["success", "block", "fail"]
+
+
+def test_check_runs_the_self_test():
+    assert Guard(":memory:").check() is True
+
+
+def test_execute_reports_where_a_value_came_from(g):
+    g.policy(charge, replay=True)
+    first, second = g.execute(charge, 1), g.execute(charge, 1)
+    assert (first.source, second.source) == ("executed", "replayed")
+    assert first.value == second.value and first.key == second.key and first.ran and not second.ran
