@@ -1261,11 +1261,12 @@ def test_log_writes_to_stderr_never_stdout(g, capsys):
 
 
 def test_warnings_go_through_the_ledger_logger_and_quiet_silences_them(tmp_path, caplog, capsys, monkeypatch):
-    loud, quiet = Guard(str(tmp_path / "a.db")), Guard(str(tmp_path / "b.db"), quiet=True)
+    def make_lock(tag):
+        return threading.Lock()
+    Guard(str(tmp_path / "a.db"))(make_lock, "loud")
+    Guard(str(tmp_path / "b.db"), quiet=True)(make_lock, "quiet")
     monkeypatch.setenv("LEDGER_QUIET", "1")
-    quiet_by_env = Guard(str(tmp_path / "c.db"))
-    for name, guard in (("loud", loud), ("quiet", quiet), ("env", quiet_by_env)):
-        guard(lambda tag: threading.Lock(), name)
+    Guard(str(tmp_path / "c.db"))(make_lock, "env")
     assert [r.name for r in caplog.records] == ["ledger"]
     assert "lock" in caplog.records[0].getMessage()
     assert capsys.readouterr().out == ""
