@@ -981,10 +981,13 @@ class _Heartbeat:
                     continue
                 due = [r for r in self.runs.values() if r.renew_at <= now]
                 cores = list(self.cores) if now >= next_flush else []
-            for run in due:
-                run.renew()
-            for core in cores:
-                core.flush(quietly=True)
+            try:
+                for run in due:
+                    run.renew()
+                for core in cores:
+                    core.flush(quietly=True)
+            except Exception:  # the heartbeat must outlive any one store's fault
+                log.exception("ledger heartbeat: unexpected error; continuing")
             if cores:
                 next_flush = time.time() + FLUSH_INTERVAL
 
@@ -1091,6 +1094,12 @@ def _after_fork_in_child() -> None:
         _HEARTBEAT.cores.add(core)
 
 
+def _flush_all_at_exit() -> None:
+    for core in list(_HEARTBEAT.cores):
+        core.flush(quietly=True)
+
+
+atexit.register(_flush_all_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -1105,6 +1114,9 @@ if hasattr(os, "register_at_fork"):
 _CURRENT_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_current_key", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
+# `with guard.workflow(...)` blocks open in this context, innermost last; kept in
+# the context so one scope object may be entered by many threads and tasks at once.
+_SCOPE_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar("ledger_scope_tokens", default=())
 _NO_DEFAULT = object()
 
 
@@ -1153,7 +1165,7 @@ class _Run:
             renewed = self.record.evolve(lease_until=now + self.call.policy.lease, updated=now)
             try:
                 won = self.core.store.swap(renewed, self.record.epoch, self.record.owner)
-            except LedgerError as e:
+            except Exception as e:
                 log.warning("lease of %s could not be renewed: %s", self.call.name, e)
                 self.renew_at = now + min(1.0, self.call.policy.lease / 10)
                 return
@@ -1197,7 +1209,6 @@ class _Core:
                     if self.quiet is None:
                         self.quiet = os.environ.get("LEDGER_QUIET", "0") not in ("", "0")
                     _HEARTBEAT.watch(self)
-                    atexit.register(self.flush, quietly=True)
                 store = self._store
         return store
 
@@ -1273,7 +1284,7 @@ class _Core:
         duplicate (returns an Outcome)."""
         store, policy = self.store, call.policy
         waited_epoch = deadline = None
-        delay = POLL_FIRST
+        delay, lost_races = POLL_FIRST, 0
         while True:
             now = time.time()
             record = store.get(call.id)
@@ -1282,6 +1293,7 @@ class _Core:
                 if store.insert(run.record):
                     self.note_new_call(call, now)
                     return self.started(run)
+                lost_races = _lost_race(lost_races, store, call)
                 continue
             if call.argsum is not None and record.argsum not in (None, call.argsum):
                 self.count(call.id, 1, 0)
@@ -1335,6 +1347,7 @@ class _Core:
                               "(epoch %d -> %d)", call.name, call.id, now - record.lease_until,
                               record.epoch, takeover.record.epoch)
                 return self.started(takeover)
+            lost_races = _lost_race(lost_races, store, call)
 
     def claim(self, call: _Call, prev: Record | None, now: float,
               new_run: bool = False, new_window: bool = False) -> _Run:
@@ -1357,6 +1370,7 @@ class _Core:
         return _Run(self, call, record)
 
     def started(self, run: _Run) -> _Run:
+        self.secret  # a missing or unreadable key must fail before the tool runs, not after
         self.count(run.call.id, 1, 0)
         _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
         _HEARTBEAT.add(run)
@@ -1402,7 +1416,7 @@ class _Core:
                       call.name, _describe(value), unstored)
         try:
             self.complete(run, record)
-        except StoreError as e:
+        except Exception as e:
             raise CompletionError(
                 f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
                 f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
@@ -1424,7 +1438,7 @@ class _Core:
                                    error=f"{type(error).__name__}: {error}"[:2000])
         try:
             self.complete(run, record)
-        except StoreError as e:
+        except Exception as e:
             log.error("%s raised %s and its FAILED record could not be written: %s",
                       call.name, type(error).__name__, e)
         self.fire("fail", record)
@@ -1478,6 +1492,15 @@ class _Core:
             self.warn("%s ran %d times within 10 s with arguments that differ only in %s; if these are "
                       "retries of one call, pass key='...' (a stable id such as f'email-{order_id}') "
                       "so they count as one", call.name, repeats + 1, ", ".join(volatile))
+
+
+def _lost_race(lost: int, store: Store, call: _Call) -> int:
+    """Count a claim lost to another worker. Each loss means the record changed,
+    so a thousand in a row means the store is broken, not busy."""
+    if lost >= 1000:
+        raise StoreError(f"{call.name}: {store!r} refused 1000 claims in a row for call {call.id}; "
+                         f"run ledger.check_store() against it")
+    return lost + 1
 
 
 def _looks_volatile(value: Any) -> bool:
@@ -1554,7 +1577,6 @@ class Guard:
         self._default_workflow = workflow
         self._default_caller = caller
         self._scope: tuple[str | None, str | None] = (None, None)
-        self._saved: list[tuple[contextvars.Token, contextvars.Token]] = []
 
     def __repr__(self) -> str:
         store = self._core._store or self._core.store_spec or os.environ.get("LEDGER_DB") or "ledger.db"
@@ -1581,16 +1603,18 @@ class Guard:
         scoped._core = self._core
         scoped._default_workflow, scoped._default_caller = self._default_workflow, self._default_caller
         scoped._scope = (workflow, caller)
-        scoped._saved = []
         return scoped
 
     def __enter__(self) -> Guard:
         workflow, caller = self._scope
-        self._saved.append((_WORKFLOW.set(workflow or _WORKFLOW.get()), _CALLER.set(caller or _CALLER.get())))
+        tokens = (_WORKFLOW.set(workflow or _WORKFLOW.get()), _CALLER.set(caller or _CALLER.get()))
+        _SCOPE_TOKENS.set(_SCOPE_TOKENS.get() + (tokens,))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        workflow_token, caller_token = self._saved.pop()
+        stack = _SCOPE_TOKENS.get()
+        workflow_token, caller_token = stack[-1]
+        _SCOPE_TOKENS.set(stack[:-1])
         _CALLER.reset(caller_token)
         _WORKFLOW.reset(workflow_token)
 
@@ -1714,9 +1738,8 @@ class Guard:
     def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED) -> Any:
         """Guard every tool of a dict (keys are the tool names) or a list; same kind back."""
         if isinstance(tools, Mapping):
-            return type(tools)((name, self._wrap(fn, name, blocked_return)) for name, fn in tools.items()) \
-                if type(tools) is not dict else {name: self._wrap(fn, name, blocked_return)
-                                                  for name, fn in tools.items()}
+            wrapped = {name: self._wrap(fn, name, blocked_return) for name, fn in tools.items()}
+            return wrapped if type(tools) is dict else type(tools)(wrapped)
         if isinstance(tools, (list, tuple)):
             return type(tools)(self._wrap(fn, None, blocked_return) for fn in tools)
         raise ConfigError(f"wrap_tools takes a dict or a list of tools, not {_describe(tools)}")

@@ -1311,3 +1311,32 @@ def test_execute_reports_where_a_value_came_from(g):
     first, second = g.execute(charge, 1), g.execute(charge, 1)
     assert (first.source, second.source) == ("executed", "replayed")
     assert first.value == second.value and first.key == second.key and first.ran and not second.ran
+
+
+class RefusingStore(MemoryStore):
+    """A broken store: reports no record, yet refuses every insert."""
+
+    def get(self, id):
+        return None
+
+    def insert(self, record):
+        return False
+
+
+def test_a_store_that_refuses_every_claim_is_reported_not_spun_on():
+    with pytest.raises(ledger.StoreError, match="check_store"):
+        Guard(RefusingStore(), quiet=True)(charge, 1)
+    assert CHARGES == []
+
+
+def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
+    scope = g.workflow("shared")
+
+    async def request(n):
+        with scope:
+            await asyncio.sleep(0.01 * (3 - n))
+            return g._workflow()
+
+    async def main():
+        return await asyncio.gather(*[request(n) for n in range(3)])
+    assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "default"
