@@ -1094,12 +1094,13 @@ def _after_fork_in_child() -> None:
         _HEARTBEAT.cores.add(core)
 
 
-def _flush_all_at_exit() -> None:
+def _flush_all(quietly: bool = False) -> None:
+    """Write every guard's buffered counters, so readers see this process's counts."""
     for core in list(_HEARTBEAT.cores):
-        core.flush(quietly=True)
+        core.flush(quietly=quietly)
 
 
-atexit.register(_flush_all_at_exit)
+atexit.register(_flush_all, quietly=True)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -1829,13 +1830,13 @@ class Guard:
 
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
-        self._core.flush()
+        _flush_all()
         return [r.as_dict() for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
         """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
         fenced (this process), saved_usd and saved_seconds (what duplicates avoided)."""
-        self._core.flush()
+        _flush_all()
         now = time.time()
         records = self.store.records(workflow=wf)
         return {
@@ -1853,7 +1854,7 @@ class Guard:
 
     def log(self, wf: str | None = None, file: Any = None) -> str:
         """A per-tool summary, written to stderr (or `file`) and returned."""
-        self._core.flush()
+        _flush_all()
         lines = [_summary_line(tool, rows) for tool, rows in _by_tool(self.store.records(workflow=wf)).items()]
         text = "\n".join(lines) if lines else "(no calls recorded)"
         print(text, file=file or sys.stderr)

@@ -1340,3 +1340,11 @@ def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
     async def main():
         return await asyncio.gather(*[request(n) for n in range(3)])
     assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "default"
+
+
+def test_stats_see_counts_buffered_by_other_guards_in_the_process(tmp_path):
+    path = str(tmp_path / "l.db")
+    first, second = Guard(path, quiet=True), Guard(path, quiet=True)
+    first(charge, 1)
+    first(charge, 1)
+    assert second.stats()["attempts"] == 2
