@@ -1348,3 +1348,35 @@ def test_stats_see_counts_buffered_by_other_guards_in_the_process(tmp_path):
     first(charge, 1)
     first(charge, 1)
     assert second.stats()["attempts"] == 2
+
+
+def test_buffered_counters_are_written_at_a_clean_exit(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(HERE)!r})
+        from ledger import Guard
+        g = Guard({str(tmp_path / 'l.db')!r}, quiet=True)
+        for _ in range(5):
+            g(print, "once")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    record = SQLiteStore(tmp_path / "l.db").records()[0]
+    assert (record.attempts, record.executed, record.blocked) == (5, 1, 4)
+
+
+def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
+    guard = Guard(CountingStore(tmp_path / "l.db"), quiet=True, secret="s")
+
+    async def slow():
+        await asyncio.sleep(0.5)
+        return "done"
+    guard.policy(slow, replay=True)
+
+    async def main():
+        leader = asyncio.create_task(guard(slow))
+        await asyncio.sleep(0.05)
+        CountingStore.gets = 0
+        results = await asyncio.gather(leader, *[guard(slow) for _ in range(5)])
+        return results, CountingStore.gets
+    results, gets = asyncio.run(main())
+    assert results == ["done"] * 6
+    assert gets <= 12, f"5 waiters read the store {gets} times while waiting"
