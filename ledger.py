@@ -1550,6 +1550,7 @@ def _preview(call: _Call) -> str:
             except _Unsupported:
                 shown[name] = "<" + _describe(value) + ">"
         text = _dump({"key": call.key, "arguments": shown})
+    text = text.replace("\\u0000", "")  # tags read as plain words: ["datetime", "2026-..."]
     return text if len(text) <= 2000 else text[:1999] + "…"
 
 
