@@ -631,7 +631,7 @@ def test_state_machine_model(backend, tmp_path_factory):
 
     class Model(LedgerModel):
         make_store = staticmethod(make)
-    Model.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+    Model.TestCase.settings = settings(max_examples=50, stateful_step_count=25, deadline=None)
     Model.TestCase().runTest()
 
 
