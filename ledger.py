@@ -39,6 +39,7 @@ import asyncio
 import atexit
 import base64
 import contextvars
+import copy
 import dataclasses
 import datetime as _dt
 import decimal
@@ -52,11 +53,13 @@ import logging
 import math
 import os
 import pathlib
+import re
 import secrets
 import sqlite3
 import sys
 import threading
 import time
+import typing
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -262,7 +265,8 @@ def _describe(value: Any) -> str:
 class _ToolInfo:
     """What the guard needs to know about a callable, computed once per callable."""
 
-    __slots__ = ("name", "is_async", "takes_key", "names", "defaults", "signature", "simple", "var_keyword")
+    __slots__ = ("name", "is_async", "takes_key", "names", "defaults", "signature", "simple", "var_keyword",
+                 "injected")
 
     def __init__(self, fn: Callable):
         self.name = tool_name(fn)
@@ -278,6 +282,7 @@ class _ToolInfo:
         self.simple = self.signature is not None and all(
             p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
         self.var_keyword = next((p.name for p in params if p.kind == p.VAR_KEYWORD), None)
+        self.injected = _injected_parameters(fn)
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Arguments by parameter name, defaults filled in; TypeError if they do not fit."""
@@ -360,6 +365,53 @@ def _definition_digest(fn: Callable, code: Any) -> str:
         except (_Unsupported, ValueError):
             parts.append(None)
     return hashlib.sha256(_dump(parts).encode()).hexdigest()[:10]
+
+
+class _PassedOn:
+    """Annotation of a parameter that is passed to the tool but is not part of the call's identity."""
+
+
+# A framework fills these in at each call (a run's config, store, stream writer,
+# runtime, callback manager, request context); they differ between retries of
+# one call, so they are passed on but never fingerprinted. Types are matched by
+# class name along the MRO, only in the frameworks' own modules.
+_INJECTED_TYPES = frozenset({"RunnableConfig", "BaseStore", "Runtime", "ToolRuntime", "InjectedToolArg",
+                             "BaseRunManager", "BaseCallbackManager", "Context", "RunContextWrapper"})
+_INJECTED_MODULES = frozenset({"langchain_core", "langgraph", "mcp", "agents"})
+# LangChain passes its callback manager as `run_manager` to a tool's _run, annotated or not.
+_INJECTED_NAMES = frozenset({"run_manager"})
+# Names recognised in annotations that stay strings (they could not be resolved).
+_INJECTED_WORDS = frozenset({"RunnableConfig", "StreamWriter", "BaseStore", "ToolRuntime", "InjectedState",
+                             "InjectedStore", "InjectedToolCallId", "InjectedToolArg",
+                             "CallbackManagerForToolRun", "AsyncCallbackManagerForToolRun"})
+
+
+def _injected_parameters(fn: Callable) -> frozenset[str]:
+    """Names of the parameters of `fn` that a framework injects (see _INJECTED_TYPES)."""
+    try:
+        names = inspect.signature(fn).parameters.keys()
+    except (TypeError, ValueError):
+        return frozenset()
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:
+        hints = getattr(fn, "__annotations__", None)
+    hints = hints if isinstance(hints, dict) else {}
+    return frozenset(name for name in names
+                     if name in _INJECTED_NAMES or (name in hints and _is_injected(hints[name])))
+
+
+def _is_injected(hint: Any) -> bool:
+    if isinstance(hint, str):
+        return not _INJECTED_WORDS.isdisjoint(re.findall(r"\w+", hint))
+    for part in (hint, typing.get_origin(hint), *typing.get_args(hint)):
+        if part is _PassedOn:
+            return True
+        cls = part if isinstance(part, type) else type(part)
+        if any(c.__name__ in _INJECTED_TYPES and c.__module__.partition(".")[0] in _INJECTED_MODULES
+               for c in getattr(cls, "__mro__", ())):
+            return True
+    return False
 
 
 def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
@@ -1715,6 +1767,8 @@ class Guard:
             return call
         call.workflow, call.caller = self._workflow(), self._caller()
         call.bound = info.bind(args, kwargs)
+        if info.injected:
+            call.bound = {name: value for name, value in call.bound.items() if name not in info.injected}
         if call.key is None:
             call.arguments = _canonical_arguments(call.bound)
             call.argsum = None
@@ -1738,13 +1792,38 @@ class Guard:
         return decorate(fn) if fn is not None else decorate
 
     def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED) -> Any:
-        """Guard every tool of a dict (keys are the tool names) or a list; same kind back."""
+        """Guard a whole toolset and hand back the same kind of thing, so the framework and
+        the model see no difference.
+
+        tools: a dict {name: tool} (keys are the names records are kept under) or a list or
+        tuple of tools, where a tool is a plain function (sync or async, e.g. a LangGraph
+        node), a LangChain or LangGraph tool (BaseTool), an OpenAI Agents SDK FunctionTool or
+        an MCP tool; or a single framework tool; or an MCP server (FastMCP / MCPServer), whose
+        registered tools are guarded in place. Framework tools keep their name (also the
+        name of their records), description and argument schema. Arguments a framework
+        injects (a run's config, a tool call id, state, a request context) are passed on but
+        not fingerprinted.
+        blocked_return: what a blocked duplicate returns instead of BLOCKED, e.g. a message
+        for the model such as {"status": "already done"}.
+        """
         if isinstance(tools, Mapping):
-            wrapped = {name: self._wrap(fn, name, blocked_return) for name, fn in tools.items()}
-            return wrapped if type(tools) is dict else type(tools)(wrapped)
+            guarded = {name: self._wrap_tool(tool, name, blocked_return) for name, tool in tools.items()}
+            return guarded if type(tools) is dict else type(tools)(guarded)
         if isinstance(tools, (list, tuple)):
-            return type(tools)(self._wrap(fn, None, blocked_return) for fn in tools)
-        raise ConfigError(f"wrap_tools takes a dict or a list of tools, not {_describe(tools)}")
+            return type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
+        if _adapter_for(tools) is not None:
+            return self._wrap_tool(tools, None, blocked_return)
+        raise ConfigError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
+                          f"not {_describe(tools)}")
+
+    def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
+        adapt = _adapter_for(tool)
+        if adapt is not None:
+            return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
+        if not callable(tool):
+            raise ConfigError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
+                              f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
+        return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
         inner, inner_name = _unwrap(fn)
@@ -1783,7 +1862,7 @@ class Guard:
             self._core.policies[fn_or_name] = policy
             return policy
         fn, name = _unwrap(fn_or_name)
-        self._core.policies[name or self._core.name_of(fn, _info(fn))] = policy
+        self._core.policies[name or _framework_name(fn) or self._core.name_of(fn, _info(fn))] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
@@ -1902,7 +1981,7 @@ class Guard:
         if tool is None or isinstance(tool, str):
             return tool
         fn, name = _unwrap(tool)
-        return name or self._core.name_of(fn, _info(fn))
+        return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
 
 
 class _Named:
@@ -1921,6 +2000,93 @@ def _unwrap(fn: Any) -> tuple[Callable, str | None]:
     if type(marker) is tuple:
         return marker
     return fn, None
+
+
+# Framework adapters. Each takes (guard, tool, name, blocked_return) and returns a
+# guarded copy of the framework's own tool object (the MCP server adapter guards
+# the server in place); all of them guard the framework's innermost call of the
+# user's code through Guard._wrap. Frameworks are never imported: a tool's class
+# can only be one of theirs if their module is already loaded.
+
+def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """StructuredTool / Tool: guard func and coroutine. Any other BaseTool: guard _run (and
+    _arun if it has its own), which is what BaseTool.run and arun call."""
+    fields = type(tool).model_fields
+    if "func" in fields or "coroutine" in fields:
+        return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
+                                       for attr in ("func", "coroutine") if getattr(tool, attr, None)})
+    copy = tool.model_copy()
+    base = sys.modules["langchain_core.tools"].BaseTool
+    for attr in ("_run", "_arun"):
+        if getattr(type(tool), attr) is not getattr(base, attr):
+            object.__setattr__(copy, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
+    return copy
+
+
+def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """OpenAI Agents SDK FunctionTool: guard on_invoke_tool(context, json_arguments), with the
+    parsed arguments as the call's identity. The SDK's invoker turns a tool's exception into a
+    message for the model; the guard goes inside it, so a tool that raised stays retryable."""
+    invoker = tool.on_invoke_tool
+    impl = getattr(invoker, "_invoke_tool_impl", None) or invoker
+
+    async def invoke(context: _PassedOn, text: _PassedOn, /, **arguments: Any) -> Any:
+        return await impl(context, text)
+
+    guarded = guard._wrap(invoke, name, blocked_return)
+
+    async def on_invoke_tool(context: Any, text: str) -> Any:
+        try:
+            arguments = json.loads(text or "{}")
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):  # the SDK reports malformed arguments itself
+            return await impl(context, text)
+        return await guarded(context, text, **arguments)
+
+    functools.update_wrapper(on_invoke_tool, impl)  # keeps the SDK's markers on its invoker
+    if impl is not invoker:
+        invoker = copy.copy(invoker)
+        invoker._invoke_tool_impl = on_invoke_tool
+        return dataclasses.replace(tool, on_invoke_tool=invoker)
+    return dataclasses.replace(tool, on_invoke_tool=on_invoke_tool)
+
+
+def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """An MCP server's registered tool: guard fn, which Tool.run calls with the validated
+    arguments and the request context (annotated Context, so not fingerprinted)."""
+    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked_return)})
+
+
+def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_return: Any) -> Any:
+    """FastMCP / MCPServer: guard every tool registered so far, in place; the server comes back."""
+    registry = server._tool_manager._tools
+    for key, tool in list(registry.items()):
+        registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
+    return server
+
+
+_ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    ("langchain_core.tools", "BaseTool", _adapt_langchain),
+    ("agents.tool", "FunctionTool", _adapt_function_tool),
+    ("mcp.server.mcpserver.tools.base", "Tool", _adapt_mcp_tool),
+    ("mcp.server.fastmcp.tools.base", "Tool", _adapt_mcp_tool),
+    ("mcp.server.mcpserver.server", "MCPServer", _adapt_mcp_server),
+    ("mcp.server.fastmcp.server", "FastMCP", _adapt_mcp_server),
+)
+
+
+def _adapter_for(tool: Any) -> Callable[..., Any] | None:
+    for module, cls_name, adapt in _ADAPTERS:
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if cls is not None and isinstance(tool, cls):
+            return adapt
+    return None
+
+
+def _framework_name(tool: Any) -> str | None:
+    """The name a framework tool is known by, which is also the name of its records."""
+    return tool.name if _adapter_for(tool) is not None else None
 
 
 def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:

@@ -26,7 +26,7 @@ import textwrap
 import threading
 import time
 import uuid
-from typing import NamedTuple
+from typing import Annotated, NamedTuple, TypedDict
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -1380,3 +1380,391 @@ def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
     results, gets = asyncio.run(main())
     assert results == ["done"] * 6
     assert gets <= 12, f"5 waiters read the store {gets} times while waiting"
+
+
+# ---------------------------------------------------------------------------
+# Integrations and examples: wrap_tools with each framework's own tool objects
+# (against the real packages), the runnable examples, and the code blocks of
+# README.md and llms.txt.
+# ---------------------------------------------------------------------------
+
+def framework(module: str):
+    """Import a framework package for a test, or skip (fail under CI) where it is absent."""
+    import importlib
+    import importlib.util
+    try:
+        present = importlib.util.find_spec(module.partition(".")[0]) is not None
+    except ValueError:
+        present = False
+    need(module, present, "pip install -e '.[integrations]'")
+    return importlib.import_module(module)
+
+
+def run_python(code: str, cwd: pathlib.Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env.pop("LEDGER_DB", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_wrap_tools_imports_no_framework(tmp_path):
+    code = ("import sys, ledger\n"
+            "g = ledger.Guard(':memory:')\n"
+            "tools = g.wrap_tools({'add': lambda a, b: a + b})\n"
+            "assert tools['add'](a=1, b=2) == 3\n"
+            "print(sorted(m for m in ('langchain_core', 'langgraph', 'agents', 'mcp') if m in sys.modules))")
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_wrap_tools_rejects_what_is_not_a_tool(g):
+    with pytest.raises(ledger.ConfigError, match="not a function or a known framework tool"):
+        g.wrap_tools({"x": 42})
+    with pytest.raises(ledger.ConfigError, match="wrap_tools takes"):
+        g.wrap_tools(42)
+
+
+def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
+    runnables = framework("langchain_core.runnables")
+    seen = []
+
+    def node(state: dict, config: runnables.RunnableConfig) -> dict:
+        seen.append(config["run_id"])
+        return {"done": True}
+
+    [guarded] = g.wrap_tools([node], blocked_return={})
+    assert guarded({"order": 1}, config={"run_id": object()}) == {"done": True}
+    assert guarded({"order": 1}, config={"run_id": object()}) == {}
+    assert guarded({"order": 2}, config={"run_id": 3}) == {"done": True}
+    assert len(seen) == 2
+
+
+# LangChain ---------------------------------------------------------------
+
+# This file postpones annotations, so the types a framework resolves in a tool's
+# signature must be module globals: framework modules are bound to these names.
+lc_tools = lg_prebuilt = McpContext = None
+
+
+def langchain_tools():
+    global lc_tools
+    tools = lc_tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool
+    def send_invoice(customer: str, amount: float, note: str = "") -> str:
+        """Email an invoice to a customer."""
+        runs.append(("invoice", customer, amount))
+        return f"sent {amount}"
+
+    @tools.tool
+    async def refund(order_id: int, call_id: Annotated[str, lc_tools.InjectedToolCallId]) -> str:
+        """Refund an order."""
+        runs.append(("refund", order_id))
+        return f"refunded {order_id}"
+
+    class Search(tools.BaseTool):
+        name: str = "search"
+        description: str = "Search the orders."
+
+        def _run(self, query: str, run_manager=None) -> str:
+            runs.append(("search", query))
+            return "found " + query
+
+    return tools, runs, send_invoice, refund, Search()
+
+
+def tool_call(name, n, **args):
+    return {"name": name, "args": args, "id": f"call_{n}", "type": "tool_call"}
+
+
+def test_langchain_tools_keep_name_description_and_schema(g):
+    tools, _, send_invoice, refund, search = langchain_tools()
+    guarded = g.wrap_tools([send_invoice, refund, search])
+    for before, after in zip([send_invoice, refund, search], guarded):
+        assert type(after) is type(before) and isinstance(after, tools.BaseTool)
+        assert (after.name, after.description) == (before.name, before.description)
+        assert after.tool_call_schema.model_json_schema() == before.tool_call_schema.model_json_schema()
+        assert after.args == before.args
+
+
+def test_langchain_duplicate_tool_calls_run_once(g):
+    _, runs, send_invoice, _, _ = langchain_tools()
+    [tool] = g.wrap_tools([send_invoice], blocked_return="already done")
+    first = tool.invoke(tool_call("send_invoice", 1, customer="acme", amount=120.0))
+    again = tool.invoke(tool_call("send_invoice", 2, amount=120.0, customer="acme", note=""))
+    other = tool.invoke({"customer": "acme", "amount": 5})
+    assert (first.content, first.tool_call_id, again.content, other) == ("sent 120.0", "call_1", "already done", "sent 5.0")
+    assert runs == [("invoice", "acme", 120.0), ("invoice", "acme", 5.0)]
+    assert {h["tool"] for h in g.history()} == {"send_invoice"}
+
+
+def test_langchain_async_tool_runs_once_and_its_injected_call_id_is_not_fingerprinted(g):
+    _, runs, _, refund, _ = langchain_tools()
+    [tool] = g.wrap_tools([refund], blocked_return="already done")
+
+    async def twice():
+        return [(await tool.ainvoke(tool_call("refund", n, order_id=9))).content for n in (1, 2)]
+
+    assert asyncio.run(twice()) == ["refunded 9", "already done"]
+    assert runs == [("refund", 9)]
+
+
+def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
+    _, runs, _, _, search = langchain_tools()
+    [tool] = g.wrap_tools([search])
+    assert tool.invoke({"query": "x"}) == "found x"
+    assert tool.invoke({"query": "x"}) is BLOCKED
+    assert asyncio.run(tool.ainvoke({"query": "x"})) is BLOCKED
+    assert runs == [("search", "x")]
+
+
+def test_policy_can_name_a_framework_tool_by_its_object(g):
+    _, runs, send_invoice, _, _ = langchain_tools()
+    g.policy(send_invoice, replay=True)
+    [tool] = g.wrap_tools([send_invoice])
+    assert [tool.invoke({"customer": "a", "amount": 1}) for _ in range(2)] == ["sent 1.0", "sent 1.0"]
+    assert len(runs) == 1 and g.history(tool=send_invoice)[0]["blocked"] == 1
+
+
+# LangGraph ---------------------------------------------------------------
+
+def test_langgraph_toolnode_runs_guarded_tools_once_with_injected_state(g):
+    global lg_prebuilt
+    prebuilt = lg_prebuilt = framework("langgraph.prebuilt")
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    sent = []
+
+    @tool
+    def notify(order_id: int, state: Annotated[dict, lg_prebuilt.InjectedState]) -> str:
+        """Tell the customer."""
+        sent.append((order_id, len(state["messages"])))
+        return "sent"
+
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    graph = StateGraph(MessagesState)
+    graph.add_node("tools", prebuilt.ToolNode(g.wrap_tools([notify], blocked_return="already sent")))
+    graph.add_edge(START, "tools")
+    graph.add_edge("tools", END)
+    app = graph.compile()
+    for n in (1, 2):
+        message = AIMessage("", tool_calls=[tool_call("notify", 2 * n, order_id=7),
+                                            tool_call("notify", 2 * n + 1, order_id=7)])
+        replies = [m.content for m in app.invoke({"messages": [message] * n})["messages"] if m.type == "tool"]
+        assert sorted(replies) == (["already sent", "sent"] if n == 1 else ["already sent"] * 2)
+    assert sent == [(7, 1)]
+
+
+class Order(TypedDict):
+    order_id: int
+    receipt: str
+
+
+def test_langgraph_plain_node_function_runs_once_per_state(g):
+    graph_module = framework("langgraph.graph")
+    charged = []
+
+    def charge(order: Order) -> dict:
+        charged.append(order["order_id"])
+        return {"receipt": f"ch_{order['order_id']}"}
+
+    g.policy(charge, replay=True)
+    graph = graph_module.StateGraph(Order)
+    graph.add_node("charge", g.wrap_tools([charge])[0])
+    graph.add_edge(graph_module.START, "charge")
+    app = graph.compile()
+    assert [app.invoke({"order_id": n})["receipt"] for n in (1, 1, 2)] == ["ch_1", "ch_1", "ch_2"]
+    assert charged == [1, 2]
+
+
+# OpenAI Agents SDK -------------------------------------------------------
+
+def agents_tools():
+    agents = framework("agents")
+    runs = []
+
+    @agents.function_tool
+    def refund(order_id: int, amount: float) -> str:
+        """Refund an order to the customer's card."""
+        runs.append(order_id)
+        if amount < 0:
+            raise ValueError("negative amount")
+        return f"refunded {order_id}"
+
+    @agents.function_tool
+    async def ping(host: str) -> str:
+        """Ping a host."""
+        runs.append(host)
+        return "pong"
+
+    return agents, runs, refund, ping
+
+
+def invoke_function_tool(agents, tool, n, arguments):
+    text = json.dumps(arguments)
+    from agents.tool_context import ToolContext
+    context = ToolContext(None, tool_name=tool.name, tool_call_id=f"call_{n}", tool_arguments=text)
+    return asyncio.run(tool.on_invoke_tool(context, text))
+
+
+def test_function_tool_keeps_name_description_and_json_schema(g):
+    agents, _, refund, ping = agents_tools()
+    for before, after in zip([refund, ping], g.wrap_tools([refund, ping])):
+        assert isinstance(after, agents.FunctionTool) and after is not before
+        assert (after.name, after.description, after.params_json_schema, after.strict_json_schema) == \
+               (before.name, before.description, before.params_json_schema, before.strict_json_schema)
+
+
+def test_function_tool_duplicate_invocations_run_once(g):
+    agents, runs, refund, ping = agents_tools()
+    refund, ping = g.wrap_tools([refund, ping], blocked_return="already done")
+    results = [invoke_function_tool(agents, refund, 1, {"order_id": 4, "amount": 2.5}),
+               invoke_function_tool(agents, refund, 2, {"amount": 2.5, "order_id": 4}),
+               invoke_function_tool(agents, ping, 3, {"host": "a"}),
+               invoke_function_tool(agents, ping, 4, {"host": "a"})]
+    assert results == ["refunded 4", "already done", "pong", "already done"]
+    assert runs == [4, "a"] and {h["tool"] for h in g.history()} == {"refund", "ping"}
+
+
+def test_function_tool_that_raised_stays_retryable(g):
+    agents, runs, refund, _ = agents_tools()
+    [refund] = g.wrap_tools([refund])
+    for n in (1, 2):
+        message = invoke_function_tool(agents, refund, n, {"order_id": 5, "amount": -1})
+        assert "error occurred" in message  # the SDK's own error message for the model
+    assert runs == [5, 5]
+
+
+def test_function_tool_runs_once_under_an_agent_run(g, tmp_path):
+    framework("agents")
+    sys.path.insert(0, str(HERE / "examples"))
+    try:
+        import openai_agents_sdk as example
+    finally:
+        sys.path.remove(str(HERE / "examples"))
+    from agents import Agent, RunConfig, Runner
+    example.REFUNDS.clear()
+    script = [[("refund", {"order_id": 1, "amount": 3.0})] * 2, "done"]
+    agent = Agent(name="a", tools=g.wrap_tools([example.refund], blocked_return="already done"))
+    result = asyncio.run(Runner.run(agent, "go", run_config=RunConfig(model=example.ScriptedModel(script),
+                                                                      tracing_disabled=True)))
+    outputs = [item.output for item in result.new_items if item.type == "tool_call_output_item"]
+    assert sorted(outputs) == ["already done", "refunded 3.0 on order 1"] and example.REFUNDS == [1]
+
+
+# MCP ---------------------------------------------------------------------
+
+def mcp_server():
+    global McpContext
+    try:
+        framework("mcp.server.mcpserver")
+        from mcp import Client
+        from mcp.server.mcpserver import Context, MCPServer as Server
+
+        def connect(server):
+            return Client(server)
+    except ModuleNotFoundError:  # mcp 1.x
+        from mcp.server.fastmcp import Context, FastMCP as Server
+        from mcp.shared.memory import create_connected_server_and_client_session
+
+        def connect(server):
+            return create_connected_server_and_client_session(server._mcp_server)
+    McpContext = Context
+    server = Server("test")
+    runs = []
+
+    @server.tool()
+    def file_ticket(title: str, ctx: McpContext, priority: int = 2) -> str:
+        """Open a ticket."""
+        runs.append((title, ctx.request_id is not None))
+        return f"opened {title}"
+
+    @server.tool()
+    async def close_ticket(number: int) -> str:
+        """Close a ticket."""
+        runs.append(number)
+        return f"closed {number}"
+
+    return server, connect, runs
+
+
+def call_mcp(server, connect, calls):
+    async def go():
+        async with connect(server) as client:
+            return [(await client.call_tool(name, arguments)).content[0].text for name, arguments in calls]
+    return asyncio.run(go())
+
+
+def test_mcp_server_is_guarded_in_place_and_lists_the_same_tools(g):
+    server, _, _ = mcp_server()
+    before = asyncio.run(server.list_tools())
+    assert g.wrap_tools(server) is server
+    assert asyncio.run(server.list_tools()) == before
+
+
+def test_mcp_duplicate_calls_run_once_with_the_request_context_passed_on(g):
+    server, connect, runs = mcp_server()
+    g.wrap_tools(server, blocked_return="already done")
+    texts = call_mcp(server, connect, [("file_ticket", {"title": "fire"}),
+                                       ("file_ticket", {"title": "fire", "priority": 2}),
+                                       ("close_ticket", {"number": 1}),
+                                       ("close_ticket", {"number": 1}),
+                                       ("file_ticket", {"title": "flood"})])
+    assert texts == ["opened fire", "already done", "closed 1", "already done", "opened flood"]
+    assert runs == [("fire", True), 1, ("flood", True)]
+    assert {h["tool"] for h in g.history()} == {"file_ticket", "close_ticket"}
+
+
+def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
+    framework("mcp")
+    code = textwrap.dedent("""
+        import asyncio, logging, sys
+        sys.path.insert(0, %r)
+        import test_ledger as t
+        from ledger import Guard
+        guard = Guard("ledger.db")  # on disk, not quiet: warnings go to the log, not stdout
+        server, connect, runs = t.mcp_server()
+        guard.wrap_tools(server)
+        t.call_mcp(server, connect, [("file_ticket", {"title": "x"})] * 3)
+        guard.log()
+        guard.close()
+    """ % str(HERE))
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "file_ticket" in done.stderr  # guard.log() went to stderr
+
+
+# Examples: each runs as its users would run it, and leaves no file behind ---
+
+EXAMPLES = {
+    "openai_dispatch.py": (None, ["-> {\"status\": \"already done\"}", "charges at the provider: [99.0]",
+                                  "payment provider timed out", "executed 2, blocked 2"]),
+    "langchain_tools.py": ("langchain_core", ["-> already done", "side effects: ['invoice acme 120.0', 'refund 9']"]),
+    "langgraph_graph.py": ("langgraph", ["run 2: receipt ch_7, tool replies ['already sent']", "charged: [7]",
+                                         "confirmations sent: ['order 7, receipt ch_7']"]),
+    "openai_agents_sdk.py": ("agents", ["refunds that ran: [42, 43]", "executed 2, blocked 2"]),
+    "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
+    "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+}
+
+
+def test_every_example_is_tested():
+    assert sorted(p.name for p in (HERE / "examples").glob("*.py")) == sorted(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
+    package, expected = EXAMPLES[name]
+    if package:
+        framework(package)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env.pop("LEDGER_DB", None)
+    done = subprocess.run([sys.executable, str(HERE / "examples" / name)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for line in expected:
+        assert line in done.stdout, f"{line!r} not in:\n{done.stdout}"
+    assert list(tmp_path.iterdir()) == []
