@@ -9,13 +9,14 @@ second run gets the recorded receipt) and one confirmation is sent.
 Run: python examples/langgraph_graph.py
 """
 
-from typing import Annotated, TypedDict
+from typing import Annotated
 
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import InjectedState, ToolNode
+from typing_extensions import TypedDict  # what MessagesState is built on
 
 from ledger import Guard
 
