@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import re
 import signal
 import sqlite3
 import subprocess
@@ -1768,3 +1769,65 @@ def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     for line in expected:
         assert line in done.stdout, f"{line!r} not in:\n{done.stdout}"
     assert list(tmp_path.iterdir()) == []
+
+
+# Docs: every python block of each document runs, in order, in one namespace
+# (as a reader pastes them), in a fresh folder; bash lines that only run an
+# example or the demo run too. Blocks importing a framework need its package.
+
+DOCS = ["README.md", "llms.txt", "CLAUDE.md"]
+SAFE_COMMAND = re.compile(r"^python (examples/\w+\.py|ledger\.py demo)$")
+
+DOC_RUNNER = """
+import json, sys, traceback
+namespace = {"__name__": "__main__"}
+for name, line, code in json.load(sys.stdin):
+    try:
+        exec(compile(code, f"{name} block at line {line}", "exec"), namespace)
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(f"{name}: the code block at line {line} failed")
+"""
+
+
+def code_blocks(name: str, language: str) -> list[tuple[int, str]]:
+    """(line, code) of each ```language block of a document."""
+    blocks, current, start = [], None, 0
+    for number, line in enumerate((HERE / name).read_text().splitlines(), 1):
+        if current is None and line.strip() == "```" + language:
+            current, start = [], number
+        elif current is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(current) + "\n"))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_docs_have_python_blocks():
+    assert all(code_blocks(name, "python") for name in ("README.md", "llms.txt"))
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_python_blocks_of_the_docs_run(name, tmp_path):
+    blocks = code_blocks(name, "python")
+    for package in ("langchain_core", "langgraph", "agents", "mcp"):
+        if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
+            framework(package)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env.pop("LEDGER_DB", None)
+    done = subprocess.run([sys.executable, "-c", DOC_RUNNER], cwd=tmp_path, env=env, text=True,
+                          input=json.dumps([(name, line, code) for line, code in blocks]),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_safe_bash_lines_of_the_readme_run():
+    commands = [line.split("#")[0].strip() for _, code in code_blocks("README.md", "bash")
+                for line in code.splitlines()]
+    safe = list(filter(SAFE_COMMAND.match, commands))
+    assert "python ledger.py demo" in safe
+    for command in safe:
+        done = subprocess.run(command.split(), cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
