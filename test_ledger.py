@@ -1521,6 +1521,27 @@ def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
     assert runs == [("search", "x")]
 
 
+def test_langchain_tool_with_sync_and_async_bodies_is_one_tool(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    def notify(to: str) -> str:
+        runs.append(("sync", to))
+        return "sent"
+
+    async def anotify(to: str) -> str:
+        runs.append(("async", to))
+        return "sent"
+
+    both = tools.StructuredTool.from_function(func=notify, coroutine=anotify, name="notify", description="Notify.")
+    guarded = g.wrap_tools(both)
+    assert isinstance(guarded, tools.StructuredTool) and guarded.name == "notify"
+    assert asyncio.run(guarded.ainvoke({"to": "a"})) == "sent"
+    assert guarded.invoke({"to": "a"}) is BLOCKED
+    assert guarded.invoke({"to": "b"}) == "sent"
+    assert runs == [("async", "a"), ("sync", "b")]
+
+
 def test_policy_can_name_a_framework_tool_by_its_object(g):
     _, runs, send_invoice, _, _ = langchain_tools()
     g.policy(send_invoice, replay=True)
