@@ -2015,18 +2015,19 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
                                        for attr in ("func", "coroutine") if getattr(tool, attr, None)})
-    copy = tool.model_copy()
+    guarded = tool.model_copy()
     base = sys.modules["langchain_core.tools"].BaseTool
     for attr in ("_run", "_arun"):
         if getattr(type(tool), attr) is not getattr(base, attr):
-            object.__setattr__(copy, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
-    return copy
+            object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
+    return guarded
 
 
 def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """OpenAI Agents SDK FunctionTool: guard on_invoke_tool(context, json_arguments), with the
     parsed arguments as the call's identity. The SDK's invoker turns a tool's exception into a
-    message for the model; the guard goes inside it, so a tool that raised stays retryable."""
+    message for the model; the guard goes inside it (its _invoke_tool_impl, where present),
+    so a tool that raised stays retryable."""
     invoker = tool.on_invoke_tool
     impl = getattr(invoker, "_invoke_tool_impl", None) or invoker
 
@@ -2059,7 +2060,9 @@ def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> 
 
 
 def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_return: Any) -> Any:
-    """FastMCP / MCPServer: guard every tool registered so far, in place; the server comes back."""
+    """FastMCP / MCPServer: guard every tool registered so far, in place; the server comes back.
+    The registry is the tool manager's dict, the same in mcp 1.x and 2.x; the SDK offers no
+    public way to replace a registered tool."""
     registry = server._tool_manager._tools
     for key, tool in list(registry.items()):
         registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
