@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -741,14 +742,17 @@ class SQLiteStore(Store):
     """Records in one SQLite file (WAL), shared by every thread and process on a machine.
 
     `durable=True` syncs every commit to disk (survives power loss); the default
-    (synchronous=NORMAL) survives a crash of any process.
+    (synchronous=NORMAL) survives a crash of any process. `create=False` opens
+    only an existing ledger database (as the read-only commands do).
     """
 
-    def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0):
+    def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0,
+                 create: bool = True):
         self.path = os.fspath(path)
         self.url = "sqlite:///" + os.path.abspath(self.path)
         self.durable = durable
         self.timeout = timeout
+        self.create = create
         self._local = threading.local()
         self._pid = os.getpid()
         self._conn()
@@ -769,11 +773,13 @@ class SQLiteStore(Store):
         if not os.path.isdir(folder):
             raise StoreError(f"cannot open ledger database {self.path!r}: directory {folder!r} does not exist; "
                              f"create it or point LEDGER_DB elsewhere")
+        if not self.create and not os.path.isfile(self.path):
+            raise StoreError(f"no ledger database at {self.path}")
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            self._migrate(conn)  # first, so that a file that is no ledger is left as it was
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
-            self._migrate(conn)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open ledger database {self.path!r}: {e}. If the file is not a ledger "
                              f"database or is corrupt, move it aside and a new one is created") from None
@@ -785,6 +791,8 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
         if version == SCHEMA_VERSION:
             return
+        if not self.create:
+            raise StoreError(f"{self.path} is not a ledger database (it has no ledger schema)")
         columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -891,8 +899,9 @@ def _key_file(path: str) -> bytes:
                      f"or set LEDGER_SECRET")
 
 
-def open_store(spec: str | os.PathLike | Store | None) -> Store:
-    """A store from a Store, a file path, ":memory:" or a URL."""
+def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -> Store:
+    """A store from a Store, a file path, ":memory:" or a URL. `create=False` refuses
+    to make a new SQLite file where there is none."""
     if isinstance(spec, Store):
         return spec
     spec = os.fspath(spec) if spec is not None else (os.environ.get("LEDGER_DB") or "ledger.db")
@@ -900,9 +909,9 @@ def open_store(spec: str | os.PathLike | Store | None) -> Store:
         return MemoryStore()
     scheme, sep, rest = spec.partition("://")
     if not sep:
-        return SQLiteStore(spec)
+        return SQLiteStore(spec, create=create)
     if scheme == "sqlite":
-        return SQLiteStore(rest[1:] if rest.startswith("/") else rest)
+        return SQLiteStore(rest[1:] if rest.startswith("/") else rest, create=create)
     raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:' or sqlite:///path")
 
 
@@ -1915,22 +1924,10 @@ class Guard:
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
         """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
-        fenced (this process), saved_usd and saved_seconds (what duplicates avoided)."""
+        duplicate_rate (blocked / attempts), saved_usd and saved_seconds (what duplicates
+        avoided), fenced (this process)."""
         _flush_all()
-        now = time.time()
-        records = self.store.records(workflow=wf)
-        return {
-            "actions": len(records),
-            "attempts": sum(r.attempts for r in records),
-            "executed": sum(r.executed for r in records),
-            "blocked": sum(r.blocked for r in records),
-            "failed": sum(r.status == Status.FAILED for r in records),
-            "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
-            "stale": sum(r.stale(now) for r in records),
-            "fenced": self._core.fenced,
-            "saved_usd": round(sum(r.blocked * (r.cost or 0) for r in records), 6),
-            "saved_seconds": round(sum(r.blocked * (r.duration or 0) for r in records), 6),
-        }
+        return {**_totals(self.store.records(workflow=wf)), "fenced": self._core.fenced}
 
     def log(self, wf: str | None = None, file: Any = None) -> str:
         """A per-tool summary, written to stderr (or `file`) and returned."""
@@ -2110,6 +2107,24 @@ def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:
     for record in records:
         groups.setdefault(record.tool, []).append(record)
     return groups
+
+
+def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
+    """The figures of `Guard.stats`, for any list of records (one tool's, say)."""
+    now = now or time.time()
+    attempts, blocked = sum(r.attempts for r in records), sum(r.blocked for r in records)
+    return {
+        "actions": len(records),
+        "attempts": attempts,
+        "executed": sum(r.executed for r in records),
+        "blocked": blocked,
+        "failed": sum(r.status == Status.FAILED for r in records),
+        "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
+        "stale": sum(r.stale(now) for r in records),
+        "duplicate_rate": round(blocked / attempts, 4) if attempts else 0.0,
+        "saved_usd": round(sum(r.blocked * (r.cost or 0) for r in records), 6),
+        "saved_seconds": round(sum(r.blocked * (r.duration or 0) for r in records), 6),
+    }
 
 
 def _summary_line(tool: str, rows: list[Record]) -> str:
