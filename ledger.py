@@ -2139,36 +2139,1106 @@ guard = Guard()
 
 
 # ---------------------------------------------------------------------------
-# Command line: `python ledger.py demo` (and the `ledger` console script).
+# Command line: `python ledger.py COMMAND` (and the `ledger` console script).
+# Reports go to stdout, since there they are the program's output; diagnostics
+# go to stderr. Every command but `demo` opens only an existing database, and
+# only `clear`, `retry` and `check` (on scratch records of its own) write to it.
+# Exit codes: 0 ok, 1 a check failed or a confirmation was declined, 2 usage error.
 # ---------------------------------------------------------------------------
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEMO_LEASE = 1.0
+DASHBOARD_ROWS = 1000
+STATES = ("RUNNING", "STALE", "SUCCESS", "FAILED")
+_STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILED": "red"}
+# Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
+_CONTROL = {**dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd"), **dict.fromkeys(map(ord, "\t\n\r"), " ")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `ledger` command. Returns its exit code: 0 ok, 1 a check failed, 2 usage error."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse exits 2 on a usage error and 0 after --help
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`ledger show | head`); stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (LedgerError, OSError) as e:
+        print(f"ledger: {_clean(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> Any:
     import argparse
-    parser = argparse.ArgumentParser(prog="ledger", description="exactly-once tool calls for AI agents")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="show retries blocked and duplicates shared, on a temporary database")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo()
-    return 2
+    db = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS lets --db go before or after the command without one erasing the other.
+    db.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH_OR_URL",
+                    help="the ledger database, a SQLite path or URL (default: $LEDGER_DB or ./ledger.db)")
+    wf = argparse.ArgumentParser(add_help=False)
+    wf.add_argument("--wf", metavar="WORKFLOW", help="only the records of this workflow")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    parser = argparse.ArgumentParser(prog="ledger", parents=[db],
+                                     description="Exactly-once and singleflight for AI-agent tool calls: "
+                                                 "inspect and operate a ledger.")
+    parser.add_argument("--version", action="version", version=f"ledger.py {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[Any], int], help: str, *parents: Any) -> Any:
+        p = sub.add_parser(name, parents=[db, *parents], help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    command("demo", _cmd_demo, "show retries blocked, parallel lookups shared and a crash recovered, on a "
+            "temporary database (or --db PATH, kept)")
+    p = command("show", _cmd_show, "the calls in the ledger, as a table", wf, as_json)
+    p.add_argument("--tool", help="only the calls of this tool")
+    p.add_argument("--status", type=str.upper, choices=STATES, help="only the calls in this state")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="only the N most recent calls")
+    p = command("tail", _cmd_tail, "follow new activity as it happens, until Ctrl-C", wf, as_json)
+    p.add_argument("--last", type=int, default=10, metavar="N", help="first show the N latest calls (default 10)")
+    p.add_argument("--interval", type=_positive_float, default=0.5, metavar="SECONDS",
+                   help="how often to look (default 0.5)")
+    command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json)
+    command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
+    p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
+    p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
+                "or a stale lease")
+    p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
+    p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf)
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    command("check", _cmd_check, "check the database against the store contract, on scratch records "
+            "of its own (existing records are not touched)", as_json)
+    p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                   "only)")
+    p.add_argument("--port", type=_port, default=4242, help="default 4242; 0 picks a free port")
+    return parser
 
 
-def _demo() -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+# -- shared by the commands ---------------------------------------------------
+
+class _Paint:
+    """ANSI colours: only on a terminal, never with NO_COLOR set or TERM=dumb."""
+
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34"}
+
+    def __init__(self, stream: Any):
+        isatty = getattr(stream, "isatty", None)
+        self.on = (bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+                   and os.environ.get("TERM") != "dumb")
+
+    def __call__(self, style: str | None, text: str) -> str:
+        if not (self.on and style and text):
+            return text
+        return f"\x1b[{self.CODES[style]}m{text}\x1b[0m"
+
+
+def _width() -> int:
+    import shutil
+    return max(shutil.get_terminal_size((80, 24)).columns, 40)
+
+
+def _clean(value: Any) -> str:
+    return "" if value is None else str(value).translate(_CONTROL)
+
+
+def _fit(text: str, width: int, keep_end: bool = False) -> str:
+    """`text` cut to `width` characters, marking the cut with an ellipsis."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1000:.0f}ms"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+
+
+def _money(x: float) -> str:
+    return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.2g}"
+
+
+def _bar(fraction: float, width: int, track: bool = True) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    if not filled and fraction > 0:
+        return "▏"
+    return "█" * filled + ("░" * (width - filled) if track else "")
+
+
+def _table(headers: list[str], rows: list[list[str]], paint: _Paint, *, right: Iterable[int] = (),
+           keep_end: Iterable[int] = (), narrow: Iterable[int] = (),
+           styles: list[list[str | None]] | None = None) -> list[str]:
+    """Rows under headers in columns, the last one taking what the terminal's width leaves;
+    the `narrow` columns give up width first when a row would not fit."""
+    right, keep_end, narrow = set(right), set(keep_end), set(narrow)
+    width = _width()
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    room = width - 2 * (len(headers) - 1) - 12  # the last column keeps at least 12 characters
+    while narrow and sum(widths[:-1]) > room:
+        i = max(narrow, key=lambda i: widths[i])
+        if widths[i] <= max(len(headers[i]), 8):
+            break
+        widths[i] -= 1
+    widths[-1] = max(12, min(widths[-1], width - sum(widths[:-1]) - 2 * (len(headers) - 1)))
+
+    def line(cells: list[str], cell_styles: list[str | None]) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            text = _fit(cell, widths[i], keep_end=i in keep_end)
+            if i < len(cells) - 1:
+                text = text.rjust(widths[i]) if i in right else text.ljust(widths[i])
+            parts.append(paint(cell_styles[i], text))
+        return "  ".join(parts).rstrip()
+
+    lines = [line(headers, ["bold"] * len(headers))]
+    for n, row in enumerate(rows):
+        lines.append(line(row, styles[n] if styles else [None] * len(row)))
+    return lines
+
+
+def _db_spec(args: Any) -> str:
+    return getattr(args, "db", None) or os.environ.get("LEDGER_DB") or "ledger.db"
+
+
+@contextlib.contextmanager
+def _opened(args: Any) -> Iterator[Guard]:
+    """A guard on the existing database named by --db; never creates one."""
+    guard = Guard(open_store(_db_spec(args), create=False), quiet=True)
+    try:
+        yield guard
+    finally:
+        guard.close()
+
+
+def _snapshot(guard: Guard, wf: str | None = None, tool: str | None = None) -> list[Record]:
+    return [Record(**row) for row in guard.history(tool, wf)]
+
+
+def _state(record: Record, now: float) -> str:
+    return "STALE" if record.stale(now) else record.status
+
+
+def _record_json(record: Record, now: float) -> dict[str, Any]:
+    return {**record.as_dict(), "state": _state(record, now)}
+
+
+def _print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _scope(wf: str | None) -> str:
+    return f"workflow {wf!r}" if wf else "all workflows"
+
+
+# -- show, stats, savings -------------------------------------------------------
+
+def _cmd_show(args: Any) -> int:
+    with _opened(args) as guard:
+        records = _snapshot(guard, args.wf, args.tool)
+    now = time.time()
+    if args.status:
+        records = [r for r in records if _state(r, now) == args.status]
+    if args.limit:
+        records = records[-args.limit:]
+    if args.json:
+        return _print_json([_record_json(r, now) for r in records])
+    if not records:
+        print(f"no calls match ({_scope(args.wf)})" if args.tool or args.status
+              else f"no calls recorded ({_scope(args.wf)})")
+        return EXIT_OK
+    paint = _Paint(sys.stdout)
+    with_workflow = len({r.workflow for r in records}) > 1
+    with_caller = any(r.caller for r in records)
+    headers = ["ID", "STATUS", "TOOL"] + ["WORKFLOW"] * with_workflow + ["CALLER"] * with_caller + \
+              ["RAN", "BLK", "TIME", "ARGS / ERROR"]
+    rows, styles = [], []
+    for r in records:
+        state = _state(r, now)
+        detail = r.error if r.status == Status.FAILED else r.args
+        rows.append([r.id[:8], state, _clean(r.tool)] + [_clean(r.workflow)] * with_workflow
+                    + [_clean(r.caller or "-")] * with_caller
+                    + [str(r.executed), str(r.blocked), _seconds(r.duration), _clean(detail)])
+        styles.append(["dim", _STATE_STYLE[state]] + [None] * (len(headers) - 3)
+                      + ["red" if r.status == Status.FAILED else None])
+    numbers = range(len(headers) - 4, len(headers) - 1)
+    print("\n".join(_table(headers, rows, paint, right=numbers, keep_end=[2], narrow=range(2, len(headers) - 4),
+                           styles=styles)))
+    return EXIT_OK
+
+
+def _cmd_stats(args: Any) -> int:
+    with _opened(args) as guard:
+        stats, url = guard.stats(args.wf), guard.store.url
+    if args.json:
+        return _print_json(stats)
+    paint = _Paint(sys.stdout)
+    bar = _bar(stats["duplicate_rate"], min(32, _width() - 48))
+    print(f"{paint('bold', 'ledger')} {_fit(url, _width() - 30, keep_end=True)}  ({_scope(args.wf)})")
+    print(f"records     {stats['actions']:<6} running {stats['running']}   "
+          f"{paint('yellow' if stats['stale'] else None, 'stale %d' % stats['stale'])}   "
+          f"{paint('red' if stats['failed'] else None, 'failed %d' % stats['failed'])}")
+    print(f"calls       {stats['attempts']:<6} ran {stats['executed']}   blocked {stats['blocked']}")
+    print(f"duplicates  {paint('green', bar)} {stats['duplicate_rate']:.0%} of calls did not run again")
+    print(f"saved       {_money(stats['saved_usd'])} and {_seconds(stats['saved_seconds'])} of tool time")
+    return EXIT_OK
+
+
+def _cmd_savings(args: Any) -> int:
+    with _opened(args) as guard:
+        records = _snapshot(guard, args.wf)
+    if args.json:
+        return _print_json({"totals": _totals(records),
+                            "tools": {tool: _totals(rows) for tool, rows in _by_tool(records).items()}})
+    print("\n".join(_savings_report(records, _Paint(sys.stdout))))
+    return EXIT_OK
+
+
+def _savings_report(records: list[Record], paint: _Paint) -> list[str]:
+    """Runs avoided, money and time saved, per tool, with a bar chart."""
+    total = _totals(records)
+    lines = [f"{paint('bold', 'Savings')}: {total['blocked']} of {total['attempts']} calls were duplicates "
+             f"and did not run ({total['duplicate_rate']:.0%})",
+             f"saved {paint('green', _money(total['saved_usd']))} and "
+             f"{paint('green', _seconds(total['saved_seconds']))} of tool time"]
+    if not records:
+        return lines
+    tools = {tool: (_totals(rows), any(r.cost is not None for r in rows)) for tool, rows in _by_tool(records).items()}
+    metric, label = next(((m, l) for m, l in (("saved_usd", "money saved"), ("saved_seconds", "time saved"))
+                          if total[m] > 0), ("blocked", "runs avoided"))
+    top = max(t[metric] for t, _ in tools.values()) or 1
+    order = sorted(tools.items(), key=lambda item: (-item[1][0][metric], -item[1][0]["blocked"], item[0]))
+    rows = [[_clean(tool), str(t["blocked"]), _money(t["saved_usd"]) if priced else "-",
+             _seconds(t["saved_seconds"]), ""] for tool, (t, priced) in order]
+    table = _table(["TOOL", "AVOIDED", "MONEY", "TIME", ""], rows, paint, right=(1, 2, 3), keep_end=[0],
+                   narrow=[0])
+    bar_width = max(8, min(32, _width() - len(table[1]) - 2))  # rows carry no colour codes
+    lines += [""] + table[:1]
+    for (tool, (t, _)), row in zip(order, table[1:]):
+        lines.append((row + "  " + paint("green", _bar(t[metric] / top, bar_width, track=False))).rstrip())
+    lines.append(paint("dim", f"bars: {label}"))
+    if not any(priced for _, priced in tools.values()):
+        lines.append(paint("dim", "set cost= in a tool's policy to count money saved, "
+                                  "e.g. guard.policy(\"web_search\", cost=0.02)"))
+    return lines
+
+
+# -- clear, retry, export, check ------------------------------------------------
+
+def _cmd_clear(args: Any) -> int:
+    with _opened(args) as guard:
+        count = len(_snapshot(guard, args.wf))
+        if not count:
+            print(f"nothing to clear ({_scope(args.wf)})")
+            return EXIT_OK
+        if not args.yes:
+            if sys.stdin is None or not sys.stdin.isatty():
+                raise LedgerError(f"refusing to delete {count} records ({_scope(args.wf)}) unasked: stdin is "
+                                  f"not a terminal; pass --yes to clear without confirmation")
+            sys.stderr.write(f"Delete {count} records ({_scope(args.wf)}) from {guard.store.url}? [y/N] ")
+            sys.stderr.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return EXIT_FAILED
+        deleted = guard.reset(args.wf)
+    print(f"deleted {deleted} records ({_scope(args.wf)})")
+    return EXIT_OK
+
+
+def _cmd_retry(args: Any) -> int:
+    with _opened(args) as guard:
+        record = _find_record(guard, args.id)
+        state = _state(record, time.time())
+        if guard.retry_id(record.id):
+            print(f"released {record.id} ({_clean(record.tool)}, was {state}): its next call runs again")
+        else:
+            print(f"{record.id} ({_clean(record.tool)}) is FAILED already, nothing to release: "
+                  f"its next call runs again")
+    return EXIT_OK
+
+
+def _find_record(guard: Guard, prefix: str) -> Record:
+    record = guard.store.get(prefix)
+    if record is not None:
+        return record
+    if len(prefix) < 4:
+        raise LedgerError(f"give at least 4 characters of the record id, not {prefix!r} (see `ledger show`)")
+    matches = [r for r in _snapshot(guard) if r.id.startswith(prefix)]
+    if not matches:
+        raise LedgerError(f"no record with id {prefix!r}; `ledger show` lists them")
+    if len(matches) > 1:
+        raise LedgerError(f"{len(matches)} records have ids starting with {prefix!r}; give more characters")
+    return matches[0]
+
+
+def _cmd_export(args: Any) -> int:
+    import csv
+    with _opened(args) as guard:
+        rows = guard.history(wf=args.wf)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "csv":  # an empty cell is a missing value
+            writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"wrote {len(rows)} records to {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_check(args: Any) -> int:
+    with _opened(args) as guard:
+        store = guard.store
+        try:
+            check_store(store)
+            failure = None
+        except (AssertionError, StoreError) as e:
+            failure = str(e)
+    if args.json:
+        _print_json({"ok": failure is None, "store": store.url, "failure": failure})
+    elif failure:
+        print(f"{_Paint(sys.stdout)('red', 'FAILED')} {store.url}: {_clean(failure)}")
+    else:
+        print(f"{_Paint(sys.stdout)('green', 'ok')} {store.url} keeps the store contract")
+        print("   (checked on scratch records of its own; existing records untouched)")
+    return EXIT_OK if failure is None else EXIT_FAILED
+
+
+# -- tail -------------------------------------------------------------------------
+
+_EVENTS = {"RUNNING": "started", "STALE": "stale", "SUCCESS": "ran", "FAILED": "failed"}
+
+
+def _cmd_tail(args: Any) -> int:
+    paint = _Paint(sys.stdout)
+    with _opened(args) as guard:
+        print(f"following {guard.store.url} ({_scope(args.wf)}); Ctrl-C to stop", file=sys.stderr)
+        seen: dict[str, tuple] = {}
+        first = True
+        try:
+            while True:
+                now = time.time()
+                events, removed = _changes(seen, _snapshot(guard, args.wf), now)
+                if first:
+                    events, removed, first = events[len(events) - args.last:] if args.last > 0 else [], 0, False
+                for event, record, detail in events:
+                    if args.json:
+                        print(json.dumps({"event": event, "detail": detail, "record": _record_json(record, now)},
+                                         ensure_ascii=False))
+                    else:
+                        print(_tail_line(event, record, detail, paint))
+                if removed:
+                    print(json.dumps({"event": "removed", "count": removed}) if args.json
+                          else f"{time.strftime('%H:%M:%S')}  {removed} records removed")
+                sys.stdout.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def _changes(seen: dict[str, tuple], records: list[Record], now: float) -> tuple[list, int]:
+    """What happened since `seen` (which is updated): (event, record, detail) oldest first, and
+    how many records went away."""
+    events = []
+    current = {}
+    for r in records:
+        state = _state(r, now)
+        mark = current[r.id] = (state, r.epoch, r.executed, r.blocked)
+        old = seen.get(r.id)
+        if old is None or old[:3] != mark[:3]:
+            events.append((_EVENTS[state], r, _tail_detail(state, r, now)))
+        if old is not None and r.blocked > old[3]:
+            events.append(("blocked", r, f"+{r.blocked - old[3]} duplicate(s), {r.blocked} in all"))
+    removed = len(seen.keys() - current.keys())
+    seen.clear()
+    seen.update(current)
+    events.sort(key=lambda e: e[1].updated)
+    return events, removed
+
+
+def _tail_detail(state: str, r: Record, now: float) -> str:
+    if state == "FAILED":
+        return _clean(r.error)
+    if state == "SUCCESS":
+        return f"in {_seconds(r.duration)}  {_clean(r.args)}"
+    if state == "STALE":
+        return f"lease ran out {_seconds(now - r.lease_until)} ago  {_clean(r.args)}"
+    return f"by {_clean(r.caller)}  {_clean(r.args)}" if r.caller else _clean(r.args)
+
+
+def _tail_line(event: str, r: Record, detail: str, paint: _Paint) -> str:
+    style = {"ran": "green", "failed": "red", "stale": "yellow", "started": "blue", "blocked": "dim"}[event]
+    head = (f"{time.strftime('%H:%M:%S', time.localtime(r.updated))}  {paint(style, event.ljust(7))}  "
+            f"{_fit(_clean(r.tool), 20, keep_end=True):<20}  {_fit(_clean(r.workflow), 12):<12}  ")
+    return head + _fit(detail, max(16, _width() - 55))
+
+
+# -- demo ---------------------------------------------------------------------------
+
+def _cmd_demo(args: Any) -> int:
     import tempfile
-    with tempfile.TemporaryDirectory() as folder:
-        demo = Guard(os.path.join(folder, "demo.db"))
-        charged: list[float] = []
+    began = time.perf_counter()
+    paint = _Paint(sys.stdout)
+    with tempfile.TemporaryDirectory(prefix="ledger-demo-") as folder:
+        path = getattr(args, "db", None) or os.path.join(folder, "demo.db")
+        workflow = time.strftime("demo-%Y%m%d-%H%M%S")
+        demo = Guard(path, workflow=workflow, quiet=True)
+        try:
+            print(f"{paint('bold', 'ledger.py demo')}: three things an agent's tools need, on {path}")
+            _demo_payment(demo, paint)
+            _demo_shared_lookup(demo, paint)
+            _demo_crash(demo, path, workflow, paint)
+            print()
+            print("\n".join(_savings_report(_snapshot(demo, workflow), paint)))
+        finally:
+            demo.close()
+    print(paint("dim", f"\ndemo finished in {time.perf_counter() - began:.1f}s. To look around afterwards, keep "
+                       f"its ledger:\n  python ledger.py demo --db demo.db && python ledger.py serve --db demo.db"))
+    return EXIT_OK
 
-        def charge_card(order_id: int, amount: float) -> str:
-            charged.append(amount)
-            return f"charged {amount} for order {order_id}"
 
-        for attempt in range(3):
-            print(f"attempt {attempt + 1}: {demo(charge_card, order_id=7, amount=99.0)!r}", file=sys.stderr)
-        print(f"charge_card ran {len(charged)} time(s)", file=sys.stderr)
-        demo.log()
-        demo.close()
-    return 0
+def _heading(paint: _Paint, number: int, text: str) -> None:
+    print(f"\n{paint('bold', f'{number}. {text}')}")
+
+
+def _demo_payment(demo: Guard, paint: _Paint) -> None:
+    charged: list[float] = []
+
+    def charge_card(order_id: int, amount: float) -> dict:
+        charged.append(amount)
+        return {"order_id": order_id, "charged": amount}
+
+    pay = demo.wrap_tools({"charge_card": charge_card})["charge_card"]
+    _heading(paint, 1, "Retries of a payment are blocked")
+    print("   The agent's HTTP call timed out, so it sent the same payment three times:")
+    print("   charge_card(order_id=1042, amount=99.0)")
+    for attempt in (1, 2, 3):
+        value = pay(order_id=1042, amount=99.0)
+        shown = (paint("yellow", "BLOCKED: it already ran, the card is not charged again") if value is BLOCKED
+                 else paint("green", f"ran: charged ${value['charged']:.2f}"))
+        print(f"   attempt {attempt}  {shown}")
+    times = "once" if len(charged) == 1 else f"{len(charged)} times"
+    print(f"   -> the card was charged {times} for 3 attempts")
+
+
+def _demo_shared_lookup(demo: Guard, paint: _Paint) -> None:
+    runs: list[str] = []
+
+    def web_search(query: str) -> list[str]:
+        runs.append(query)
+        time.sleep(0.4)  # a slow, paid lookup
+        return [f"{query}: fare {n}" for n in (412, 437, 451)]
+
+    demo.policy("web_search", replay=True, ttl=300, cost=0.05)
+    search = demo.wrap_tools({"web_search": web_search})["web_search"]
+    agents = 8
+    results: list[Any] = [None] * agents
+    barrier = threading.Barrier(agents)
+
+    def agent(n: int) -> None:
+        barrier.wait()
+        with demo.as_caller(f"agent-{n + 1}"):
+            results[n] = search(query="flights PAR-NYC Dec 1")
+
+    _heading(paint, 2, "Parallel agents' identical lookups run once")
+    print(f"   {agents} agents call web_search(query=\"flights PAR-NYC Dec 1\") at the same moment;")
+    print("   its policy is replay=True, ttl=300, cost=0.05 ($ per run).")
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(agents)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    served = sum(1 for r in results if r is not None and r == results[0])
+    times = "once" if len(runs) == 1 else f"{len(runs)} times"
+    print(f"   -> web_search ran {times}, in {elapsed:.1f}s; "
+          f"{paint('green', f'{served} of {agents} agents')} got its {len(results[0] or [])} results")
+
+
+def _demo_crash(demo: Guard, path: str, workflow: str, paint: _Paint) -> None:
+    import subprocess
+    keys: list[str] = []
+
+    def send_invoice(order_id: int) -> str:
+        keys.append(current_key())
+        return f"invoice for order {order_id} sent"
+
+    demo.policy("send_invoice", lease=DEMO_LEASE)
+    invoice = demo.wrap_tools({"send_invoice": send_invoice})["send_invoice"]
+    _heading(paint, 3, "A crashed worker's call is taken over")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import ledger; "
+            "ledger._demo_doomed_worker(sys.argv[2], sys.argv[3])")
+    worker = subprocess.Popen([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), path,
+                               workflow], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        key = worker.stdout.readline().strip()
+        if not key:
+            raise LedgerError("the demo's worker process exited before it started its call")
+        print(f"   worker {worker.pid} runs send_invoice(order_id=1042), idempotency key {key[:8]}…")
+        worker.kill()
+        worker.wait()
+        print(f"   kill -9 {worker.pid}: the worker dies mid-call; its record still says RUNNING")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdin.close()
+        worker.stdout.close()
+    first = invoice(order_id=1042)
+    record = _snapshot(demo, workflow, "send_invoice")[0]
+    print(f"   retry at once      {paint('yellow', repr(first))}: the worker may be alive, its lease runs "
+          f"{max(0.0, record.lease_until - time.time()):.1f}s more")
+    while not record.stale():
+        time.sleep(max(0.02, record.lease_until - time.time()))
+        record = _snapshot(demo, workflow, "send_invoice")[0]
+    second = invoice(order_id=1042)
+    same = "the same key" if keys and keys[0] == key else "a NEW key"
+    print(f"   retry after lease  {paint('green', 'ran: ' + repr(second))}")
+    print(f"   -> taken over under {same}, {(keys or ['?'])[0][:8]}…, so the mail API can")
+    print("      drop a send that the dead worker might have made before it died")
+
+
+def _demo_doomed_worker(path: str, workflow: str) -> None:
+    """The demo's worker process: claims send_invoice, tells its key, then hangs until killed."""
+    worker = Guard(path, workflow=workflow, quiet=True)
+    worker.policy("send_invoice", lease=DEMO_LEASE)
+
+    def send_invoice(order_id: int) -> str:
+        print(current_key(), flush=True)
+        sys.stdin.read()  # the demo kills this process here; if the demo itself died, EOF ends it
+        os._exit(1)
+
+    worker.wrap_tools({"send_invoice": send_invoice})["send_invoice"](order_id=1042)
+
+
+# -- serve: the dashboard ---------------------------------------------------------
+
+def _cmd_serve(args: Any) -> int:
+    from http.server import ThreadingHTTPServer
+    with _opened(args) as guard:
+        board = _Dashboard(guard, args.wf)
+        try:
+            server = ThreadingHTTPServer((args.host, args.port), _dashboard_handler(board))
+        except OSError as e:
+            raise LedgerError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
+                              f"pick another --port") from None
+        server.daemon_threads = True
+        port = server.server_address[1]
+        board.allow_hosts(args.host, port)
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"ledger dashboard: http://{shown}:{port}/  ({guard.store.url}; Ctrl-C to stop)", flush=True)
+        if board.hosts is None:
+            print(f"ledger: the dashboard shows tool arguments and results to anyone who can reach "
+                  f"{args.host}:{port}", file=sys.stderr)
+        try:
+            server.serve_forever(poll_interval=0.25)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    return EXIT_OK
+
+
+class _Dashboard:
+    """What the page polls: records, totals, per-tool savings, and executed/blocked over time.
+
+    Read-only: it only ever lists records. The time series is sampled from the totals
+    (at most once a second while a page polls), since records keep counts, not events.
+    """
+
+    def __init__(self, guard: Guard, workflow: str | None):
+        import collections
+        self.guard, self.workflow = guard, workflow
+        self.started = time.time()
+        self.samples: collections.deque = collections.deque(maxlen=2400)
+        self.lock = threading.Lock()
+        self.hosts: set[str] | None = None
+        self.page, self.csp = _dashboard_page()
+
+    def allow_hosts(self, host: str, port: int) -> None:
+        """On a loopback address, answer only requests addressed to it: a web page elsewhere
+        that rebinds its own name to 127.0.0.1 then cannot read the ledger."""
+        import ipaddress
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            names = ("127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host)
+            self.hosts = {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())
+
+    def state(self) -> dict[str, Any]:
+        records = _snapshot(self.guard, self.workflow)
+        now = time.time()
+        totals = _totals(records, now)
+        with self.lock:
+            point = (round(now, 3), totals["executed"], totals["blocked"])
+            if not self.samples or now - self.samples[-1][0] >= 1 or self.samples[-1][1:] != point[1:]:
+                self.samples.append(point)
+            series = list(self.samples)
+        recent = sorted(records, key=lambda r: r.updated)[-DASHBOARD_ROWS:]
+        return {
+            "db": self.guard.store.url, "workflow": self.workflow, "now": now, "started": self.started,
+            "totals": totals, "series": series,
+            "tools": {tool: {**_totals(rows, now), "priced": any(r.cost is not None for r in rows)}
+                      for tool, rows in _by_tool(records).items()},
+            "records": [_record_view(r, now) for r in reversed(recent)],
+        }
+
+
+def _record_view(r: Record, now: float) -> dict[str, Any]:
+    view = {k: v for k, v in r.as_dict().items() if k not in ("owner", "sig")}
+    if r.result is not None and len(r.result) > 500:
+        view["result"] = r.result[:499] + "…"
+    view["state"] = _state(r, now)
+    return view
+
+
+def _dashboard_handler(board: _Dashboard) -> type:
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"ledger.py/{__version__}"
+
+        def version_string(self) -> str:
+            return self.server_version
+
+        def do_GET(self) -> None:
+            self.answer(body=True)
+
+        def do_HEAD(self) -> None:
+            self.answer(body=False)
+
+        def refuse(self) -> None:
+            self.send(405, "application/json", b'{"error": "the dashboard is read-only: GET only"}',
+                      {"Allow": "GET, HEAD"})
+
+        do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_TRACE = do_CONNECT = refuse
+
+        def answer(self, body: bool) -> None:
+            if board.hosts is not None and self.headers.get("Host", "") not in board.hosts:
+                return self.send(403, "text/plain", b"unknown Host header", body=body)
+            path = self.path.split("?", 1)[0]
+            if path == "/":
+                return self.send(200, "text/html; charset=utf-8", board.page, body=body)
+            if path != "/api/state":
+                return self.send(404, "text/plain", b"not found", body=body)
+            try:
+                data, code = board.state(), 200
+            except LedgerError as e:
+                data, code = {"error": _clean(e)}, 503
+            self.send(code, "application/json", json.dumps(data, ensure_ascii=False).encode(), body=body)
+
+        def send(self, code: int, kind: str, payload: bytes, headers: Mapping[str, str] = {},
+                 body: bool = True) -> None:
+            self.send_response(code)
+            for name, value in {"Content-Type": kind, "Content-Length": str(len(payload)),
+                                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                "Referrer-Policy": "no-referrer", "Content-Security-Policy": board.csp,
+                                **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a page polls every 1.5 s; a line per request would drown everything else
+
+    return Handler
+
+
+def _dashboard_page() -> tuple[bytes, str]:
+    """The page, and a Content-Security-Policy that lets only its own script and style run."""
+    def digest(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    page = _DASHBOARD_HTML.replace("/*STYLE*/", _DASHBOARD_CSS).replace("/*SCRIPT*/", _DASHBOARD_JS)
+    csp = (f"default-src 'none'; script-src {digest(_DASHBOARD_JS)}; style-src {digest(_DASHBOARD_CSS)}; "
+           f"connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page.encode(), csp
+
+
+_DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ledger.py dashboard</title>
+<link rel="icon" href="data:,">
+<style>/*STYLE*/</style>
+</head>
+<body>
+<header>
+  <h1>ledger<span>.py</span></h1>
+  <div id="db" class="db"></div>
+  <div id="live" class="live">connecting…</div>
+</header>
+<main>
+  <section id="totals" class="cards" aria-label="totals"></section>
+  <section class="panels">
+    <div class="panel">
+      <h2>Executed vs blocked <small id="since"></small></h2>
+      <svg id="chart" viewBox="0 0 640 170" role="img" aria-label="executed and blocked calls over time"></svg>
+      <div class="legend"><span class="key ran"></span>executed <span class="key blk"></span>blocked (did not run)</div>
+    </div>
+    <div class="panel">
+      <h2>Savings by tool <small id="metric"></small></h2>
+      <table id="tools" class="tools"><thead><tr><th>tool</th><th class="num">avoided</th><th class="num">money</th>
+        <th class="num">time</th><th></th></tr></thead><tbody></tbody></table>
+    </div>
+  </section>
+  <section class="filters" aria-label="filters">
+    <label>workflow <select id="f-wf"></select></label>
+    <label>tool <select id="f-tool"></select></label>
+    <label>status <select id="f-status">
+      <option value="">all states</option><option>RUNNING</option><option>STALE</option>
+      <option>SUCCESS</option><option>FAILED</option></select></label>
+    <span id="count" class="count"></span>
+  </section>
+  <table id="records" class="records">
+    <thead><tr><th>status</th><th>tool</th><th>workflow</th><th>caller</th><th class="num" title="attempts">att</th>
+      <th class="num" title="executed">ran</th><th class="num" title="blocked duplicates">blk</th>
+      <th class="num">time</th><th>updated</th><th>arguments</th><th>last error</th></tr></thead>
+    <tbody id="rows"></tbody>
+  </table>
+  <p class="foot">Read-only view, refreshed every 1.5 s. Click a row for its details.
+    <code>ledger retry ID</code> releases a stale call.</p>
+</main>
+<script>/*SCRIPT*/</script>
+</body>
+</html>
+"""
+
+_DASHBOARD_CSS = """
+:root { --bg: #f5f6f8; --card: #fff; --ink: #18202c; --mute: #677085; --line: #e3e6eb;
+  --ran: #2f6fde; --blk: #17a362; --fail: #d63a3a; --stale: #c97a06; --run: #7047d6; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", sans-serif; }
+header { display: flex; align-items: baseline; gap: 16px; padding: 12px 24px; background: #151b26; color: #f3f5f8; }
+h1 { margin: 0; font-size: 19px; letter-spacing: .01em; } h1 span { color: #8fa3c4; font-weight: 400; }
+.db { flex: 1; color: #9aa6b8; font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.live { font-size: 12px; color: #9aa6b8; white-space: nowrap; }
+.live::before { content: "●"; margin-right: 6px; color: #6b7280; }
+.live.ok::before { color: #33c27f; } .live.down { color: #ffb4b4; } .live.down::before { color: #ef4444; }
+main { max-width: 1440px; margin: 0 auto; padding: 16px 24px 28px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(118px, 1fr)); gap: 10px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 9px 12px; }
+.card .k { color: var(--mute); font-size: 11.5px; text-transform: uppercase; letter-spacing: .05em; }
+.card .v { font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.card.good .v { color: var(--blk); } .card.bad .v { color: var(--fail); } .card.warn .v { color: var(--stale); }
+.panels { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 10px; margin-top: 10px; }
+.panel { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
+h2 { margin: 0 0 6px; font-size: 13px; text-transform: uppercase; letter-spacing: .05em; color: var(--mute); }
+h2 small { text-transform: none; letter-spacing: 0; font-weight: 400; margin-left: 6px; }
+svg { width: 100%; height: auto; display: block; }
+svg .axis { stroke: #c9ced8; stroke-width: 1; } svg .grid { stroke: #eef0f3; stroke-width: 1; }
+svg .ran { fill: none; stroke: var(--ran); stroke-width: 2.2; } svg .blk { fill: none; stroke: var(--blk); stroke-width: 2.2; }
+svg text { fill: var(--mute); font-size: 11px; }
+.legend { font-size: 12px; color: var(--mute); }
+.key { display: inline-block; width: 14px; height: 3px; margin: 0 5px 3px 10px; vertical-align: middle; }
+.key.ran { background: var(--ran); } .key.blk { background: var(--blk); }
+table { width: 100%; border-collapse: collapse; }
+th { text-align: left; font-size: 11.5px; font-weight: 600; color: var(--mute); text-transform: uppercase;
+  letter-spacing: .04em; padding: 6px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+td { padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.tools td { padding: 4px 8px; } .tools td.bar { width: 40%; }
+.fill { height: 10px; border-radius: 3px; background: var(--blk); min-width: 2px; }
+.filters { display: flex; flex-wrap: wrap; align-items: center; gap: 14px; margin: 16px 0 8px; color: var(--mute); }
+select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 6px; background: #fff; color: var(--ink); }
+.count { margin-left: auto; font-size: 12px; }
+.records { background: var(--card); border: 1px solid var(--line); border-radius: 8px; }
+.records tbody tr { cursor: pointer; } .records tbody tr:hover { background: #f8fafc; }
+.mono { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+td.clip { max-width: 340px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+td.err { color: var(--fail); }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 11px; font-weight: 650; letter-spacing: .03em; }
+.badge.SUCCESS { background: #dcf5e7; color: #146c43; } .badge.FAILED { background: #fde2e2; color: #a61d1d; }
+.badge.RUNNING { background: #ebe5fc; color: #5031a8; } .badge.STALE { background: #fdf0d5; color: #8a5300; }
+tr.fresh { animation: flash 2.5s ease-out; } @keyframes flash { from { background: #fff4c2; } to { background: transparent; } }
+tr.detail { cursor: default; background: #fafbfc; } tr.detail:hover { background: #fafbfc; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 4px 0; }
+dt { color: var(--mute); } dd { margin: 0; white-space: pre-wrap; word-break: break-all; }
+.empty { text-align: center; color: var(--mute); padding: 22px; }
+.foot { color: var(--mute); font-size: 12px; margin-top: 10px; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eceff3; padding: 1px 4px; border-radius: 4px; }
+@media (max-width: 900px) { .panels { grid-template-columns: 1fr; } }
+"""
+
+# Built with textContent and createElement only: records hold untrusted text, and none of it
+# is ever parsed as HTML.
+_DASHBOARD_JS = """
+"use strict";
+const POLL_MS = 1500;
+const SVG = "http://www.w3.org/2000/svg";
+const STATES = new Set(["RUNNING", "STALE", "SUCCESS", "FAILED"]);
+const CARDS = [
+  ["attempts", "calls", (t) => t.attempts],
+  ["executed", "ran", (t) => t.executed],
+  ["blocked", "blocked", (t) => t.blocked, "good"],
+  ["duplicate_rate", "duplicate rate", (t) => Math.round(t.duplicate_rate * 100) + "%"],
+  ["saved_usd", "money saved", (t) => money(t.saved_usd), "good"],
+  ["saved_seconds", "time saved", (t) => seconds(t.saved_seconds), "good"],
+  ["failed", "failed", (t) => t.failed, "bad"],
+  ["running", "running", (t) => t.running],
+  ["stale", "stale", (t) => t.stale, "warn"],
+];
+const ui = { data: null, known: null, open: new Set(), polls: 0 };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+function shape(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+function money(x) {
+  return x >= 0.01 || x === 0 ? "$" + x.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2})
+                              : "$" + x.toPrecision(2);
+}
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  if (s < 1) return Math.round(s * 1000) + " ms";
+  if (s < 60) return s.toFixed(1) + " s";
+  if (s < 3600) return Math.floor(s / 60) + " m " + String(Math.floor(s % 60)).padStart(2, "0") + " s";
+  return Math.floor(s / 3600) + " h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + " m";
+}
+function ago(s) {
+  s = Math.max(0, s);
+  if (s < 60) return Math.round(s) + "s ago";
+  if (s < 3600) return Math.round(s / 60) + "m ago";
+  if (s < 86400) return Math.round(s / 3600) + "h ago";
+  return Math.round(s / 86400) + "d ago";
+}
+function clock(t) { return new Date(t * 1000).toLocaleTimeString([], {hour12: false}); }
+function unique(values) { return Array.from(new Set(values)).sort(); }
+
+function setOptions(select, values, allLabel) {
+  const current = select.value;
+  const wanted = [""].concat(values);
+  if (Array.from(select.options, (o) => o.value).join("\\u0000") !== wanted.join("\\u0000")) {
+    select.replaceChildren(...wanted.map((v) => new Option(v === "" ? allLabel : v, v)));
+  }
+  select.value = wanted.includes(current) ? current : "";
+}
+
+function buildCards() {
+  $("totals").replaceChildren(...CARDS.map(([key, label]) => {
+    const card = el("div", null, "card");
+    card.dataset.total = key;
+    card.append(el("div", label, "k"), el("div", "–", "v"));
+    return card;
+  }));
+}
+
+function renderTotals(totals) {
+  for (const [key, , value, tone] of CARDS) {
+    const card = document.querySelector('[data-total="' + key + '"]');
+    card.querySelector(".v").textContent = value(totals);
+    card.className = "card" + (tone && totals[key] > 0 ? " " + tone : "");
+  }
+}
+
+function renderChart(series, now, started) {
+  const chart = $("chart"), W = 640, H = 170, L = 40, R = 10, T = 10, B = 24;
+  const points = series.concat([[now, series.length ? series[series.length - 1][1] : 0,
+                                 series.length ? series[series.length - 1][2] : 0]]);
+  const t0 = points[0][0], t1 = Math.max(now, t0 + 60);
+  const top = Math.max(1, ...points.map((p) => Math.max(p[1], p[2])));
+  const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
+  const y = (v) => T + (1 - v / top) * (H - T - B);
+  const line = (i) => points.map((p, n) => (n ? x(p[0]).toFixed(1) + "," + y(points[n - 1][i]).toFixed(1) + " " : "")
+                                          + x(p[0]).toFixed(1) + "," + y(p[i]).toFixed(1)).join(" ");
+  const nodes = [];
+  for (const v of [0, top / 2, top]) {
+    nodes.push(shape("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), class: v ? "grid" : "axis"}));
+    nodes.push(shape("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, Math.round(v)));
+  }
+  nodes.push(shape("text", {x: L, y: H - 6}, clock(t0)));
+  nodes.push(shape("text", {x: W - R, y: H - 6, "text-anchor": "end"}, clock(now)));
+  nodes.push(shape("polyline", {points: line(1), class: "ran"}));
+  nodes.push(shape("polyline", {points: line(2), class: "blk"}));
+  chart.replaceChildren(...nodes);
+  $("since").textContent = "since the dashboard started, " + clock(started);
+}
+
+function renderTools(tools) {
+  const entries = Object.entries(tools);
+  const sum = (k) => entries.reduce((a, [, t]) => a + t[k], 0);
+  const [metric, label] = sum("saved_usd") > 0 ? ["saved_usd", "bars: money saved"]
+    : sum("saved_seconds") > 0 ? ["saved_seconds", "bars: time saved"] : ["blocked", "bars: runs avoided"];
+  const top = Math.max(...entries.map(([, t]) => t[metric]), 0) || 1;
+  entries.sort((a, b) => b[1][metric] - a[1][metric] || b[1].blocked - a[1].blocked || (a[0] < b[0] ? -1 : 1));
+  $("metric").textContent = label;
+  const rows = entries.map(([tool, t]) => {
+    const tr = el("tr");
+    const fill = el("div", null, "fill");
+    fill.style.width = (100 * t[metric] / top).toFixed(1) + "%";
+    const bar = el("td", null, "bar");
+    bar.append(fill);
+    tr.append(el("td", tool, "mono"), el("td", t.blocked, "num"), el("td", t.priced ? money(t.saved_usd) : "–", "num"),
+              el("td", seconds(t.saved_seconds), "num"), bar);
+    return tr;
+  });
+  if (!rows.length) {
+    const td = el("td", "nothing recorded yet", "empty");
+    td.colSpan = 5;
+    rows.push(el("tr"));
+    rows[0].append(td);
+  }
+  document.querySelector("#tools tbody").replaceChildren(...rows);
+}
+
+function detailRow(r) {
+  const tr = el("tr", null, "detail");
+  const td = el("td");
+  td.colSpan = 11;
+  const dl = el("dl", null, "mono");
+  const fields = [["id", r.id], ["idempotency key", r.run_key], ["epoch", r.epoch], ["successful runs", r.runs],
+    ["created", new Date(r.created * 1000).toLocaleString()], ["arguments", r.args], ["result", r.result],
+    ["not stored", r.unstored], ["error", r.error], ["cost per run", r.cost === null ? null : money(r.cost)]];
+  for (const [name, value] of fields) {
+    if (value === null || value === undefined) continue;
+    dl.append(el("dt", name), el("dd", value));
+  }
+  td.append(dl);
+  tr.append(td);
+  return tr;
+}
+
+function renderRows(records, now) {
+  const wf = $("f-wf").value, tool = $("f-tool").value, status = $("f-status").value;
+  const shown = records.filter((r) => (!wf || r.workflow === wf) && (!tool || r.tool === tool)
+                                      && (!status || r.state === status));
+  const rows = [];
+  for (const r of shown) {
+    const tr = el("tr");
+    tr.dataset.id = r.id;
+    if (ui.known && !ui.known.has(r.id)) tr.classList.add("fresh");
+    const badge = el("span", r.state, "badge");
+    if (STATES.has(r.state)) badge.classList.add(r.state);
+    if (r.state === "STALE") badge.title = "RUNNING, but its lease ran out: its worker died or stalled";
+    const status = el("td");
+    status.append(badge);
+    const updated = el("td", ago(now - r.updated));
+    updated.title = new Date(r.updated * 1000).toLocaleString();
+    tr.append(status, el("td", r.tool, "mono"), el("td", r.workflow), el("td", r.caller || "–"),
+              el("td", r.attempts, "num"), el("td", r.executed, "num"), el("td", r.blocked, "num"),
+              el("td", seconds(r.duration), "num"), updated, el("td", r.args, "mono clip"),
+              el("td", r.error, "mono clip err"));
+    tr.addEventListener("click", () => {
+      if (ui.open.has(r.id)) ui.open.delete(r.id); else ui.open.add(r.id);
+      render();
+    });
+    rows.push(tr);
+    if (ui.open.has(r.id)) rows.push(detailRow(r));
+  }
+  if (!rows.length) {
+    const td = el("td", records.length ? "no call matches these filters" : "no calls recorded yet", "empty");
+    td.colSpan = 11;
+    rows.push(el("tr"));
+    rows[0].append(td);
+  }
+  $("rows").replaceChildren(...rows);
+  const total = ui.data.totals.actions;
+  $("count").textContent = shown.length + " of " + total + " calls"
+    + (records.length < total ? " (the table holds the " + records.length + " most recent)" : "");
+}
+
+function render() {
+  const d = ui.data;
+  if (!d) return;
+  $("db").textContent = d.db + (d.workflow ? "  ·  workflow " + d.workflow : "");
+  renderTotals(d.totals);
+  renderChart(d.series, d.now, d.started);
+  renderTools(d.tools);
+  setOptions($("f-wf"), unique(d.records.map((r) => r.workflow)), "all workflows");
+  setOptions($("f-tool"), unique(d.records.map((r) => r.tool)), "all tools");
+  renderRows(d.records, d.now);
+}
+
+function setLive(ok, text) {
+  $("live").className = "live " + (ok ? "ok" : "down");
+  $("live").textContent = text;
+}
+
+async function poll() {
+  try {
+    const response = await fetch("api/state", {cache: "no-store"});
+    const data = await response.json();
+    if (!response.ok) throw new Error(data.error || response.statusText);
+    ui.data = data;
+    render();
+    ui.known = new Set(data.records.map((r) => r.id));
+    setLive(true, "live · " + clock(data.now));
+    document.body.dataset.polls = String(++ui.polls);
+  } catch (error) {
+    setLive(false, "cannot read the ledger: " + error.message);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+buildCards();
+for (const id of ["f-wf", "f-tool", "f-status"]) $(id).addEventListener("change", render);
+poll();
+"""
 
 
 if __name__ == "__main__":
