@@ -9,6 +9,7 @@ LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
@@ -1141,6 +1142,21 @@ def test_ledger_db_environment_variable_chooses_the_default_store(tmp_path, monk
     assert (tmp_path / "env.db").exists()
 
 
+def test_sqlite_without_create_refuses_a_missing_file_and_makes_none(tmp_path):
+    with pytest.raises(ledger.StoreError, match="no ledger database at"):
+        ledger.open_store(str(tmp_path / "missing.db"), create=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_without_create_leaves_a_file_that_is_no_ledger_as_it_was(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(ledger.StoreError, match="not a ledger database"):
+        SQLiteStore(path, create=False)
+    assert path.read_bytes() == before
+
 # ---------------------------------------------------------------------------
 # Public Guard: wrapping, policies, operating, output.
 # ---------------------------------------------------------------------------
@@ -1853,3 +1869,507 @@ def test_safe_bash_lines_of_the_readme_run():
         done = subprocess.run(command.split(), cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)},
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{command}: {done.stderr}"
+
+
+# ---------------------------------------------------------------------------
+# Command line and dashboard: every subcommand, its exit codes and output, and
+# the dashboard in a real headless Chromium.
+# ---------------------------------------------------------------------------
+
+XSS = "<img src=x onerror=alert(1)>"
+LEDGER_PY = str(HERE / "ledger.py")
+
+
+@pytest.fixture(autouse=True)
+def _eighty_columns(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+
+@pytest.fixture
+def ledger_db(tmp_path):
+    """A ledger of six calls in two workflows: blocked and replayed duplicates, one failure
+    (whose message is markup), one stale call, and an argument that looks like an XSS attack."""
+    path = tmp_path / "ledger.db"
+    g = Guard(str(path), quiet=True)
+
+    def lookup(q):
+        return {"q": q}
+
+    def flaky(x):
+        raise ValueError("<svg onload=alert(2)> upstream said no")
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    tools = g.wrap_tools({"charge_card": charge, "crm.lookup": lookup, "flaky_api": flaky,
+                          "nightly_job": interrupted})
+    g.policy("crm.lookup", replay=True, cost=0.25)
+    g.policy("nightly_job", lease=0.05, recover="block")
+    with g.workflow("order-7"):
+        tools["charge_card"](7, 9.5)
+        tools["charge_card"](7, 9.5)
+        tools["crm.lookup"](q=XSS)
+        tools["crm.lookup"](q=XSS)
+        with pytest.raises(ValueError):
+            tools["flaky_api"](x=1)
+    with g.workflow("triage").as_caller("agent-2"):
+        for _ in range(3):
+            tools["crm.lookup"](q="acme corp")
+    with pytest.raises(KeyboardInterrupt):  # interrupted under recover="block": RUNNING until its lease runs out
+        tools["nightly_job"](job=1)
+    g.close()
+    time.sleep(0.06)
+    return path
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the command in this process: (exit code, stdout, stderr)."""
+    code = ledger.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(*argv: str, env: dict | None = None, cwd=None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `python ledger.py ...` as a user would, with no terminal."""
+    return subprocess.run([sys.executable, LEDGER_PY, *map(str, argv)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def run_in_terminal(*argv: str, typed: bytes = b"", env: dict | None = None, timeout: float = 20) -> tuple[int, str]:
+    """Run `python ledger.py ...` on a pseudo-terminal: (exit code, what the terminal showed)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, *map(str, argv)], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm", **(env or {})})
+    os.close(slave)
+    os.write(master, typed)
+    shown, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None and not select.select([master], [], [], 0.05)[0]:
+            break
+    os.close(master)
+    return proc.wait(timeout=5), shown.decode(errors="replace")
+
+
+class Lines:
+    """The lines a child process prints, read in the background so a test can wait with a timeout."""
+
+    def __init__(self, stream):
+        import queue
+        self.queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def until(self, text: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"the process exited before printing {text!r}"
+            if text in line:
+                return line
+
+
+@contextlib.contextmanager
+def serving(db, *options: str):
+    """`ledger serve` on a free port; yields its URL and stops it with Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, "serve", "--db", str(db), "--port", "0", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = Lines(proc.stdout).until("http://")
+        yield line.split()[2]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "Traceback" not in proc.stderr.read()
+        proc.stderr.close()
+
+
+def http(method: str, url: str, headers: dict | None = None):
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def records_of(path) -> list[dict]:
+    return [r.as_dict() for r in SQLiteStore(path, create=False).records()]
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["retry"], ["export", "--format", "xml"], ["serve", "--port", "x"],
+                                  ["serve", "--port", "70000"], ["show", "--limit", "0"], ["show", "--status", "done"],
+                                  ["tail", "--interval", "0"], ["stats", "--nope"]],
+                         ids=lambda argv: " ".join(argv) or "nothing")
+def test_usage_errors_exit_2_with_argparse_usage(capsys, argv):
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and out == "" and "usage: ledger" in err
+
+
+def test_help_lists_every_command_and_exits_0(capsys):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    for command in ("demo", "show", "tail", "stats", "savings", "clear", "retry", "export", "check", "serve"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv", [["show"], ["tail"], ["stats"], ["savings"], ["clear", "--yes"], ["retry", "abcd"],
+                                  ["export"], ["check"], ["serve", "--port", "0"]], ids=lambda argv: argv[0])
+def test_commands_refuse_a_missing_database_and_create_none(capsys, tmp_path, argv):
+    missing = tmp_path / "nope.db"
+    code, out, err = cli(capsys, *argv, "--db", missing)
+    assert (code, out, err) == (2, "", f"ledger: no ledger database at {missing}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_db_defaults_to_the_ledger_db_environment_variable(ledger_db, capsys, monkeypatch):
+    monkeypatch.setenv("LEDGER_DB", str(ledger_db))
+    code, out, _ = cli(capsys, "show", "--json")
+    assert code == 0 and len(json.loads(out)) == 6
+
+
+def test_db_may_come_before_the_command(ledger_db, capsys):
+    code, out, _ = cli(capsys, "--db", ledger_db, "show", "--json")
+    assert code == 0 and len(json.loads(out)) == 6
+
+
+def test_a_corrupt_database_is_one_line_on_stderr_and_exit_2(tmp_path):
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"this is not a database" * 100)
+    result = run_cli("show", "--db", path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "not a database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sqlite_file_that_is_no_ledger_is_refused_and_left_as_it_was(tmp_path, capsys):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    before = path.read_bytes()
+    code, _, err = cli(capsys, "stats", "--db", path)
+    assert code == 2 and "is not a ledger database" in err and path.read_bytes() == before
+
+
+def test_show_lists_every_call_within_80_columns(ledger_db, capsys):
+    code, out, _ = cli(capsys, "show", "--db", ledger_db)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1 + 6
+    assert lines[0].split()[:3] == ["ID", "STATUS", "TOOL"]
+    assert max(map(len, lines)) <= 80
+    states = sorted(line.split()[1] for line in lines[1:])
+    assert states == ["FAILED", "STALE", "SUCCESS", "SUCCESS", "SUCCESS", "SUCCESS"]
+    assert "agent-2" in out and "\x1b" not in out
+
+
+def test_show_filters_by_workflow_tool_status_and_limit(ledger_db, capsys):
+    def ids(*options):
+        code, out, _ = cli(capsys, "show", "--db", ledger_db, "--json", *options)
+        assert code == 0
+        return [r["tool"] for r in json.loads(out)]
+    assert ids("--wf", "triage") == ["crm.lookup"]
+    assert ids("--tool", "crm.lookup") == ["crm.lookup", "crm.lookup"]
+    assert ids("--status", "stale") == ["nightly_job"]
+    assert ids("--status", "FAILED") == ["flaky_api"]
+    assert ids("--limit", "2") == ["crm.lookup", "nightly_job"]
+
+
+def test_show_json_has_every_field_and_the_state(ledger_db, capsys):
+    code, out, _ = cli(capsys, "show", "--db", ledger_db, "--json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 6
+    assert set(rows[0]) == set(ledger.RECORD_FIELDS) | {"state"}
+    assert {r["tool"]: r["state"] for r in rows}["nightly_job"] == "STALE"
+
+
+def test_untrusted_text_sends_no_control_characters_to_the_terminal(tmp_path, capsys):
+    g = Guard(str(tmp_path / "ledger.db"), quiet=True)
+
+    def evil(x):
+        raise RuntimeError("\x1b]0;owned\x07\x1b[2J")
+
+    with pytest.raises(RuntimeError):
+        g.wrap_tools({"evil\x1b[31m": evil})["evil\x1b[31m"](x="\x1b[5m")
+    g.close()
+    for command in ("show", "stats", "savings"):
+        code, out, _ = cli(capsys, command, "--db", tmp_path / "ledger.db")
+        assert code == 0 and "\x1b" not in out and "\x07" not in out
+
+
+def test_stats_are_guard_stats_with_a_duplicate_rate_bar(ledger_db, capsys):
+    code, out, _ = cli(capsys, "stats", "--db", ledger_db, "--json")
+    expected = Guard(str(ledger_db), quiet=True).stats()
+    assert code == 0 and json.loads(out) == expected
+    assert (expected["attempts"], expected["blocked"], expected["stale"]) == (9, 4, 1)
+    code, out, _ = cli(capsys, "stats", "--db", ledger_db)
+    assert code == 0 and "44%" in out and "█" in out and "$0.75" in out
+    assert max(map(len, out.splitlines())) <= 80
+
+
+def test_stats_of_one_workflow(ledger_db, capsys):
+    code, out, _ = cli(capsys, "stats", "--db", ledger_db, "--wf", "triage", "--json")
+    assert code == 0 and (json.loads(out)["attempts"], json.loads(out)["blocked"]) == (3, 2)
+
+
+def test_savings_per_tool_money_from_cost_and_time_from_durations(ledger_db, capsys):
+    code, out, _ = cli(capsys, "savings", "--db", ledger_db, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["totals"]["saved_usd"] == 0.75
+    assert report["tools"]["crm.lookup"]["blocked"] == 3 and report["tools"]["charge_card"]["saved_usd"] == 0
+    durations = {r["tool"]: r["duration"] for r in records_of(ledger_db) if r["workflow"] == "order-7"}
+    assert report["tools"]["charge_card"]["saved_seconds"] == pytest.approx(durations["charge_card"])
+    code, out, _ = cli(capsys, "savings", "--db", ledger_db)
+    lines = out.splitlines()
+    bars = [line for line in lines if line.startswith("crm.lookup")]
+    assert code == 0 and "4 of 9 calls" in lines[0] and "$0.75" in lines[1]
+    assert bars and bars[0].endswith("█") and max(map(len, lines)) <= 80
+
+
+def test_clear_refuses_on_a_non_interactive_stdin_without_yes(ledger_db):
+    result = run_cli("clear", "--db", ledger_db)
+    assert result.returncode == 2 and "--yes" in result.stderr and result.stdout == ""
+    assert len(records_of(ledger_db)) == 6
+
+
+def test_clear_asks_on_a_terminal_and_keeps_everything_unless_told_yes(ledger_db):
+    code, shown = run_in_terminal("clear", "--db", ledger_db, typed=b"n\n")
+    assert code == 1 and "Delete 6 records" in shown and len(records_of(ledger_db)) == 6
+    code, shown = run_in_terminal("clear", "--db", ledger_db, "--wf", "triage", typed=b"y\n")
+    assert code == 0 and "deleted 1 records" in shown and len(records_of(ledger_db)) == 5
+
+
+def test_clear_yes_deletes_only_the_workflow_given(ledger_db, capsys):
+    code, out, _ = cli(capsys, "clear", "--db", ledger_db, "--wf", "order-7", "--yes")
+    assert code == 0 and "deleted 3 records" in out
+    assert sorted(r["workflow"] for r in records_of(ledger_db)) == ["default", "triage"]
+
+
+def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, capsys):
+    stale = next(r for r in records_of(ledger_db) if r["tool"] == "nightly_job")
+    code, out, _ = cli(capsys, "retry", "--db", ledger_db, stale["id"][:8])
+    assert code == 0 and "released" in out and "was STALE" in out
+    g = Guard(str(ledger_db), quiet=True)
+    runs = []
+    g.policy("nightly_job", recover="block")
+    g.wrap_tools({"nightly_job": lambda job: runs.append(job)})["nightly_job"](job=1)
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("wanted, error", [("ffffffff", "no record"), ("ab", "at least 4"), ("", "at least 4")])
+def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, capsys, wanted, error):
+    code, _, err = cli(capsys, "retry", "--db", ledger_db, wanted)
+    assert code == 2 and error in err
+
+
+def test_export_jsonl_round_trips_every_record(ledger_db, capsys, tmp_path):
+    code, out, _ = cli(capsys, "export", "--db", ledger_db)
+    assert code == 0 and [json.loads(line) for line in out.splitlines()] == records_of(ledger_db)
+
+
+def test_export_csv_round_trips_every_record(ledger_db, capsys, tmp_path):
+    import csv
+    target = tmp_path / "ledger.csv"
+    code, out, err = cli(capsys, "export", "--db", ledger_db, "--format", "csv", "-o", target)
+    assert code == 0 and out == "" and "wrote 6 records" in err
+    kinds = {f.name: f.type for f in dataclasses.fields(Record)}
+
+    def typed(field, text):
+        if text == "":
+            return None
+        return int(text) if "int" in kinds[field] else float(text) if "float" in kinds[field] else text
+    with open(target, newline="", encoding="utf-8") as f:
+        rows = [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert rows == records_of(ledger_db)
+
+
+def test_check_passes_and_touches_no_existing_record(ledger_db, capsys):
+    before = records_of(ledger_db)
+    code, out, _ = cli(capsys, "check", "--db", ledger_db)
+    assert code == 0 and out.startswith("ok ")
+    assert records_of(ledger_db) == before
+
+
+def test_check_fails_with_exit_1_on_a_database_that_breaks_the_contract(ledger_db, capsys):
+    with sqlite3.connect(ledger_db) as conn:  # a defect: inserted records come back changed
+        conn.execute("CREATE TRIGGER broken AFTER INSERT ON records WHEN NEW.workflow LIKE 'ledger-check-%' "
+                     "BEGIN UPDATE records SET caller = 'mangled' WHERE id = NEW.id; END")
+    code, out, _ = cli(capsys, "check", "--db", ledger_db, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["ok"] is False and "unchanged" in report["failure"]
+    assert len(records_of(ledger_db)) == 6
+
+
+def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
+    code, shown = run_in_terminal("stats", "--db", ledger_db)
+    assert code == 0 and "\x1b[" in shown
+    code, shown = run_in_terminal("stats", "--db", ledger_db, env={"NO_COLOR": "1"})
+    assert code == 0 and "\x1b[" not in shown and "duplicates" in shown
+    piped = run_cli("stats", "--db", ledger_db)
+    assert piped.returncode == 0 and "\x1b[" not in piped.stdout
+
+
+def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(ledger_db), "--last", "2",
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = Lines(proc.stdout)
+        assert "stale" in lines.until("nightly_job")
+        g = Guard(str(ledger_db), quiet=True)
+        g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=41)
+        line = lines.until("fresh_tool")
+        assert " ran " in line and '{"n":41}' in line
+        g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=41)
+        g.close()  # writes the blocked count
+        assert "+1 duplicate" in lines.until("blocked")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+    assert code == 0 and "Traceback" not in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_path):
+    began = time.perf_counter()
+    result = run_cli("demo", cwd=tmp_path)
+    took = time.perf_counter() - began
+    out = result.stdout
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert took < 10
+    assert "the card was charged once for 3 attempts" in out
+    assert "web_search ran once" in out and "8 of 8 agents" in out
+    assert "kill -9" in out and "retry at once      BLOCKED" in out and "taken over under the same key" in out
+    assert "Savings: 10 of 13 calls were duplicates" in out and "saved $0.35" in out
+    assert max(map(len, out.splitlines())) <= 80
+    assert list(tmp_path.iterdir()) == []  # its database was temporary
+
+
+def test_demo_keeps_its_ledger_with_db(tmp_path):
+    result = run_cli("demo", "--db", tmp_path / "demo.db")
+    assert result.returncode == 0, result.stderr
+    by_tool = {r["tool"]: r for r in records_of(tmp_path / "demo.db")}
+    assert {t: (r["executed"], r["blocked"]) for t, r in by_tool.items()} == \
+        {"charge_card": (1, 2), "web_search": (1, 7), "send_invoice": (2, 1)}
+    assert by_tool["send_invoice"]["epoch"] == 2 and by_tool["send_invoice"]["status"] == "SUCCESS"
+
+
+def test_serve_listens_on_loopback_and_serves_one_self_contained_page(ledger_db):
+    with serving(ledger_db) as url:
+        assert url.startswith("http://127.0.0.1:")
+        status, headers, body = http("GET", url)
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "<script>" in page and "<style>" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing from a CDN
+    assert "script-src 'sha256-" in headers["Content-Security-Policy"]
+
+
+def test_dashboard_state_holds_every_record_and_the_totals(ledger_db):
+    with serving(ledger_db) as url:
+        status, headers, body = http("GET", url + "api/state")
+    state = json.loads(body)
+    stats = Guard(str(ledger_db), quiet=True).stats()
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert len(state["records"]) == 6 and {k: state["totals"][k] for k in ("attempts", "blocked", "saved_usd")} == \
+        {k: stats[k] for k in ("attempts", "blocked", "saved_usd")}
+    assert state["tools"]["crm.lookup"]["saved_usd"] == 0.75 and state["series"][-1][1:] == [5, 4]
+    assert "sig" not in state["records"][0] and "owner" not in state["records"][0]
+
+
+def test_dashboard_of_one_workflow(ledger_db):
+    with serving(ledger_db, "--wf", "triage") as url:
+        state = json.loads(http("GET", url + "api/state")[2])
+    assert [r["workflow"] for r in state["records"]] == ["triage"]
+
+
+def test_dashboard_is_read_only(ledger_db):
+    before = records_of(ledger_db)
+    with serving(ledger_db) as url:
+        for method in ("POST", "PUT", "PATCH", "DELETE"):
+            for path in ("", "api/state"):
+                status, headers, _ = http(method, url + path)
+                assert (status, headers.get("Allow")) == (405, "GET, HEAD")
+        assert http("GET", url + "api/clear")[0] == 404
+    assert records_of(ledger_db) == before
+
+
+def test_dashboard_answers_only_requests_addressed_to_it(ledger_db):
+    with serving(ledger_db) as url:
+        assert http("GET", url + "api/state", {"Host": "attacker.example"})[0] == 403
+        assert http("GET", url.replace("127.0.0.1", "localhost") + "api/state")[0] == 200
+
+
+def test_dashboard_in_a_real_browser(ledger_db):
+    import importlib.util
+    import shutil
+    chromium = os.environ.get("LEDGER_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    need("Chromium", os.path.exists(chromium), "apt-get install chromium (or set LEDGER_TEST_CHROMIUM)")
+    need("playwright", importlib.util.find_spec("playwright") is not None, "pip install -e '.[browser]'")
+    from playwright.sync_api import expect, sync_playwright
+    with serving(ledger_db) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            dialogs, errors = [], []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.goto(url)
+            page.wait_for_function("Number(document.body.dataset.polls) >= 1")
+            rows = page.locator("#rows tr[data-id]")
+            expect(rows).to_have_count(6)
+            expect(page.locator('[data-total="attempts"] .v')).to_have_text("9")
+            expect(page.locator('[data-total="blocked"] .v')).to_have_text("4")
+            expect(page.locator('[data-total="saved_usd"] .v')).to_have_text("$0.75")
+            expect(page.locator('[data-total="stale"] .v')).to_have_text("1")
+
+            # Untrusted text is shown as text: no element made of it, no script run.
+            expect(rows.filter(has_text=XSS)).to_have_count(1)
+            expect(rows.filter(has_text="<svg onload=alert(2)>")).to_have_count(1)
+            assert page.locator("#rows img, #rows svg").count() == 0
+            rows.filter(has_text=XSS).click()
+            expect(page.locator("tr.detail dd").filter(has_text=XSS)).to_have_count(1)
+
+            page.select_option("#f-status", "FAILED")
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_contain_text("flaky_api")
+            page.select_option("#f-status", "STALE")
+            expect(rows).to_have_count(1)
+            expect(rows.first).to_contain_text("nightly_job")
+            page.select_option("#f-status", "")
+            page.select_option("#f-wf", "triage")
+            expect(rows).to_have_count(1)
+            page.select_option("#f-wf", "")
+            page.select_option("#f-tool", "crm.lookup")
+            expect(rows).to_have_count(2)
+            page.select_option("#f-tool", "")
+
+            g = Guard(str(ledger_db), quiet=True)
+            g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=1)
+            g.close()
+            expect(rows).to_have_count(7, timeout=5000)  # the next poll brings it
+            expect(rows.first).to_contain_text("fresh_tool")
+            expect(page.locator('[data-total="executed"] .v')).to_have_text("6")
+
+            (HERE / "artifacts").mkdir(exist_ok=True)
+            page.screenshot(path=str(HERE / "artifacts" / "dashboard-test.png"), full_page=True)
+            assert (dialogs, errors) == ([], [])
+        finally:
+            browser.close()
