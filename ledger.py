@@ -2631,7 +2631,8 @@ def _cmd_demo(args: Any) -> int:
         workflow = time.strftime("demo-%Y%m%d-%H%M%S")
         demo = Guard(path, workflow=workflow, quiet=True)
         try:
-            print(f"{paint('bold', 'ledger.py demo')}: three things an agent's tools need, on {path}")
+            where = f"the ledger {path}" if getattr(args, "db", None) else "a temporary ledger"
+            print(f"{paint('bold', 'ledger.py demo')}: three things an agent's tools need, on {where}")
             _demo_payment(demo, paint)
             _demo_shared_lookup(demo, paint)
             _demo_crash(demo, path, workflow, paint)
@@ -2774,13 +2775,13 @@ def _cmd_serve(args: Any) -> int:
         port = server.server_address[1]
         board.allow_hosts(args.host, port)
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"ledger dashboard: http://{shown}:{port}/  ({guard.store.url}; Ctrl-C to stop)", flush=True)
-        if board.hosts is None:
-            print(f"ledger: the dashboard shows tool arguments and results to anyone who can reach "
-                  f"{args.host}:{port}", file=sys.stderr)
         try:
+            print(f"ledger dashboard: http://{shown}:{port}/  ({guard.store.url}; Ctrl-C to stop)", flush=True)
+            if board.hosts is None:
+                print(f"ledger: the dashboard shows tool arguments and results to anyone who can reach "
+                      f"{args.host}:{port}", file=sys.stderr)
             server.serve_forever(poll_interval=0.25)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C is how it stops
             pass
         finally:
             server.server_close()
@@ -2797,7 +2798,6 @@ class _Dashboard:
     def __init__(self, guard: Guard, workflow: str | None):
         import collections
         self.guard, self.workflow = guard, workflow
-        self.started = time.time()
         self.samples: collections.deque = collections.deque(maxlen=2400)
         self.lock = threading.Lock()
         self.hosts: set[str] | None = None
@@ -2826,7 +2826,7 @@ class _Dashboard:
             series = list(self.samples)
         recent = sorted(records, key=lambda r: r.updated)[-DASHBOARD_ROWS:]
         return {
-            "db": self.guard.store.url, "workflow": self.workflow, "now": now, "started": self.started,
+            "db": self.guard.store.url, "workflow": self.workflow, "now": now,
             "totals": totals, "series": series,
             "tools": {tool: {**_totals(rows, now), "priced": any(r.cost is not None for r in rows)}
                       for tool, rows in _by_tool(records).items()},
@@ -2990,7 +2990,7 @@ svg text { fill: var(--mute); font-size: 11px; }
 table { width: 100%; border-collapse: collapse; }
 th { text-align: left; font-size: 11.5px; font-weight: 600; color: var(--mute); text-transform: uppercase;
   letter-spacing: .04em; padding: 6px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-td { padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+td { padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
 .num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .tools td { padding: 4px 8px; } .tools td.bar { width: 40%; }
 .fill { height: 10px; border-radius: 3px; background: var(--blk); min-width: 2px; }
@@ -3000,8 +3000,8 @@ select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-
 .records { background: var(--card); border: 1px solid var(--line); border-radius: 8px; }
 .records tbody tr { cursor: pointer; } .records tbody tr:hover { background: #f8fafc; }
 .mono { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-td.clip { max-width: 340px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-td.err { color: var(--fail); }
+td.clip { max-width: 0; width: 32%; overflow: hidden; text-overflow: ellipsis; }
+td.err { width: 20%; color: var(--fail); }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 11px; font-weight: 650; letter-spacing: .03em; }
 .badge.SUCCESS { background: #dcf5e7; color: #146c43; } .badge.FAILED { background: #fde2e2; color: #a61d1d; }
 .badge.RUNNING { background: #ebe5fc; color: #5031a8; } .badge.STALE { background: #fdf0d5; color: #8a5300; }
@@ -3009,6 +3009,7 @@ tr.fresh { animation: flash 2.5s ease-out; } @keyframes flash { from { backgroun
 tr.detail { cursor: default; background: #fafbfc; } tr.detail:hover { background: #fafbfc; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 4px 0; }
 dt { color: var(--mute); } dd { margin: 0; white-space: pre-wrap; word-break: break-all; }
+tr.detail td { white-space: normal; }
 .empty { text-align: center; color: var(--mute); padding: 22px; }
 .foot { color: var(--mute); font-size: 12px; margin-top: 10px; }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eceff3; padding: 1px 4px; border-radius: 4px; }
@@ -3095,11 +3096,11 @@ function renderTotals(totals) {
   }
 }
 
-function renderChart(series, now, started) {
+function renderChart(series, now) {
   const chart = $("chart"), W = 640, H = 170, L = 40, R = 10, T = 10, B = 24;
   const points = series.concat([[now, series.length ? series[series.length - 1][1] : 0,
                                  series.length ? series[series.length - 1][2] : 0]]);
-  const t0 = points[0][0], t1 = Math.max(now, t0 + 60);
+  const t0 = points[0][0], t1 = Math.max(now, t0 + 5);
   const top = Math.max(1, ...points.map((p) => Math.max(p[1], p[2])));
   const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
@@ -3115,7 +3116,7 @@ function renderChart(series, now, started) {
   nodes.push(shape("polyline", {points: line(1), class: "ran"}));
   nodes.push(shape("polyline", {points: line(2), class: "blk"}));
   chart.replaceChildren(...nodes);
-  $("since").textContent = "since the dashboard started, " + clock(started);
+  $("since").textContent = "since " + clock(t0) + ", when this dashboard first looked";
 }
 
 function renderTools(tools) {
@@ -3128,10 +3129,12 @@ function renderTools(tools) {
   $("metric").textContent = label;
   const rows = entries.map(([tool, t]) => {
     const tr = el("tr");
-    const fill = el("div", null, "fill");
-    fill.style.width = (100 * t[metric] / top).toFixed(1) + "%";
     const bar = el("td", null, "bar");
-    bar.append(fill);
+    if (t[metric] > 0) {
+      const fill = el("div", null, "fill");
+      fill.style.width = (100 * t[metric] / top).toFixed(1) + "%";
+      bar.append(fill);
+    }
     tr.append(el("td", tool, "mono"), el("td", t.blocked, "num"), el("td", t.priced ? money(t.saved_usd) : "–", "num"),
               el("td", seconds(t.saved_seconds), "num"), bar);
     return tr;
@@ -3206,7 +3209,7 @@ function render() {
   if (!d) return;
   $("db").textContent = d.db + (d.workflow ? "  ·  workflow " + d.workflow : "");
   renderTotals(d.totals);
-  renderChart(d.series, d.now, d.started);
+  renderChart(d.series, d.now);
   renderTools(d.tools);
   setOptions($("f-wf"), unique(d.records.map((r) => r.workflow)), "all workflows");
   setOptions($("f-tool"), unique(d.records.map((r) => r.tool)), "all tools");
