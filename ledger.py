@@ -2628,7 +2628,7 @@ def _cmd_demo(args: Any) -> int:
     paint = _Paint(sys.stdout)
     with tempfile.TemporaryDirectory(prefix="ledger-demo-") as folder:
         path = getattr(args, "db", None) or os.path.join(folder, "demo.db")
-        workflow = time.strftime("demo-%Y%m%d-%H%M%S")
+        workflow = time.strftime("demo-%H%M%S")
         demo = Guard(path, workflow=workflow, quiet=True)
         try:
             where = f"the ledger {path}" if getattr(args, "db", None) else "a temporary ledger"
