@@ -1880,12 +1880,6 @@ XSS = "<img src=x onerror=alert(1)>"
 LEDGER_PY = str(HERE / "ledger.py")
 
 
-@pytest.fixture(autouse=True)
-def _eighty_columns(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.delenv("NO_COLOR", raising=False)
-
-
 @pytest.fixture
 def ledger_db(tmp_path):
     """A ledger of five calls in three workflows: blocked and replayed duplicates, one failure
@@ -1923,17 +1917,28 @@ def ledger_db(tmp_path):
     return path
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run the command in this process: (exit code, stdout, stderr)."""
-    code = ledger.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Runs the command in this process, on an 80-column terminal: (exit code, stdout, stderr)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = ledger.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def quiet_environ() -> dict:
+    """This environment on an 80-column terminal, without NO_COLOR."""
+    return {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "COLUMNS": "80"}
 
 
 def run_cli(*argv: str, env: dict | None = None, cwd=None, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run `python ledger.py ...` as a user would, with no terminal."""
     return subprocess.run([sys.executable, LEDGER_PY, *map(str, argv)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+                          stdin=subprocess.DEVNULL, env={**quiet_environ(), **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def run_in_terminal(*argv: str, typed: bytes = b"", env: dict | None = None, timeout: float = 20) -> tuple[int, str]:
@@ -1942,7 +1947,7 @@ def run_in_terminal(*argv: str, typed: bytes = b"", env: dict | None = None, tim
     import select
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, LEDGER_PY, *map(str, argv)], stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, "TERM": "xterm", **(env or {})})
+                            env={**quiet_environ(), "TERM": "xterm", **(env or {})})
     os.close(slave)
     os.write(master, typed)
     shown, deadline = b"", time.monotonic() + timeout
@@ -2017,13 +2022,13 @@ def records_of(path) -> list[dict]:
                                   ["serve", "--port", "70000"], ["show", "--limit", "0"], ["show", "--status", "done"],
                                   ["tail", "--interval", "0"], ["stats", "--nope"]],
                          ids=lambda argv: " ".join(argv) or "nothing")
-def test_usage_errors_exit_2_with_argparse_usage(capsys, argv):
-    code, out, err = cli(capsys, *argv)
+def test_usage_errors_exit_2_with_argparse_usage(cli, argv):
+    code, out, err = cli(*argv)
     assert code == 2 and out == "" and "usage: ledger" in err
 
 
-def test_help_lists_every_command_and_exits_0(capsys):
-    code, out, _ = cli(capsys, "--help")
+def test_help_lists_every_command_and_exits_0(cli):
+    code, out, _ = cli("--help")
     assert code == 0
     for command in ("demo", "show", "tail", "stats", "savings", "clear", "retry", "export", "check", "serve"):
         assert command in out
@@ -2031,21 +2036,21 @@ def test_help_lists_every_command_and_exits_0(capsys):
 
 @pytest.mark.parametrize("argv", [["show"], ["tail"], ["stats"], ["savings"], ["clear", "--yes"], ["retry", "abcd"],
                                   ["export"], ["check"], ["serve", "--port", "0"]], ids=lambda argv: argv[0])
-def test_commands_refuse_a_missing_database_and_create_none(capsys, tmp_path, argv):
+def test_commands_refuse_a_missing_database_and_create_none(cli, tmp_path, argv):
     missing = tmp_path / "nope.db"
-    code, out, err = cli(capsys, *argv, "--db", missing)
+    code, out, err = cli(*argv, "--db", missing)
     assert (code, out, err) == (2, "", f"ledger: no ledger database at {missing}\n")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_db_defaults_to_the_ledger_db_environment_variable(ledger_db, capsys, monkeypatch):
+def test_db_defaults_to_the_ledger_db_environment_variable(ledger_db, cli, monkeypatch):
     monkeypatch.setenv("LEDGER_DB", str(ledger_db))
-    code, out, _ = cli(capsys, "show", "--json")
+    code, out, _ = cli("show", "--json")
     assert code == 0 and len(json.loads(out)) == 5
 
 
-def test_db_may_come_before_the_command(ledger_db, capsys):
-    code, out, _ = cli(capsys, "--db", ledger_db, "show", "--json")
+def test_db_may_come_before_the_command(ledger_db, cli):
+    code, out, _ = cli("--db", ledger_db, "show", "--json")
     assert code == 0 and len(json.loads(out)) == 5
 
 
@@ -2057,17 +2062,17 @@ def test_a_corrupt_database_is_one_line_on_stderr_and_exit_2(tmp_path):
     assert result.stderr.count("\n") == 1 and "not a database" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_sqlite_file_that_is_no_ledger_is_refused_and_left_as_it_was(tmp_path, capsys):
+def test_a_sqlite_file_that_is_no_ledger_is_refused_and_left_as_it_was(tmp_path, cli):
     path = tmp_path / "app.db"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE users (name TEXT)")
     before = path.read_bytes()
-    code, _, err = cli(capsys, "stats", "--db", path)
+    code, _, err = cli("stats", "--db", path)
     assert code == 2 and "is not a ledger database" in err and path.read_bytes() == before
 
 
-def test_show_lists_every_call_within_80_columns(ledger_db, capsys):
-    code, out, _ = cli(capsys, "show", "--db", ledger_db)
+def test_show_lists_every_call_within_80_columns(ledger_db, cli):
+    code, out, _ = cli("show", "--db", ledger_db)
     lines = out.splitlines()
     assert code == 0 and len(lines) == 1 + 5
     assert lines[0].split()[:3] == ["ID", "STATUS", "TOOL"]
@@ -2077,9 +2082,9 @@ def test_show_lists_every_call_within_80_columns(ledger_db, capsys):
     assert "agent-2" in out and "\x1b" not in out
 
 
-def test_show_filters_by_workflow_tool_status_and_limit(ledger_db, capsys):
+def test_show_filters_by_workflow_tool_status_and_limit(ledger_db, cli):
     def ids(*options):
-        code, out, _ = cli(capsys, "show", "--db", ledger_db, "--json", *options)
+        code, out, _ = cli("show", "--db", ledger_db, "--json", *options)
         assert code == 0
         return [r["tool"] for r in json.loads(out)]
     assert ids("--wf", "triage") == ["crm.lookup"]
@@ -2089,15 +2094,15 @@ def test_show_filters_by_workflow_tool_status_and_limit(ledger_db, capsys):
     assert ids("--limit", "2") == ["crm.lookup", "nightly_job"]
 
 
-def test_show_json_has_every_field_and_the_state(ledger_db, capsys):
-    code, out, _ = cli(capsys, "show", "--db", ledger_db, "--json")
+def test_show_json_has_every_field_and_the_state(ledger_db, cli):
+    code, out, _ = cli("show", "--db", ledger_db, "--json")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 5
     assert set(rows[0]) == set(ledger.RECORD_FIELDS) | {"state"}
     assert {r["tool"]: r["state"] for r in rows}["nightly_job"] == "STALE"
 
 
-def test_untrusted_text_sends_no_control_characters_to_the_terminal(tmp_path, capsys):
+def test_untrusted_text_sends_no_control_characters_to_the_terminal(tmp_path, cli):
     g = Guard(str(tmp_path / "ledger.db"), quiet=True)
 
     def evil(x):
@@ -2107,33 +2112,33 @@ def test_untrusted_text_sends_no_control_characters_to_the_terminal(tmp_path, ca
         g.wrap_tools({"evil\x1b[31m": evil})["evil\x1b[31m"](x="\x1b[5m")
     g.close()
     for command in ("show", "stats", "savings"):
-        code, out, _ = cli(capsys, command, "--db", tmp_path / "ledger.db")
+        code, out, _ = cli(command, "--db", tmp_path / "ledger.db")
         assert code == 0 and "\x1b" not in out and "\x07" not in out
 
 
-def test_stats_are_guard_stats_with_a_duplicate_rate_bar(ledger_db, capsys):
-    code, out, _ = cli(capsys, "stats", "--db", ledger_db, "--json")
+def test_stats_are_guard_stats_with_a_duplicate_rate_bar(ledger_db, cli):
+    code, out, _ = cli("stats", "--db", ledger_db, "--json")
     expected = Guard(str(ledger_db), quiet=True).stats()
     assert code == 0 and json.loads(out) == expected
     assert (expected["attempts"], expected["blocked"], expected["stale"]) == (9, 4, 1)
-    code, out, _ = cli(capsys, "stats", "--db", ledger_db)
+    code, out, _ = cli("stats", "--db", ledger_db)
     assert code == 0 and "44%" in out and "█" in out and "$0.75" in out
     assert max(map(len, out.splitlines())) <= 80
 
 
-def test_stats_of_one_workflow(ledger_db, capsys):
-    code, out, _ = cli(capsys, "stats", "--db", ledger_db, "--wf", "triage", "--json")
+def test_stats_of_one_workflow(ledger_db, cli):
+    code, out, _ = cli("stats", "--db", ledger_db, "--wf", "triage", "--json")
     assert code == 0 and (json.loads(out)["attempts"], json.loads(out)["blocked"]) == (3, 2)
 
 
-def test_savings_per_tool_money_from_cost_and_time_from_durations(ledger_db, capsys):
-    code, out, _ = cli(capsys, "savings", "--db", ledger_db, "--json")
+def test_savings_per_tool_money_from_cost_and_time_from_durations(ledger_db, cli):
+    code, out, _ = cli("savings", "--db", ledger_db, "--json")
     report = json.loads(out)
     assert code == 0 and report["totals"]["saved_usd"] == 0.75
     assert report["tools"]["crm.lookup"]["blocked"] == 3 and report["tools"]["charge_card"]["saved_usd"] == 0
     durations = {r["tool"]: r["duration"] for r in records_of(ledger_db) if r["workflow"] == "order-7"}
     assert report["tools"]["charge_card"]["saved_seconds"] == round(durations["charge_card"], 6)
-    code, out, _ = cli(capsys, "savings", "--db", ledger_db)
+    code, out, _ = cli("savings", "--db", ledger_db)
     lines = out.splitlines()
     bars = [line for line in lines if line.startswith("crm.lookup")]
     assert code == 0 and "4 of 9 calls" in lines[0] and "$0.75" in lines[1]
@@ -2153,15 +2158,15 @@ def test_clear_asks_on_a_terminal_and_keeps_everything_unless_told_yes(ledger_db
     assert code == 0 and "deleted 1 records" in shown and len(records_of(ledger_db)) == 4
 
 
-def test_clear_yes_deletes_only_the_workflow_given(ledger_db, capsys):
-    code, out, _ = cli(capsys, "clear", "--db", ledger_db, "--wf", "order-7", "--yes")
+def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
+    code, out, _ = cli("clear", "--db", ledger_db, "--wf", "order-7", "--yes")
     assert code == 0 and "deleted 3 records" in out
     assert sorted(r["workflow"] for r in records_of(ledger_db)) == ["default", "triage"]
 
 
-def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, capsys):
+def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, cli):
     stale = next(r for r in records_of(ledger_db) if r["tool"] == "nightly_job")
-    code, out, _ = cli(capsys, "retry", "--db", ledger_db, stale["id"][:8])
+    code, out, _ = cli("retry", "--db", ledger_db, stale["id"][:8])
     assert code == 0 and "released" in out and "was STALE" in out
     g = Guard(str(ledger_db), quiet=True)
     runs = []
@@ -2171,20 +2176,20 @@ def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, capsys):
 
 
 @pytest.mark.parametrize("wanted, error", [("ffffffff", "no record"), ("ab", "at least 4"), ("", "at least 4")])
-def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, capsys, wanted, error):
-    code, _, err = cli(capsys, "retry", "--db", ledger_db, wanted)
+def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
+    code, _, err = cli("retry", "--db", ledger_db, wanted)
     assert code == 2 and error in err
 
 
-def test_export_jsonl_round_trips_every_record(ledger_db, capsys, tmp_path):
-    code, out, _ = cli(capsys, "export", "--db", ledger_db)
+def test_export_jsonl_round_trips_every_record(ledger_db, cli, tmp_path):
+    code, out, _ = cli("export", "--db", ledger_db)
     assert code == 0 and [json.loads(line) for line in out.splitlines()] == records_of(ledger_db)
 
 
-def test_export_csv_round_trips_every_record(ledger_db, capsys, tmp_path):
+def test_export_csv_round_trips_every_record(ledger_db, cli, tmp_path):
     import csv
     target = tmp_path / "ledger.csv"
-    code, out, err = cli(capsys, "export", "--db", ledger_db, "--format", "csv", "-o", target)
+    code, out, err = cli("export", "--db", ledger_db, "--format", "csv", "-o", target)
     assert code == 0 and out == "" and "wrote 5 records" in err
     kinds = {f.name: f.type for f in dataclasses.fields(Record)}
 
@@ -2197,18 +2202,18 @@ def test_export_csv_round_trips_every_record(ledger_db, capsys, tmp_path):
     assert rows == records_of(ledger_db)
 
 
-def test_check_passes_and_touches_no_existing_record(ledger_db, capsys):
+def test_check_passes_and_touches_no_existing_record(ledger_db, cli):
     before = records_of(ledger_db)
-    code, out, _ = cli(capsys, "check", "--db", ledger_db)
+    code, out, _ = cli("check", "--db", ledger_db)
     assert code == 0 and out.startswith("ok ")
     assert records_of(ledger_db) == before
 
 
-def test_check_fails_with_exit_1_on_a_database_that_breaks_the_contract(ledger_db, capsys):
+def test_check_fails_with_exit_1_on_a_database_that_breaks_the_contract(ledger_db, cli):
     with sqlite3.connect(ledger_db) as conn:  # a defect: inserted records come back changed
         conn.execute("CREATE TRIGGER broken AFTER INSERT ON records WHEN NEW.workflow LIKE 'ledger-check-%' "
                      "BEGIN UPDATE records SET caller = 'mangled' WHERE id = NEW.id; END")
-    code, out, _ = cli(capsys, "check", "--db", ledger_db, "--json")
+    code, out, _ = cli("check", "--db", ledger_db, "--json")
     report = json.loads(out)
     assert code == 1 and report["ok"] is False and "unchanged" in report["failure"]
     assert len(records_of(ledger_db)) == 5
