@@ -1966,6 +1966,12 @@ def run_in_terminal(*argv: str, typed: bytes = b"", env: dict | None = None, tim
     return proc.wait(timeout=5), shown.decode(errors="replace")
 
 
+def interruptible() -> None:
+    """In a child before it starts: take Ctrl-C as a terminal's foreground program does, even when
+    this test run was started with SIGINT ignored (as shells start background jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Lines:
     """The lines a child process prints, read in the background so a test can wait with a timeout."""
 
@@ -1992,7 +1998,7 @@ class Lines:
 def serving(db, *options: str):
     """`ledger serve` on a free port; yields its URL and stops it with Ctrl-C."""
     proc = subprocess.Popen([sys.executable, LEDGER_PY, "serve", "--db", str(db), "--port", "0", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         line = Lines(proc.stdout).until("http://")
         yield line.split()[2]
@@ -2230,7 +2236,8 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
 
 def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
     proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(ledger_db), "--last", "2",
-                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         lines = Lines(proc.stdout)
         assert "stale" in lines.until("nightly_job")
