@@ -2566,8 +2566,8 @@ def _cmd_tail(args: Any) -> int:
             while True:
                 now = time.time()
                 events, removed = _changes(seen, _snapshot(guard, args.wf), now)
-                if first:
-                    events, removed, first = events[len(events) - args.last:] if args.last > 0 else [], 0, False
+                if first:  # of what was there before, only the latest few
+                    events, removed, first = events[-args.last:] if args.last > 0 else [], 0, False
                 for event, record, detail in events:
                     if args.json:
                         print(json.dumps({"event": event, "detail": detail, "record": _record_json(record, now)},
