@@ -48,6 +48,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import importlib
 import inspect
 import json
 import logging
@@ -61,13 +62,14 @@ import sys
 import threading
 import time
 import typing
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
-    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "Record", "Status",
+    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
@@ -899,6 +901,596 @@ def _key_file(path: str) -> bytes:
                      f"or set LEDGER_SECRET")
 
 
+def _require(module: str, extra: str, what: str) -> Any:
+    """Import an optional driver, or say in one line which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{what} needs the {module} package: pip install 'ledger-py[{extra}]'") from None
+
+
+class _Dropped(StoreError):
+    """The connection broke during an operation, which may or may not have taken effect."""
+
+
+class _ServerStore(Store):
+    """What the stores on a database server share. Driver errors become StoreError.
+    An operation whose connection broke is tried once more on a new connection; a
+    claim (insert) or transition (swap) is first read back, so that one which took
+    effect before the break is neither lost nor applied twice. Counters are not
+    retried: a failed add_counts stays buffered in the engine for its next flush.
+
+    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, add_counts
+    and _listen(deliver, stopped), which relays "record left RUNNING" messages.
+    """
+
+    where = "?"
+
+    def __init__(self) -> None:
+        self._wakeups = _Wakeups(self._listen, f"ledger-wakeups {self.where}")
+
+    def get(self, id: str) -> Record | None:
+        return self._again(self._get, id)
+
+    def insert(self, record: Record) -> bool:
+        try:
+            return self._insert(record)
+        except _Dropped:
+            stored = self._get(record.id)
+            if stored is None:
+                return self._insert(record)
+            return (stored.epoch, stored.owner) == (record.epoch, record.owner)
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        try:
+            return self._swap(record, epoch, owner)
+        except _Dropped:
+            stored = self._get(record.id)
+            if stored is not None and all(getattr(stored, f) == getattr(record, f) for f in STATE_FIELDS):
+                return True
+            if stored is None or (stored.epoch, stored.owner) != (epoch, owner):
+                return False
+            return self._swap(record, epoch, owner)
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        return self._again(self._delete, id, epoch)
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        return self._again(self._records, workflow, tool)
+
+    def clear(self, workflow: str | None = None) -> int:
+        return self._again(self._clear, workflow)
+
+    def wait(self, id: str, timeout: float) -> None:
+        self._wakeups.wait(id, timeout)
+
+    def close(self) -> None:
+        self._wakeups.closed = True
+
+    def secret(self) -> bytes:
+        raise ConfigError(
+            f"{type(self).__name__} keeps no signing key (one stored beside the records would not protect "
+            f"them): set LEDGER_SECRET to the same random value on every worker, for example the output of "
+            f"python -c 'import secrets; print(secrets.token_hex(32))', or pass Guard(secret=...)")
+
+    @staticmethod
+    def _again(operation: Callable, *args: Any) -> Any:
+        try:
+            return operation(*args)
+        except _Dropped:
+            return operation(*args)
+
+    def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        raise NotImplementedError
+
+
+class _Wakeups:
+    """Wakes this process's waiters when the server says a record left RUNNING.
+
+    One daemon thread per store and process listens, started by the first wait;
+    a message missed (while it connects, or reconnects after a break) only costs
+    a waiter its timeout, after which the engine reads the record again.
+    """
+
+    def __init__(self, listen: Callable[[Callable[[str], None], Callable[[], bool]], None], name: str):
+        self.listen, self.name = listen, name
+        self.waiting: dict[str, list[threading.Event]] = {}
+        self.lock = threading.Lock()
+        self.pid: int | None = None
+        self.closed = False
+
+    def wait(self, id: str, timeout: float) -> None:
+        if self.pid != os.getpid():
+            self._start()
+        event = threading.Event()
+        with self.lock:
+            self.waiting.setdefault(id, []).append(event)
+        try:
+            event.wait(timeout)
+        finally:
+            with self.lock:
+                events = self.waiting.get(id, [])
+                if event in events:
+                    events.remove(event)
+                if not events:
+                    self.waiting.pop(id, None)
+
+    def deliver(self, id: str) -> None:
+        with self.lock:
+            for event in self.waiting.get(id, ()):
+                event.set()
+
+    def _start(self) -> None:
+        # First wait in this process (also after fork(), which leaves the thread behind).
+        self.lock, self.waiting, self.pid = threading.Lock(), {}, os.getpid()
+        threading.Thread(target=self._loop, args=(self.pid,), name=self.name, daemon=True).start()
+
+    def _loop(self, pid: int) -> None:
+        def stopped() -> bool:
+            return self.closed or self.pid != pid
+        while not stopped():
+            try:
+                self.listen(self.deliver, stopped)
+            except Exception as e:
+                log.debug("%s: %s; listening again shortly", self.name, e)
+                time.sleep(0.5)
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _without_query_parameter(url: str, name: str) -> tuple[str, str | None]:
+    """`url` without the query parameter `name` (which the driver would reject), and its value."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in query if k == name]
+    if not values:
+        return url, None
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != name])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), values[-1]
+
+
+_PG_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,39}"
+_PG_TYPES = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text"}
+_PG_DEFAULTS = {"connect_timeout": "10", "application_name": "ledger.py",
+                "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}
+_PG_IDLE_CONNECTIONS = 8
+_PG_SCHEMA_COMMENT = "ledger.py records, schema "
+
+
+class PostgresStore(_ServerStore):
+    """Records in one PostgreSQL table, shared by every worker that reaches the server.
+
+    Each operation is one autocommitted statement (a claim is one INSERT ... ON
+    CONFLICT DO NOTHING, a transition one conditional UPDATE), on a small pool of
+    connections per process; a child process after fork() opens its own. The table
+    (`table`, optionally schema-qualified) is created on first use. Waiters in other
+    processes are woken by NOTIFY when a record leaves RUNNING. Needs the `postgres`
+    extra (psycopg 3).
+    """
+
+    def __init__(self, dsn: str, *, table: str = "ledger"):
+        self._pg = _require("psycopg", "postgres", "PostgresStore")
+        if not re.fullmatch(rf"(?:{_PG_NAME}\.)?{_PG_NAME}", table):
+            raise ConfigError(f"PostgresStore table must be a name like 'ledger' or 'myschema.ledger' "
+                              f"(letters, digits, _), not {table!r}")
+        self.table = table
+        self._quoted = ".".join(f'"{part}"' for part in table.split("."))
+        try:
+            params = self._pg.conninfo.conninfo_to_dict(dsn)
+        except self._pg.Error:
+            raise ConfigError("cannot parse the PostgreSQL URL or DSN: use postgresql://user[:password]@host"
+                              "[:port]/database, for example postgresql://app@db.internal:5432/agents") from None
+        self._password = params.get("password")
+        self._params = {**_PG_DEFAULTS, **params}
+        host = params.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = params.get("port") or os.environ.get("PGPORT") or "5432"
+        self.where = f"{host}:{port}"
+        user = params.get("user") or os.environ.get("PGUSER") or ""
+        self.url = f"postgresql://{user + '@' if user else ''}{self.where}/{params.get('dbname', '')}?table={table}"
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._statements()
+        super().__init__()
+        self._migrate()
+
+    # -- connections -------------------------------------------------------
+
+    def _connect(self) -> Any:
+        try:
+            return self._pg.connect(**self._params, autocommit=True)
+        except self._pg.Error as e:
+            reason = _scrub(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
+                            self._password)
+            raise StoreError(f"cannot connect to PostgreSQL at {self.where} (database "
+                             f"{self._params.get('dbname', '?')!r}, user {self._params.get('user', '?')!r}): "
+                             f"{reason}. Check the store URL (LEDGER_DB) and that the server is running") from None
+
+    def _take(self) -> Any:
+        if self._pid != os.getpid():
+            # After fork() the parent's connections stay the parent's: a child that
+            # used (or closed) one would corrupt the parent's session.
+            self._lock, self._idle, self._pid = threading.Lock(), [], os.getpid()
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _give(self, conn: Any) -> None:
+        with self._lock:
+            if len(self._idle) < _PG_IDLE_CONNECTIONS and self._pid == os.getpid():
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _forget_idle(self) -> None:
+        # One broken connection means the others (idle since) are broken too, as after a restart.
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _run(self, sql: str, params: Iterable = (), rows: bool = False) -> Any:
+        conn = self._take()
+        try:
+            cursor = conn.execute(sql, params)
+            result = cursor.fetchall() if rows else cursor.rowcount
+        except self._pg.Error as e:
+            if conn.broken or conn.closed:
+                conn.close()
+                self._forget_idle()
+                raise _Dropped(f"PostgreSQL at {self.where}: connection lost ({str(e).strip()})") from e
+            self._give(conn)
+            raise StoreError(f"PostgreSQL at {self.where}, table {self.table}: {str(e).strip()}") from e
+        self._give(conn)
+        return result
+
+    # -- schema ------------------------------------------------------------
+
+    def _statements(self) -> None:
+        t, columns = self._quoted, ", ".join(RECORD_FIELDS)
+        swap = (f"UPDATE {t} SET {', '.join(f'{f} = %s' for f in STATE_FIELDS)} "
+                f"WHERE id = %s AND epoch = %s AND owner = %s")
+        self._sql = {
+            "get": f"SELECT {columns} FROM {t} WHERE id = %s",
+            "insert": f"INSERT INTO {t} ({columns}) VALUES ({', '.join(['%s'] * len(RECORD_FIELDS))}) "
+                      f"ON CONFLICT (id) DO NOTHING",
+            "swap": swap,
+            # A record leaving RUNNING wakes waiters in other processes, in the same statement.
+            "finish": f"WITH done AS ({swap} RETURNING id) SELECT pg_notify(%s, id) FROM done",
+            "delete": f"DELETE FROM {t} WHERE id = %s",
+            "delete_at": f"DELETE FROM {t} WHERE id = %s AND epoch = %s",
+            # Rows are locked in id order, so two concurrent flushes cannot deadlock.
+            "add_counts": f"WITH v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS v(id, a, b)), "
+                          f"locked AS MATERIALIZED (SELECT t.id FROM {t} t JOIN v ON t.id = v.id "
+                          f"ORDER BY t.id FOR UPDATE OF t) "
+                          f"UPDATE {t} t SET attempts = t.attempts + v.a, blocked = t.blocked + v.b "
+                          f"FROM v JOIN locked ON locked.id = v.id WHERE t.id = v.id",
+            "records": f"SELECT {columns} FROM {t}",
+            "clear": f"DELETE FROM {t}",
+        }
+
+    def _schema_version(self) -> int | None:
+        """None if the table does not exist yet; StoreError if it is not a ledger table."""
+        exists, comment = self._run("SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), "
+                                    "'pg_class')", (self._quoted, self._quoted), rows=True)[0]
+        if not exists:
+            return None
+        if not (comment or "").startswith(_PG_SCHEMA_COMMENT):
+            raise StoreError(f"table {self.table} in PostgreSQL at {self.where} exists but is not a ledger.py "
+                             f"table; choose another with PostgresStore(..., table=...) or ?table= in the URL")
+        return int(comment[len(_PG_SCHEMA_COMMENT):])
+
+    def _migrate(self) -> None:
+        version = self._schema_version()
+        if version is None:
+            self._create()
+            version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"table {self.table} in PostgreSQL at {self.where} was written by a newer "
+                             f"ledger.py (schema {version}); upgrade ledger.py")
+
+    def _create(self) -> None:
+        columns = ", ".join(f"{f} {_PG_TYPES[_sqlite_type(f)]}" for f in RECORD_FIELDS)
+        index = '"' + self.table.split(".")[-1] + '_workflow"'
+        conn = self._take()
+        try:
+            with conn.transaction():
+                # Serialize creation: concurrent CREATE TABLE IF NOT EXISTS can collide.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("ledger.py " + self.table,))
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {self._quoted} ({columns}, PRIMARY KEY (id))")
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self._quoted} (workflow, created)")
+                conn.execute(f"COMMENT ON TABLE {self._quoted} IS '{_PG_SCHEMA_COMMENT}{SCHEMA_VERSION}'")
+        except self._pg.Error as e:
+            conn.close()
+            raise StoreError(f"cannot create table {self.table} in PostgreSQL at {self.where}: "
+                             f"{str(e).strip()}") from e
+        self._give(conn)
+
+    # -- the Store interface ---------------------------------------------------
+
+    def _get(self, id: str) -> Record | None:
+        rows = self._run(self._sql["get"], (id,), rows=True)
+        return Record(*rows[0]) if rows else None
+
+    def _insert(self, record: Record) -> bool:
+        return self._run(self._sql["insert"], [getattr(record, f) for f in RECORD_FIELDS]) == 1
+
+    def _swap(self, record: Record, epoch: int, owner: str) -> bool:
+        values = [getattr(record, f) for f in STATE_FIELDS] + [record.id, epoch, owner]
+        if record.status == Status.RUNNING:
+            return self._run(self._sql["swap"], values) == 1
+        return len(self._run(self._sql["finish"], values + [self.table], rows=True)) == 1
+
+    def _delete(self, id: str, epoch: int | None) -> bool:
+        if epoch is None:
+            return self._run(self._sql["delete"], (id,)) == 1
+        return self._run(self._sql["delete_at"], (id, epoch)) == 1
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        ids = sorted(counts)
+        self._run(self._sql["add_counts"], (ids, [counts[i][0] for i in ids], [counts[i][1] for i in ids]))
+
+    def _records(self, workflow: str | None, tool: str | None) -> list[Record]:
+        where = [(name, value) for name, value in (("workflow", workflow), ("tool", tool)) if value is not None]
+        sql = self._sql["records"] + "".join((" WHERE " if i == 0 else " AND ") + f"{name} = %s"
+                                             for i, (name, _) in enumerate(where))
+        return [Record(*row) for row in self._run(sql + " ORDER BY created", [v for _, v in where], rows=True)]
+
+    def _clear(self, workflow: str | None) -> int:
+        if workflow is None:
+            return self._run(self._sql["clear"])
+        return self._run(self._sql["clear"] + " WHERE workflow = %s", (workflow,))
+
+    def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(f'LISTEN "{self.table}"')
+            while not stopped():
+                for note in conn.notifies(timeout=1.0):
+                    deliver(note.payload)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        super().close()
+        if self._pid == os.getpid():
+            self._forget_idle()
+
+
+# Each Redis operation is one Lua script, atomic on the server. A record is a
+# hash under PREFIX r:ID (a field per Record field; None is an absent field);
+# PREFIX w:WORKFLOW is a sorted set of a workflow's ids by creation time, and
+# PREFIX workflows the set of workflow names. Keys a script derives (rather
+# than receives) make these scripts unfit for Redis Cluster.
+
+_REDIS_INSERT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+-- Forget the index entries of a few records that expired: sampling two per
+-- insert keeps an index within about twice the records still alive.
+for _, other in ipairs(redis.call('ZRANDMEMBER', KEYS[2], 2)) do
+  if redis.call('EXISTS', ARGV[5] .. other) == 0 then redis.call('ZREM', KEYS[2], other) end
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+
+_REDIS_SWAP = """
+local current = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+if current[1] ~= ARGV[1] or current[2] ~= ARGV[2] then return 0 end
+local nils = tonumber(ARGV[6])
+if nils > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + nils)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7 + nils))
+if ARGV[3] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
+"""
+
+_REDIS_DELETE = """
+local found = redis.call('HMGET', KEYS[1], 'epoch', 'workflow')
+if not found[1] or (ARGV[1] ~= '' and found[1] ~= ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', ARGV[2] .. found[2], ARGV[3])
+return 1
+"""
+
+_REDIS_ADD_COUNTS = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 'attempts', ARGV[2 * i - 1])
+    redis.call('HINCRBY', key, 'blocked', ARGV[2 * i])
+  end
+end
+return 0
+"""
+
+_REDIS_CLEAR = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+local removed = 0
+for _, id in ipairs(ids) do removed = removed + redis.call('DEL', ARGV[1] .. id) end
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return {removed, #ids}
+"""
+
+_REDIS_SCHEMA = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+REDIS_EXPIRY_GRACE = 60.0   # seconds a ttl'd record outlives its expiry on the server
+_REDIS_BATCH = 500
+_REDIS_KINDS = {"INTEGER": int, "REAL": float, "TEXT": str}
+
+
+class RedisStore(_ServerStore):
+    """Records in Redis (6.2 or later, not Cluster), shared by every worker that reaches it.
+
+    Each operation is one Lua script, so claims and transitions are atomic on the
+    server. A record with a ttl expires on the server REDIS_EXPIRY_GRACE seconds
+    after its ttl ran out. Waiters in other processes are woken by pub/sub. The
+    guarantees last only as long as Redis keeps its data: see the README on
+    persistence (appendonly yes). Needs the `redis` extra (redis-py).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "ledger:"):
+        redis = self._redis = _require("redis", "redis", "RedisStore")
+        parts = urllib.parse.urlsplit(url)
+        self._password = parts.password
+        try:
+            self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+            db = parts.path.strip("/") or "0"
+        except ValueError:
+            raise ConfigError("cannot parse the Redis URL: use redis://[:password@]host[:port][/db] or "
+                              "rediss:// for TLS, for example redis://cache.internal:6379/0") from None
+        self.prefix = prefix
+        self.url = f"{parts.scheme}://{self.where}/{db}?prefix={prefix}"
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        try:
+            # No silent retries by the driver: a retried claim could look like a duplicate.
+            # _ServerStore retries, after reading back what took effect.
+            self._client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=10,
+                                                socket_connect_timeout=5, client_name="ledger.py")
+        except ValueError as e:
+            raise ConfigError(f"cannot parse the Redis URL for {self.where}: {_scrub(str(e), self._password)}") \
+                from None
+        self._scripts = {name: self._client.register_script(lua) for name, lua in (
+            ("insert", _REDIS_INSERT), ("swap", _REDIS_SWAP), ("delete", _REDIS_DELETE),
+            ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA))}
+        self._fields = {f: _REDIS_KINDS[_sqlite_type(f)] for f in RECORD_FIELDS}
+        super().__init__()
+        self._migrate()
+
+    def _call(self, operation: Callable, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return operation(*args, **kwargs)
+        except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
+            raise _Dropped(f"Redis at {self.where}: {_scrub(str(e), self._password)}. Check the store URL "
+                           f"(LEDGER_DB) and that the server is running") from None
+        except self._redis.RedisError as e:
+            raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r}: "
+                             f"{_scrub(str(e), self._password)}") from None
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._call(self._scripts[name], keys, args)
+
+    def _migrate(self) -> None:
+        info = self._again(self._call, self._client.info, "server")
+        if tuple(int(n) for n in str(info.get("redis_version", "0")).split(".")[:2]) < (6, 2):
+            raise StoreError(f"Redis at {self.where} is version {info.get('redis_version')}; RedisStore "
+                             f"needs 6.2 or later")
+        version = int(self._script("schema", [self.prefix + "schema"], [SCHEMA_VERSION]))
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r} was written by a newer ledger.py "
+                             f"(schema {version}); upgrade ledger.py")
+
+    # -- encoding ------------------------------------------------------------
+
+    def _key(self, id: str) -> str:
+        return self.prefix + "r:" + id
+
+    def _decode(self, fields: Mapping[bytes, bytes]) -> Record | None:
+        if not fields:
+            return None
+        values = {name.decode(): value.decode() for name, value in fields.items()}
+        return Record(**{f: kind(values[f]) if f in values else None for f, kind in self._fields.items()})
+
+    @staticmethod
+    def _encode(value: Any) -> str:
+        return repr(value) if isinstance(value, float) else str(value)
+
+    @staticmethod
+    def _expiry(record: Record) -> str:
+        if record.expires is None:
+            return ""
+        return str(max(1, int((record.expires - time.time() + REDIS_EXPIRY_GRACE) * 1000)))
+
+    # -- the Store interface ---------------------------------------------------
+
+    def _get(self, id: str) -> Record | None:
+        return self._decode(self._call(self._client.hgetall, self._key(id)))
+
+    def _insert(self, record: Record) -> bool:
+        pairs = [x for f in RECORD_FIELDS if getattr(record, f) is not None
+                 for x in (f, self._encode(getattr(record, f)))]
+        keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows"]
+        args = [record.id, repr(float(record.created)), record.workflow, self._expiry(record),
+                self.prefix + "r:"] + pairs
+        return self._script("insert", keys, args) == 1
+
+    def _swap(self, record: Record, epoch: int, owner: str) -> bool:
+        nils = [f for f in STATE_FIELDS if getattr(record, f) is None]
+        pairs = [x for f in STATE_FIELDS if getattr(record, f) is not None
+                 for x in (f, self._encode(getattr(record, f)))]
+        channel = self.prefix + "done" if record.status != Status.RUNNING else ""
+        args = [str(epoch), owner, self._expiry(record), channel, record.id, len(nils)] + nils + pairs
+        return self._script("swap", [self._key(record.id)], args) == 1
+
+    def _delete(self, id: str, epoch: int | None) -> bool:
+        args = ["" if epoch is None else str(epoch), self.prefix + "w:", id]
+        return self._script("delete", [self._key(id)], args) == 1
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        if counts:
+            self._script("add_counts", [self._key(id) for id in counts],
+                         [n for attempts, blocked in counts.values() for n in (attempts, blocked)])
+
+    def _workflows(self, workflow: str | None) -> list[str]:
+        if workflow is not None:
+            return [workflow]
+        return sorted(name.decode() for name in self._call(self._client.smembers, self.prefix + "workflows"))
+
+    def _records(self, workflow: str | None, tool: str | None) -> list[Record]:
+        found: list[Record] = []
+        for name in self._workflows(workflow):
+            index = self.prefix + "w:" + name
+            ids = [id.decode() for id in self._call(self._client.zrange, index, 0, -1)]
+            for start in range(0, len(ids), _REDIS_BATCH):
+                batch = ids[start:start + _REDIS_BATCH]
+                pipe = self._client.pipeline(transaction=False)
+                for id in batch:
+                    pipe.hgetall(self._key(id))
+                for id, fields in zip(batch, self._call(pipe.execute)):
+                    record = self._decode(fields)
+                    if record is None:  # expired: its index entry goes too
+                        self._call(self._client.zrem, index, id)
+                    elif tool is None or record.tool == tool:
+                        found.append(record)
+        return sorted(found, key=lambda r: r.created)
+
+    def _clear(self, workflow: str | None) -> int:
+        removed = 0
+        for name in self._workflows(workflow):
+            while True:
+                count, seen = self._script("clear", [self.prefix + "w:" + name, self.prefix + "workflows"],
+                                           [self.prefix + "r:", name, _REDIS_BATCH])
+                removed += count
+                if seen < _REDIS_BATCH:
+                    break
+        return removed
+
+    def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.prefix + "done")
+            while not stopped():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    deliver(message["data"].decode())
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        super().close()
+        self._client.close()
+
+
 def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -> Store:
     """A store from a Store, a file path, ":memory:" or a URL. `create=False` refuses
     to make a new SQLite file where there is none."""
@@ -912,7 +1504,14 @@ def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -
         return SQLiteStore(spec, create=create)
     if scheme == "sqlite":
         return SQLiteStore(rest[1:] if rest.startswith("/") else rest, create=create)
-    raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:' or sqlite:///path")
+    if scheme in ("postgresql", "postgres"):
+        dsn, table = _without_query_parameter(spec, "table")
+        return PostgresStore(dsn, table=table or "ledger")
+    if scheme in ("redis", "rediss"):
+        url, prefix = _without_query_parameter(spec, "prefix")
+        return RedisStore(url, prefix=prefix if prefix is not None else "ledger:")
+    raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:', sqlite:///path, "
+                      f"postgresql://user@host/db or redis://host:6379/0")
 
 
 def check_store(store: Store) -> None:
