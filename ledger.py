@@ -1036,7 +1036,9 @@ class _Wakeups:
                 time.sleep(0.5)
 
 
-def _scrub(text: str, secret: str | None) -> str:
+def _reason(error: BaseException, secret: str | None) -> str:
+    """A driver's error message on one line, without the password."""
+    text = " ".join(str(error).split()).rstrip(".") or type(error).__name__
     return text.replace(secret, "***") if secret else text
 
 
@@ -1102,11 +1104,10 @@ class PostgresStore(_ServerStore):
         try:
             return self._pg.connect(**self._params, autocommit=True)
         except self._pg.Error as e:
-            reason = _scrub(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
-                            self._password)
             raise StoreError(f"cannot connect to PostgreSQL at {self.where} (database "
                              f"{self._params.get('dbname', '?')!r}, user {self._params.get('user', '?')!r}): "
-                             f"{reason}. Check the store URL (LEDGER_DB) and that the server is running") from None
+                             f"{_reason(e, self._password)} (check the store URL or LEDGER_DB, and that the "
+                             f"server is running)") from None
 
     def _take(self) -> Any:
         if self._pid != os.getpid():
@@ -1141,9 +1142,10 @@ class PostgresStore(_ServerStore):
             if conn.broken or conn.closed:
                 conn.close()
                 self._forget_idle()
-                raise _Dropped(f"PostgreSQL at {self.where}: connection lost ({str(e).strip()})") from e
+                raise _Dropped(f"PostgreSQL at {self.where}: connection lost ({_reason(e, self._password)})") \
+                    from e
             self._give(conn)
-            raise StoreError(f"PostgreSQL at {self.where}, table {self.table}: {str(e).strip()}") from e
+            raise StoreError(f"PostgreSQL at {self.where}, table {self.table}: {_reason(e, self._password)}") from e
         self._give(conn)
         return result
 
@@ -1206,7 +1208,7 @@ class PostgresStore(_ServerStore):
         except self._pg.Error as e:
             conn.close()
             raise StoreError(f"cannot create table {self.table} in PostgreSQL at {self.where}: "
-                             f"{str(e).strip()}") from e
+                             f"{_reason(e, self._password)}") from e
         self._give(conn)
 
     # -- the Store interface ---------------------------------------------------
@@ -1358,8 +1360,7 @@ class RedisStore(_ServerStore):
             self._client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=10,
                                                 socket_connect_timeout=5, client_name="ledger.py")
         except ValueError as e:
-            raise ConfigError(f"cannot parse the Redis URL for {self.where}: {_scrub(str(e), self._password)}") \
-                from None
+            raise ConfigError(f"cannot parse the Redis URL for {self.where}: {_reason(e, self._password)}") from None
         self._scripts = {name: self._client.register_script(lua) for name, lua in (
             ("insert", _REDIS_INSERT), ("swap", _REDIS_SWAP), ("delete", _REDIS_DELETE),
             ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA))}
@@ -1371,11 +1372,11 @@ class RedisStore(_ServerStore):
         try:
             return operation(*args, **kwargs)
         except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
-            raise _Dropped(f"Redis at {self.where}: {_scrub(str(e), self._password)}. Check the store URL "
-                           f"(LEDGER_DB) and that the server is running") from None
+            raise _Dropped(f"Redis at {self.where}: {_reason(e, self._password)} (check the store URL or "
+                           f"LEDGER_DB, and that the server is running)") from None
         except self._redis.RedisError as e:
-            raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r}: "
-                             f"{_scrub(str(e), self._password)}") from None
+            raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r}: {_reason(e, self._password)}") \
+                from None
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return self._call(self._scripts[name], keys, args)
@@ -1944,6 +1945,7 @@ class _Core:
         """Yield waits until the call either wins a claim (returns a _Run) or is a
         duplicate (returns an Outcome)."""
         store, policy = self.store, call.policy
+        self.secret  # a missing signing key must fail before the tool runs, not after it
         waited_epoch = deadline = None
         delay, lost_races = POLL_FIRST, 0
         while True:

@@ -15,18 +15,23 @@ import datetime as dt
 import decimal
 import enum
 import functools
+import importlib.util
 import json
 import multiprocessing
 import os
 import pathlib
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import traceback
+import urllib.parse
 import uuid
 from typing import Annotated, NamedTuple, TypedDict
 
@@ -64,7 +69,83 @@ def sqlite_store(tmp_path: pathlib.Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "ledger.db")
 
 
-STORES = {"memory": memory_store, "sqlite": sqlite_store}
+POSTGRES_URL = os.environ.get("LEDGER_TEST_POSTGRES")
+REDIS_URL = os.environ.get("LEDGER_TEST_REDIS")
+SERVER_SCRATCH: list = []   # how to remove what a test left on a shared server
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def scratch_name() -> str:
+    return "ledger_test_" + uuid.uuid4().hex[:12]
+
+
+def need_postgres() -> None:
+    need("PostgreSQL", bool(POSTGRES_URL) and has_module("psycopg"),
+         "set LEDGER_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/test and pip install '.[postgres]'")
+
+
+def need_redis() -> None:
+    need("Redis", bool(REDIS_URL) and has_module("redis"),
+         "set LEDGER_TEST_REDIS=redis://127.0.0.1:6379/15 and pip install '.[redis]'")
+
+
+def postgres_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.PostgresStore:
+    """A store on its own table (and application_name, to find its connections), dropped after the test."""
+    need_postgres()
+    table = scratch_name()
+    url = url or POSTGRES_URL
+    SERVER_SCRATCH.append(lambda: drop_postgres_table(table))
+    separator = "&" if "?" in url else "?"
+    return ledger.PostgresStore(f"{url}{separator}application_name={table}", table=table)
+
+
+def redis_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.RedisStore:
+    """A store under its own key prefix (and client name, to find its connections), removed after the test."""
+    need_redis()
+    name = scratch_name()
+    url = url or REDIS_URL
+    SERVER_SCRATCH.append(lambda: drop_redis_keys(url, name + ":"))
+    separator = "&" if "?" in url else "?"
+    return ledger.RedisStore(f"{url}{separator}client_name={name}", prefix=name + ":")
+
+
+def postgres_admin():
+    import psycopg
+    return psycopg.connect(POSTGRES_URL, autocommit=True)
+
+
+def drop_postgres_table(table: str) -> None:
+    with postgres_admin() as admin:
+        admin.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+def drop_redis_keys(url: str, prefix: str) -> None:
+    import redis
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.ConnectionError:
+        pass   # a private server the test already stopped
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _remove_server_scratch():
+    yield
+    if SERVER_SCRATCH:
+        for core in list(ledger._HEARTBEAT.cores):   # counters still buffered go before their table
+            core.flush(quietly=True)
+    while SERVER_SCRATCH:
+        SERVER_SCRATCH.pop()()
+
+
+STORES = {"memory": memory_store, "sqlite": sqlite_store, "postgres": postgres_store, "redis": redis_store}
 
 
 @pytest.fixture(params=list(STORES))
@@ -1156,6 +1237,442 @@ def test_sqlite_without_create_leaves_a_file_that_is_no_ledger_as_it_was(tmp_pat
     with pytest.raises(ledger.StoreError, match="not a ledger database"):
         SQLiteStore(path, create=False)
     assert path.read_bytes() == before
+
+# ---------------------------------------------------------------------------
+# Stores: PostgreSQL and Redis. Every store-parametrized test above runs on
+# them too (through STORES); these cover what only a server store has: URLs,
+# connection errors, dropped connections, restarts, wakeups across processes.
+# ---------------------------------------------------------------------------
+
+SERVERS = ["postgres", "redis"]
+PASSWORD = "pw-Xq7-never-shown"
+
+
+@pytest.fixture(params=SERVERS)
+def server_store(request):
+    s = STORES[request.param]()
+    yield s
+    s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_address(url: str, port: int, netloc_user: str = "") -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc_user}127.0.0.1:{port}"))
+
+
+def redis_admin(store):
+    import redis
+    host, port = store.where.rsplit(":", 1)
+    return redis.Redis(host=host, port=int(port))
+
+
+def kill_connections(store) -> int:
+    """Close every connection of `store` from the server side; how many there were."""
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            pids = [pid for (pid,) in admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                                    (store.table,))]
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+            wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                               (pids,)).fetchall(), what="the backends to exit")
+        return len(pids)
+    with redis_admin(store) as admin:
+        ids = [c["id"] for c in admin.client_list() if c["name"] == store.prefix[:-1]]
+        for id in ids:
+            admin.client_kill_filter(_id=id)
+    return len(ids)
+
+
+def session_id(store):
+    """Which server session the store's next operation uses."""
+    if isinstance(store, ledger.PostgresStore):
+        return store._run("SELECT pg_backend_pid()", rows=True)[0][0]
+    return store._client.client_id()
+
+
+def scratch_record(id="r1", **changes) -> Record:
+    now = time.time()
+    return Record(id=id, tool="t", workflow="wf", caller=None, status="RUNNING", owner="a", epoch=1,
+                  lease_until=now + 60, run_key=id, created=now, updated=now, started=now, **changes)
+
+
+@contextlib.contextmanager
+def writes_stalled(store, id):
+    """Make the store's writes wait on the server until the block ends; yields a
+    predicate that tells when one is waiting."""
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            with admin.transaction():
+                admin.execute(f'SELECT 1 FROM "{store.table}" WHERE id = %s FOR UPDATE', (id,))
+                yield lambda: admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
+                                            "AND wait_event_type = 'Lock'", (store.table,)).fetchall()
+        return
+    with redis_admin(store) as admin:
+        admin.client_pause(10_000, all=False)
+        try:
+            yield lambda: any(c["name"] == store.prefix[:-1] and "b" in c["flags"] for c in admin.client_list())
+        finally:
+            admin.client_unpause()
+
+
+def test_postgres_urls_open_a_postgres_store_on_the_table_they_name(monkeypatch):
+    need_postgres()
+    table = scratch_name()
+    SERVER_SCRATCH.append(lambda: drop_postgres_table(table))
+    for scheme in ("postgresql", "postgres"):
+        url = scheme + POSTGRES_URL[POSTGRES_URL.index(":"):] + "?table=" + table
+        store = ledger.open_store(url)
+        assert isinstance(store, ledger.PostgresStore) and store.table == table
+        store.close()
+    monkeypatch.setenv("LEDGER_DB", url)
+    assert isinstance(Guard(quiet=True).store, ledger.PostgresStore)
+
+
+def test_redis_urls_open_a_redis_store_under_the_prefix_they_name(monkeypatch):
+    need_redis()
+    prefix = scratch_name() + ":"
+    SERVER_SCRATCH.append(lambda: drop_redis_keys(REDIS_URL, prefix))
+    url = REDIS_URL + "?prefix=" + prefix
+    store = ledger.open_store(url)
+    assert isinstance(store, ledger.RedisStore) and store.prefix == prefix
+    store.close()
+    monkeypatch.setenv("LEDGER_DB", url)
+    assert isinstance(Guard(quiet=True).store, ledger.RedisStore)
+    port = free_port()
+    with pytest.raises(ledger.StoreError, match=f"127.0.0.1:{port}"):
+        ledger.open_store(f"rediss://127.0.0.1:{port}/0")
+
+
+@pytest.mark.parametrize("module, extra, url", [("psycopg", "postgres", "postgresql://db/agents"),
+                                                ("redis", "redis", "redis://cache:6379/0")])
+def test_a_missing_driver_names_the_extra_to_install(monkeypatch, module, extra, url):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ledger.ConfigError) as err:
+        ledger.open_store(url)
+    assert f"pip install 'ledger-py[{extra}]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def error_text(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))
+
+
+@pytest.mark.parametrize("kind, url", [("postgres", "postgresql://postgres:{pw}@127.0.0.1:{port}/test"),
+                                       ("redis", "redis://:{pw}@127.0.0.1:{port}/0")])
+def test_a_refused_connection_names_host_and_port_but_not_the_password(kind, url):
+    need(kind + " driver", has_module("psycopg" if kind == "postgres" else "redis"),
+         f"pip install '.[{kind}]'")
+    port = free_port()
+    with pytest.raises(ledger.StoreError) as err:
+        ledger.open_store(url.format(pw=PASSWORD, port=port))
+    assert f"127.0.0.1:{port}" in str(err.value) and "refused" in str(err.value).lower()
+    assert PASSWORD not in error_text(err.value)
+
+
+@pytest.mark.parametrize("url", ["postgresql://postgres:{pw}@127.0.0.1:notaport/test",
+                                 "redis://:{pw}@127.0.0.1:notaport/0"])
+def test_an_unusable_url_is_a_ledger_error_without_the_password(url):
+    need("drivers", has_module("psycopg") and has_module("redis"), "pip install '.[postgres,redis]'")
+    with pytest.raises(LedgerError) as err:
+        ledger.open_store(url.format(pw=PASSWORD))
+    assert PASSWORD not in error_text(err.value)
+
+
+@pytest.mark.parametrize("change, expected", [("user", 'role "nobody_here" does not exist'),
+                                              ("dbname", 'database "no_such_db" does not exist')])
+def test_postgres_names_an_unknown_role_or_database(change, expected):
+    need_postgres()
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    if change == "user":
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"nobody_here:{PASSWORD}@{parts.hostname}:{parts.port}"))
+    else:
+        url = urllib.parse.urlunsplit(parts._replace(path="/no_such_db"))
+    with pytest.raises(ledger.StoreError, match=expected) as err:
+        ledger.PostgresStore(url)
+    assert f"{parts.hostname}:{parts.port}" in str(err.value) and PASSWORD not in error_text(err.value)
+
+
+def test_redis_names_rejected_credentials_without_showing_the_password():
+    need_redis()
+    parts = urllib.parse.urlsplit(REDIS_URL)
+    url = urllib.parse.urlunsplit(parts._replace(netloc=f"nobody_here:{PASSWORD}@{parts.hostname}:{parts.port}"))
+    with pytest.raises(ledger.StoreError, match="username-password") as err:
+        ledger.RedisStore(url)
+    assert f"{parts.hostname}:{parts.port}" in str(err.value) and PASSWORD not in error_text(err.value)
+
+
+def test_postgres_table_names_must_be_plain_identifiers():
+    need("psycopg", has_module("psycopg"), "pip install '.[postgres]'")
+    with pytest.raises(ledger.ConfigError, match="table"):
+        ledger.PostgresStore("postgresql://db/x", table='ledger"; DROP TABLE users; --')
+
+
+def test_postgres_records_its_schema_version_and_refuses_a_newer_one():
+    store = postgres_store()
+    with postgres_admin() as admin:
+        comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (store.table,)).fetchone()[0]
+        assert comment == f"ledger.py records, schema {ledger.SCHEMA_VERSION}"
+        admin.execute(f'COMMENT ON TABLE "{store.table}" IS \'ledger.py records, schema 99\'')
+    with pytest.raises(ledger.StoreError, match="newer"):
+        ledger.PostgresStore(POSTGRES_URL, table=store.table)
+
+
+def test_postgres_refuses_a_table_that_is_not_a_ledger_table():
+    need_postgres()
+    table = scratch_name()
+    SERVER_SCRATCH.append(lambda: drop_postgres_table(table))
+    with postgres_admin() as admin:
+        admin.execute(f'CREATE TABLE "{table}" (id int)')
+    with pytest.raises(ledger.StoreError, match="not a ledger.py table"):
+        ledger.PostgresStore(POSTGRES_URL, table=table)
+
+
+def test_redis_refuses_records_from_a_newer_version():
+    store = redis_store()
+    with redis_admin(store) as admin:
+        admin.execute_command("SELECT", REDIS_URL.rsplit("/", 1)[-1])
+        admin.set(store.prefix + "schema", 99)
+    with pytest.raises(ledger.StoreError, match="newer"):
+        ledger.RedisStore(REDIS_URL, prefix=store.prefix)
+
+
+def test_driver_errors_become_store_errors(server_store):
+    server_store.insert(scratch_record())
+    if isinstance(server_store, ledger.PostgresStore):
+        drop_postgres_table(server_store.table)
+    else:
+        server_store._client.set(server_store._key("r1"), "not a hash")
+    with pytest.raises(ledger.StoreError):
+        server_store.get("r1")
+
+
+def test_a_server_store_without_a_secret_fails_before_the_tool_runs(server_store, monkeypatch):
+    monkeypatch.delenv("LEDGER_SECRET", raising=False)
+    with pytest.raises(ledger.ConfigError, match="LEDGER_SECRET"):
+        Guard(server_store, quiet=True)(charge, 1)
+    assert CHARGES == [] and server_store.records() == []
+
+
+def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_once(server_store):
+    guard = Guard(server_store, quiet=True, secret="s")
+    killed = []
+
+    def tool():
+        killed.append(kill_connections(server_store))
+        return "done"
+    assert guard(tool) == "done" and killed[0] >= 1
+    assert guard(tool) is BLOCKED and len(killed) == 1
+    assert [r.status for r in server_store.records()] == ["SUCCESS"]
+
+
+def test_a_connection_killed_during_a_write_is_settled_by_reading_the_record_back(server_store):
+    record = scratch_record()
+    server_store.insert(record)
+    done = record.evolve(status="SUCCESS", result='"v"', runs=1)
+    results = []
+    with writes_stalled(server_store, record.id) as stalled:
+        writer = threading.Thread(target=lambda: results.append(server_store.swap(done, 1, "a")))
+        writer.start()
+        wait_for(stalled, what="the write to wait on the server")
+        assert kill_connections(server_store) >= 1
+    writer.join(10)
+    assert results == [True]
+    assert server_store.get(record.id).as_dict() == done.as_dict()
+
+
+class TcpProxy:
+    """Forwards a local port to a server. `cut` drops every connection and refuses
+    new ones until `restore`: what clients see of a server restart."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port, self.cuts = target, free_port(), 0
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            doomed, self.sockets = [self.listener] + self.sockets, []
+        for s in doomed:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.cuts += 1
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_postgres_survives_a_restart_between_claim_and_completion():
+    need_postgres()
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    proxy = TcpProxy((parts.hostname, parts.port or 5432))
+    store = postgres_store(url=with_address(POSTGRES_URL, proxy.port, parts.netloc.rpartition("@")[0] + "@"))
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+
+    def tool():
+        runs.append(1)
+        proxy.cut()   # every connection drops, and the server refuses new ones for a while
+        threading.Timer(0.3, proxy.restore).start()
+        return "done"
+    assert guard(tool) == "done"
+    assert guard(tool) is BLOCKED and runs == [1] and proxy.cuts == 1
+    assert [r.status for r in store.records()] == ["SUCCESS"]
+    guard.close()
+    proxy.cut()
+
+
+class RedisServer:
+    """A private redis-server that logs every write to its append-only file before answering."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.port, self.folder, self.process = free_port(), folder, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+                                        text=True).stdout.strip() == "PONG", what="redis-server to start")
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    need("redis-server", shutil.which("redis-server") is not None and has_module("redis"),
+         "install redis-server (apt-get install redis-server) and pip install '.[redis]'")
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
+
+
+def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
+    store = redis_store(url=private_redis.url)
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+
+    def tool():
+        runs.append(1)
+        private_redis.kill()   # SIGKILL: only what the append-only file holds comes back
+        threading.Timer(0.2, private_redis.start).start()
+        return "done"
+    assert guard(tool) == "done"
+    assert guard(tool) is BLOCKED and runs == [1]
+    private_redis.kill()
+    private_redis.start()
+    assert [r.status for r in store.records()] == ["SUCCESS"]
+    assert guard(tool) is BLOCKED and runs == [1]
+    guard.close()
+
+
+def _finish_until_stopped(store, record, stop):
+    done = record.evolve(status="SUCCESS")
+    while not stop.is_set():
+        store.swap(done, record.epoch, record.owner)
+        store.swap(record, done.epoch, done.owner)
+        time.sleep(0.05)
+
+
+def test_a_waiter_in_another_process_is_woken_by_the_server_not_its_timeout(server_store):
+    record = scratch_record()
+    server_store.insert(record)
+    started = time.monotonic()
+    server_store.wait(record.id, 0.3)   # nothing finishes: it sleeps its timeout
+    assert time.monotonic() - started >= 0.29
+    stop = FORK.Event()
+    finisher = FORK.Process(target=_finish_until_stopped, args=(server_store, record, stop))
+    finisher.start()
+    try:
+        started = time.monotonic()
+        server_store.wait(record.id, 10.0)
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        finisher.join(10)
+
+
+def test_server_stores_are_safe_after_fork(server_store):
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard(charge, 1)
+    session = session_id(server_store)
+    queue = FORK.Queue()
+    child = FORK.Process(target=_use_after_fork, args=(server_store, queue))
+    child.start()
+    assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
+    child.join(10)
+    assert session_id(server_store) == session, "the parent's connection must outlive the child untouched"
+    assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
+
+
+def test_redis_gives_a_ttl_record_a_server_expiry_only_once_it_succeeded():
+    store = redis_store()
+    guard = Guard(store, quiet=True, secret="s")
+    seen = []
+
+    def tool():
+        seen.append(store._client.pttl(store._key(store.records()[0].id)))
+        return 1
+    guard.policy(tool, ttl=30)
+    guard(tool)
+    expiry = store._client.pttl(store._key(store.records()[0].id))
+    assert seen == [-1]   # a running record never vanishes
+    assert (30 + ledger.REDIS_EXPIRY_GRACE - 2) * 1000 < expiry <= (30 + ledger.REDIS_EXPIRY_GRACE) * 1000
+
+
+def test_a_redis_record_that_expired_on_the_server_runs_again(monkeypatch):
+    monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
+    store = redis_store()
+    guard = Guard(store, quiet=True, secret="s")
+    tool = Counter(result="fresh")
+    guard.policy(tool, ttl=0.2, replay=True)
+    assert guard(tool) == "fresh" and guard(tool) == "fresh" and len(tool.calls) == 1
+    key = store._key(store.records()[0].id)
+    wait_for(lambda: not store._client.exists(key), what="the server to expire the record")
+    assert store.records() == []
+    assert guard(tool) == "fresh" and len(tool.calls) == 2
+
+
+def test_the_redis_workflow_index_forgets_expired_records(monkeypatch):
+    monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
+    store = redis_store()
+    for n in range(200):
+        store.insert(scratch_record(f"r{n}", expires=time.time()))
+        time.sleep(0.001)
+    assert store._client.zcard(store.prefix + "w:wf") < 50
+
 
 # ---------------------------------------------------------------------------
 # Public Guard: wrapping, policies, operating, output.
