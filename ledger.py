@@ -23,7 +23,9 @@ and all get its result, then reuse it for `ttl` seconds::
     guard.policy("search", replay=True, ttl=300)
 
 Records live in SQLite (``$LEDGER_DB`` or ``./ledger.db``, opened on first
-use); ``Guard(":memory:")`` keeps them in memory for tests. Inside a running
+use); ``Guard(":memory:")`` keeps them in memory for tests. Workers on several
+machines share PostgreSQL or Redis instead (``LEDGER_DB=postgresql://...`` or
+``redis://...``, with ``LEDGER_SECRET`` set). Inside a running
 tool, ``current_key()`` is a stable idempotency key to hand to the downstream
 API, which is what makes a crash between the side effect and the record
 harmless.
