@@ -1055,7 +1055,7 @@ def _without_query_parameter(url: str, name: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(query=rest)), values[-1]
 
 
-_PG_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,39}"
+_PG_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,30}"   # so that "schema.table" fits a NOTIFY channel name
 _PG_TYPES = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text"}
 _PG_DEFAULTS = {"connect_timeout": "10", "application_name": "ledger.py",
                 "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}

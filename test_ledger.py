@@ -1308,8 +1308,10 @@ def writes_stalled(store, id):
     predicate that tells when one is waiting."""
     if isinstance(store, ledger.PostgresStore):
         with postgres_admin() as admin:
-            with admin.transaction():
-                admin.execute(f'SELECT 1 FROM "{store.table}" WHERE id = %s FOR UPDATE', (id,))
+            with admin.transaction(force_rollback=True):
+                # A row lock stalls an update; an uncommitted row with the same id stalls an insert.
+                if not admin.execute(f'SELECT 1 FROM "{store.table}" WHERE id = %s FOR UPDATE', (id,)).fetchall():
+                    admin.execute(f'INSERT INTO "{store.table}" (id) VALUES (%s)', (id,))
                 yield lambda: admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
                                             "AND wait_event_type = 'Lock'", (store.table,)).fetchall()
         return
@@ -1483,6 +1485,19 @@ def test_a_connection_killed_during_a_write_is_settled_by_reading_the_record_bac
     writer.join(10)
     assert results == [True]
     assert server_store.get(record.id).as_dict() == done.as_dict()
+
+
+def test_a_claim_whose_connection_was_killed_is_settled_by_reading_the_record_back(server_store):
+    record = scratch_record()
+    results = []
+    with writes_stalled(server_store, record.id) as stalled:
+        claimer = threading.Thread(target=lambda: results.append(server_store.insert(record)))
+        claimer.start()
+        wait_for(stalled, what="the claim to wait on the server")
+        assert kill_connections(server_store) >= 1
+    claimer.join(10)
+    assert results == [True]
+    assert server_store.get(record.id).as_dict() == record.as_dict()
 
 
 class TcpProxy:
