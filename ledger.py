@@ -1611,6 +1611,10 @@ class _Heartbeat:
         self.runs: dict[int, _Run] = {}
         self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
+        # Held while the heartbeat is inside a store: fork() waits for it, because a
+        # child forked while this thread holds a driver's internal lock (SQLite's
+        # mutexes) would deadlock on its first database call.
+        self.io = threading.Lock()
 
     def add(self, run: _Run) -> None:
         with self.cond:
@@ -1645,10 +1649,11 @@ class _Heartbeat:
                 due = [r for r in self.runs.values() if r.renew_at <= now]
                 cores = list(self.cores) if now >= next_flush else []
             try:
-                for run in due:
-                    run.renew()
-                for core in cores:
-                    core.flush(quietly=True)
+                with self.io:
+                    for run in due:
+                        run.renew()
+                    for core in cores:
+                        core.flush(quietly=True)
             except Exception:  # the heartbeat must outlive any one store's fault
                 log.exception("ledger heartbeat: unexpected error; continuing")
             if cores:
@@ -1765,7 +1770,9 @@ def _flush_all(quietly: bool = False) -> None:
 
 atexit.register(_flush_all, quietly=True)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=lambda: _HEARTBEAT.io.acquire(),
+                        after_in_parent=lambda: _HEARTBEAT.io.release(),
+                        after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------
@@ -2035,7 +2042,6 @@ class _Core:
         return _Run(self, call, record)
 
     def started(self, run: _Run) -> _Run:
-        self.secret  # a missing or unreadable key must fail before the tool runs, not after
         self.count(run.call.id, 1, 0)
         _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
         _HEARTBEAT.add(run)

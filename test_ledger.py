@@ -727,6 +727,11 @@ PERSISTENT = [name for name in STORES if name != "memory"]
 FORK = multiprocessing.get_context("fork")
 
 
+def forked(target, *args):
+    """A child process sharing the test's objects; a daemon, so a stuck child cannot hold up the run."""
+    return FORK.Process(target=target, args=args, daemon=True)
+
+
 @pytest.fixture(params=PERSISTENT)
 def shared_store(request, tmp_path):
     """A store that several processes can share."""
@@ -779,7 +784,7 @@ def _race_in_process(store, path, barrier, queue):
 
 def test_processes_racing_on_one_call_run_it_once(shared_store, tmp_path):
     path, barrier, queue = str(tmp_path / "runs"), FORK.Barrier(4), FORK.Queue()
-    procs = [FORK.Process(target=_race_in_process, args=(shared_store, path, barrier, queue)) for _ in range(4)]
+    procs = [forked(_race_in_process, shared_store, path, barrier, queue) for _ in range(4)]
     [p.start() for p in procs]
     values = [queue.get(timeout=30) for _ in procs]
     [p.join(10) for p in procs]
@@ -892,7 +897,7 @@ def _run_long_tool(store, path, lease, sleep, queue=None):
 
 def test_a_tool_running_ten_times_its_lease_is_never_run_twice(shared_store, tmp_path):
     path = str(tmp_path / "runs")
-    leader = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.2, 2.0))
+    leader = forked(_run_long_tool, shared_store, path, 0.2, 2.0)
     leader.start()
     wait_for(lambda: runs_of(path), what="the leader to start")
     guard = Guard(shared_store, quiet=True, secret="s")
@@ -908,7 +913,7 @@ def test_a_tool_running_ten_times_its_lease_is_never_run_twice(shared_store, tmp
 
 def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_path):
     path = str(tmp_path / "runs")
-    victim = FORK.Process(target=_run_long_tool, args=(shared_store, path, 1.0, 60))
+    victim = forked(_run_long_tool, shared_store, path, 1.0, 60)
     victim.start()
     wait_for(lambda: runs_of(path), what="the victim to start")
     os.kill(victim.pid, signal.SIGKILL)
@@ -928,7 +933,7 @@ def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_p
 
 def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, tmp_path):
     path = str(tmp_path / "runs")
-    victim = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.3, 60))
+    victim = forked(_run_long_tool, shared_store, path, 0.3, 60)
     victim.start()
     wait_for(lambda: runs_of(path), what="the victim to start")
     os.kill(victim.pid, signal.SIGKILL)
@@ -945,7 +950,7 @@ def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, 
 
 def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(shared_store, tmp_path):
     path, queue = str(tmp_path / "runs"), FORK.Queue()
-    paused = FORK.Process(target=_run_long_tool, args=(shared_store, path, 0.4, 1.0, queue))
+    paused = forked(_run_long_tool, shared_store, path, 0.4, 1.0, queue)
     paused.start()
     wait_for(lambda: runs_of(path), what="the leader to start")
     os.kill(paused.pid, signal.SIGSTOP)
@@ -1202,7 +1207,7 @@ def test_sqlite_is_safe_after_fork(tmp_path):
     guard = Guard(store, quiet=True, secret="s")
     guard(charge, 1)
     queue = FORK.Queue()
-    child = FORK.Process(target=_use_after_fork, args=(store, queue))
+    child = forked(_use_after_fork, store, queue)
     child.start()
     assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
     child.join()
@@ -1628,7 +1633,7 @@ def test_a_waiter_in_another_process_is_woken_by_the_server_not_its_timeout(serv
     server_store.wait(record.id, 0.3)   # nothing finishes: it sleeps its timeout
     assert time.monotonic() - started >= 0.29
     stop = FORK.Event()
-    finisher = FORK.Process(target=_finish_until_stopped, args=(server_store, record, stop))
+    finisher = forked(_finish_until_stopped, server_store, record, stop)
     finisher.start()
     try:
         started = time.monotonic()
@@ -1649,7 +1654,7 @@ def test_server_stores_never_share_a_connection_across_fork(server_store):
     guard(charge, 1)
     session = session_id(server_store)
     queue = FORK.Queue()
-    child = FORK.Process(target=_use_after_fork_and_tell_the_session, args=(server_store, queue))
+    child = forked(_use_after_fork_and_tell_the_session, server_store, queue)
     child.start()
     assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
     assert queue.get(timeout=10) != session, "the child must open its own connection"
@@ -2929,3 +2934,4 @@ def test_dashboard_in_a_real_browser(ledger_db):
             assert (dialogs, errors) == ([], [])
         finally:
             browser.close()
+
