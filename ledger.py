@@ -1866,6 +1866,7 @@ class _Core:
         self.names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.callbacks: dict[str, list[Callable[[Record], Any]]] = {"success": [], "block": [], "fail": []}
         self.pending: dict[str, list[int]] = {}
+        self.flushing = threading.Lock()
         self.fenced = 0
         self.recent: dict[str, list[tuple[float, str, str]]] = {}
         self.warned: set[str] = set()
@@ -1904,11 +1905,17 @@ class _Core:
                 pending[1] += blocked
 
     def flush(self, quietly: bool = False) -> None:
-        """Write buffered counters; on failure they stay buffered for the next flush."""
-        with self.lock:
-            pending, self.pending = self.pending, {}
-        if not pending or self._store is None:
-            return
+        """Write buffered counters; on failure they stay buffered for the next flush.
+
+        One flush at a time, so a reader that flushes first (stats, history) also
+        waits for a batch the heartbeat has taken but not yet written."""
+        with self.flushing:
+            with self.lock:
+                pending, self.pending = self.pending, {}
+            if pending and self._store is not None:
+                self._write_counts(pending, quietly)
+
+    def _write_counts(self, pending: dict[str, list[int]], quietly: bool) -> None:
         try:
             self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
         except LedgerError as e:
@@ -1923,7 +1930,7 @@ class _Core:
 
     def forget_pending(self) -> None:
         self.pending = {}
-        self.lock = threading.Lock()
+        self.lock, self.flushing = threading.Lock(), threading.Lock()
 
     def name_of(self, fn: Callable, info: _ToolInfo) -> str:
         """The name a function's records are kept under: the one it was wrapped under, if any."""

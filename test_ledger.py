@@ -2935,3 +2935,18 @@ def test_dashboard_in_a_real_browser(ledger_db):
         finally:
             browser.close()
 
+
+
+def test_stats_wait_for_counts_the_heartbeat_is_writing(tmp_path, monkeypatch):
+    class SlowCounts(SQLiteStore):
+        def add_counts(self, counts):
+            time.sleep(0.3)
+            super().add_counts(counts)
+    guard = Guard(SlowCounts(tmp_path / "l.db"), quiet=True, secret="s")
+    guard(charge, 1)
+    guard(charge, 1)
+    heartbeat_flush = threading.Thread(target=guard._core.flush)
+    heartbeat_flush.start()
+    time.sleep(0.05)  # the batch is taken and being written
+    assert guard.stats()["attempts"] == 2
+    heartbeat_flush.join()
