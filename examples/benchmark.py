@@ -1,0 +1,486 @@
+"""What a guard costs per tool call, measured against the raw floor of SQLite.
+
+    python examples/benchmark.py                          # memory and SQLite, under two minutes
+    python examples/benchmark.py --store sqlite --json    # one store, machine-readable
+    python examples/benchmark.py --store postgres --url postgresql://postgres@127.0.0.1:5432/test
+    python examples/benchmark.py --store redis --url redis://127.0.0.1:6379/15
+    python examples/benchmark.py --quick                  # tiny counts: seconds, for a smoke test
+
+Every figure is per guarded call: the median and the 99th percentile. The raw
+floor is measured in the same run: the bare sqlite3 statements that a claim and
+its completion need (SELECT, INSERT, UPDATE, each its own commit) and that a
+lookup needs (SELECT), on the same table in a WAL file with synchronous=NORMAL.
+Standard library only; stores are opened with ledger.open_store(url).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import secrets
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import ledger  # noqa: E402
+
+FILTERS = {"brand": "acme", "size": 42}
+TAGS = ["new", "sale"]
+
+
+def search(query: str, limit: int, min_score: float, filters: dict, tags: list) -> dict:
+    """The typical tool call: five arguments (str, int, float, a small dict, a list); does nothing."""
+    return {"hits": limit}
+
+
+def search_replayed(query: str, limit: int, min_score: float, filters: dict, tags: list) -> dict:
+    return {"hits": limit}
+
+
+def call_args(n: int | str) -> dict:
+    return dict(query=f"running shoes {n}", limit=10, min_score=0.5, filters=FILTERS, tags=TAGS)
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+def summary(samples_ns: list[int]) -> dict:
+    """Median and p99 in microseconds."""
+    ordered = sorted(samples_ns)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"median_us": round(statistics.median(ordered) / 1e3, 2), "p99_us": round(p99 / 1e3, 2),
+            "n": len(ordered)}
+
+
+def timed(fn, items) -> dict:
+    clock = time.perf_counter_ns
+    samples = []
+    for item in items:
+        start = clock()
+        fn(item)
+        samples.append(clock() - start)
+    return summary(samples)
+
+
+def ms_summary(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"p50_ms": None, "p99_ms": None}
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"p50_ms": round(statistics.median(ordered) * 1e3, 3), "p99_ms": round(p99 * 1e3, 3)}
+
+
+# ---------------------------------------------------------------------------
+# Stores
+# ---------------------------------------------------------------------------
+
+class Stores:
+    """Fresh stores of one kind, each emptied when the benchmark ends."""
+
+    def __init__(self, kind: str, url: str | None, folder: str):
+        self.kind, self.url, self.folder = kind, url, folder
+        self.opened: list[ledger.Store] = []
+        self.count = 0
+
+    def new_url(self) -> str:
+        self.count += 1
+        if self.kind == "memory":
+            return ":memory:"
+        if self.kind == "sqlite":
+            if self.url:
+                return self.url
+            return "sqlite:///" + os.path.join(self.folder, f"bench-{self.count}.db")
+        if not self.url:
+            raise SystemExit(f"--store {self.kind} needs --url")
+        return self.url
+
+    def open(self) -> ledger.Store:
+        store = ledger.open_store(self.new_url())
+        store.clear()
+        self.opened.append(store)
+        return store
+
+    def guard(self, store: ledger.Store | None = None) -> ledger.Guard:
+        return ledger.Guard(store or self.open(), quiet=True, secret="benchmark")
+
+    def close(self) -> None:
+        for store in self.opened:
+            try:
+                if self.kind not in ("memory", "sqlite") or self.url:
+                    store.clear()
+                store.close()
+            except ledger.LedgerError:
+                pass
+
+
+def fill(store: ledger.Store, upto: int) -> float:
+    """Add filler records until the store holds `upto`; seconds taken. Uses the fastest
+    path the store offers, since a million single inserts would dominate the run."""
+    have = len(store.records()) if not isinstance(store, (ledger.MemoryStore, ledger.SQLiteStore)) else None
+    start = time.perf_counter()
+    now = time.time()
+    template = ledger.Record(
+        id="", tool="bench.filler", workflow="filler", caller=None, status="SUCCESS", owner="0" * 16,
+        epoch=1, lease_until=now, run_key="", runs=1, created=now, updated=now, started=now, duration=0.001,
+        attempts=1, executed=1, result='{"hits":10}', sig="0" * 64,
+        args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,"query":"filler","tags":["new"]}')
+    if isinstance(store, ledger.MemoryStore):
+        missing = upto - len(store._rows)
+        for id in sorted(secrets.token_hex(16) for _ in range(missing)):
+            store._rows[id] = template.evolve(id=id, run_key=id)
+    elif isinstance(store, ledger.SQLiteStore):
+        conn = store._conn()
+        missing = upto - conn.execute("SELECT count(*) FROM records").fetchone()[0]
+        values = [getattr(template, f) for f in ledger.RECORD_FIELDS]
+        at = ledger.RECORD_FIELDS.index("id"), ledger.RECORD_FIELDS.index("run_key")
+
+        def rows():
+            for id in sorted(secrets.token_hex(16) for _ in range(missing)):
+                values[at[0]] = values[at[1]] = id
+                yield values
+        marks = ", ".join("?" * len(values))
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(f"INSERT INTO records ({', '.join(ledger.RECORD_FIELDS)}) VALUES ({marks})", rows())
+    else:
+        for _ in range(upto - have):
+            id = secrets.token_hex(16)
+            store.insert(template.evolve(id=id, run_key=id))
+    gc.collect()
+    gc.freeze()  # a million filler records would otherwise make every full collection slow
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------
+# The raw floor: bare sqlite3, same table, same settings
+# ---------------------------------------------------------------------------
+
+def raw_floor(folder: str, calls: int) -> dict:
+    path = os.path.join(folder, "floor.db")
+    ledger.SQLiteStore(path).close()  # creates the ledger's own table
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    columns = ledger.RECORD_FIELDS
+    row = ledger.Record(id="", tool="bench.search", workflow="default", caller=None, status="RUNNING",
+                        owner=secrets.token_hex(8), epoch=1, lease_until=0.0, run_key="", started=0.0,
+                        args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,'
+                             '"query":"running shoes 1","tags":["new","sale"]}')
+    insert = f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    state = [f for f in columns if f not in ("attempts", "blocked")]
+    update = f"UPDATE records SET {', '.join(f + ' = ?' for f in state)} WHERE id = ? AND epoch = ? AND owner = ?"
+    select = f"SELECT {', '.join(columns)} FROM records WHERE id = ?"
+    ids = [secrets.token_hex(16) for _ in range(calls)]
+
+    def claim_and_complete(id: str) -> None:
+        conn.execute(select, (id,)).fetchone()
+        values = [getattr(row, f) for f in columns]
+        values[0] = values[columns.index("run_key")] = id
+        conn.execute(insert, values)
+        done = [getattr(row, f) for f in state] + [id, 1, row.owner]
+        done[0] = id
+        done[state.index("status")] = "SUCCESS"
+        conn.execute(update, done)
+
+    def lookup(id: str) -> None:
+        conn.execute(select, (id,)).fetchone()
+
+    figures = {"claim_complete": timed(claim_and_complete, ids), "lookup": timed(lookup, ids * 2)}
+    conn.close()
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# Per-call paths
+# ---------------------------------------------------------------------------
+
+def fingerprint_cost(calls: int) -> dict:
+    g = ledger.Guard(":memory:", quiet=True)
+    kwargs = [call_args(i) for i in range(calls)]
+    return timed(lambda kw: g._prepare(search, (), kw), kwargs)
+
+
+def miss_and_hit(stores: Stores, calls: int) -> dict:
+    g = stores.guard()
+    g.policy(search_replayed, replay=True)
+    guard = g.__call__
+    keys = [call_args(secrets.token_hex(4)) for _ in range(calls)]
+    miss = timed(lambda kw: guard(search, **kw), keys)
+    for kw in keys:
+        guard(search_replayed, **kw)
+    blocked = timed(lambda kw: guard(search, **kw), keys)
+    replayed = timed(lambda kw: guard(search_replayed, **kw), keys)
+    assert guard(search, **keys[0]) is ledger.BLOCKED and guard(search_replayed, **keys[0]) == {"hits": 10}
+    g.close()
+    return {"miss": miss, "hit_blocked": blocked, "hit_replayed": replayed}
+
+
+def scale(stores: Stores, sizes: list[int], calls: int) -> dict:
+    store = stores.open()
+    g = stores.guard(store)
+    out = {}
+    for size in sizes:
+        filled = fill(store, size)
+        keys = [call_args(secrets.token_hex(4)) for _ in range(calls)]
+        miss = timed(lambda kw: g(search, **kw), keys)
+        hit = timed(lambda kw: g(search, **kw), keys)
+        out[str(size)] = {"miss": miss, "hit": hit, "fill_s": round(filled, 2)}
+    g.close()
+    gc.unfreeze()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Shared wait: threads and asyncio tasks on one key while the tool runs
+# ---------------------------------------------------------------------------
+
+def shared_wait(stores: Stores, threads: int, tasks: int, tool_ms: float) -> dict:
+    g = stores.guard()
+    runs: list[float] = []
+    leaders: set = set()
+
+    def slow_search(query: str) -> dict:
+        leaders.add(threading.get_ident())
+        time.sleep(tool_ms / 1e3)
+        runs.append(time.perf_counter())
+        return {"hits": 1}
+
+    async def slow_search_async(query: str) -> dict:
+        leaders.add(asyncio.current_task())
+        await asyncio.sleep(tool_ms / 1e3)
+        runs.append(time.perf_counter())
+        return {"hits": 1}
+
+    g.policy("bench.shared", replay=True)
+    sync_tool = g.wrap_tools({"bench.shared": slow_search})["bench.shared"]
+    async_tool = g.wrap_tools({"bench.shared": slow_search_async})["bench.shared"]
+    query = secrets.token_hex(8)
+    barrier = threading.Barrier(threads + 1)
+    returned: list[float] = []  # when each duplicate got the shared result
+
+    def in_thread() -> None:
+        barrier.wait()
+        sync_tool(query=query)
+        if threading.get_ident() not in leaders:
+            returned.append(time.perf_counter())
+
+    async def in_task() -> None:
+        await async_tool(query=query)
+        if asyncio.current_task() not in leaders:
+            returned.append(time.perf_counter())
+
+    async def all_tasks() -> None:
+        await asyncio.gather(*(in_task() for _ in range(tasks)))
+
+    def event_loop() -> None:
+        barrier.wait()
+        asyncio.run(all_tasks())
+
+    workers = [threading.Thread(target=in_thread) for _ in range(threads)]
+    workers.append(threading.Thread(target=event_loop))
+    for w in workers:
+        w.start()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    g.close()
+    finished = runs[0] if runs else 0.0
+    delays = [t - finished for t in returned]
+    return {"executions": len(runs), "waiters": len(returned), "wall_ms": round(wall * 1e3, 1),
+            "wake": ms_summary(delays)}
+
+
+# ---------------------------------------------------------------------------
+# Cross-process: processes on the same keys, then on distinct keys
+# ---------------------------------------------------------------------------
+
+def cross_worker(url: str, keys: list[str], distinct: int, tool_ms: float, barrier, results) -> None:
+    g = ledger.Guard(ledger.open_store(url), quiet=True, secret="benchmark")
+
+    def cross_search(query: str) -> dict:
+        time.sleep(tool_ms / 1e3)
+        return {"end": time.time()}
+
+    g.policy(cross_search, replay=True)
+    executed, delays = {}, []
+    barrier.wait()
+    for key in keys:
+        outcome = g.execute(cross_search, query=key)
+        if outcome.source == "executed":
+            executed[key] = executed.get(key, 0) + 1
+        else:
+            delays.append(time.time() - outcome.value["end"])
+    barrier.wait()
+    start = time.time()
+    for i in range(distinct):
+        g(search, **call_args(f"{os.getpid()}-{i}-{secrets.token_hex(2)}"))
+    end = time.time()
+    g.close()
+    results.put({"executed": executed, "delays": delays, "start": start, "end": end, "calls": distinct})
+
+
+def cross_process(stores: Stores, processes: int, keys: int, distinct: int, tool_ms: float) -> dict:
+    store = stores.open()
+    url = store.url
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    names = [secrets.token_hex(8) for _ in range(keys)]
+    workers = [ctx.Process(target=cross_worker, args=(url, names, distinct, tool_ms, barrier, results))
+               for _ in range(processes)]
+    for w in workers:
+        w.start()
+    reports = [results.get(timeout=300) for _ in workers]
+    for w in workers:
+        w.join()
+    per_key = {name: sum(r["executed"].get(name, 0) for r in reports) for name in names}
+    delays = [d for r in reports for d in r["delays"]]
+    span = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return {"processes": processes, "keys": keys,
+            "executions_per_key": {"min": min(per_key.values()), "max": max(per_key.values())},
+            "wake": ms_summary(delays),
+            "distinct_calls_per_s": round(sum(r["calls"] for r in reports) / span)}
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def ratio(figure: dict, floor: dict) -> str:
+    return f"{figure['median_us'] / floor['median_us']:.2f}x"
+
+
+def table(report: dict) -> str:
+    floor = report["floor"]
+    stores = list(report["stores"])
+    lines = [f"| path (median / p99 per call) | {' | '.join(stores)} |", "|---" * (len(stores) + 1) + "|"]
+
+    def row(label: str, cell) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(report["stores"][s]) for s in stores) + " |")
+
+    def us(figure: dict | None, against: dict | None = None) -> str:
+        if figure is None:
+            return "—"
+        text = f"{figure['median_us']:.1f} / {figure['p99_us']:.1f} µs"
+        return text + (f" ({ratio(figure, against)} floor)" if against else "")
+
+    row("fingerprint (5 arguments)", lambda s: us(s["fingerprint"]))
+    row("miss: claim + no-op tool + complete", lambda s: us(s["miss"], floor["claim_complete"]))
+    row("hit: blocked", lambda s: us(s["hit_blocked"], floor["lookup"]))
+    row("hit: replayed", lambda s: us(s["hit_replayed"], floor["lookup"]))
+    row("shared wait: executions / wall", lambda s: f"{s['shared_wait']['executions']} / "
+                                                     f"{s['shared_wait']['wall_ms']:.0f} ms")
+    row("shared wait: wake-up p50 / p99", lambda s: f"{s['shared_wait']['wake']['p50_ms']:.2f} / "
+                                                     f"{s['shared_wait']['wake']['p99_ms']:.2f} ms")
+
+    def cross(s: dict, what: str) -> str:
+        c = s.get("cross_process")
+        if c is None:
+            return "—"
+        if what == "executions":
+            e = c["executions_per_key"]
+            return f"{e['min']}..{e['max']} per key ({c['processes']} processes)"
+        if what == "wake":
+            return f"{c['wake']['p50_ms']:.1f} / {c['wake']['p99_ms']:.1f} ms"
+        return f"{c['distinct_calls_per_s']:,}"
+    row("cross-process: executions", lambda s: cross(s, "executions"))
+    row("cross-process: wake-up p50 / p99", lambda s: cross(s, "wake"))
+    row("cross-process: calls/s, distinct keys", lambda s: cross(s, "rate"))
+    sizes = list(next(iter(report["stores"].values()))["scale"])
+    for size in sizes:
+        row(f"miss with {int(size):,} records", lambda s: us(s["scale"][size]["miss"], floor["claim_complete"]))
+        row(f"hit with {int(size):,} records", lambda s: us(s["scale"][size]["hit"], floor["lookup"]))
+    lines.append(f"| raw floor: claim + complete (SELECT, INSERT, UPDATE) | "
+                 + " | ".join(us(floor["claim_complete"]) for _ in stores) + " |")
+    lines.append(f"| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "os": platform.platform()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="ledger-bench-")
+    try:
+        report = {"machine": machine(), "floor": raw_floor(folder, args.calls), "stores": {}}
+        fp = fingerprint_cost(args.calls)
+        for kind in args.store:
+            stores = Stores(kind, args.url, folder)
+            try:
+                figures = {"fingerprint": fp}
+                figures.update(miss_and_hit(stores, args.calls))
+                figures["shared_wait"] = shared_wait(stores, args.threads, args.tasks, args.tool_ms)
+                figures["cross_process"] = None if kind == "memory" else cross_process(
+                    stores, args.processes, args.keys, args.calls, args.cross_tool_ms)
+                figures["scale"] = scale(stores, args.scale, args.calls)
+                report["stores"][kind] = figures
+            finally:
+                stores.close()
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        return report
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", action="append", choices=["memory", "sqlite", "postgres", "redis"],
+                        help="store to measure (repeatable; default: memory and sqlite)")
+    parser.add_argument("--url", help="store URL for postgres or redis (or an SQLite file for sqlite)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--calls", type=int, default=5000, help="timed calls per path (default 5000)")
+    parser.add_argument("--threads", type=int, default=100, help="threads in the shared wait (default 100)")
+    parser.add_argument("--tasks", type=int, default=100, help="asyncio tasks in the shared wait (default 100)")
+    parser.add_argument("--tool-ms", type=float, default=50, help="the shared tool's run time (default 50)")
+    parser.add_argument("--processes", type=int, default=4, help="processes in the cross-process test")
+    parser.add_argument("--keys", type=int, default=50, help="shared keys in the cross-process test")
+    parser.add_argument("--cross-tool-ms", type=float, default=10, help="the cross-process tool's run time")
+    parser.add_argument("--scale", default="1000,100000,1000000",
+                        help="record counts for the scale test (default 1000,100000,1000000)")
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test in seconds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calls, args.threads, args.tasks, args.tool_ms = 200, 10, 10, 20
+        args.processes, args.keys, args.cross_tool_ms, args.scale = 2, 5, 5, "100,1000"
+    args.store = args.store or ["memory", "sqlite"]
+    args.scale = [int(n) for n in args.scale.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        m = report["machine"]
+        print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, SQLite {m['sqlite']}; "
+              f"{report['seconds']} s\n")
+        print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
