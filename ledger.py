@@ -55,6 +55,7 @@ import inspect
 import json
 import logging
 import math
+import operator
 import os
 import pathlib
 import re
@@ -476,7 +477,13 @@ def _unsupported(value: Any) -> bool:
 
 def fingerprint(tool: str, workflow: str, arguments: Any) -> str:
     """sha256 of the canonical (tool, workflow, arguments) triple, 32 hex digits."""
-    return hashlib.sha256(_dump([tool, workflow, arguments]).encode()).hexdigest()[:32]
+    return _fingerprint_text(tool, workflow, _dump(arguments))
+
+
+def _fingerprint_text(tool: str, workflow: str, arguments_text: str) -> str:
+    """`fingerprint` from the arguments already dumped, which a new call's record keeps too."""
+    triple = "[" + _dump(tool) + "," + _dump(workflow) + "," + arguments_text + "]"  # == _dump([tool, ...])
+    return hashlib.sha256(triple.encode()).hexdigest()[:32]
 
 
 # ---------------------------------------------------------------------------
@@ -528,12 +535,13 @@ class Record:
     cost: float | None = None
 
     def evolve(self, **changes: Any) -> Record:
-        values = {name: getattr(self, name) for name in RECORD_FIELDS}
-        values.update(changes)
-        return Record(**values)
+        record = Record(*_record_values(self))
+        for name, value in changes.items():
+            setattr(record, name, value)
+        return record
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in RECORD_FIELDS}
+        return dict(zip(RECORD_FIELDS, _record_values(self)))
 
     def stale(self, now: float | None = None) -> bool:
         """RUNNING whose lease ran out: its owner died or was paused."""
@@ -541,6 +549,7 @@ class Record:
 
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+_record_values = operator.attrgetter(*RECORD_FIELDS)  # all fields in order, in one C call
 COUNTER_FIELDS = ("attempts", "blocked")
 STATE_FIELDS = tuple(f for f in RECORD_FIELDS if f not in COUNTER_FIELDS)
 
@@ -632,13 +641,24 @@ def _codec(serializer: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]
     raise ConfigError(f"serializer must have dumps and loads, or be a (dumps, loads) pair, not {serializer!r}")
 
 
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _RESULT_ENCODER.encode(value)  # as json.dumps(value, ...) without building an encoder per call
 
 
 def _sign(secret: bytes, r: Record) -> str:
     message = "\x00".join((r.id, str(r.epoch), r.run_key, r.result or "", r.unstored or ""))
-    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+    mac = _keyed_hmac(secret).copy()
+    mac.update(message.encode())
+    return mac.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed_hmac(secret: bytes) -> hmac.HMAC:
+    """An HMAC with the key already set up; copying it is cheaper than setting up the key per record."""
+    return hmac.new(secret, digestmod=hashlib.sha256)
 
 
 @dataclasses.dataclass(slots=True)
@@ -779,7 +799,15 @@ class MemoryStore(Store):
 
 SCHEMA_VERSION = 1
 _SQL_COLUMNS = ", ".join(RECORD_FIELDS)
-_SQL_STATE = ", ".join(f"{f} = ?" for f in STATE_FIELDS)
+# A record's id is a hash of its tool and workflow, so a swap never changes these
+# three; leaving them out of the UPDATE spares SQLite rewriting the primary key
+# and the workflow index on every completion.
+_SQL_SWAP_FIELDS = tuple(f for f in STATE_FIELDS if f not in ("id", "tool", "workflow"))
+_SQL_STATE = ", ".join(f"{f} = ?" for f in _SQL_SWAP_FIELDS)
+_sql_swap_values = operator.attrgetter(*_SQL_SWAP_FIELDS)
+_SQL_GET = f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?"
+_SQL_INSERT = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
+_SQL_SWAP = f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?"
 
 
 class SQLiteStore(Store):
@@ -855,18 +883,14 @@ class SQLiteStore(Store):
             raise StoreError(f"ledger database {self.path!r}: {e}") from e
 
     def get(self, id: str) -> Record | None:
-        row = self._run(f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?", (id,)).fetchone()
+        row = self._run(_SQL_GET, (id,)).fetchone()
         return Record(*row) if row else None
 
     def insert(self, record: Record) -> bool:
-        values = [getattr(record, f) for f in RECORD_FIELDS]
-        sql = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
-        return self._run(sql, values).rowcount == 1
+        return self._run(_SQL_INSERT, _record_values(record)).rowcount == 1
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
-        values = [getattr(record, f) for f in STATE_FIELDS] + [record.id, epoch, owner]
-        return self._run(f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?",
-                         values).rowcount == 1
+        return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)).rowcount == 1
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
         if epoch is None:
@@ -1853,7 +1877,7 @@ class _Call:
     """One prepared call: everything decided before the store is touched."""
 
     __slots__ = ("fn", "args", "kwargs", "info", "name", "workflow", "caller", "policy",
-                 "key", "id", "bound", "arguments", "argsum")
+                 "key", "id", "bound", "arguments", "arguments_text", "argsum")
 
 
 class _Run:
@@ -2225,16 +2249,19 @@ def _looks_volatile(value: Any) -> bool:
     if isinstance(value, (_dt.datetime, _dt.time, uuid.UUID)):
         return True
     if isinstance(value, str) and 20 <= len(value) <= 40:
-        try:
-            uuid.UUID(value)
-            return True
-        except ValueError:
-            pass
-        try:
-            _dt.datetime.fromisoformat(value)
-            return True
-        except ValueError:
-            return False
+        # Cheap tests first: most strings are neither, and a failed parse raises.
+        if len(value.replace("urn:", "").replace("uuid:", "").strip("{}").replace("-", "")) == 32:
+            try:
+                uuid.UUID(value)
+                return True
+            except ValueError:
+                pass
+        if value[:4].isdigit():
+            try:
+                _dt.datetime.fromisoformat(value)
+                return True
+            except ValueError:
+                return False
     return False
 
 
@@ -2258,7 +2285,7 @@ def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
 def _preview(call: _Call) -> str:
     """The arguments as shown to operators; never executed, escaped by every viewer."""
     if call.key is None:
-        text = _dump(call.arguments)
+        text = call.arguments_text
     else:
         shown = {}
         for name, value in call.bound.items():
@@ -2436,12 +2463,13 @@ class Guard:
             call.bound = {name: value for name, value in call.bound.items() if name not in info.injected}
         if call.key is None:
             call.arguments = _canonical_arguments(call.bound)
+            call.arguments_text = _dump(call.arguments)
             call.argsum = None
-            call.id = fingerprint(call.name, call.workflow, call.arguments)
+            call.id = _fingerprint_text(call.name, call.workflow, call.arguments_text)
         else:
             if not isinstance(call.key, str) or not call.key:
                 raise FingerprintError(f"{call.name}: key must be a non-empty str, not {call.key!r}")
-            call.arguments = None
+            call.arguments = call.arguments_text = None
             call.argsum = _argsum(call.bound, policy.validate) if policy.validate else None
             call.id = fingerprint(call.name, call.workflow, {_TAG + "key": call.key})
         return call
