@@ -1728,25 +1728,31 @@ _HEARTBEAT = _Heartbeat()
 
 
 class _Flight:
-    """Wakes in-process duplicates the moment the leader's record is written."""
+    """Wakes in-process duplicates the moment the leader's record is written, and
+    hands them that record, so none of them has to read it back from the store.
 
-    __slots__ = ("epoch", "lock", "event", "futures", "landed")
+    Each waiting thread blocks on a lock of its own and each event loop gets one
+    callback, so a hundred duplicates wake without contending for a shared lock.
+    """
+
+    __slots__ = ("epoch", "lock", "sleepers", "futures", "landed", "record")
 
     def __init__(self, epoch: int):
         self.epoch = epoch
         self.lock = threading.Lock()
-        self.event: threading.Event | None = None
-        self.futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.sleepers: list[threading.Lock] = []
+        self.futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
         self.landed = False
+        self.record: Record | None = None  # the leader's final record, as stored
 
     def wait(self, timeout: float) -> None:
+        sleeper = threading.Lock()
+        sleeper.acquire()
         with self.lock:
             if self.landed:
                 return
-            if self.event is None:
-                self.event = threading.Event()
-            event = self.event
-        event.wait(timeout)
+            self.sleepers.append(sleeper)
+        sleeper.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
 
     async def wait_async(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1754,28 +1760,30 @@ class _Flight:
         with self.lock:
             if self.landed:
                 return
-            self.futures.append((loop, future))
+            self.futures.setdefault(loop, []).append(future)
+        timer = loop.call_later(timeout, _resolve, [future])
         try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
+            await future
+        finally:
+            timer.cancel()
 
-    def land(self) -> None:
+    def land(self, record: Record | None) -> None:
         with self.lock:
-            self.landed = True
-            event, futures, self.futures = self.event, self.futures, []
-        if event is not None:
-            event.set()
-        for loop, future in futures:
+            self.landed, self.record = True, record
+            sleepers, futures, self.sleepers, self.futures = self.sleepers, self.futures, [], {}
+        for sleeper in sleepers:
+            sleeper.release()
+        for loop, waiting in futures.items():
             try:
-                loop.call_soon_threadsafe(_resolve, future)
+                loop.call_soon_threadsafe(_resolve, waiting)
             except RuntimeError:  # that loop has closed; nobody is waiting there
                 pass
 
 
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
@@ -2026,11 +2034,12 @@ class _Core:
         duplicate (returns an Outcome)."""
         store, policy = self.store, call.policy
         self.secret  # a missing signing key must fail before the tool runs, not after it
-        waited_epoch = deadline = None
+        waited_epoch = deadline = landed = None
         delay, lost_races = POLL_FIRST, 0
         while True:
             now = time.time()
-            record = store.get(call.id)
+            record = landed or store.get(call.id)
+            landed = None
             if record is None:
                 run = self.claim(call, None, now)
                 if store.insert(run.record):
@@ -2061,6 +2070,7 @@ class _Core:
                     flight = _FLIGHTS.get((store.url, call.id))
                     if flight is not None and flight.epoch == record.epoch:
                         yield _Wait(flight, timeout, store, call.id)
+                        landed = flight.record
                     else:
                         yield _Wait(None, min(delay, timeout), store, call.id)
                         delay = min(delay * 1.5, POLL_MAX)
@@ -2189,6 +2199,7 @@ class _Core:
         """Write the final record with retries; False if another worker fenced this run off."""
         with run.lock:
             run.done = True
+        stored = None
         try:
             for delay in COMPLETION_RETRIES + (None,):
                 try:
@@ -2204,15 +2215,19 @@ class _Core:
                 self.warn("%s (call %s): this run's lease had expired and another worker took the call "
                           "over (epoch > %d); its outcome was not recorded, but its caller still gets it",
                           run.call.name, run.call.id, run.record.epoch)
+            else:
+                stored = record
             return won
         finally:
-            self.release(run)
+            self.release(run, stored)
 
-    def release(self, run: _Run) -> None:
+    def release(self, run: _Run, stored: Record | None = None) -> None:
+        """Stop renewing the run's lease and wake its in-process duplicates, handing them
+        the record it stored (None: they read the store)."""
         _HEARTBEAT.discard(run)
         flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
         if flight is not None:
-            flight.land()
+            flight.land(stored)
 
     # -- noticing non-deterministic arguments ------------------------------
 

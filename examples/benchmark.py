@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
 import multiprocessing
 import os
@@ -208,9 +209,19 @@ def raw_floor(folder: str, calls: int) -> dict:
 # ---------------------------------------------------------------------------
 
 def fingerprint_cost(calls: int) -> dict:
-    g = ledger.Guard(":memory:", quiet=True)
+    """What the guard does to fingerprint a call: bind the arguments to the tool's
+    parameters, canonicalize them, dump them as JSON and hash them."""
+    info = ledger._info(search)
     kwargs = [call_args(i) for i in range(calls)]
-    return timed(lambda kw: g._prepare(search, (), kw), kwargs)
+    return timed(lambda kw: ledger.fingerprint(info.name, "default", ledger._canonical_arguments(info.bind((), kw))),
+                 kwargs)
+
+
+def fingerprint_floor(calls: int) -> dict:
+    """The least a fingerprint can cost: sha256 of json.dumps(arguments, sort_keys=True), no normalization."""
+    kwargs = [call_args(i) for i in range(calls)]
+    return timed(lambda kw: hashlib.sha256(json.dumps(kw, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
+                 kwargs)
 
 
 def miss_and_hit(stores: Stores, calls: int) -> dict:
@@ -269,23 +280,27 @@ def shared_wait(stores: Stores, threads: int, tasks: int, tool_ms: float) -> dic
     async_tool = g.wrap_tools({"bench.shared": slow_search_async})["bench.shared"]
     query = secrets.token_hex(8)
     barrier = threading.Barrier(threads + 1)
-    returned: list[float] = []  # when each duplicate got the shared result
+    returned: list[tuple[float, float]] = []  # (called, got the shared result) of each duplicate
 
     def in_thread() -> None:
+        g.store.get("warm-up")  # opens this thread's connection, as a long-running worker has
         barrier.wait()
+        called = time.perf_counter()
         sync_tool(query=query)
         if threading.get_ident() not in leaders:
-            returned.append(time.perf_counter())
+            returned.append((called, time.perf_counter()))
 
     async def in_task() -> None:
+        called = time.perf_counter()
         await async_tool(query=query)
         if asyncio.current_task() not in leaders:
-            returned.append(time.perf_counter())
+            returned.append((called, time.perf_counter()))
 
     async def all_tasks() -> None:
         await asyncio.gather(*(in_task() for _ in range(tasks)))
 
     def event_loop() -> None:
+        g.store.get("warm-up")
         barrier.wait()
         asyncio.run(all_tasks())
 
@@ -299,9 +314,33 @@ def shared_wait(stores: Stores, threads: int, tasks: int, tool_ms: float) -> dic
     wall = time.perf_counter() - start
     g.close()
     finished = runs[0] if runs else 0.0
-    delays = [t - finished for t in returned]
-    return {"executions": len(runs), "waiters": len(returned), "wall_ms": round(wall * 1e3, 1),
-            "wake": ms_summary(delays)}
+    delays = [done - finished for called, done in returned if called < finished]
+    return {"executions": len(runs), "waiters": len(delays), "late": len(returned) - len(delays),
+            "wall_ms": round(wall * 1e3, 1), "wake": ms_summary(delays)}
+
+
+def thread_wake_floor(threads: int) -> dict:
+    """What waking `threads` blocked threads costs in this interpreter on this machine:
+    each blocks on a lock of its own, all are released at once, as a flight lands."""
+    sleepers = [threading.Lock() for _ in range(threads)]
+    woke: list[float] = []
+
+    def sleep_on(lock: threading.Lock) -> None:
+        lock.acquire()
+        woke.append(time.perf_counter())
+
+    workers = [threading.Thread(target=sleep_on, args=(lock,)) for lock in sleepers]
+    for lock in sleepers:
+        lock.acquire()
+    for w in workers:
+        w.start()
+    time.sleep(0.05)
+    released = time.perf_counter()
+    for lock in sleepers:
+        lock.release()
+    for w in workers:
+        w.join()
+    return ms_summary([t - released for t in woke])
 
 
 # ---------------------------------------------------------------------------
@@ -377,7 +416,7 @@ def table(report: dict) -> str:
         text = f"{figure['median_us']:.1f} / {figure['p99_us']:.1f} µs"
         return text + (f" ({ratio(figure, against)} floor)" if against else "")
 
-    row("fingerprint (5 arguments)", lambda s: us(s["fingerprint"]))
+    row("fingerprint (5 arguments)", lambda s: us(s["fingerprint"], floor["fingerprint"]))
     row("miss: claim + no-op tool + complete", lambda s: us(s["miss"], floor["claim_complete"]))
     row("hit: blocked", lambda s: us(s["hit_blocked"], floor["lookup"]))
     row("hit: replayed", lambda s: us(s["hit_replayed"], floor["lookup"]))
@@ -406,6 +445,11 @@ def table(report: dict) -> str:
     lines.append(f"| raw floor: claim + complete (SELECT, INSERT, UPDATE) | "
                  + " | ".join(us(floor["claim_complete"]) for _ in stores) + " |")
     lines.append(f"| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
+    lines.append(f"| raw floor: fingerprint (sha256 of json.dumps) | "
+                 + " | ".join(us(floor["fingerprint"]) for _ in stores) + " |")
+    wake = floor["thread_wake"]
+    lines.append(f"| raw floor: waking {report['threads']} blocked threads, p50 / p99 | "
+                 + " | ".join(f"{wake['p50_ms']:.2f} / {wake['p99_ms']:.2f} ms" for _ in stores) + " |")
     return "\n".join(lines)
 
 
@@ -425,6 +469,8 @@ def run(args: argparse.Namespace) -> dict:
     folder = tempfile.mkdtemp(prefix="ledger-bench-")
     try:
         report = {"machine": machine(), "floor": raw_floor(folder, args.calls), "stores": {}}
+        report["floor"]["thread_wake"] = thread_wake_floor(args.threads)
+        report["floor"]["fingerprint"] = fingerprint_floor(args.calls)
         fp = fingerprint_cost(args.calls)
         for kind in args.store:
             stores = Stores(kind, args.url, folder)
@@ -438,6 +484,7 @@ def run(args: argparse.Namespace) -> dict:
                 report["stores"][kind] = figures
             finally:
                 stores.close()
+        report["threads"], report["tasks"] = args.threads, args.tasks
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     finally:
