@@ -1680,16 +1680,18 @@ class _Heartbeat:
         # mutexes) would deadlock on its first database call.
         self.io = threading.Lock()
 
+    # add and discard run on every new call, so they take the lock only when the
+    # thread must be started or woken early; the loop reads a snapshot of runs.
     def add(self, run: _Run) -> None:
-        with self.cond:
-            self.runs[id(run)] = run
-            self._ensure_thread()
-            if run.renew_at < time.time() + FLUSH_INTERVAL:
+        self.runs[id(run)] = run
+        thread = self.thread
+        if thread is None or not thread.is_alive() or run.renew_at < time.time() + FLUSH_INTERVAL:
+            with self.cond:
+                self._ensure_thread()
                 self.cond.notify()
 
     def discard(self, run: _Run) -> None:
-        with self.cond:
-            self.runs.pop(id(run), None)
+        self.runs.pop(id(run), None)
 
     def watch(self, core: _Core) -> None:
         with self.cond:
@@ -1706,11 +1708,12 @@ class _Heartbeat:
         while True:
             with self.cond:
                 now = time.time()
-                wake = min([next_flush] + [r.renew_at for r in self.runs.values()])
+                runs = list(self.runs.values())
+                wake = min([next_flush] + [r.renew_at for r in runs])
                 if wake > now:
                     self.cond.wait(wake - now)
                     continue
-                due = [r for r in self.runs.values() if r.renew_at <= now]
+                due = [r for r in runs if r.renew_at <= now]
                 cores = list(self.cores) if now >= next_flush else []
             try:
                 with self.io:
@@ -2261,9 +2264,9 @@ def _lost_race(lost: int, store: Store, call: _Call) -> int:
 
 
 def _looks_volatile(value: Any) -> bool:
-    if isinstance(value, (_dt.datetime, _dt.time, uuid.UUID)):
-        return True
-    if isinstance(value, str) and 20 <= len(value) <= 40:
+    if not isinstance(value, str):
+        return isinstance(value, (_dt.datetime, _dt.time, uuid.UUID))
+    if 20 <= len(value) <= 40:
         # Cheap tests first: most strings are neither, and a failed parse raises.
         if len(value.replace("urn:", "").replace("uuid:", "").strip("{}").replace("-", "")) == 32:
             try:
