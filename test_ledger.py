@@ -2340,7 +2340,8 @@ EXAMPLES = {
 
 
 def test_every_example_is_tested():
-    assert sorted(p.name for p in (HERE / "examples").glob("*.py")) == sorted(EXAMPLES)
+    tested_elsewhere = ["benchmark.py"]  # in the Benchmark section
+    assert sorted(p.name for p in (HERE / "examples").glob("*.py")) == sorted([*EXAMPLES, *tested_elsewhere])
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -2363,7 +2364,8 @@ def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
 # example or the demo run too. Blocks importing a framework need its package.
 
 DOCS = ["README.md", "llms.txt", "CLAUDE.md"]
-SAFE_COMMAND = re.compile(r"^python (examples/\w+\.py|ledger\.py demo)$")
+# The full benchmark takes a minute; the Benchmark section runs it with --quick.
+SAFE_COMMAND = re.compile(r"^python (examples/(?!benchmark\.py)\w+\.py|ledger\.py demo)$")
 
 DOC_RUNNER = """
 import json, sys, traceback
@@ -2936,7 +2938,6 @@ def test_dashboard_in_a_real_browser(ledger_db):
             browser.close()
 
 
-
 def test_stats_wait_for_counts_the_heartbeat_is_writing(tmp_path, monkeypatch):
     class SlowCounts(SQLiteStore):
         def add_counts(self, counts):
@@ -2950,3 +2951,51 @@ def test_stats_wait_for_counts_the_heartbeat_is_writing(tmp_path, monkeypatch):
     time.sleep(0.05)  # the batch is taken and being written
     assert guard.stats()["attempts"] == 2
     heartbeat_flush.join()
+
+
+# ---------------------------------------------------------------------------
+# Benchmark: examples/benchmark.py runs with tiny counts and reports every
+# figure, so that it cannot rot.
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def benchmark_report():
+    run = subprocess.run([sys.executable, str(HERE / "examples" / "benchmark.py"), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def _per_call(figure):
+    return 0 < figure["median_us"] <= figure["p99_us"] and figure["n"] > 0
+
+
+def test_benchmark_reports_every_path_for_each_local_store(benchmark_report):
+    assert set(benchmark_report["stores"]) == {"memory", "sqlite"}
+    for figures in benchmark_report["stores"].values():
+        for path in ("fingerprint", "miss", "hit_blocked", "hit_replayed"):
+            assert _per_call(figures[path]), path
+        for size in ("100", "1000"):
+            assert _per_call(figures["scale"][size]["miss"]) and _per_call(figures["scale"][size]["hit"])
+
+
+def test_benchmark_measures_the_raw_floor_in_the_same_run(benchmark_report):
+    floor = benchmark_report["floor"]
+    assert _per_call(floor["claim_complete"]) and _per_call(floor["lookup"]) and _per_call(floor["fingerprint"])
+    assert floor["lookup"]["median_us"] < floor["claim_complete"]["median_us"]
+    assert 0 < floor["thread_wake"]["p50_ms"] <= floor["thread_wake"]["p99_ms"]
+
+
+def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
+    for figures in benchmark_report["stores"].values():
+        shared = figures["shared_wait"]
+        assert shared["executions"] == 1
+        assert shared["waiters"] + shared["late"] == benchmark_report["threads"] + benchmark_report["tasks"] - 1
+        assert 0 <= shared["wake"]["p50_ms"] <= shared["wake"]["p99_ms"]
+
+
+def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
+    assert benchmark_report["stores"]["memory"]["cross_process"] is None  # one process's memory
+    cross = benchmark_report["stores"]["sqlite"]["cross_process"]
+    assert cross["executions_per_key"] == {"min": 1, "max": 1}
+    assert cross["distinct_calls_per_s"] > 0 and cross["wake"]["p99_ms"] is not None
