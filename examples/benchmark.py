@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import hashlib
 import json
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -196,73 +198,99 @@ def fill_sqlite(store: ledger.SQLiteStore, template: ledger.Record, upto: int) -
 # The raw floor: bare sqlite3, same table, same settings
 # ---------------------------------------------------------------------------
 
-def raw_floor(folder: str, calls: int) -> dict:
-    path = os.path.join(folder, "floor.db")
-    ledger.SQLiteStore(path).close()  # creates the ledger's own table
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    columns = ledger.RECORD_FIELDS
-    row = ledger.Record(id="", tool="bench.search", workflow="default", caller=None, status="RUNNING",
-                        owner=secrets.token_hex(8), epoch=1, lease_until=0.0, run_key="", started=0.0,
-                        args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,'
-                             '"query":"running shoes 1","tags":["new","sale"]}')
-    insert = f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    state = [f for f in columns if f not in ("attempts", "blocked")]
-    update = f"UPDATE records SET {', '.join(f + ' = ?' for f in state)} WHERE id = ? AND epoch = ? AND owner = ?"
-    select = f"SELECT {', '.join(columns)} FROM records WHERE id = ?"
-    ids = [secrets.token_hex(16) for _ in range(calls)]
+class RawFloor:
+    """The bare sqlite3 statements a call needs, on the ledger's own table in a WAL file
+    with synchronous=NORMAL: what no SQLite-backed guard can beat."""
 
-    def claim_and_complete(id: str) -> None:
-        conn.execute(select, (id,)).fetchone()
-        values = [getattr(row, f) for f in columns]
-        values[0] = values[columns.index("run_key")] = id
-        conn.execute(insert, values)
-        done = [getattr(row, f) for f in state] + [id, 1, row.owner]
-        done[0] = id
-        done[state.index("status")] = "SUCCESS"
-        conn.execute(update, done)
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "floor.db")
+        ledger.SQLiteStore(path).close()  # creates the ledger's own table
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        columns = ledger.RECORD_FIELDS
+        row = ledger.Record(id="", tool="bench.search", workflow="default", caller=None, status="RUNNING",
+                            owner=secrets.token_hex(8), epoch=1, lease_until=0.0, run_key="", started=0.0,
+                            args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,'
+                                 '"query":"running shoes 1","tags":["new","sale"]}')
+        state = [f for f in columns if f not in ("attempts", "blocked")]
+        self.insert = f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        self.update = (f"UPDATE records SET {', '.join(f + ' = ?' for f in state)} "
+                       f"WHERE id = ? AND epoch = ? AND owner = ?")
+        self.select = f"SELECT {', '.join(columns)} FROM records WHERE id = ?"
+        self.claimed = [getattr(row, f) for f in columns]
+        self.done = [getattr(row, f) for f in state] + [None, 1, row.owner]
+        self.done[state.index("status")] = "SUCCESS"
+        self.at = columns.index("id"), columns.index("run_key"), state.index("id")
+        self.ids: list[str] = []
 
-    def lookup(id: str) -> None:
-        conn.execute(select, (id,)).fetchone()
+    def claim_and_complete(self, id: str) -> None:
+        """SELECT (none yet), INSERT the claim, UPDATE to its outcome: two commits."""
+        self.conn.execute(self.select, (id,)).fetchone()
+        self.claimed[self.at[0]] = self.claimed[self.at[1]] = self.done[self.at[2]] = self.done[-3] = id
+        self.conn.execute(self.insert, self.claimed)
+        self.conn.execute(self.update, self.done)
 
-    figures = {"claim_complete": timed(claim_and_complete, ids), "lookup": timed(lookup, ids * 2)}
-    conn.close()
-    return figures
+    def lookup(self, id: str) -> None:
+        self.conn.execute(self.select, (id,)).fetchone()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def naive_fingerprint(kwargs: dict) -> str:
+    """The least a fingerprint can cost: sha256 of json.dumps(arguments), no normalization."""
+    return hashlib.sha256(json.dumps(kwargs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------
 # Per-call paths
 # ---------------------------------------------------------------------------
 
-def fingerprint_cost(calls: int) -> dict:
-    """What the guard does to fingerprint a call: bind the arguments to the tool's
-    parameters, canonicalize them, dump them as JSON and hash them."""
+def per_call_paths(folder: str, stores: dict[str, Stores], calls: int, rounds: int = 5) -> tuple[dict, dict]:
+    """The raw floors, the fingerprint, and miss and hit on each store, measured in turns
+    of a few hundred calls, so that a burst of load on the machine falls on all alike and
+    the ratios to the floor stay honest. Returns (floors, figures by store)."""
+    floor = RawFloor(folder)
     info = ledger._info(search)
-    kwargs = [call_args(i) for i in range(calls)]
-    return timed(lambda kw: ledger.fingerprint(info.name, "default", ledger._canonical_arguments(info.bind((), kw))),
-                 kwargs)
+
+    def fingerprint(kw: dict) -> str:
+        """What the guard does: bind to the tool's parameters, canonicalize, dump, hash."""
+        return ledger.fingerprint(info.name, "default", ledger._canonical_arguments(info.bind((), kw)))
+
+    guards = {kind: each.guard() for kind, each in stores.items()}
+    samples: dict[Any, list[int]] = collections.defaultdict(list)
+    for turn in range(rounds + 1):
+        if turn == 1:
+            samples.clear()  # the first turn warms up: connections, statement caches, code paths
+        kwargs = [call_args(secrets.token_hex(4)) for _ in range(max(1, calls // rounds))]
+        ids = [secrets.token_hex(16) for _ in kwargs]
+        samples["claim_complete"] += samples_of(floor.claim_and_complete, ids)
+        samples["lookup"] += samples_of(floor.lookup, ids)
+        samples["naive_fingerprint"] += samples_of(naive_fingerprint, kwargs)
+        samples["fingerprint"] += samples_of(fingerprint, kwargs)
+        for kind, g in guards.items():
+            for path, figures in miss_and_hit(g, kwargs).items():
+                samples[kind, path] += figures
+    floor.close()
+    for g in guards.values():
+        g.close()
+    floors = {"claim_complete": summary(samples["claim_complete"]), "lookup": summary(samples["lookup"]),
+              "fingerprint": summary(samples["naive_fingerprint"])}
+    paths = ("miss", "hit_blocked", "hit_replayed")
+    return floors, {kind: {"fingerprint": summary(samples["fingerprint"]),
+                           **{path: summary(samples[kind, path]) for path in paths}} for kind in stores}
 
 
-def fingerprint_floor(calls: int) -> dict:
-    """The least a fingerprint can cost: sha256 of json.dumps(arguments, sort_keys=True), no normalization."""
-    kwargs = [call_args(i) for i in range(calls)]
-    return timed(lambda kw: hashlib.sha256(json.dumps(kw, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
-                 kwargs)
-
-
-def miss_and_hit(stores: Stores, calls: int) -> dict:
-    g = stores.guard()
+def miss_and_hit(g: ledger.Guard, kwargs: list[dict]) -> dict[str, list[int]]:
+    """Samples of new calls, then of the same calls again: blocked, and replayed."""
     g.policy(search_replayed, replay=True)
-    guard = g.__call__
-    keys = [call_args(secrets.token_hex(4)) for _ in range(calls)]
-    miss = timed(lambda kw: guard(search, **kw), keys)
-    for kw in keys:
-        guard(search_replayed, **kw)
-    blocked = timed(lambda kw: guard(search, **kw), keys)
-    replayed = timed(lambda kw: guard(search_replayed, **kw), keys)
-    assert guard(search, **keys[0]) is ledger.BLOCKED and guard(search_replayed, **keys[0]) == {"hits": 10}
-    g.close()
+    miss = samples_of(lambda kw: g(search, **kw), kwargs)
+    for kw in kwargs:
+        g(search_replayed, **kw)
+    blocked = samples_of(lambda kw: g(search, **kw), kwargs)
+    replayed = samples_of(lambda kw: g(search_replayed, **kw), kwargs)
+    assert g(search, **kwargs[0]) is ledger.BLOCKED and g(search_replayed, **kwargs[0]) == {"hits": 10}
     return {"miss": miss, "hit_blocked": blocked, "hit_replayed": replayed}
 
 
@@ -521,28 +549,23 @@ def machine() -> dict:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="ledger-bench-")
+    stores = {kind: Stores(kind, args.url, folder) for kind in args.store}
     try:
-        report = {"machine": machine(), "floor": raw_floor(folder, args.calls), "stores": {}}
+        report = {"machine": machine(), "threads": args.threads, "tasks": args.tasks}
+        report["floor"], report["stores"] = per_call_paths(folder, stores, args.calls)
         report["floor"]["thread_wake"] = middle_trial(lambda: thread_wake_floor(args.threads))
-        report["floor"]["fingerprint"] = fingerprint_floor(args.calls)
-        fp = fingerprint_cost(args.calls)
-        for kind in args.store:
-            stores = Stores(kind, args.url, folder)
-            try:
-                figures = {"fingerprint": fp}
-                figures.update(miss_and_hit(stores, args.calls))
-                figures["shared_wait"] = middle_trial(
-                    lambda: shared_wait(stores, args.threads, args.tasks, args.tool_ms))
-                figures["cross_process"] = None if kind == "memory" else cross_process(
-                    stores, args.processes, args.keys, args.calls, args.cross_tool_ms)
-                figures["scale"] = scale(stores, args.scale, args.calls)
-                report["stores"][kind] = figures
-            finally:
-                stores.close()
-        report["threads"], report["tasks"] = args.threads, args.tasks
+        for kind, each in stores.items():
+            figures = report["stores"][kind]
+            figures["shared_wait"] = middle_trial(lambda: shared_wait(each, args.threads, args.tasks, args.tool_ms))
+            figures["cross_process"] = None if kind == "memory" else cross_process(
+                each, args.processes, args.keys, args.calls, args.cross_tool_ms)
+            figures["scale"] = scale(each, args.scale, args.calls)
+            each.close()
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     finally:
+        for each in stores.values():
+            each.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
