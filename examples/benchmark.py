@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -98,12 +99,14 @@ class Stores:
     """Fresh stores of one kind, each emptied when the benchmark ends."""
 
     def __init__(self, kind: str, url: str | None, folder: str):
-        self.kind, self.url, self.folder = kind, url, folder
+        self.kind, self.folder = kind, folder
+        self.url = url
         self.opened: list[ledger.Store] = []
         self.count = 0
-        self.distinct = kind == "memory" or (kind == "sqlite" and not url)  # each open() a store of its own
+        self.distinct = not (kind == "sqlite" and url)  # each open() a store of its own
 
     def new_url(self) -> str:
+        """A scratch store: a new file, or a table or key prefix of its own on a server."""
         self.count += 1
         if self.kind == "memory":
             return ":memory:"
@@ -113,7 +116,13 @@ class Stores:
             return "sqlite:///" + os.path.join(self.folder, f"bench-{self.count}.db")
         if not self.url:
             raise SystemExit(f"--store {self.kind} needs --url")
-        return self.url
+        parts = urllib.parse.urlsplit(self.url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        if self.kind == "postgres":
+            query["table"] = f"{query.get('table', 'ledger_bench')}_{self.count}"
+        else:
+            query["prefix"] = f"{query.get('prefix', 'ledger-bench:')}{self.count}:"
+        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
     def open(self) -> ledger.Store:
         store = ledger.open_store(self.new_url())
@@ -129,6 +138,11 @@ class Stores:
             try:
                 if self.kind not in ("memory", "sqlite") or self.url:
                     store.clear()
+                if self.kind == "postgres":
+                    store._run(f"DROP TABLE IF EXISTS {store._quoted}")
+                if self.kind == "redis":
+                    for key in store._client.scan_iter(match=store.prefix + "*"):
+                        store._client.delete(key)
                 store.close()
             except ledger.LedgerError:
                 pass
@@ -184,21 +198,28 @@ def fill_postgres(store: ledger.Store, template: ledger.Record, missing: int) ->
         missing -= batch
 
 
+_REDIS_FILL = """
+local fields = cjson.decode(ARGV[3])
+for i = 1, tonumber(ARGV[2]) do
+  local id = string.sub(redis.sha1hex(ARGV[1] .. i), 1, 32)
+  redis.call('HSET', KEYS[1] .. id, 'id', id, 'run_key', id, unpack(fields))
+  redis.call('ZADD', KEYS[2], ARGV[4], id)
+end
+"""
+
+
 def fill_redis(store: ledger.Store, template: ledger.Record, missing: int) -> None:
-    """The keys the store's insert script writes (a hash per record, the workflow's index),
-    sent in pipelines of 1,000 records so that other clients of the server are not held up."""
-    fields = {f: store._encode(getattr(template, f)) for f in ledger.RECORD_FIELDS
-              if getattr(template, f) is not None}
-    index = store.prefix + "w:" + template.workflow
+    """A script makes the keys the store's insert script writes (a hash per record, the
+    workflow's index) on the server, 10,000 records per call, so that other clients of the
+    server wait at most a moment."""
+    fields = [x for f in ledger.RECORD_FIELDS if f not in ("id", "run_key") and getattr(template, f) is not None
+              for x in (f, store._encode(getattr(template, f)))]
     store._client.sadd(store.prefix + "workflows", template.workflow)
+    script = store._client.register_script(_REDIS_FILL)
     while missing > 0:
-        batch = min(missing, 1_000)
-        pipe = store._client.pipeline(transaction=False)
-        for _ in range(batch):
-            id = secrets.token_hex(16)
-            pipe.hset(store._key(id), mapping={**fields, "id": id, "run_key": id})
-            pipe.zadd(index, {id: template.created})
-        pipe.execute()
+        batch = min(missing, 10_000)
+        script(keys=[store.prefix + "r:", store.prefix + "w:" + template.workflow],
+               args=[secrets.token_hex(8), batch, json.dumps(fields), repr(template.created)])
         missing -= batch
 
 
@@ -581,10 +602,17 @@ def machine() -> dict:
             "sqlite": sqlite3.sqlite_version, "os": platform.platform()}
 
 
+def url_for(kind: str, urls: list[str]) -> str | None:
+    """The --url of this kind of store, by its scheme (a plain path is an SQLite file)."""
+    schemes = {"sqlite": ("sqlite",), "postgres": ("postgresql", "postgres"), "redis": ("redis", "rediss")}
+    return next((url for url in urls if url.partition("://")[0] in schemes.get(kind, ())
+                 or (kind == "sqlite" and "://" not in url)), None)
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="ledger-bench-")
-    stores = {kind: Stores(kind, args.url, folder) for kind in args.store}
+    stores = {kind: Stores(kind, url_for(kind, args.url), folder) for kind in args.store}
     try:
         report = {"machine": machine(), "threads": args.threads, "tasks": args.tasks}
         report["floor"], report["stores"] = per_call_paths(folder, stores, args.calls)
@@ -608,7 +636,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", action="append", choices=["memory", "sqlite", "postgres", "redis"],
                         help="store to measure (repeatable; default: memory and sqlite)")
-    parser.add_argument("--url", help="store URL for postgres or redis (or an SQLite file for sqlite)")
+    parser.add_argument("--url", action="append", default=[],
+                        help="a server store's URL (repeatable: each store takes the one of its scheme); "
+                             "the benchmark works in tables or key prefixes of its own and removes them")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--calls", type=int, default=5000, help="timed calls per path (default 5000)")
     parser.add_argument("--threads", type=int, default=100, help="threads in the shared wait (default 100)")
