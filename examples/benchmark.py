@@ -2,15 +2,16 @@
 
     python examples/benchmark.py                          # memory and SQLite, under two minutes
     python examples/benchmark.py --store sqlite --json    # one store, machine-readable
-    python examples/benchmark.py --store postgres --url postgresql://postgres@127.0.0.1:5432/test
-    python examples/benchmark.py --store redis --url redis://127.0.0.1:6379/15
+    python examples/benchmark.py --store postgres --url postgresql://postgres@127.0.0.1:5432/test \
+                                 --store redis --url redis://127.0.0.1:6379/14
     python examples/benchmark.py --quick                  # tiny counts: seconds, for a smoke test
 
 Every figure is per guarded call: the median and the 99th percentile. The raw
 floor is measured in the same run: the bare sqlite3 statements that a claim and
 its completion need (SELECT, INSERT, UPDATE, each its own commit) and that a
 lookup needs (SELECT), on the same table in a WAL file with synchronous=NORMAL.
-Standard library only; stores are opened with ledger.open_store(url).
+Standard library only; stores are opened with ledger.open_store(url), each in a
+scratch file, table or key prefix of its own that is removed at the end.
 """
 
 from __future__ import annotations
@@ -79,10 +80,6 @@ def samples_of(fn, items) -> list[int]:
     return samples
 
 
-def timed(fn, items) -> dict:
-    return summary(samples_of(fn, items))
-
-
 def ms_summary(seconds: list[float]) -> dict:
     ordered = sorted(seconds)
     if not ordered:
@@ -96,23 +93,19 @@ def ms_summary(seconds: list[float]) -> dict:
 # ---------------------------------------------------------------------------
 
 class Stores:
-    """Fresh stores of one kind, each emptied when the benchmark ends."""
+    """Scratch stores of one kind: new SQLite files in a temporary folder, or tables or key
+    prefixes of their own on a server, all removed when the benchmark ends."""
 
     def __init__(self, kind: str, url: str | None, folder: str):
-        self.kind, self.folder = kind, folder
-        self.url = url
+        self.kind, self.url, self.folder = kind, url, folder
         self.opened: list[ledger.Store] = []
         self.count = 0
-        self.distinct = not (kind == "sqlite" and url)  # each open() a store of its own
 
     def new_url(self) -> str:
-        """A scratch store: a new file, or a table or key prefix of its own on a server."""
         self.count += 1
         if self.kind == "memory":
             return ":memory:"
         if self.kind == "sqlite":
-            if self.url:
-                return self.url
             return "sqlite:///" + os.path.join(self.folder, f"bench-{self.count}.db")
         if not self.url:
             raise SystemExit(f"--store {self.kind} needs --url")
@@ -140,8 +133,6 @@ class Stores:
                     store._run(f"DROP TABLE IF EXISTS {store._quoted}")
                 elif self.kind == "redis":
                     drop_redis_prefix(store)
-                elif self.url:
-                    store.clear()
                 store.close()
             except ledger.LedgerError:
                 pass
@@ -160,10 +151,9 @@ def drop_redis_prefix(store: ledger.Store) -> None:
         store._client.unlink(*keys)
 
 
-def fill(store: ledger.Store, upto: int) -> float:
-    """Add filler records until the store holds `upto`; seconds taken. Uses the fastest
-    path the store offers, since a million single inserts would dominate the run."""
-    have = None if isinstance(store, (ledger.MemoryStore, ledger.SQLiteStore)) else len(store.records())
+def fill(store: ledger.Store, count: int) -> float:
+    """Put `count` filler records in an empty store; seconds taken. Uses the fastest path
+    the store offers, since a million single inserts would dominate the run."""
     start = time.perf_counter()
     now = time.time()
     template = ledger.Record(
@@ -176,17 +166,17 @@ def fill(store: ledger.Store, upto: int) -> float:
         if isinstance(store, ledger.MemoryStore):
             values = [getattr(template, f) for f in ledger.RECORD_FIELDS]
             at = ledger.RECORD_FIELDS.index("id"), ledger.RECORD_FIELDS.index("run_key")
-            for _ in range(upto - len(store._rows)):
+            for _ in range(count):
                 values[at[0]] = values[at[1]] = secrets.token_hex(16)
                 store._rows[values[0]] = ledger.Record(*values)
         elif isinstance(store, ledger.SQLiteStore):
-            fill_sqlite(store, template, upto)
+            fill_sqlite(store, template, count)
         elif type(store).__name__ == "PostgresStore":
-            fill_postgres(store, template, upto - have)
+            fill_postgres(store, template, count)
         elif type(store).__name__ == "RedisStore":
-            fill_redis(store, template, upto - have)
+            fill_redis(store, template, count)
         else:
-            for _ in range(upto - have):
+            for _ in range(count):
                 id = secrets.token_hex(16)
                 store.insert(template.evolve(id=id, run_key=id))
     finally:
@@ -234,7 +224,7 @@ def fill_redis(store: ledger.Store, template: ledger.Record, missing: int) -> No
         missing -= batch
 
 
-def fill_sqlite(store: ledger.SQLiteStore, template: ledger.Record, upto: int) -> None:
+def fill_sqlite(store: ledger.SQLiteStore, template: ledger.Record, missing: int) -> None:
     """Raw SQL on a connection of its own: random ids, like fingerprints, inserted in
     id order in one transaction, as a bulk load would."""
     store.close()  # reopened on next use; alone on the file, the load can skip the WAL
@@ -243,7 +233,6 @@ def fill_sqlite(store: ledger.SQLiteStore, template: ledger.Record, upto: int) -
         conn.execute("PRAGMA journal_mode = OFF")  # a benchmark's scratch file: written once, not twice
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA cache_size = -262144")  # 256 MB for the load; the store's own is untouched
-        missing = upto - conn.execute("SELECT count(*) FROM records").fetchone()[0]
         values = [getattr(template, f) for f in ledger.RECORD_FIELDS]
         at = ledger.RECORD_FIELDS.index("id"), ledger.RECORD_FIELDS.index("run_key")
 
@@ -362,36 +351,22 @@ def miss_and_hit(g: ledger.Guard, kwargs: list[dict]) -> dict[str, list[int]]:
 
 
 def scale(stores: Stores, sizes: list[int], calls: int, rounds: int = 5) -> dict:
-    """Hit and miss cost in stores already holding `sizes` records. Where each size can
-    have a store of its own (memory, a scratch SQLite file), they are measured in turns,
-    a few hundred calls each, so a burst of load on the machine falls on all alike; a
-    server's one database grows from size to size instead."""
+    """Hit and miss cost in stores already holding `sizes` records. Each size has a store
+    of its own, and they are measured in turns of a few hundred calls, so that a burst of
+    load on the machine falls on all alike."""
     samples: dict[int, dict[str, list[int]]] = {size: {"miss": [], "hit": []} for size in sizes}
-    filled: dict[int, float] = {}
-
-    def measure(g: ledger.Guard, size: int, count: int) -> None:
-        keys = [call_args(secrets.token_hex(4)) for _ in range(count)]
-        samples[size]["miss"] += samples_of(lambda kw: g(search, **kw), keys)
-        samples[size]["hit"] += samples_of(lambda kw: g(search, **kw), keys)
-
-    if stores.distinct:
-        guards = {}
-        for size in sizes:
-            store = stores.open()
-            filled[size] = fill(store, size)
-            guards[size] = stores.guard(store)
-        for _ in range(rounds):
-            for size, g in guards.items():
-                measure(g, size, max(1, calls // rounds))
-        for g in guards.values():
-            g.close()
-    else:
+    guards, filled = {}, {}
+    for size in sizes:
         store = stores.open()
-        for size in sizes:
-            filled[size] = fill(store, size)
-            g = stores.guard(store)
-            measure(g, size, calls)
-            g.close()  # writes its counters, so that none wait behind the next bulk load
+        filled[size] = fill(store, size)
+        guards[size] = stores.guard(store)
+    for _ in range(rounds):
+        for size, g in guards.items():
+            keys = [call_args(secrets.token_hex(4)) for _ in range(max(1, calls // rounds))]
+            samples[size]["miss"] += samples_of(lambda kw: g(search, **kw), keys)
+            samples[size]["hit"] += samples_of(lambda kw: g(search, **kw), keys)
+    for g in guards.values():
+        g.close()
     gc.unfreeze()
     return {str(size): {"miss": summary(samples[size]["miss"]), "hit": summary(samples[size]["hit"]),
                         "fill_s": round(filled[size], 2)} for size in sizes}
@@ -614,10 +589,9 @@ def machine() -> dict:
 
 
 def url_for(kind: str, urls: list[str]) -> str | None:
-    """The --url of this kind of store, by its scheme (a plain path is an SQLite file)."""
-    schemes = {"sqlite": ("sqlite",), "postgres": ("postgresql", "postgres"), "redis": ("redis", "rediss")}
-    return next((url for url in urls if url.partition("://")[0] in schemes.get(kind, ())
-                 or (kind == "sqlite" and "://" not in url)), None)
+    """The --url of this kind of server store, by its scheme."""
+    schemes = {"postgres": ("postgresql", "postgres"), "redis": ("redis", "rediss")}
+    return next((url for url in urls if url.partition("://")[0] in schemes.get(kind, ())), None)
 
 
 def run(args: argparse.Namespace) -> dict:
