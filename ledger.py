@@ -458,21 +458,14 @@ def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
     try:
         return _dict(bound)
     except _Unsupported as e:
-        name = next(name for name, value in bound.items() if _unsupported(value))
-        where = name + "".join(reversed(e.path[:-1]))
+        outermost = e.path.pop()  # "['name']", added by _dict for the argument itself
+        name = next(name for name in bound if "[%r]" % name == outermost)
+        where = name + "".join(reversed(e.path))
         raise FingerprintError(
             f"argument {where!r} is a {_describe(e.value)}, which has no stable fingerprint. "
             f"Pass key='...' (a stable id for this call, e.g. key=f'refund-{{order_id}}') "
             f"so the arguments are not fingerprinted, or pass a plain value (str, number, dict, list, "
             f"dataclass, pydantic model) instead") from None
-
-
-def _unsupported(value: Any) -> bool:
-    try:
-        canonical(value)
-    except _Unsupported:
-        return True
-    return False
 
 
 def fingerprint(tool: str, workflow: str, arguments: Any) -> str:
