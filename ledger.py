@@ -657,7 +657,7 @@ def _keyed_hmac(secret: bytes) -> hmac.HMAC:
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """What a guarded call did. `source` is one of: executed, replayed, shared,
-    blocked, forced, unlimited."""
+    blocked, unlimited."""
 
     value: Any
     source: str
@@ -666,7 +666,7 @@ class Outcome:
 
     @property
     def ran(self) -> bool:
-        return self.source in ("executed", "forced", "unlimited")
+        return self.source in ("executed", "unlimited")
 
 
 # ---------------------------------------------------------------------------
@@ -1887,13 +1887,24 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "__weakref__")
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "token", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
         self.lock = threading.Lock()
         self.done = self.lost = False
         self.renew_at = record.started + call.policy.lease / 3
+
+    def __enter__(self) -> _Run:
+        """The tool runs inside this block: current_key() is set, and if it raises, the
+        run is recorded as failed (the exception itself goes on to the caller)."""
+        self.token = _CURRENT_KEY.set(self.record.run_key)
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        _CURRENT_KEY.reset(self.token)
+        if error is not None:
+            self.core.fail(self, error)
 
     def renew(self) -> None:
         """Push the lease deadline forward; notice if another worker took the call over."""
@@ -2418,35 +2429,17 @@ class Guard:
         step = _drive(self._core.settle(call, force))
         if isinstance(step, Outcome):
             return step
-        token = _CURRENT_KEY.set(step.record.run_key)
-        try:
+        with step:
             value = call.fn(*call.args, **call.kwargs)
-        except BaseException as error:
-            self._core.fail(step, error)
-            raise
-        finally:
-            _CURRENT_KEY.reset(token)
-        outcome = self._core.succeed(step, value)
-        if force:
-            outcome.source = "forced"
-        return outcome
+        return self._core.succeed(step, value)
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
         step = await _drive_async(self._core.settle(call, force))
         if isinstance(step, Outcome):
             return step
-        token = _CURRENT_KEY.set(step.record.run_key)
-        try:
+        with step:
             value = await call.fn(*call.args, **call.kwargs)
-        except BaseException as error:
-            self._core.fail(step, error)
-            raise
-        finally:
-            _CURRENT_KEY.reset(token)
-        outcome = self._core.succeed(step, value)
-        if force:
-            outcome.source = "forced"
-        return outcome
+        return self._core.succeed(step, value)
 
     def _prepare(self, fn: Callable, args: tuple, kwargs: dict) -> _Call:
         fn, name = _unwrap(fn)
