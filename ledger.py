@@ -52,6 +52,7 @@ import hashlib
 import hmac
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -1822,6 +1823,7 @@ async def _drive_async(steps: Iterator) -> Any:
 
 def _after_fork_in_child() -> None:
     global _HEARTBEAT
+    _unique_token.__init__()
     cores = list(_HEARTBEAT.cores)
     _HEARTBEAT = _Heartbeat()
     _FLIGHTS.clear()
@@ -1849,6 +1851,22 @@ if hasattr(os, "register_at_fork"):
 # a generator so the sync and async paths share every decision and differ
 # only in how they wait.
 # ---------------------------------------------------------------------------
+
+class _Tokens:
+    """Owner tokens and run-key suffixes, unique across processes and machines: a
+    random per-process prefix (drawn again in a forked child) and a counter. Asking
+    the OS for randomness on every claim costs more than the rest of the claim."""
+
+    def __init__(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_unique_token = _Tokens()
+
 
 _CURRENT_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_current_key", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
@@ -2115,12 +2133,12 @@ class _Core:
         policy = call.policy
         if prev is None or new_run:
             once = policy.max == 1 and policy.ttl is None and prev is None
-            run_key = call.id if once else f"{call.id}.{secrets.token_hex(4)}"
+            run_key = call.id if once else f"{call.id}.{_unique_token()}"
         else:
             run_key = prev.run_key
         record = Record(
             id=call.id, tool=call.name, workflow=call.workflow, caller=call.caller,
-            status=Status.RUNNING.value, owner=secrets.token_hex(8),
+            status=Status.RUNNING.value, owner=_unique_token(),
             epoch=prev.epoch + 1 if prev else 1, lease_until=now + policy.lease, run_key=run_key,
             runs=0 if prev is None or new_window else prev.runs,
             created=prev.created if prev else now, updated=now, started=now,

@@ -2999,3 +2999,18 @@ def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     cross = benchmark_report["stores"]["sqlite"]["cross_process"]
     assert cross["executions_per_key"] == {"min": 1, "max": 1}
     assert cross["distinct_calls_per_s"] > 0 and cross["wake"]["p99_ms"] is not None
+
+
+def _mint_tokens(queue):
+    queue.put([ledger._unique_token() for _ in range(3)])
+
+
+def test_owner_tokens_never_repeat_across_a_fork():
+    mine = [ledger._unique_token() for _ in range(3)]
+    queue = FORK.Queue()
+    child = forked(_mint_tokens, queue)
+    child.start()
+    theirs = queue.get(timeout=10)
+    child.join(10)
+    after = [ledger._unique_token() for _ in range(3)]
+    assert len(set(mine + theirs + after)) == 9
