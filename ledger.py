@@ -476,7 +476,8 @@ def fingerprint(tool: str, workflow: str, arguments: Any) -> str:
 
 def _fingerprint_text(tool: str, workflow: str, arguments_text: str) -> str:
     """`fingerprint` from the arguments already dumped, which a new call's record keeps too."""
-    triple = "[" + _dump(tool) + "," + _dump(workflow) + "," + arguments_text + "]"  # == _dump([tool, ...])
+    quote = json.encoder.encode_basestring_ascii  # what _dump does to a str, without the encoder's setup
+    triple = "[" + quote(tool) + "," + quote(workflow) + "," + arguments_text + "]"  # == _dump([tool, ...])
     return hashlib.sha256(triple.encode()).hexdigest()[:32]
 
 
@@ -1964,6 +1965,7 @@ class _Core:
         self.callbacks: dict[str, list[Callable[[Record], Any]]] = {"success": [], "block": [], "fail": []}
         self.pending: dict[str, list[int]] = {}
         self.flushing = threading.Lock()
+        self._env_workflow: str | None = None
         self.fenced = 0
         self.recent: dict[str, list[tuple[float, str, str]]] = {}
         self.warned: set[str] = set()
@@ -2028,6 +2030,12 @@ class _Core:
     def forget_pending(self) -> None:
         self.pending = {}
         self.lock, self.flushing = threading.Lock(), threading.Lock()
+
+    def env_workflow(self) -> str:
+        """$LEDGER_WORKFLOW or "default", read on first use like the other settings."""
+        if self._env_workflow is None:
+            self._env_workflow = os.environ.get("LEDGER_WORKFLOW") or "default"
+        return self._env_workflow
 
     def name_of(self, fn: Callable, info: _ToolInfo) -> str:
         """The name a function's records are kept under: the one it was wrapped under, if any."""
@@ -2405,8 +2413,7 @@ class Guard:
         _WORKFLOW.reset(workflow_token)
 
     def _workflow(self) -> str:
-        return (self._scope[0] or _WORKFLOW.get() or self._default_workflow
-                or os.environ.get("LEDGER_WORKFLOW") or "default")
+        return self._scope[0] or _WORKFLOW.get() or self._default_workflow or self._core.env_workflow()
 
     def _caller(self) -> str | None:
         return self._scope[1] or _CALLER.get() or self._default_caller

@@ -3014,3 +3014,18 @@ def test_owner_tokens_never_repeat_across_a_fork():
     child.join(10)
     after = [ledger._unique_token() for _ in range(3)]
     assert len(set(mine + theirs + after)) == 9
+
+
+def test_ledger_workflow_environment_variable_sets_the_default_workflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEDGER_WORKFLOW", "nightly")
+    guard = Guard(str(tmp_path / "l.db"), quiet=True)
+    guard(charge, 1)
+    assert guard.workflow("other")(charge, 1) is not BLOCKED
+    assert sorted(r["workflow"] for r in guard.history()) == ["nightly", "other"]
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(), max_size=4))
+def test_fingerprint_text_equals_the_fingerprint_of_the_dumped_triple(tool, workflow, arguments):
+    arguments = ledger._canonical_arguments(arguments)
+    assert ledger._fingerprint_text(tool, workflow, ledger._dump(arguments)) == \
+        ledger.fingerprint(tool, workflow, arguments)
