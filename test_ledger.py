@@ -15,6 +15,7 @@ import datetime as dt
 import decimal
 import enum
 import functools
+import hashlib
 import importlib.util
 import json
 import multiprocessing
@@ -3025,7 +3026,8 @@ def test_ledger_workflow_environment_variable_sets_the_default_workflow(tmp_path
 
 
 @given(st.text(max_size=20), st.text(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(), max_size=4))
-def test_fingerprint_text_equals_the_fingerprint_of_the_dumped_triple(tool, workflow, arguments):
+def test_fingerprint_is_sha256_of_the_canonical_json_triple(tool, workflow, arguments):
     arguments = ledger._canonical_arguments(arguments)
-    assert ledger._fingerprint_text(tool, workflow, ledger._dump(arguments)) == \
-        ledger.fingerprint(tool, workflow, arguments)
+    canonical_triple = json.dumps([tool, workflow, arguments], sort_keys=True, separators=(",", ":"))
+    assert ledger.fingerprint(tool, workflow, arguments) == \
+        hashlib.sha256(canonical_triple.encode()).hexdigest()[:32]
