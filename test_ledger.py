@@ -1302,6 +1302,14 @@ def session_id(store):
     return store._client.client_id()
 
 
+def session_alive(store, session):
+    """Whether the server still holds that session open (the store may pool several)."""
+    if isinstance(store, ledger.PostgresStore):
+        query = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        return store._again(store._run, query, (session,), True)[0][0] == 1
+    return any(int(client["id"]) == session for client in store._client.client_list())
+
+
 def scratch_record(id="r1", **changes) -> Record:
     now = time.time()
     return Record(id=id, tool="t", workflow="wf", caller=None, status="RUNNING", owner="a", epoch=1,
@@ -1660,7 +1668,7 @@ def test_server_stores_never_share_a_connection_across_fork(server_store):
     assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
     assert queue.get(timeout=10) != session, "the child must open its own connection"
     child.join(10)
-    assert session_id(server_store) == session, "the parent's connection must outlive the child untouched"
+    assert session_alive(server_store, session), "the parent's connection must outlive the child untouched"
     assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
 
 
