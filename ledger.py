@@ -76,7 +76,8 @@ __all__ = [
     "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
-    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
+    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "AsyncToolError",
+    "ReentrantCallError", "LeaseLiveError",
 ]
 __version__ = "0.1.0"
 
@@ -106,6 +107,18 @@ class KeyReuseError(LedgerError):
 
 class IntegrityError(LedgerError):
     """A stored record failed HMAC verification; it is neither replayed nor re-run."""
+
+
+class AsyncToolError(LedgerError, TypeError):
+    """A plain (sync) tool returned an awaitable: refused, see Guard._run."""
+
+
+class ReentrantCallError(LedgerError):
+    """A replay call waited for a run of its own thread or task: it would wait forever."""
+
+
+class LeaseLiveError(LedgerError):
+    """retry was asked for a call whose worker still holds its lease."""
 
 
 class StoreError(LedgerError):
@@ -643,10 +656,36 @@ def _json_dumps(value: Any) -> str:
     return _RESULT_ENCODER.encode(value)  # as json.dumps(value, ...) without building an encoder per call
 
 
+# A SUCCESS record's signature covers every field a decision reads from it: whether
+# it counts as done (status, runs, expires), for which call and arguments (id, tool,
+# workflow, argsum), under which key (run_key, epoch), and what it replays (result,
+# unstored). Text is encoded with surrogatepass, so no string a tool returns can make
+# signing fail after the tool has run. Signatures of version 1 (no prefix) covered
+# id, epoch, run_key and the result only; records written then still verify.
+_SIGNED_FIELDS = operator.attrgetter("id", "tool", "workflow", "status", "epoch", "run_key", "runs", "expires",
+                                     "argsum", "result", "unstored")
+
+
 def _sign(secret: bytes, r: Record) -> str:
-    message = "\x00".join((r.id, str(r.epoch), r.run_key, r.result or "", r.unstored or ""))
+    message = "v2" + "".join("\x00-" if v is None else f"\x00{len(s := str(v))}:{s}" for v in _SIGNED_FIELDS(r))
+    return "v2:" + _mac(secret, message)
+
+
+def _sign_v1(secret: bytes, r: Record) -> str:
+    return _mac(secret, "\x00".join((r.id, str(r.epoch), r.run_key, r.result or "", r.unstored or "")))
+
+
+def _verified(secret: bytes, r: Record) -> bool:
+    """Whether a completed record carries the signature this secret gives it."""
+    if r.sig is None:
+        return False
+    expected = _sign(secret, r) if r.sig.startswith("v2:") else _sign_v1(secret, r)
+    return hmac.compare_digest(r.sig, expected)
+
+
+def _mac(secret: bytes, message: str) -> str:
     mac = _keyed_hmac(secret).copy()
-    mac.update(message.encode())
+    mac.update(message.encode("utf-8", "surrogatepass"))
     return mac.hexdigest()
 
 
@@ -842,14 +881,16 @@ class SQLiteStore(Store):
                              f"create it or point LEDGER_DB elsewhere")
         if not self.create and not os.path.isfile(self.path):
             raise StoreError(f"no ledger database at {self.path}")
+        if self.create:
+            _create_private_file(self.path)
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             self._migrate(conn)  # first, so that a file that is no ledger is left as it was
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot open ledger database {self.path!r}: {e}. If the file is not a ledger "
-                             f"database or is corrupt, move it aside and a new one is created") from None
+            raise StoreError(f"cannot open ledger database {self.path!r}: {e}. "
+                             f"{_sqlite_advice(self.path, e)}") from None
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -875,7 +916,7 @@ class SQLiteStore(Store):
         try:
             return self._conn().execute(sql, params)
         except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+            raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
 
     def get(self, id: str) -> Record | None:
         row = self._run(_SQL_GET, (id,)).fetchone()
@@ -900,7 +941,7 @@ class SQLiteStore(Store):
                 conn.executemany("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
                                  [(a, b, id) for id, (a, b) in counts.items()])
         except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+            raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
 
     def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
         sql, params = f"SELECT {_SQL_COLUMNS} FROM records WHERE 1", []
@@ -925,6 +966,53 @@ class SQLiteStore(Store):
         self._local = threading.local()
 
 
+def _create_private_file(path: str) -> None:
+    """Create an absent database file readable by its owner only (it holds every argument
+    and result); SQLite gives its -wal and -shm files the database's mode. An existing
+    file is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        pass  # sqlite3.connect meets the same cause and reports it with advice
+
+
+# What to do about an SQLite error, by its primary result code. Moving a database aside
+# is advised only where it is the cure, and always with its price.
+_FRESH_LEDGER = ("a new, empty ledger forgets every past call, so each of them runs again when next "
+                 "called; keep the old file for inspection")
+_SQLITE_ADVICE = {
+    "SQLITE_READONLY": "The file or its folder is read-only for this process: make both writable (SQLite "
+                       "also writes -wal and -shm files beside it), or open it with a user who may write",
+    "SQLITE_PERM": "Permission denied: make the file and its folder readable and writable for this user",
+    "SQLITE_CANTOPEN": "It cannot be opened: check that the path is a file (not a folder) and that the file and "
+                       "its folder are readable and writable for this user",
+    "SQLITE_IOERR": "The disk failed to read or write (full, removed, or a network filesystem, which SQLite "
+                    "locking does not support): free space or move LEDGER_DB to a local disk, then try again",
+    "SQLITE_FULL": "The disk is full: free space, then try again",
+    "SQLITE_BUSY": "Another process holds a lock on it for longer than the timeout: find the process (a "
+                   "long transaction, a stuck tool holding it open) or raise SQLiteStore(timeout=...)",
+    "SQLITE_LOCKED": "It is locked by another connection in this process: close it, then try again",
+    "SQLITE_NOTADB": f"The file is not an SQLite database: point LEDGER_DB at the ledger, or, if this file "
+                     f"is a damaged ledger, move it aside to have a new one created ({_FRESH_LEDGER})",
+    "SQLITE_CORRUPT": f"The database is damaged: try `sqlite3 FILE .recover`, restore a backup, or, as a last "
+                      f"resort, move it aside to have a new one created ({_FRESH_LEDGER})",
+}
+
+
+def _sqlite_advice(path: str, error: sqlite3.Error) -> str:
+    primary = "_".join((getattr(error, "sqlite_errorname", None) or "").split("_")[:2])  # SQLITE_IOERR_WRITE
+    if primary in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
+        # SQLite reports a read-only filesystem and a permission as "cannot open" too; tell them apart.
+        for where in (path, os.path.dirname(os.path.abspath(path))):
+            if os.path.exists(where) and not os.access(where, os.W_OK):
+                return (f"{where!r} is read-only for this process (a read-only filesystem or its permissions); "
+                        f"SQLite writes the database and its -wal and -shm files beside it: make the file and "
+                        f"its folder writable, or run as a user who may write them")
+    return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on")
+
+
 def _sqlite_type(field: str) -> str:
     kind = Record.__dataclass_fields__[field].type
     if "int" in kind:
@@ -940,19 +1028,14 @@ def _key_file(path: str) -> bytes:
         try:
             with open(path, "rb") as f:
                 key = f.read()
+                mode = os.fstat(f.fileno()).st_mode
             if len(key) >= 32:
+                if mode & 0o077:
+                    log.warning("the signing key %s can be read by other users (mode %o): whoever reads it can "
+                                "forge records; chmod 600 it", path, mode & 0o777)
                 return key
         except FileNotFoundError:
-            tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_hex(32).encode())
-            try:
-                os.link(tmp, path)  # atomic: no reader ever sees a half-written key
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
+            _create_key_file(path)
             continue
         except OSError as e:
             raise StoreError(f"cannot read the signing key {path!r}: {e}; "
@@ -960,6 +1043,27 @@ def _key_file(path: str) -> bytes:
         time.sleep(0.01)
     raise StoreError(f"the signing key {path!r} is too short; delete it to have a new one made, "
                      f"or set LEDGER_SECRET")
+
+
+def _create_key_file(path: str) -> None:
+    """Write a new key to a temporary file and link it into place, so that no reader
+    ever sees a half-written key; on any failure (a full disk) nothing is left behind."""
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        finally:
+            os.unlink(tmp)
+    except OSError as e:
+        raise StoreError(f"cannot create the signing key {path!r}: {e}. Free space on that disk or make the "
+                         f"folder writable, or set LEDGER_SECRET (the same value on every worker)") from None
 
 
 def _require(module: str, extra: str, what: str) -> Any:
@@ -1869,7 +1973,9 @@ class _Tokens:
 _unique_token = _Tokens()
 
 
-_CURRENT_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_current_key", default=None)
+# The run this context is inside (its key is current_key()); each run knows the one it
+# was started in, so a call that waits for a run of its own context can be caught.
+_CURRENT_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("ledger_current_run", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
 # `with guard.workflow(...)` blocks open in this context, innermost last; kept in
@@ -1887,13 +1993,13 @@ def current_key(default: Any = _NO_DEFAULT) -> str:
     a crash between the side effect and the record is deduplicated there.
     Outside a guarded call it raises LedgerError, or returns `default` if given.
     """
-    key = _CURRENT_KEY.get()
-    if key is None:
+    run = _CURRENT_RUN.get()
+    if run is None:
         if default is _NO_DEFAULT:
             raise LedgerError("current_key() is only set inside a guarded tool call; "
                               "call the tool through guard(...) or pass current_key(default=None)")
         return default
-    return key
+    return run.record.run_key
 
 
 class _Call:
@@ -1906,7 +2012,7 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "token", "__weakref__")
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "token", "outer", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
@@ -1917,11 +2023,12 @@ class _Run:
     def __enter__(self) -> _Run:
         """The tool runs inside this block: current_key() is set, and if it raises, the
         run is recorded as failed (the exception itself goes on to the caller)."""
-        self.token = _CURRENT_KEY.set(self.record.run_key)
+        self.outer = _CURRENT_RUN.get()
+        self.token = _CURRENT_RUN.set(self)
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
-        _CURRENT_KEY.reset(self.token)
+        _CURRENT_RUN.reset(self.token)
         if error is not None:
             self.core.fail(self, error)
 
@@ -2080,18 +2187,27 @@ class _Core:
                     return self.started(run)
                 lost_races = _lost_race(lost_races, store, call)
                 continue
+            status = record.status
+            if status == Status.SUCCESS and not force:
+                self.verify(call, record)  # before any decision this record steers
             if call.argsum is not None and record.argsum not in (None, call.argsum):
                 self.count(call.id, 1, 0)
                 raise KeyReuseError(
                     f"{call.name}: idempotency key {call.key!r} was first used with other values of "
                     f"{_validated_names(policy)}; use a new key for a different request")
-            status = record.status
             if force:
                 takeover = self.claim(call, record, now, new_run=True)
             elif status == Status.RUNNING:
                 if record.lease_until > now:
                     if not policy.replay:
                         return self.duplicate(call, record, "blocked")
+                    if _running_here(store, record):
+                        self.count(call.id, 1, 0)
+                        raise ReentrantCallError(
+                            f"{call.name} (call {call.id}) was called again with the same arguments from "
+                            f"inside its own run (directly or through another tool); with replay=True it "
+                            f"would wait for its own result forever. Give the inner call other arguments "
+                            f"or a key= of its own")
                     if policy.wait is not None and deadline is None:
                         deadline = now + policy.wait
                     if deadline is not None and now >= deadline:
@@ -2167,12 +2283,15 @@ class _Core:
         self.fire("block", record)
         return Outcome(value, source, record.run_key, record)
 
-    def replay(self, call: _Call, record: Record) -> Any:
-        if record.sig is None or not hmac.compare_digest(record.sig, _sign(self.secret, record)):
+    def verify(self, call: _Call, record: Record) -> None:
+        if not _verified(self.secret, record):
             raise IntegrityError(
                 f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
                 f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
                 f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
+
+    def replay(self, call: _Call, record: Record) -> Any:
+        """The recorded result of a verified SUCCESS record."""
         if record.unstored is not None:
             self.warn("%s returned a %s, which could not be stored, so this duplicate gets BLOCKED "
                       "instead of the result; give the policy a serializer= to store such values",
@@ -2188,26 +2307,59 @@ class _Core:
     # -- completing --------------------------------------------------------
 
     def succeed(self, run: _Run, value: Any) -> Outcome:
+        call = run.call
+        try:
+            record = self.success_record(run, value)
+        except Exception as e:  # the tool has run: a fault here must not cost its caller the value
+            record = self.success_record(run, None, f"result that could not be recorded ({type(e).__name__}: "
+                                                    f"{_error_text_of(e)})"[:2000])
+        try:
+            self.complete(run, record)
+        except Exception as e:
+            # A record the store refuses for its content (text it cannot encode, say) is
+            # written again without the result, so the call is still recorded as done.
+            bare = self.complete_without_result(run, e) if record.result is not None else None
+            if bare is None:
+                raise CompletionError(
+                    f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
+                    f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
+                    f"its lease expires in {call.policy.lease}s", value) from e
+            record = bare
+        self.fire("success", record)
+        return Outcome(value, "executed", record.run_key, record)
+
+    def success_record(self, run: _Run, value: Any, unstored: str | None = None) -> Record:
+        """The signed SUCCESS record of a run that returned `value` (or, given `unstored`,
+        of one whose result is not kept, for that reason)."""
         call, now = run.call, time.time()
-        result, unstored = _encode(call, value)
+        result = None
+        if unstored is None:
+            result, unstored = _encode(call, value)
+            if unstored is not None:
+                self.warn("%s returned a %s, which cannot be stored (%s); the call is recorded as done and "
+                          "duplicates get BLOCKED; give the policy a serializer= to store such values",
+                          call.name, _describe(value), unstored)
         record = run.record.evolve(
             status=Status.SUCCESS.value, updated=now, lease_until=now, duration=now - run.record.started,
             expires=now + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
             result=result, unstored=unstored)
         record.sig = _sign(self.secret, record)
-        if unstored is not None:
-            self.warn("%s returned a %s, which cannot be stored (%s); the call is recorded as done and "
-                      "duplicates get BLOCKED; give the policy a serializer= to store such values",
-                      call.name, _describe(value), unstored)
+        return record
+
+    def complete_without_result(self, run: _Run, error: Exception) -> Record | None:
+        """Record a run as done without its result, after the store refused the full
+        record; the record written, or None if the store refused this one too."""
+        why = f"result the store refused ({type(error).__name__}: {_error_text_of(error)})"[:2000]
+        bare = self.success_record(run, None, why)
+        self.warn("%s ran, but the store refused its result (%s); it is recorded as done without it, "
+                  "so duplicates get BLOCKED", run.call.name, why)
         try:
-            self.complete(run, record)
+            self.complete(run, bare)
         except Exception as e:
-            raise CompletionError(
-                f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
-                f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
-                f"its lease expires in {call.policy.lease}s", value) from e
-        self.fire("success", record)
-        return Outcome(value, "executed", record.run_key, record)
+            log.error("%s ran, and neither its record nor one without its result could be written: %s",
+                      run.call.name, e)
+            return None
+        return bare
 
     def fail(self, run: _Run, error: BaseException) -> None:
         call, now = run.call, time.time()
@@ -2220,7 +2372,7 @@ class _Core:
             return
         record = run.record.evolve(status=Status.FAILED.value, updated=now, lease_until=now,
                                    duration=now - run.record.started,
-                                   error=f"{type(error).__name__}: {error}"[:2000])
+                                   error=f"{type(error).__name__}: {_error_text_of(error)}"[:2000])
         try:
             self.complete(run, record)
         except Exception as e:
@@ -2284,6 +2436,16 @@ class _Core:
                       "so they count as one", call.name, repeats + 1, ", ".join(volatile))
 
 
+def _running_here(store: Store, record: Record) -> bool:
+    """Whether this thread or task is inside the run that holds `record`."""
+    run = _CURRENT_RUN.get()
+    while run is not None:
+        if run.record.id == record.id and run.record.epoch == record.epoch and run.core.store.url == store.url:
+            return True
+        run = run.outer
+    return False
+
+
 def _lost_race(lost: int, store: Store, call: _Call) -> int:
     """Count a claim lost to another worker. Each loss means the record changed,
     so a thousand in a row means the store is broken, not busy."""
@@ -2315,6 +2477,17 @@ def _looks_volatile(value: Any) -> bool:
 
 def _validated_names(policy: Policy) -> str:
     return "its arguments" if policy.validate is True else ", ".join(policy.validate)
+
+
+def _error_text_of(error: BaseException) -> str:
+    """An exception's text as every store can keep it: a NUL (which PostgreSQL rejects)
+    and a lone surrogate (which no UTF-8 store accepts) are escaped, and an exception
+    whose __str__ raises is described rather than allowed to hide the tool's own."""
+    try:
+        text = str(error)
+    except Exception as e:
+        text = f"<its text cannot be shown: str() raised {type(e).__name__}>"
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
@@ -2456,6 +2629,8 @@ class Guard:
             return step
         with step:
             value = call.fn(*call.args, **call.kwargs)
+            if hasattr(type(value), "__await__"):
+                _refuse_awaitable(call, value)
         return self._core.succeed(step, value)
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
@@ -2608,20 +2783,35 @@ class Guard:
 
     # -- operating -----------------------------------------------------------
 
-    def retry(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> bool:
+    def retry(self, fn: Callable | str, /, *args: Any, force: bool = False, **kwargs: Any) -> bool:
         """Let this call run again on its next attempt (for a call a stale lease or
-        recover='block' left blocked). True if there was a record to release."""
-        return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id)
+        recover='block' left blocked, or a deliberate re-run of one that succeeded).
+        True if there was a record to release. A call whose lease is live is running
+        now: releasing it would let a second run overlap it, so that raises
+        LeaseLiveError unless force=True."""
+        return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id, force=force)
 
-    def retry_id(self, id: str) -> bool:
-        """`retry` by record id, as `ledger retry ID` does."""
+    def retry_id(self, id: str, *, force: bool = False) -> bool:
+        """`retry` by record id, as `ledger retry ID` does.
+
+        A crash recovery (a stale RUNNING record) keeps the call's current_key(), so a
+        downstream that saw the lost run deduplicates the new one; releasing a SUCCESS
+        is a deliberate re-run, which gets a fresh key."""
         store = self.store
         while True:
             record = store.get(id)
             if record is None or record.status == Status.FAILED:
                 return False
+            now = time.time()
+            if record.status == Status.RUNNING and record.lease_until > now and not force:
+                raise LeaseLiveError(
+                    f"call {id} ({record.tool}) is running now: worker {record.owner} holds its lease for "
+                    f"another {record.lease_until - now:.1f}s and renews it while it runs. Releasing it would "
+                    f"let a second run overlap this one; wait for it, or force the release if that worker "
+                    f"is known to be gone (guard.retry(..., force=True), `ledger retry --force ID`)")
+            run_key = f"{id}.{_unique_token()}" if record.status == Status.SUCCESS else record.run_key
             released = record.evolve(status=Status.FAILED.value, owner="retry", epoch=record.epoch + 1,
-                                      updated=time.time(), error="released for retry by an operator")
+                                      updated=now, run_key=run_key, error="released for retry by an operator")
             if store.swap(released, record.epoch, record.owner):
                 return True
 
@@ -2692,6 +2882,25 @@ class Guard:
             return tool
         fn, name = _unwrap(tool)
         return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
+
+
+def _refuse_awaitable(call: _Call, value: Any) -> None:
+    """A sync tool that returned an awaitable (an async tool behind a plain decorator).
+
+    Refused rather than awaited: the call would be recorded before its work ran, and a
+    duplicate in another process, which cannot know the tool is async, would hand its
+    caller a plain value (BLOCKED, a replay) where it awaits one. A coroutine is closed
+    before its body runs; another awaitable is cancelled if it can be. Raised inside
+    the run, so the call is recorded FAILED and its next call is refused the same way."""
+    if inspect.iscoroutine(value):
+        value.close()
+    elif callable(getattr(value, "cancel", None)):
+        value.cancel()
+    raise AsyncToolError(
+        f"{call.name} is a plain function but returned {_describe(value)}, so the guard cannot tell when or "
+        f"whether its work finishes; it was refused before running (a coroutine is closed, a future "
+        f"cancelled). Declare the wrapper `async def` (an async tool behind a sync decorator is the usual "
+        f"cause), so that the guard awaits the tool and records its real outcome")
 
 
 class _Named:
@@ -2841,11 +3050,13 @@ def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
 
 
 def _summary_line(tool: str, rows: list[Record]) -> str:
+    """One line of guard.log(); tool names and errors are untrusted, so no control character of theirs."""
     failed = [r for r in rows if r.status == Status.FAILED]
     mark = "✗" if failed else "✓"
+    tool = _clean(tool)
     line = (f"{mark} {tool:<24} attempts {sum(r.attempts for r in rows):<4} "
             f"executed {sum(r.executed for r in rows):<4} blocked {sum(r.blocked for r in rows)}")
-    return line + (f"  -> {failed[-1].error}" if failed else "")
+    return line + (f"  -> {_clean(failed[-1].error)}" if failed else "")
 
 
 guard = Guard()
@@ -2866,6 +3077,7 @@ STATES = ("RUNNING", "STALE", "SUCCESS", "FAILED")
 _STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILED": "red"}
 # Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
 _CONTROL = {**dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd"), **dict.fromkeys(map(ord, "\t\n\r"), " ")}
+_CSV_CONTROL = {**_CONTROL, ord("\n"): "\n"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2927,6 +3139,8 @@ def _parser() -> Any:
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
                 "or a stale lease")
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
+    p.add_argument("--force", action="store_true", help="release it even while its worker holds a live lease "
+                   "(only when that worker is known to be gone: otherwise two runs overlap)")
     p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -3203,7 +3417,7 @@ def _cmd_retry(args: Any) -> int:
     with _opened(args) as guard:
         record = _find_record(guard, args.id)
         state = _state(record, time.time())
-        if guard.retry_id(record.id):
+        if guard.retry_id(record.id, force=args.force):
             print(f"released {record.id} ({_clean(record.tool)}, was {state}): its next call runs again")
         else:
             print(f"{record.id} ({_clean(record.tool)}) is FAILED already, nothing to release: "
@@ -3234,16 +3448,32 @@ def _cmd_export(args: Any) -> int:
         if args.format == "csv":  # an empty cell is a missing value
             writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
         else:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for row in rows:  # lossless: JSON escapes C0 controls, and C1 controls are escaped here
+                out.write(json.dumps(row, ensure_ascii=False).translate(_C1_ESCAPES) + "\n")
     finally:
         if args.output:
             out.close()
     if args.output:
         print(f"wrote {len(rows)} records to {args.output}", file=sys.stderr)
     return EXIT_OK
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula; a leading
+# apostrophe makes it text (and is shown by no spreadsheet). Numbers stay numbers.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell safe to open in a spreadsheet or print on a terminal: text starting
+    like a formula gets a leading apostrophe, and control characters (other than a
+    newline, which CSV quotes) become U+FFFD; use jsonl for a lossless export."""
+    if not isinstance(value, str):
+        return value
+    text = value.translate(_CSV_CONTROL)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 def _cmd_check(args: Any) -> int:

@@ -16,6 +16,7 @@ import decimal
 import enum
 import functools
 import hashlib
+import hmac
 import importlib.util
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -598,6 +600,63 @@ def test_another_secret_cannot_verify_records(tmp_path):
         second(charge, 1)
 
 
+# Every field a decision reads from a completed record, and a tampered value that
+# would change the decision: run the call again, or replay/block without checking.
+SIGNED_TAMPERING = {
+    "status": dict(status="FAILED"),          # FAILED is not signed: see the next test
+    "runs": dict(runs=0),                      # under max=, one more run
+    "expires": dict(expires=1.0),              # under ttl=, the window has passed
+    "argsum": dict(argsum=None),               # validation switched off
+    "run_key": dict(run_key="someone-else"),   # another current_key()
+    "result": dict(result='{"charged": 1}'),
+    "unstored": dict(unstored="set"),
+    "epoch": dict(epoch=7),
+}
+
+
+@pytest.mark.parametrize("field", [f for f in SIGNED_TAMPERING if f != "status"])
+def test_every_field_that_steers_a_completed_call_is_signed(store, field):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, max=2, ttl=3600, validate=True)
+    guard(charge, 1, key="k")
+    record = store.records()[0]
+    tamper(store, record.id, **SIGNED_TAMPERING[field])
+    for replay in (False, True):   # a blocked duplicate checks it as well as a replay does
+        guard.policy(charge, max=2, ttl=3600, validate=True, replay=replay)
+        with pytest.raises(ledger.IntegrityError, match="signature"):
+            guard(charge, 1, key="k")
+    assert len(CHARGES) == 1
+
+
+def test_a_completed_record_changed_to_failed_or_deleted_runs_again_as_documented(store):
+    """Signing cannot stop what deleting the record does; FAILED is the same as no record."""
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    tamper(store, store.records()[0].id, status="FAILED")
+    guard(charge, 1)
+    store.clear()
+    guard(charge, 1)
+    assert len(CHARGES) == 3
+
+
+def test_records_signed_before_every_field_was_covered_still_verify(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, replay=True)
+    guard(charge, 1)
+    record = store.records()[0]
+    old = hmac.new(b"s", "\x00".join((record.id, str(record.epoch), record.run_key, record.result, "")).encode(),
+                   hashlib.sha256).hexdigest()
+    tamper(store, record.id, sig=old)
+    assert guard(charge, 1) == {"charged": 10.0, "order": 1} and len(CHARGES) == 1
+
+
+def test_a_force_runs_past_a_tampered_record(g):
+    g(charge, 1)
+    tamper(g.store, g.store.records()[0].id, runs=0)
+    g.force(charge, 1)
+    assert len(CHARGES) == 2 and g(charge, 1) is BLOCKED
+
+
 def test_the_signing_key_file_sits_beside_the_database_with_mode_0600(tmp_path, monkeypatch):
     monkeypatch.delenv("LEDGER_SECRET", raising=False)
     path = tmp_path / "l.db"
@@ -1018,6 +1077,70 @@ def test_completion_is_retried_through_brief_store_errors(tmp_path, monkeypatch)
     assert guard.store.records()[0].status == "SUCCESS"
 
 
+class UnprintableError(Exception):
+    def __str__(self):
+        raise IndexError("no text")
+
+
+@pytest.mark.parametrize("error", [ValueError("nul \x00 here"), ValueError("lone \ud800 surrogate"),
+                                   UnprintableError()], ids=["nul", "surrogate", "str-raises"])
+def test_a_tool_error_of_any_text_is_recorded_failed_and_reaches_the_caller_unchanged(store, error):
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+
+    def tool():
+        runs.append(1)
+        raise error
+    with pytest.raises(type(error)) as raised:
+        guard(tool)
+    assert raised.value is error
+    record = store.records()[0]
+    assert record.status == "FAILED" and record.error.startswith(type(error).__name__)
+    assert "\x00" not in record.error and record.error.encode("utf-8")   # storable everywhere
+    with pytest.raises(type(error)):
+        guard(tool)
+    assert len(runs) == 2
+
+
+def _return_unstorable(store, path, queue):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(log_run, replay=True, serializer=(lambda v: v + "\ud800\x00", lambda t: t))
+    queue.put(guard(log_run, path, "value"))
+
+
+def test_a_result_the_store_refuses_is_recorded_done_and_never_runs_again(shared_store, tmp_path):
+    path, queue = str(tmp_path / "runs"), FORK.Queue()
+    child = forked(_return_unstorable, shared_store, path, queue)
+    child.start()
+    assert queue.get(timeout=30).startswith("value-")   # the caller gets the value
+    child.join(30)
+    assert child.exitcode == 0
+    guard = Guard(shared_store, quiet=True, secret="s")
+    assert guard(log_run, path, "value") is BLOCKED    # after that process is gone
+    record = shared_store.records()[0]
+    assert record.status == "SUCCESS" and len(runs_of(path)) == 1
+    assert record.result is None and "refused" in record.unstored
+
+
+def test_a_completion_the_store_refuses_stops_renewing_the_lease(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "COMPLETION_RETRIES", (0.01,))
+    store = FlakyStore(tmp_path / "l.db")
+    guard = Guard(store, quiet=True, secret="s")
+
+    def tool(n):
+        store.fail_swaps = 100   # from here on, every write fails
+        return n
+    guard.policy(tool, lease=0.3)
+    with pytest.raises(ledger.CompletionError) as err:
+        guard(tool, 1)
+    assert err.value.value == 1
+    store.fail_swaps = 0
+    held = store.records()[0].lease_until
+    time.sleep(0.5)   # the heartbeat renews a live run every lease/3
+    record = store.records()[0]
+    assert record.status == "RUNNING" and record.lease_until == held and record.stale()
+
+
 def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
     guard = Guard(FlakyStore(tmp_path / "l.db", fail_gets=1), quiet=True, secret="s")
     with pytest.raises(ledger.StoreError, match="locked"):
@@ -1043,6 +1166,130 @@ def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g)
     time.sleep(0.06)
     g(tool, [False], key="t")
     assert keys[2] != keys[3]
+
+
+def test_a_deliberate_retry_gets_a_fresh_key_and_a_crash_recovery_keeps_the_old_one(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    victim = forked(_run_long_tool, shared_store, path, 0.3, 60)
+    victim.start()
+    wait_for(lambda: runs_of(path), what="the victim to start")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join()
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, lease=0.3, recover="block")
+    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # crash recovery
+    guard(log_run, path, "long", 0, key="long-job")
+    assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # deliberate re-run
+    guard(log_run, path, "long", 0, key="long-job")
+    keys = [line.split()[1] for line in runs_of(path)]
+    assert len(keys) == 3 and keys[0] == keys[1] != keys[2]
+
+
+def test_retry_refuses_a_call_whose_lease_is_live_unless_forced(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(log_run, lease=30)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def tool():
+        inside.set()
+        release.wait(10)
+    worker = threading.Thread(target=guard, args=(tool,))
+    worker.start()
+    try:
+        inside.wait(10)
+        with pytest.raises(ledger.LeaseLiveError, match=r"holds its lease for another \d+\.\ds"):
+            guard.retry(tool)
+        assert store.records()[0].status == "RUNNING"
+        assert guard.retry(tool, force=True) is True
+        assert store.records()[0].status == "FAILED"
+    finally:
+        release.set()
+        worker.join()
+
+
+def plain_decorator(fn):
+    """A decorator that hides that the function it wraps is async (no functools.wraps, no async def)."""
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+SENT: list = []
+
+
+@plain_decorator
+async def send_async(n):
+    SENT.append(n)
+    return n
+
+
+ASYNC_BEHIND_SYNC = {
+    "guard": lambda g: g(send_async, 1),
+    "execute": lambda g: g.execute(send_async, 1),
+    "once": lambda g: g.once(send_async)(1),
+    "wrap_tools": lambda g: g.wrap_tools([send_async])[0](1),
+}
+
+
+@pytest.mark.parametrize("entry", list(ASYNC_BEHIND_SYNC))
+def test_an_async_tool_behind_a_sync_decorator_is_refused_before_its_body_runs(g, entry, recwarn):
+    SENT.clear()
+    for _ in range(2):
+        with pytest.raises(ledger.AsyncToolError, match="async def"):
+            ASYNC_BEHIND_SYNC[entry](g)
+    assert SENT == [] and [r["status"] for r in g.history()] == ["FAILED"]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]   # the coroutine was closed
+
+
+def test_a_sync_tool_returning_a_task_is_refused_and_the_task_cancelled(g):
+    async def body():
+        SENT.append("ran")
+
+    async def main():
+        with pytest.raises(ledger.AsyncToolError):
+            g(lambda: asyncio.ensure_future(body()))
+        await asyncio.sleep(0.01)
+    SENT.clear()
+    asyncio.run(main())
+    assert SENT == []
+
+
+def test_a_replay_tool_that_calls_itself_raises_instead_of_waiting_forever(g):
+    def lookup(q):
+        return g(lookup, q)
+    g.policy(lookup, replay=True)
+    started = time.monotonic()
+    with pytest.raises(ledger.ReentrantCallError, match="from inside its own run"):
+        g(lookup, "x")
+    assert time.monotonic() - started < 5 and g.history()[0]["status"] == "FAILED"
+
+
+def test_a_replay_tool_reached_again_through_another_tool_raises(g):
+    def outer(q):
+        return g(inner, q)
+
+    def inner(q):
+        return g(outer, q)
+    g.policy(outer, replay=True)
+    with pytest.raises(ledger.ReentrantCallError):
+        g(outer, "x")
+
+
+def test_an_async_replay_tool_that_awaits_itself_raises(g):
+    async def lookup(q):
+        return await g(lookup, q)
+    g.policy(lookup, replay=True)
+    with pytest.raises(ledger.ReentrantCallError):
+        asyncio.run(asyncio.wait_for(g(lookup, "x"), 10))
+
+
+def test_a_replay_tool_may_call_itself_with_other_arguments(g):
+    def countdown(n):
+        return 0 if n == 0 else 1 + g(countdown, n - 1)
+    g.policy(countdown, replay=True)
+    assert g(countdown, 3) == 3 and g(countdown, 3) == 3
 
 
 def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
@@ -1196,6 +1443,133 @@ def test_a_corrupt_database_fails_before_the_tool_runs(tmp_path):
 def test_a_path_that_is_a_directory_fails_clearly(tmp_path):
     with pytest.raises(ledger.StoreError, match="cannot open"):
         Guard(str(tmp_path))(charge, 1)
+
+
+def test_the_database_and_its_wal_and_shm_are_created_readable_by_the_owner_only(tmp_path):
+    guard = Guard(str(tmp_path / "l.db"), quiet=True)
+    guard(charge, 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    guard.close()
+    assert modes == {"l.db": 0o600, "l.db-wal": 0o600, "l.db-shm": 0o600, "l.db.key": 0o600}
+
+
+def test_an_existing_database_keeps_its_mode(tmp_path):
+    SQLiteStore(tmp_path / "l.db").close()
+    os.chmod(tmp_path / "l.db", 0o640)
+    Guard(str(tmp_path / "l.db"), quiet=True)(charge, 1)
+    assert (tmp_path / "l.db").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_signing_key_readable_by_others_draws_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("LEDGER_SECRET", raising=False)
+    Guard(str(tmp_path / "l.db"), quiet=True)(charge, 1)
+    os.chmod(tmp_path / "l.db.key", 0o644)
+    with caplog.at_level("WARNING", logger="ledger"):
+        Guard(str(tmp_path / "l.db"), quiet=True)(charge, 2)
+    assert "can be read by other users" in caplog.text and "chmod 600" in caplog.text
+
+
+@contextlib.contextmanager
+def small_filesystem(tmp_path, size="64k", options=""):
+    """A real tmpfs of its own (mounting needs root), unmounted afterwards."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(mount)],
+                          capture_output=True)
+    need("a tmpfs mount", done.returncode == 0, "run the tests as root (mount -t tmpfs)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(folder) -> None:
+    with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"x" * 4096)
+
+
+def test_a_full_disk_while_creating_the_signing_key_is_a_store_error_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("LEDGER_SECRET", raising=False)
+    with small_filesystem(tmp_path) as mount:
+        fill(mount)
+        with pytest.raises(ledger.StoreError, match="cannot create the signing key.*Free space"):
+            ledger._key_file(str(mount / "l.db.key"))
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+
+
+def test_a_read_only_filesystem_is_named_as_such(tmp_path):
+    with small_filesystem(tmp_path) as mount:
+        Guard(str(mount / "l.db"), quiet=True, secret="s").close()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        with pytest.raises(ledger.StoreError, match="read-only for this process") as err:
+            Guard(str(mount / "l.db"), quiet=True, secret="s")(charge, 1)
+    assert "move it aside" not in str(err.value) and CHARGES == []
+
+
+def _open_as_nobody(path, queue):
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        Guard(path, quiet=True, secret="s")(charge, 1)
+        queue.put("ran")
+    except ledger.StoreError as e:
+        queue.put(str(e))
+
+
+def test_a_database_this_user_may_not_write_is_a_permission_problem(tmp_path):
+    need("root", os.geteuid() == 0, "run as root, so that a child can become another user")
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="ledger-perm-"))   # reachable by another user
+    try:
+        folder.chmod(0o755)
+        Guard(str(folder / "l.db"), quiet=True, secret="s").close()
+        queue = FORK.Queue()
+        child = forked(_open_as_nobody, str(folder / "l.db"), queue)
+        child.start()
+        message = queue.get(timeout=30)
+        child.join(10)
+    finally:
+        shutil.rmtree(folder)
+    assert "read-only for this process" in message and "move it aside" not in message
+
+
+def test_a_full_disk_advises_freeing_space(tmp_path):
+    with small_filesystem(tmp_path, size="256k") as mount:
+        guard = Guard(str(mount / "l.db"), quiet=True, secret="s")
+        guard(charge, 0)
+        fill(mount)
+        with pytest.raises(ledger.StoreError, match="disk is full"):
+            for n in range(1, 1000):
+                guard(charge, n, currency="x" * 4000)
+        (mount / "filler").unlink()
+        guard.close()
+
+
+def test_a_database_locked_by_another_process_names_the_lock(tmp_path):
+    SQLiteStore(tmp_path / "l.db").close()
+    holder = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ledger.StoreError, match="holds a lock on it") as err:
+            Guard(SQLiteStore(tmp_path / "l.db", timeout=0.1), quiet=True, secret="s")(charge, 1)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert "move it aside" not in str(err.value) and CHARGES == []
+
+
+def test_a_corrupt_ledger_is_advised_to_be_recovered_and_warned_that_a_new_one_forgets(tmp_path):
+    g = Guard(str(tmp_path / "l.db"), quiet=True, secret="s")
+    for n in range(200):
+        g(charge, n)
+    g.close()
+    data = bytearray((tmp_path / "l.db").read_bytes())
+    data[4096:len(data)] = b"\xff" * (len(data) - 4096)   # every page but the header page
+    (tmp_path / "l.db").write_bytes(bytes(data))
+    with pytest.raises(ledger.StoreError) as err:
+        Guard(str(tmp_path / "l.db"), quiet=True, secret="s")(charge, 1000)
+    assert "forgets every past call" in str(err.value) and ".recover" in str(err.value)
+    assert [order for order, *_ in CHARGES] == list(range(200))   # the call after it did not run
 
 
 def _use_after_fork(store, queue):
@@ -1834,6 +2208,17 @@ def test_log_writes_to_stderr_never_stdout(g, capsys):
     text = g.log()
     out, err = capsys.readouterr()
     assert out == "" and "attempts 2" in err and "blocked 1" in text
+
+
+def test_log_sends_no_control_characters_of_tool_names_or_errors(g, capsys):
+    def evil(x):
+        raise RuntimeError("\x1b]0;owned\x07\x1b[2J\x9b31m")
+    with pytest.raises(RuntimeError):
+        g.wrap_tools({"evil\x1b[31m": evil})["evil\x1b[31m"](1)
+    text = g.log()
+    _, err = capsys.readouterr()
+    assert not re.search("[\x00-\x1f\x7f-\x9f]", text) and "owned" in text
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", err)
 
 
 def test_warnings_go_through_the_ledger_logger_and_quiet_silences_them(tmp_path, caplog, capsys, monkeypatch):
@@ -2741,6 +3126,27 @@ def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, cli):
     assert runs == [1]
 
 
+def test_retry_of_a_running_call_is_refused_with_its_lease_unless_forced(tmp_path, cli):
+    g = Guard(str(tmp_path / "ledger.db"), quiet=True)
+    g.policy("job", lease=60)
+    inside, release = threading.Event(), threading.Event()
+    job = g.wrap_tools({"job": lambda n: (inside.set(), release.wait(10))})["job"]
+    worker = threading.Thread(target=job, args=(1,))
+    worker.start()
+    try:
+        inside.wait(10)
+        id = g.store.records()[0].id
+        code, out, err = cli("retry", "--db", tmp_path / "ledger.db", id)
+        assert code == 2 and "is running now" in err and "--force" in err and out == ""
+        assert g.store.get(id).status == "RUNNING"
+        code, out, _ = cli("retry", "--db", tmp_path / "ledger.db", "--force", id)
+        assert code == 0 and "was RUNNING" in out and g.store.get(id).status == "FAILED"
+    finally:
+        release.set()
+        worker.join()
+        g.close()
+
+
 @pytest.mark.parametrize("wanted, error", [("ffffffff", "no record"), ("ab", "at least 4"), ("", "at least 4")])
 def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     code, _, err = cli("retry", "--db", ledger_db, wanted)
@@ -2766,6 +3172,38 @@ def test_export_csv_round_trips_every_record(ledger_db, cli, tmp_path):
     with open(target, newline="", encoding="utf-8") as f:
         rows = [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
     assert rows == records_of(ledger_db)
+
+
+def hostile_ledger(path) -> None:
+    """Records whose texts are terminal escapes and spreadsheet formulas."""
+    g = Guard(str(path), quiet=True)
+    tools = g.wrap_tools({"=HYPERLINK(\"http://x\")": lambda a: a, "ok": lambda a: a})
+    g.policy("ok", serializer=(str, str))   # results stored as their own text, so cells start with it
+    for text in ("+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\x1b]0;owned\x07\x1b[2J\x9b31m"):
+        tools["ok"](text)
+    tools["=HYPERLINK(\"http://x\")"]("x")
+    g.close()
+
+
+def test_export_csv_neutralizes_formulas_and_terminal_escapes(tmp_path, cli):
+    import csv
+    hostile_ledger(tmp_path / "ledger.db")
+    code, out, _ = cli("export", "--db", tmp_path / "ledger.db", "--format", "csv")
+    assert code == 0 and not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", out)
+    cells = [cell for row in csv.reader(out.splitlines()[1:]) for cell in row]
+
+    def number(cell):
+        with contextlib.suppress(ValueError):
+            return float(cell)
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "-", "\t", "\r") and number(c) is None]
+    assert {"'=HYPERLINK(\"http://x\")", "'+1+1", "'-2+3", "'@SUM(A1)", " cmd"} <= set(cells)
+
+
+def test_export_jsonl_escapes_c1_controls_and_stays_lossless(tmp_path, cli):
+    hostile_ledger(tmp_path / "ledger.db")
+    code, out, _ = cli("export", "--db", tmp_path / "ledger.db")
+    assert code == 0 and not re.search("[\x00-\x1f\x7f-\x9f]", out.replace("\n", ""))
+    assert [json.loads(line) for line in out.splitlines()] == records_of(tmp_path / "ledger.db")
 
 
 def test_check_passes_and_touches_no_existing_record(ledger_db, cli):
