@@ -657,17 +657,18 @@ def _json_dumps(value: Any) -> str:
 
 
 # A SUCCESS record's signature covers every field a decision reads from it: whether
-# it counts as done (status, runs, expires), for which call and arguments (id, tool,
-# workflow, argsum), under which key (run_key, epoch), and what it replays (result,
-# unstored). Text is encoded with surrogatepass, so no string a tool returns can make
-# signing fail after the tool has run. Signatures of version 1 (no prefix) covered
-# id, epoch, run_key and the result only; records written then still verify.
-_SIGNED_FIELDS = operator.attrgetter("id", "tool", "workflow", "status", "epoch", "run_key", "runs", "expires",
-                                     "argsum", "result", "unstored")
-
-
+# it counts as done (status, runs, expires), for which call (id: a hash of the tool,
+# workflow and arguments or key) and arguments (argsum), under which key (run_key,
+# epoch), and what it replays (result, unstored). The two free texts carry their
+# lengths, so no text can imitate a boundary. Text is encoded with surrogatepass, so no
+# string a tool returns can make signing fail after the tool has run. Signatures of
+# version 1 (no prefix) covered id, epoch, run_key and the result only; records
+# written then still verify.
 def _sign(secret: bytes, r: Record) -> str:
-    message = "v2" + "".join("\x00-" if v is None else f"\x00{len(s := str(v))}:{s}" for v in _SIGNED_FIELDS(r))
+    result, unstored = r.result, r.unstored
+    message = (f"v2\x00{r.id}\x00{r.status}\x00{r.epoch}\x00{r.run_key}\x00{r.runs}\x00{r.expires!r}\x00"
+               f"{r.argsum}\x00{-1 if result is None else len(result)}\x00{-1 if unstored is None else len(unstored)}"
+               f"\x00{result or ''}{unstored or ''}")
     return "v2:" + _mac(secret, message)
 
 

@@ -605,7 +605,7 @@ def test_another_secret_cannot_verify_records(tmp_path):
 SIGNED_TAMPERING = {
     "status": dict(status="FAILED"),          # FAILED is not signed: see the next test
     "runs": dict(runs=0),                      # under max=, one more run
-    "expires": dict(expires=1.0),              # under ttl=, the window has passed
+    "expires": dict(expires=time.time() - 1),  # under ttl=, the window has passed
     "argsum": dict(argsum=None),               # validation switched off
     "run_key": dict(run_key="someone-else"),   # another current_key()
     "result": dict(result='{"charged": 1}'),
@@ -620,7 +620,10 @@ def test_every_field_that_steers_a_completed_call_is_signed(store, field):
     guard.policy(charge, max=2, ttl=3600, validate=True)
     guard(charge, 1, key="k")
     record = store.records()[0]
-    tamper(store, record.id, **SIGNED_TAMPERING[field])
+    changes = SIGNED_TAMPERING[field]
+    if field == "expires" and isinstance(store, ledger.RedisStore):
+        changes = dict(expires=record.expires - 1800)   # Redis would delete a record whose window passed
+    tamper(store, record.id, **changes)
     for replay in (False, True):   # a blocked duplicate checks it as well as a replay does
         guard.policy(charge, max=2, ttl=3600, validate=True, replay=replay)
         with pytest.raises(ledger.IntegrityError, match="signature"):
@@ -637,6 +640,16 @@ def test_a_completed_record_changed_to_failed_or_deleted_runs_again_as_documente
     store.clear()
     guard(charge, 1)
     assert len(CHARGES) == 3
+
+
+def test_any_text_a_tool_returns_can_be_signed(store):
+    """Signing never fails after a tool has run, whatever its result text holds."""
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, serializer=(lambda v: "lone \ud800 nul \x00 " + json.dumps(v), lambda t: t))
+    assert guard(charge, 1) == {"charged": 10.0, "order": 1}
+    record = store.records()[0]
+    assert record.status == "SUCCESS" and record.sig.startswith("v2:")
+    assert guard(charge, 1) is BLOCKED and len(CHARGES) == 1
 
 
 def test_records_signed_before_every_field_was_covered_still_verify(store):
