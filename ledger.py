@@ -3138,7 +3138,7 @@ def _parser() -> Any:
     p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
-                "or a stale lease")
+                "or a stale lease (same key), or a succeeded one (a new key)")
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
     p.add_argument("--force", action="store_true", help="release it even while its worker holds a live lease "
                    "(only when that worker is known to be gone: otherwise two runs overlap)")
@@ -3462,8 +3462,9 @@ def _cmd_export(args: Any) -> int:
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula; a leading
-# apostrophe makes it text (and is shown by no spreadsheet). Numbers stay numbers.
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# apostrophe makes it text (and is shown by no spreadsheet). Numbers stay numbers. A
+# leading tab or CR, the other classic trigger, has become a space by then.
+_FORMULA_STARTS = ("=", "+", "-", "@")
 _C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 
@@ -3474,7 +3475,7 @@ def _csv_cell(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = value.translate(_CSV_CONTROL)
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    return "'" + text if text.lstrip(" ").startswith(_FORMULA_STARTS) else text
 
 
 def _cmd_check(args: Any) -> int:
