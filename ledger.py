@@ -3079,6 +3079,7 @@ _STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILE
 # Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
 _CONTROL = {**dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd"), **dict.fromkeys(map(ord, "\t\n\r"), " ")}
 _CSV_CONTROL = {**_CONTROL, ord("\n"): "\n"}
+_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}  # JSON escapes of what JSON leaves raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -3291,8 +3292,14 @@ def _record_json(record: Record, now: float) -> dict[str, Any]:
     return {**record.as_dict(), "state": _state(record, now)}
 
 
+def _json_text(value: Any, indent: int | None = None) -> str:
+    """JSON for stdout, lossless and safe on a terminal: JSON escapes C0 controls, and
+    the C1 controls it leaves raw (some terminals obey them) are escaped here."""
+    return json.dumps(value, indent=indent, ensure_ascii=False).translate(_C1_ESCAPES)
+
+
 def _print_json(value: Any) -> int:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(_json_text(value, indent=2))
     return EXIT_OK
 
 
@@ -3451,8 +3458,8 @@ def _cmd_export(args: Any) -> int:
             writer.writeheader()
             writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
         else:
-            for row in rows:  # lossless: JSON escapes C0 controls, and C1 controls are escaped here
-                out.write(json.dumps(row, ensure_ascii=False).translate(_C1_ESCAPES) + "\n")
+            for row in rows:
+                out.write(_json_text(row) + "\n")
     finally:
         if args.output:
             out.close()
@@ -3465,7 +3472,6 @@ def _cmd_export(args: Any) -> int:
 # apostrophe makes it text (and is shown by no spreadsheet). Numbers stay numbers. A
 # leading tab or CR, the other classic trigger, has become a space by then.
 _FORMULA_STARTS = ("=", "+", "-", "@")
-_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
 
 
 def _csv_cell(value: Any) -> Any:
@@ -3515,8 +3521,7 @@ def _cmd_tail(args: Any) -> int:
                     events, removed, first = events[-args.last:] if args.last > 0 else [], 0, False
                 for event, record, detail in events:
                     if args.json:
-                        print(json.dumps({"event": event, "detail": detail, "record": _record_json(record, now)},
-                                         ensure_ascii=False))
+                        print(_json_text({"event": event, "detail": detail, "record": _record_json(record, now)}))
                     else:
                         print(_tail_line(event, record, detail, paint))
                 if removed:

@@ -1559,6 +1559,30 @@ def test_a_full_disk_advises_freeing_space(tmp_path):
         guard.close()
 
 
+def _write_past_a_file_size_limit(path, queue):
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG
+    guard = Guard(path, quiet=True, secret="s")
+    guard(charge, 0)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    try:
+        for n in range(1, 1000):
+            guard(charge, n, currency="x" * 5000)
+        queue.put("no error")
+    except ledger.LedgerError as e:
+        queue.put(str(e))
+
+
+def test_an_io_error_advises_on_the_disk_not_on_moving_the_ledger(tmp_path):
+    queue = FORK.Queue()
+    child = forked(_write_past_a_file_size_limit, str(tmp_path / "l.db"), queue)
+    child.start()
+    message = queue.get(timeout=60)
+    child.join(10)
+    assert "disk I/O error" in message and "disk failed to read or write" in message
+    assert "move it aside" not in message
+
+
 def test_a_database_locked_by_another_process_names_the_lock(tmp_path):
     SQLiteStore(tmp_path / "l.db").close()
     holder = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
@@ -3218,6 +3242,14 @@ def test_export_jsonl_escapes_c1_controls_and_stays_lossless(tmp_path, cli):
     code, out, _ = cli("export", "--db", tmp_path / "ledger.db")
     assert code == 0 and not re.search("[\x00-\x1f\x7f-\x9f]", out.replace("\n", ""))
     assert [json.loads(line) for line in out.splitlines()] == records_of(tmp_path / "ledger.db")
+
+
+def test_json_output_escapes_c1_controls_and_stays_lossless(tmp_path, cli):
+    hostile_ledger(tmp_path / "ledger.db")
+    code, out, _ = cli("show", "--json", "--db", tmp_path / "ledger.db")
+    assert code == 0 and not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out)
+    shown = [{k: v for k, v in r.items() if k != "state"} for r in json.loads(out)]
+    assert sorted(shown, key=lambda r: r["id"]) == sorted(records_of(tmp_path / "ledger.db"), key=lambda r: r["id"])
 
 
 def test_check_passes_and_touches_no_existing_record(ledger_db, cli):
