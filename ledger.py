@@ -997,7 +997,7 @@ _SQLITE_ADVICE = {
     "SQLITE_LOCKED": "It is locked by another connection in this process: close it, then try again",
     "SQLITE_NOTADB": f"The file is not an SQLite database: point LEDGER_DB at the ledger, or, if this file "
                      f"is a damaged ledger, move it aside to have a new one created ({_FRESH_LEDGER})",
-    "SQLITE_CORRUPT": f"The database is damaged: try `sqlite3 FILE .recover`, restore a backup, or, as a last "
+    "SQLITE_CORRUPT": f"The database is damaged: try `sqlite3 {{path}} .recover`, restore a backup, or, as a last "
                       f"resort, move it aside to have a new one created ({_FRESH_LEDGER})",
 }
 
@@ -1011,7 +1011,7 @@ def _sqlite_advice(path: str, error: sqlite3.Error) -> str:
                 return (f"{where!r} is read-only for this process (a read-only filesystem or its permissions); "
                         f"SQLite writes the database and its -wal and -shm files beside it: make the file and "
                         f"its folder writable, or run as a user who may write them")
-    return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on")
+    return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on").format(path=path)
 
 
 def _sqlite_type(field: str) -> str:

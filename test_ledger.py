@@ -1454,6 +1454,13 @@ def test_a_corrupt_database_fails_before_the_tool_runs(tmp_path):
     assert CHARGES == []
 
 
+def test_a_file_that_is_no_database_is_named_and_moving_it_aside_is_said_to_forget_every_call(tmp_path):
+    (tmp_path / "l.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ledger.StoreError, match="not an SQLite database") as err:
+        Guard(str(tmp_path / "l.db"))(charge, 1)
+    assert "point LEDGER_DB at the ledger" in str(err.value) and "forgets every past call" in str(err.value)
+
+
 def test_a_path_that_is_a_directory_fails_clearly(tmp_path):
     with pytest.raises(ledger.StoreError, match="cannot open"):
         Guard(str(tmp_path))(charge, 1)
@@ -1606,7 +1613,7 @@ def test_a_corrupt_ledger_is_advised_to_be_recovered_and_warned_that_a_new_one_f
     (tmp_path / "l.db").write_bytes(bytes(data))
     with pytest.raises(ledger.StoreError) as err:
         Guard(str(tmp_path / "l.db"), quiet=True, secret="s")(charge, 1000)
-    assert "forgets every past call" in str(err.value) and ".recover" in str(err.value)
+    assert "forgets every past call" in str(err.value) and f"sqlite3 {tmp_path / 'l.db'} .recover" in str(err.value)
     assert [order for order, *_ in CHARGES] == list(range(200))   # the call after it did not run
 
 
