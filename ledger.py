@@ -2789,7 +2789,8 @@ class Guard:
         recover='block' left blocked, or a deliberate re-run of one that succeeded).
         True if there was a record to release. A call whose lease is live is running
         now: releasing it would let a second run overlap it, so that raises
-        LeaseLiveError unless force=True."""
+        LeaseLiveError unless force=True. (`force` is retry's own; for a tool with an
+        argument of that name, use retry_id with the record's id.)"""
         return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id, force=force)
 
     def retry_id(self, id: str, *, force: bool = False) -> bool:
