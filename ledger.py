@@ -1008,10 +1008,19 @@ def _sqlite_advice(path: str, error: sqlite3.Error) -> str:
         # SQLite reports a read-only filesystem and a permission as "cannot open" too; tell them apart.
         for where in (path, os.path.dirname(os.path.abspath(path))):
             if os.path.exists(where) and not os.access(where, os.W_OK):
-                return (f"{where!r} is read-only for this process (a read-only filesystem or its permissions); "
-                        f"SQLite writes the database and its -wal and -shm files beside it: make the file and "
-                        f"its folder writable, or run as a user who may write them")
+                return _unwritable_advice(where)
     return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on").format(path=path)
+
+
+def _unwritable_advice(where: str) -> str:
+    beside = "SQLite writes the database and its -wal and -shm files beside it"
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        return (f"{where!r} is on a read-only filesystem ({beside}): remount it read-write, or point LEDGER_DB "
+                f"at a writable disk")
+    st = os.stat(where)
+    return (f"{where!r} is not writable by this user (uid {os.geteuid()}; it belongs to uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o777:o}); {beside}: give this user write permission on the file and its folder, "
+            f"or run as the user who owns them")
 
 
 def _sqlite_type(field: str) -> str:

@@ -1534,7 +1534,7 @@ def test_a_read_only_filesystem_is_named_as_such(tmp_path):
     with small_filesystem(tmp_path) as mount:
         Guard(str(mount / "l.db"), quiet=True, secret="s").close()
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        with pytest.raises(ledger.StoreError, match="read-only for this process") as err:
+        with pytest.raises(ledger.StoreError, match="is on a read-only filesystem.*remount it") as err:
             Guard(str(mount / "l.db"), quiet=True, secret="s")(charge, 1)
     assert "move it aside" not in str(err.value) and CHARGES == []
 
@@ -1562,7 +1562,8 @@ def test_a_database_this_user_may_not_write_is_a_permission_problem(tmp_path):
         child.join(10)
     finally:
         shutil.rmtree(folder)
-    assert "read-only for this process" in message and "move it aside" not in message
+    assert "is not writable by this user (uid 65534; it belongs to uid 0" in message
+    assert "move it aside" not in message
 
 
 def test_a_full_disk_advises_freeing_space(tmp_path):
