@@ -65,6 +65,7 @@ import sqlite3
 import sys
 import threading
 import time
+import types
 import typing
 import urllib.parse
 import uuid
@@ -76,7 +77,7 @@ __all__ = [
     "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
-    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "AsyncToolError",
+    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "DeferredToolError",
     "ReentrantCallError", "LeaseLiveError",
 ]
 __version__ = "0.1.0"
@@ -109,8 +110,9 @@ class IntegrityError(LedgerError):
     """A stored record failed HMAC verification; it is neither replayed nor re-run."""
 
 
-class AsyncToolError(LedgerError, TypeError):
-    """A plain (sync) tool returned an awaitable: refused, see Guard._run."""
+class DeferredToolError(LedgerError, TypeError):
+    """A plain (sync) tool returned work that had not run yet (a coroutine, a future, a
+    generator): refused before it runs, see _refuse_deferred."""
 
 
 class ReentrantCallError(LedgerError):
@@ -2639,8 +2641,8 @@ class Guard:
             return step
         with step:
             value = call.fn(*call.args, **call.kwargs)
-            if hasattr(type(value), "__await__"):
-                _refuse_awaitable(call, value)
+            if hasattr(type(value), "__await__") or isinstance(value, _LAZY_TYPES):
+                _refuse_deferred(call, value)
         return self._core.succeed(step, value)
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
@@ -2895,19 +2897,33 @@ class Guard:
         return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
 
 
-def _refuse_awaitable(call: _Call, value: Any) -> None:
-    """A sync tool that returned an awaitable (an async tool behind a plain decorator).
+# Results whose body runs only while they are iterated, after the call was recorded.
+_LAZY_TYPES = (types.GeneratorType, types.AsyncGeneratorType)
 
-    Refused rather than awaited: the call would be recorded before its work ran, and a
-    duplicate in another process, which cannot know the tool is async, would hand its
-    caller a plain value (BLOCKED, a replay) where it awaits one. A coroutine is closed
-    before its body runs; another awaitable is cancelled if it can be. Raised inside
-    the run, so the call is recorded FAILED and its next call is refused the same way."""
+
+def _refuse_deferred(call: _Call, value: Any) -> None:
+    """A sync tool returned work that has not run yet: an awaitable (an async tool behind
+    a plain decorator) or a generator.
+
+    Refused rather than followed: the call would be recorded before its work ran, its
+    failures never, and a duplicate, which cannot know what the first run returned,
+    would hand its caller a plain value (BLOCKED, a replay) where it awaits or iterates
+    one. The work is stopped before its body runs: a coroutine or generator is closed, a
+    future cancelled. Raised inside the run, so the call is recorded FAILED and its next
+    call is refused the same way."""
+    if isinstance(value, _LAZY_TYPES):
+        if isinstance(value, types.GeneratorType):
+            value.close()
+        raise DeferredToolError(
+            f"{call.name} returned {_describe(value)}, whose body runs only while it is iterated, after the "
+            f"guard recorded the call, so its work and failures would go unrecorded; it was closed before "
+            f"running. Return the items themselves (`return list(...)`), or guard the function that does "
+            f"the work")
     if inspect.iscoroutine(value):
         value.close()
     elif callable(getattr(value, "cancel", None)):
         value.cancel()
-    raise AsyncToolError(
+    raise DeferredToolError(
         f"{call.name} is a plain function but returned {_describe(value)}, so the guard cannot tell when or "
         f"whether its work finishes; it was refused before running (a coroutine is closed, a future "
         f"cancelled). Declare the wrapper `async def` (an async tool behind a sync decorator is the usual "

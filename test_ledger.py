@@ -1262,7 +1262,7 @@ ASYNC_BEHIND_SYNC = {
 def test_an_async_tool_behind_a_sync_decorator_is_refused_before_its_body_runs(g, entry, recwarn):
     SENT.clear()
     for _ in range(2):
-        with pytest.raises(ledger.AsyncToolError, match="async def"):
+        with pytest.raises(ledger.DeferredToolError, match="async def"):
             ASYNC_BEHIND_SYNC[entry](g)
     assert SENT == [] and [r["status"] for r in g.history()] == ["FAILED"]
     assert not [w for w in recwarn if "never awaited" in str(w.message)]   # the coroutine was closed
@@ -1273,12 +1273,29 @@ def test_a_sync_tool_returning_a_task_is_refused_and_the_task_cancelled(g):
         SENT.append("ran")
 
     async def main():
-        with pytest.raises(ledger.AsyncToolError):
+        with pytest.raises(ledger.DeferredToolError):
             g(lambda: asyncio.ensure_future(body()))
         await asyncio.sleep(0.01)
     SENT.clear()
     asyncio.run(main())
     assert SENT == []
+
+
+@pytest.mark.parametrize("kind", ["generator", "async generator"])
+def test_a_tool_returning_a_generator_is_refused_before_its_body_runs(g, kind):
+    def items():
+        SENT.append("ran")
+        yield 1
+
+    async def async_items():
+        SENT.append("ran")
+        yield 1
+    SENT.clear()
+    tool = {"generator": items, "async generator": async_items}[kind]
+    for _ in range(2):
+        with pytest.raises(ledger.DeferredToolError, match="return list"):
+            g.once(tool)()
+    assert SENT == [] and [r["status"] for r in g.history()] == ["FAILED"]
 
 
 def test_a_replay_tool_that_calls_itself_raises_instead_of_waiting_forever(g):
