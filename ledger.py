@@ -499,6 +499,11 @@ class Status(enum.StrEnum):
     FAILED = "FAILED"
 
 
+# The only states whose records `prune` may remove: a finished call's. A RUNNING
+# record (or any state added later that still stops duplicates) is never prunable.
+PRUNABLE = (Status.SUCCESS.value, Status.FAILED.value)
+
+
 @dataclasses.dataclass(slots=True)
 class Record:
     """One call in the ledger. Treat as immutable: use `evolve` for changes."""
@@ -689,6 +694,13 @@ class Store:
     add_counts({id: (attempts, blocked)})  increment counters of existing records
     records(workflow=None, tool=None)      a list, oldest first
     clear(workflow=None)      delete records (of one workflow); how many
+    prune(before, now, statuses, workflow=None, dry_run=False, batch=PRUNE_BATCH)
+                              delete every record in one of `statuses` (a subset
+                              of PRUNABLE, of one workflow) whose ttl window ended
+                              by `now` or that finished (updated) before `before`,
+                              at most `batch` per transaction, never loading them
+                              all; {(status, tool): count} of what it deleted
+                              (dry_run: would delete, deleting nothing)
     wait(id, timeout)         sleep up to timeout, waking early if id may have
                               changed (an optimisation; sleeping is correct)
     secret()                  the HMAC key when none is configured
@@ -716,6 +728,10 @@ class Store:
         raise NotImplementedError
 
     def clear(self, workflow: str | None = None) -> int:
+        raise NotImplementedError
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
         raise NotImplementedError
 
     def wait(self, id: str, timeout: float) -> None:
@@ -788,11 +804,35 @@ class MemoryStore(Store):
                 del self._rows[k]
             return len(doomed)
 
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            doomed = [r for r in self._rows.values() if _prunable(r, before, now, statuses, workflow)]
+            for r in doomed if not dry_run else ():
+                del self._rows[r.id]
+        for r in doomed:
+            _tally(counts, r.status, r.tool)
+        return counts
+
     def secret(self) -> bytes:
         return self._secret
 
 
-SCHEMA_VERSION = 1
+PRUNE_BATCH = 1000   # records deleted per transaction (or script): writers wait for one batch at most
+
+
+def _prunable(r: Record, before: float, now: float, statuses: tuple[str, ...], workflow: str | None) -> bool:
+    """The prune rule, as the SQL and Lua versions below state it too."""
+    return (r.status in PRUNABLE and r.status in statuses and (workflow is None or r.workflow == workflow)
+            and ((r.expires is not None and r.expires <= now) or r.updated < before))
+
+
+def _tally(counts: dict[tuple[str, str], int], status: str, tool: str, n: int = 1) -> None:
+    counts[(status, tool)] = counts.get((status, tool), 0) + n
+
+
+SCHEMA_VERSION = 2   # 2: the indexes prune selects by
 _SQL_COLUMNS = ", ".join(RECORD_FIELDS)
 # A record's id is a hash of its tool and workflow, so a swap never changes these
 # three; leaving them out of the UPDATE spares SQLite rewriting the primary key
@@ -803,6 +843,25 @@ _sql_swap_values = operator.attrgetter(*_SQL_SWAP_FIELDS)
 _SQL_GET = f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?"
 _SQL_INSERT = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
 _SQL_SWAP = f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?"
+# prune selects through two partial indexes that hold only finished records, so a
+# claim (a RUNNING insert) and a lease renewal add no index entry.
+_SQL_PRUNABLE = "status IN (" + ", ".join(f"'{s}'" for s in PRUNABLE) + ")"
+_SQL_PRUNE_INDEXES = (("finished", f"(updated) WHERE {_SQL_PRUNABLE}"),
+                      ("expiring", f"(expires) WHERE {_SQL_PRUNABLE} AND expires IS NOT NULL"))
+
+
+def _sql_prune_passes(before: float, now: float, statuses: tuple[str, ...], workflow: str | None,
+                      mark: str) -> list[tuple[str, list]]:
+    """The WHERE clauses (and parameters) of prune's two passes in SQL: the ttl'd records
+    whose window ended, then the rest that finished before `before`. Each repeats its
+    index's condition word for word, which is what lets the planner use that index."""
+    rest = f" AND status IN ({', '.join([mark] * len(statuses))})"
+    params = list(statuses)
+    if workflow is not None:
+        rest, params = rest + f" AND workflow = {mark}", params + [workflow]
+    return [(f"{_SQL_PRUNABLE} AND expires IS NOT NULL AND expires <= {mark}{rest}", [now, *params]),
+            (f"{_SQL_PRUNABLE} AND updated < {mark} AND (expires IS NULL OR expires > {mark}){rest}",
+             [before, now, *params])]
 
 
 class SQLiteStore(Store):
@@ -858,13 +917,16 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
         if version == SCHEMA_VERSION:
             return
-        if not self.create:
+        if version == 0 and not self.create:
             raise StoreError(f"{self.path} is not a ledger database (it has no ledger schema)")
         columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Every step is idempotent, so this creates a new file and upgrades an older one alike.
             conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
             conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
+            for name, definition in _SQL_PRUNE_INDEXES:
+                conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -914,6 +976,34 @@ class SQLiteStore(Store):
         if workflow is None:
             return self._run("DELETE FROM records").rowcount
         return self._run("DELETE FROM records WHERE workflow = ?", (workflow,)).rowcount
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
+            if dry_run:
+                for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
+                                                 f"GROUP BY status, tool", params):
+                    _tally(counts, status, tool, n)
+                continue
+            while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
+                pass
+        return counts
+
+    def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
+        """Delete up to `batch` matching records in one short write transaction; how many."""
+        conn = self._conn()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(f"SELECT id, status, tool FROM records WHERE {where} LIMIT {int(batch)}",
+                                    params).fetchall()
+                conn.executemany("DELETE FROM records WHERE id = ?", [(id,) for id, _, _ in rows])
+        except sqlite3.Error as e:
+            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+        for _, status, tool in rows:
+            _tally(counts, status, tool)
+        return len(rows)
 
     def secret(self) -> bytes:
         return _key_file(self.path + ".key")
@@ -981,7 +1071,7 @@ class _ServerStore(Store):
     effect before the break is neither lost nor applied twice. Counters are not
     retried: a failed add_counts stays buffered in the engine for its next flush.
 
-    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, add_counts
+    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, _prune, add_counts
     and _listen(deliver, stopped), which relays "record left RUNNING" messages.
     """
 
@@ -1021,6 +1111,13 @@ class _ServerStore(Store):
 
     def clear(self, workflow: str | None = None) -> int:
         return self._again(self._clear, workflow)
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        # Tried again after a break, adding to what the batches before it counted.
+        counts: dict[tuple[str, str], int] = {}
+        self._again(self._prune, before, now, statuses, workflow, dry_run, batch or PRUNE_BATCH, counts)
+        return counts
 
     def wait(self, id: str, timeout: float) -> None:
         self._wakeups.wait(id, timeout)
@@ -1248,8 +1345,8 @@ class PostgresStore(_ServerStore):
 
     def _migrate(self) -> None:
         version = self._schema_version()
-        if version is None:
-            self._create()
+        if version is None or version < SCHEMA_VERSION:
+            self._create()  # idempotent: creates the table or upgrades an older one
             version = self._schema_version()
         if version > SCHEMA_VERSION:
             raise StoreError(f"table {self.table} in PostgreSQL at {self.where} was written by a newer "
@@ -1265,6 +1362,9 @@ class PostgresStore(_ServerStore):
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("ledger.py " + self.table,))
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {self._quoted} ({columns}, PRIMARY KEY (id))")
                 conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self._quoted} (workflow, created)")
+                for name, definition in _SQL_PRUNE_INDEXES:
+                    conn.execute(f'CREATE INDEX IF NOT EXISTS "{self.table.split(".")[-1]}_{name}" '
+                                 f'ON {self._quoted} {definition}')
                 conn.execute(f"COMMENT ON TABLE {self._quoted} IS '{_PG_SCHEMA_COMMENT}{SCHEMA_VERSION}'")
         except self._pg.Error as e:
             conn.close()
@@ -1307,6 +1407,25 @@ class PostgresStore(_ServerStore):
             return self._run(self._sql["clear"])
         return self._run(self._sql["clear"] + " WHERE workflow = %s", (workflow,))
 
+    def _prune(self, before: float, now: float, statuses: tuple[str, ...], workflow: str | None, dry_run: bool,
+               batch: int, counts: dict[tuple[str, str], int]) -> None:
+        for where, params in _sql_prune_passes(before, now, statuses, workflow, "%s"):
+            if dry_run:
+                for status, tool, n in self._run(f"SELECT status, tool, count(*) FROM {self._quoted} WHERE {where} "
+                                                 f"GROUP BY status, tool", params, rows=True):
+                    _tally(counts, status, tool, n)
+                continue
+            # The DELETE checks the rule again: a record claimed since the SELECT saw it is left alone.
+            sql = (f"WITH doomed AS (SELECT id FROM {self._quoted} WHERE {where} LIMIT {int(batch)}) "
+                   f"DELETE FROM {self._quoted} WHERE id IN (SELECT id FROM doomed) AND {where} "
+                   f"RETURNING status, tool")
+            while True:
+                rows = self._run(sql, params + params, rows=True)
+                for status, tool in rows:
+                    _tally(counts, status, tool)
+                if len(rows) < batch:
+                    break
+
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         conn = self._connect()
         try:
@@ -1329,9 +1448,27 @@ class PostgresStore(_ServerStore):
 # PREFIX workflows the set of workflow names. Keys a script derives (rather
 # than receives) make these scripts unfit for Redis Cluster.
 
-_REDIS_INSERT = """
+# PREFIX f:WORKFLOW holds the workflow's finished (prunable) ids by the time they
+# finished, PREFIX x:WORKFLOW those with a ttl by the end of their window: prune
+# reads its candidates there, and checks each record itself before deleting it.
+_REDIS_INDEX_FINISHED = """
+local PRUNABLE = {""" + ", ".join(f"{s} = true" for s in PRUNABLE) + """}
+local function index_finished(record, id, finished, expiring)
+  local s = redis.call('HMGET', record, 'status', 'updated', 'expires')
+  if PRUNABLE[s[1]] then
+    redis.call('ZADD', finished, s[2], id)
+    if s[3] then redis.call('ZADD', expiring, s[3], id) else redis.call('ZREM', expiring, id) end
+  else
+    redis.call('ZREM', finished, id)
+    redis.call('ZREM', expiring, id)
+  end
+end
+"""
+
+_REDIS_INSERT = _REDIS_INDEX_FINISHED + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+index_finished(KEYS[1], ARGV[1], KEYS[4], KEYS[5])
 if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 -- Forget the index entries of a few records that expired: sampling two per
 -- insert keeps an index within about twice the records still alive.
@@ -1343,12 +1480,13 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
 
-_REDIS_SWAP = """
+_REDIS_SWAP = _REDIS_INDEX_FINISHED + """
 local current = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if current[1] ~= ARGV[1] or current[2] ~= ARGV[2] then return 0 end
 local nils = tonumber(ARGV[6])
 if nils > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + nils)) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7 + nils))
+index_finished(KEYS[1], ARGV[5], KEYS[2], KEYS[3])
 if ARGV[3] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
@@ -1359,6 +1497,8 @@ local found = redis.call('HMGET', KEYS[1], 'epoch', 'workflow')
 if not found[1] or (ARGV[1] ~= '' and found[1] ~= ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', ARGV[2] .. found[2], ARGV[3])
+redis.call('ZREM', ARGV[4] .. found[2], ARGV[3])
+redis.call('ZREM', ARGV[5] .. found[2], ARGV[3])
 return 1
 """
 
@@ -1376,9 +1516,48 @@ _REDIS_CLEAR = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local removed = 0
 for _, id in ipairs(ids) do removed = removed + redis.call('DEL', ARGV[1] .. id) end
-if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+if #ids > 0 then
+  for _, index in ipairs({KEYS[1], KEYS[3], KEYS[4]}) do redis.call('ZREM', index, unpack(ids)) end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[3], KEYS[4])  -- and the ids of records that expired on the server
+end
 return {removed, #ids}
+"""
+
+# One batch of one pass of prune over one workflow's index KEYS[1] (x: for the
+# ttl'd records whose window ended, f: for the others finished before `before`),
+# from the first `offset` entries kept. Returns {entries seen, entries kept,
+# status, tool, status, tool, ... of each record deleted (or, dry, to delete)}.
+_REDIS_PRUNE = _REDIS_INDEX_FINISHED + """
+local bound, now, before = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, limit, offset, pass, dry = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
+local wanted = {}
+for i = 9, #ARGV do wanted[ARGV[i]] = true end
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', bound, 'BYSCORE', 'LIMIT', offset, limit)
+local result, kept = {#ids, 0}, 0
+for _, id in ipairs(ids) do
+  local r = redis.call('HMGET', prefix .. id, 'status', 'tool', 'updated', 'expires')
+  local expired = r[4] and tonumber(r[4]) <= now
+  if not PRUNABLE[r[1]] then
+    -- expired on the server, or running again: no longer an entry of these indexes
+    if dry then kept = kept + 1 else redis.call('ZREM', KEYS[3], id); redis.call('ZREM', KEYS[4], id) end
+  elseif wanted[r[1]] and ((pass == 'x' and expired) or (pass == 'f' and not expired and tonumber(r[3]) < before)) then
+    if dry then
+      kept = kept + 1
+    else
+      redis.call('DEL', prefix .. id)
+      for i = 2, 4 do redis.call('ZREM', KEYS[i], id) end
+    end
+    table.insert(result, r[1])
+    table.insert(result, r[2])
+  else
+    kept = kept + 1
+  end
+end
+result[2] = kept
+return result
 """
 
 _REDIS_SCHEMA = """
@@ -1424,7 +1603,8 @@ class RedisStore(_ServerStore):
             raise ConfigError(f"cannot parse the Redis URL for {self.where}: {_reason(e, self._password)}") from None
         self._scripts = {name: self._client.register_script(lua) for name, lua in (
             ("insert", _REDIS_INSERT), ("swap", _REDIS_SWAP), ("delete", _REDIS_DELETE),
-            ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA))}
+            ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA),
+            ("prune", _REDIS_PRUNE))}
         self._fields = {f: _REDIS_KINDS[_sqlite_type(f)] for f in RECORD_FIELDS}
         super().__init__()
         self._migrate()
@@ -1451,6 +1631,30 @@ class RedisStore(_ServerStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r} was written by a newer ledger.py "
                              f"(schema {version}); upgrade ledger.py")
+        if version < 2:
+            self._again(self._index_finished_records)
+            self._call(self._client.set, self.prefix + "schema", SCHEMA_VERSION)
+
+    def _index_finished_records(self) -> None:
+        """Schema 1 to 2: put the finished records written before prune existed in its indexes.
+        Safe beside running workers: prune checks each record itself, so an entry made stale
+        by a concurrent claim is skipped, and only ever misses a record, never deletes one."""
+        for name in self._workflows(None):
+            ids = [id.decode() for id in self._call(self._client.zrange, self.prefix + "w:" + name, 0, -1)]
+            for start in range(0, len(ids), _REDIS_BATCH):
+                batch = ids[start:start + _REDIS_BATCH]
+                pipe = self._client.pipeline(transaction=False)
+                for id in batch:
+                    pipe.hmget(self._key(id), "status", "updated", "expires")
+                finished, expiring = {}, {}
+                for id, (status, updated, expires) in zip(batch, self._call(pipe.execute)):
+                    if status is not None and status.decode() in PRUNABLE:
+                        finished[id] = float(updated)
+                        if expires is not None:
+                            expiring[id] = float(expires)
+                for suffix, scores in (("f:", finished), ("x:", expiring)):
+                    if scores:
+                        self._call(self._client.zadd, self.prefix + suffix + name, scores)
 
     # -- encoding ------------------------------------------------------------
 
@@ -1481,7 +1685,8 @@ class RedisStore(_ServerStore):
     def _insert(self, record: Record) -> bool:
         pairs = [x for f in RECORD_FIELDS if getattr(record, f) is not None
                  for x in (f, self._encode(getattr(record, f)))]
-        keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows"]
+        keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows",
+                *self._finished_indexes(record.workflow)]
         args = [record.id, repr(float(record.created)), record.workflow, self._expiry(record),
                 self.prefix + "r:"] + pairs
         return self._script("insert", keys, args) == 1
@@ -1492,10 +1697,13 @@ class RedisStore(_ServerStore):
                  for x in (f, self._encode(getattr(record, f)))]
         channel = self.prefix + "done" if record.status != Status.RUNNING else ""
         args = [str(epoch), owner, self._expiry(record), channel, record.id, len(nils)] + nils + pairs
-        return self._script("swap", [self._key(record.id)], args) == 1
+        return self._script("swap", [self._key(record.id), *self._finished_indexes(record.workflow)], args) == 1
+
+    def _finished_indexes(self, workflow: str) -> list[str]:
+        return [self.prefix + "f:" + workflow, self.prefix + "x:" + workflow]
 
     def _delete(self, id: str, epoch: int | None) -> bool:
-        args = ["" if epoch is None else str(epoch), self.prefix + "w:", id]
+        args = ["" if epoch is None else str(epoch), self.prefix + "w:", id, self.prefix + "f:", self.prefix + "x:"]
         return self._script("delete", [self._key(id)], args) == 1
 
     def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
@@ -1530,12 +1738,32 @@ class RedisStore(_ServerStore):
         removed = 0
         for name in self._workflows(workflow):
             while True:
-                count, seen = self._script("clear", [self.prefix + "w:" + name, self.prefix + "workflows"],
+                count, seen = self._script("clear", [self.prefix + "w:" + name, self.prefix + "workflows",
+                                                     *self._finished_indexes(name)],
                                            [self.prefix + "r:", name, _REDIS_BATCH])
                 removed += count
                 if seen < _REDIS_BATCH:
                     break
         return removed
+
+    def _prune(self, before: float, now: float, statuses: tuple[str, ...], workflow: str | None, dry_run: bool,
+               batch: int, counts: dict[tuple[str, str], int]) -> None:
+        if dry_run:
+            counts.clear()  # a dry run tried again after a break counts from the start
+        for name in self._workflows(workflow):
+            finished, expiring = self._finished_indexes(name)
+            for index, bound, kind in ((expiring, repr(now), "x"), (finished, "(" + repr(before), "f")):
+                keys = [index, self.prefix + "w:" + name, finished, expiring]
+                offset = 0
+                while True:
+                    seen, kept, *removed = self._script("prune", keys, [
+                        bound, repr(now), repr(before), self.prefix + "r:", batch, offset, kind,
+                        "1" if dry_run else "", *statuses])
+                    for status, tool in zip(removed[::2], removed[1::2]):
+                        _tally(counts, status.decode(), tool.decode())
+                    offset += kept
+                    if seen < batch:
+                        break
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -1649,8 +1877,49 @@ def check_store(store: Store) -> None:
         expect(store.get(second.id) is None, "a deleted record must be gone")
         expect(store.clear(workflow=scope) == 1, "clear(workflow) must count what it removed")
         expect(store.records(workflow=scope) == [], "clear(workflow) must remove the workflow's records")
+        _check_prune(store, scratch, expect, scope, now)
     finally:
         store.clear(workflow=scope)
+
+
+def _check_prune(store: Store, scratch: Callable[..., Record], expect: Callable[[bool, str], None],
+                 scope: str, now: float) -> None:
+    """prune's contract, on records of the check's own workflow `scope`."""
+    old, recent = now - 3600, now - 10
+    finished = dict(owner="a", lease_until=old, run_key="k", runs=1)
+    kept = {
+        10: scratch(10, updated=old, lease_until=old),                                   # RUNNING, however old
+        11: scratch(11, status="SUCCESS", updated=recent, **{**finished, "lease_until": recent}),
+        12: scratch(12, status="SUCCESS", updated=recent, expires=now + 600, **finished),  # in its ttl window
+    }
+    pruned = {
+        20: scratch(20, status="SUCCESS", updated=old, **finished),
+        21: scratch(21, status="FAILED", updated=old, error="E", **finished),
+        22: scratch(22, status="SUCCESS", updated=recent, expires=now - 1, **finished),  # its window ended
+        23: scratch(23, tool="ledger.check2", status="FAILED", updated=old, **finished),
+        24: scratch(24, status="SUCCESS", updated=old, expires=now + 600, **finished),     # old, window open
+    }
+    claimed = scratch(25, status="FAILED", updated=old, **finished)                     # claimed again below
+    for record in [*kept.values(), *pruned.values(), claimed]:
+        expect(store.insert(record) is True, f"insert of {record.id} must return True")
+    expect(store.swap(claimed.evolve(status="RUNNING", epoch=2, owner="b", lease_until=now + 60), 1, "a"),
+           "swap of a FAILED record back to RUNNING must win")
+    before = now - 600
+    everything = {("SUCCESS", "ledger.check"): 3, ("FAILED", "ledger.check"): 1, ("FAILED", "ledger.check2"): 1}
+    got = store.prune(before, now, PRUNABLE, workflow=scope, dry_run=True)
+    expect(got == everything, f"prune(dry_run=True) must count what prune would delete: {got}")
+    expect(len(store.records(workflow=scope)) == 9, "prune(dry_run=True) must delete nothing")
+    got = store.prune(before, now, ("FAILED",), workflow=scope, batch=1)
+    expect(got == {("FAILED", "ledger.check"): 1, ("FAILED", "ledger.check2"): 1},
+           f"prune(statuses) must delete only those states, in as many batches as it takes: {got}")
+    got = store.prune(before, now, PRUNABLE, workflow=scope, batch=1)
+    expect(got == {("SUCCESS", "ledger.check"): 3},
+           f"prune must delete finished records older than `before` and those whose ttl ended: {got}")
+    left = sorted(r.id for r in store.records(workflow=scope))
+    expect(left == sorted([r.id for r in kept.values()] + [claimed.id]),
+           f"prune must keep RUNNING records, recent ones and those inside their ttl window: {left}")
+    expect(store.prune(now + 1, now, PRUNABLE, workflow=scope + "-other") == {},
+           "prune(workflow) must touch no other workflow")
 
 
 # ---------------------------------------------------------------------------
@@ -2630,6 +2899,22 @@ class Guard:
         self._core.flush()
         return self.store.clear(wf)
 
+    def prune(self, older_than: float | _dt.timedelta, *, status: str | Iterable[str] | None = None,
+              wf: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Delete the records of finished calls (SUCCESS and FAILED, never RUNNING ones) that
+        finished more than `older_than` seconds ago, and of ttl'd calls whose window has ended,
+        whatever their age; only those in `status` and workflow `wf`, if given. A pruned call
+        is forgotten: called again, it runs again. Returns {"removed": n, "dry_run": bool,
+        "counts": [{"status", "tool", "count"}, ...]}; with dry_run=True, what it would remove."""
+        statuses = _prune_statuses(status)
+        age = older_than.total_seconds() if isinstance(older_than, _dt.timedelta) else older_than
+        if isinstance(age, bool) or not isinstance(age, (int, float)) or not age >= 0:
+            raise ConfigError(f"prune: older_than must be seconds >= 0 or a timedelta, not {older_than!r}")
+        now = time.time()
+        counts = self.store.prune(now - age, now, statuses, workflow=wf, dry_run=dry_run)
+        rows = [{"status": st, "tool": tool, "count": n} for (st, tool), n in sorted(counts.items())]
+        return {"removed": sum(counts.values()), "dry_run": dry_run, "counts": rows}
+
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
         _flush_all()
@@ -2692,6 +2977,14 @@ class Guard:
             return tool
         fn, name = _unwrap(tool)
         return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
+
+
+def _prune_statuses(status: str | Iterable[str] | None) -> tuple[str, ...]:
+    wanted = PRUNABLE if status is None else (status,) if isinstance(status, str) else tuple(status)
+    if not wanted or any(s not in PRUNABLE for s in wanted):
+        raise ConfigError(f"prune: status must be one or more of {', '.join(PRUNABLE)} (a RUNNING call is "
+                          f"never pruned), not {status!r}")
+    return tuple(sorted(set(wanted)))
 
 
 class _Named:
@@ -2855,7 +3148,7 @@ guard = Guard()
 # Command line: `python ledger.py COMMAND` (and the `ledger` console script).
 # Reports go to stdout, since there they are the program's output; diagnostics
 # go to stderr. Every command but `demo` opens only an existing database, and
-# only `clear`, `retry` and `check` (on scratch records of its own) write to it.
+# only `clear`, `prune`, `retry` and `check` (on scratch records of its own) write to it.
 # Exit codes: 0 ok, 1 a check failed or a confirmation was declined, 2 usage error.
 # ---------------------------------------------------------------------------
 
@@ -2924,6 +3217,14 @@ def _parser() -> Any:
     command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
     p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    p = command("prune", _cmd_prune, "delete the records of calls that finished before a time, and of "
+                "ttl'd calls whose window ended (never a running call's); a pruned call runs again if called "
+                "again", wf, as_json)
+    p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                   help="finished more than this long ago: 30d, 12h, 90m, 45s, 2w or seconds")
+    p.add_argument("--status", type=str.upper, choices=PRUNABLE, action="append",
+                   help="only the calls in this state (repeat for both; default both)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
                 "or a stale lease")
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
@@ -2949,6 +3250,18 @@ def _positive_int(text: str) -> int:
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' or plain seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _DURATION_UNITS else (text, "s")
+    value = float(number) * _DURATION_UNITS[unit.lower()]
+    if not 0 <= value < math.inf:
         raise ValueError(text)
     return value
 
@@ -3196,6 +3509,21 @@ def _cmd_clear(args: Any) -> int:
                 return EXIT_FAILED
         deleted = guard.reset(args.wf)
     print(f"deleted {deleted} records ({_scope(args.wf)})")
+    return EXIT_OK
+
+
+def _cmd_prune(args: Any) -> int:
+    with _opened(args) as guard:
+        report = guard.prune(args.older_than, status=args.status, wf=args.wf, dry_run=args.dry_run)
+        url = guard.store.url
+    if args.json:
+        return _print_json(report)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {report['removed']:,} records ({_scope(args.wf)}) from {_clean(url)}")
+    if report["counts"]:
+        rows = [[row["status"], f"{row['count']:,}", _clean(row["tool"])] for row in report["counts"]]
+        for line in _table(["status", "records", "tool"], rows, _Paint(sys.stdout), right=[1]):
+            print("  " + line)
     return EXIT_OK
 
 

@@ -631,6 +631,135 @@ def test_check_store_leaves_other_records_alone(store):
     assert [r.as_dict() for r in store.records()] == before
 
 
+def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    assert guard(charge, 1) is BLOCKED
+    assert guard.prune(0)["removed"] == 1
+    guard(charge, 1)
+    assert CHARGES == [(1, 10.0, "usd"), (1, 10.0, "usd")]
+
+
+def test_prune_never_removes_a_running_call(store):
+    guard = Guard(store, quiet=True, secret="s")
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def long_job(n):
+        runs.append(n)
+        started.set()
+        release.wait(10)
+
+    leader = threading.Thread(target=guard, args=(long_job, 1))
+    leader.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.01)  # its record is older than the cut-off below
+        assert guard.prune(0, dry_run=True)["removed"] == 0
+        assert guard.prune(0)["removed"] == 0
+        assert guard(long_job, 1) is BLOCKED
+    finally:
+        release.set()
+        leader.join()
+    assert runs == [1]
+
+
+def test_prune_reports_what_it_removed_per_status_and_tool_and_a_dry_run_removes_nothing(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def refund(order_id):
+        raise RuntimeError("declined")
+
+    for n in range(3):
+        guard(charge, n)
+        with pytest.raises(RuntimeError):
+            guard(refund, n)
+    guard.workflow("other")(charge, 9)
+    charge_name, refund_name = ledger.tool_name(charge), ledger.tool_name(refund)
+    expected = [{"status": "FAILED", "tool": refund_name, "count": 3},
+                {"status": "SUCCESS", "tool": charge_name, "count": 3}]
+    assert guard.prune(0, wf="default", dry_run=True) == {"removed": 6, "dry_run": True, "counts": expected}
+    assert len(store.records()) == 7
+    assert guard.prune(0, status="FAILED", wf="default")["counts"] == expected[:1]
+    assert guard.prune(0, wf="default")["counts"] == expected[1:]
+    assert [r.workflow for r in store.records()] == ["other"]
+
+
+def test_prune_keeps_what_finished_within_the_age_given_but_not_an_ended_ttl_window(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy("lookup", replay=True, ttl=0.05)
+    lookup = guard.wrap_tools({"lookup": lambda q: q})["lookup"]
+    guard(charge, 1)
+    lookup("acme")
+    assert guard.prune(3600, dry_run=True)["removed"] == 0
+    time.sleep(0.06)  # the lookup's ttl window ends; it is pruned whatever its age
+    assert guard.prune(3600)["counts"] == [{"status": "SUCCESS", "tool": "lookup", "count": 1}]
+    assert [r.tool for r in store.records()] == [ledger.tool_name(charge)]
+
+
+def _fail_again_and_again(n: int) -> None:
+    raise RuntimeError(n)
+
+
+def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
+    """Calls that fail keep going FAILED -> RUNNING -> FAILED while prune deletes every finished
+    record it sees: a RUNNING record deleted by mistake would let a second run start beside it."""
+    guard = Guard(store, quiet=True, secret="s")
+    running, overlaps, runs = set(), [], []
+    lock = threading.Lock()
+
+    def job(n):
+        with lock:
+            if n in running:
+                overlaps.append(n)
+            running.add(n)
+            runs.append(n)
+        time.sleep(0.002)
+        with lock:
+            running.discard(n)
+        raise RuntimeError(n)
+
+    stop = time.monotonic() + 1.5
+
+    def caller():
+        while time.monotonic() < stop:
+            for n in range(3):
+                with contextlib.suppress(RuntimeError):
+                    guard(job, n)
+
+    def pruner():
+        while time.monotonic() < stop:
+            guard.prune(0)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)] + [threading.Thread(target=pruner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs) > 20 and overlaps == []
+
+
+@pytest.mark.parametrize("bad", [-1, "1d", None, float("nan"), True])
+def test_prune_rejects_an_age_that_is_not_seconds(g, bad):
+    g(charge, 1)
+    with pytest.raises(ledger.ConfigError, match="older_than"):
+        g.prune(bad)
+    assert len(g.history()) == 1
+
+
+@pytest.mark.parametrize("bad", ["RUNNING", ["SUCCESS", "RUNNING"], [], "success"])
+def test_prune_refuses_any_state_but_success_and_failed(g, bad):
+    g(charge, 1)
+    with pytest.raises(ledger.ConfigError, match="never pruned"):
+        g.prune(0, status=bad)
+    assert len(g.history()) == 1
+
+
+def test_prune_takes_a_timedelta(g):
+    g(charge, 1)
+    assert g.prune(dt.timedelta(hours=1))["removed"] == 0
+    assert g.prune(dt.timedelta(0))["removed"] == 1
+
+
 class LedgerModel(RuleBasedStateMachine):
     """The guard against a model of the state machine, on one store."""
 
@@ -1179,6 +1308,101 @@ def test_sqlite_refuses_a_database_from_a_newer_version(tmp_path):
         SQLiteStore(tmp_path / "a.db")
 
 
+SCHEMA_1_SQLITE = [  # a ledger file as ledger.py wrote it before prune existed
+    "CREATE TABLE records (" + ", ".join(f"{f} {ledger._sqlite_type(f)}" for f in ledger.RECORD_FIELDS)
+    + ", PRIMARY KEY (id)) WITHOUT ROWID",
+    "CREATE INDEX records_workflow ON records (workflow)",
+    "PRAGMA user_version = 1",
+]
+
+
+def old_ledger_file(path: pathlib.Path, records: list[Record]) -> None:
+    conn = sqlite3.connect(path)
+    for sql in SCHEMA_1_SQLITE:
+        conn.execute(sql)
+    conn.executemany(ledger._SQL_INSERT, [ledger._record_values(r) for r in records])
+    conn.commit()
+    conn.close()
+
+
+def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) -> Record:
+    fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
+                  lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
+    return Record(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_sqlite_upgrades_a_schema_1_file_in_place_keeping_every_record(tmp_path, create):
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now, status="RUNNING"), finished_record(3, now)]
+    old_ledger_file(tmp_path / "a.db", records)
+    store = SQLiteStore(tmp_path / "a.db", create=create)
+    assert [r.as_dict() for r in store.records()] == [r.as_dict() for r in records]
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == ledger.SCHEMA_VERSION
+    indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"records_finished", "records_expiring"} <= indexes
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
+
+
+def test_sqlite_prune_selects_through_its_indexes_never_a_full_scan(tmp_path):
+    store = SQLiteStore(tmp_path / "a.db")
+    conn = store._conn()
+    for statuses, workflow in [(ledger.PRUNABLE, None), (("FAILED",), None), (ledger.PRUNABLE, "w")]:
+        for (where, params), index in zip(ledger._sql_prune_passes(1.0, 2.0, statuses, workflow, "?"),
+                                          ["records_expiring", "records_finished"]):
+            plan = " ".join(row[-1] for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT id, status, tool FROM records WHERE {where} LIMIT 10", params))
+            assert "SEARCH records USING INDEX" in plan and "SCAN" not in plan, plan
+            if workflow is None:
+                assert index in plan
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sqlite_prunes_a_million_records_in_batches_without_loading_them(tmp_path):
+    """The figure quoted in the README: 1,000,000 records, 600,000 of them prunable."""
+    import tracemalloc
+    now = time.time()
+    path = tmp_path / "big.db"
+    SQLiteStore(path).close()
+
+    template = finished_record(0, now).as_dict()
+    fields = list(template)
+
+    def rows():
+        for n in range(1_000_000):
+            kind = n % 10
+            row = {**template, "id": f"r{n}", "run_key": f"r{n}", "tool": f"tool{n % 7}", "workflow": f"wf{n % 100}",
+                   "status": "RUNNING" if kind == 0 else "FAILED" if kind == 1 else "SUCCESS",
+                   "updated": now - 86400 * 40 if kind < 7 else now - 60}   # kinds 0..6 old, 7..9 recent
+            yield [row[f] for f in fields]
+
+    conn = sqlite3.connect(path)
+    started = time.perf_counter()
+    with conn:
+        conn.executemany(ledger._SQL_INSERT, rows())
+    loaded = time.perf_counter() - started
+    conn.close()
+    guard = Guard(str(path), quiet=True)
+    tracemalloc.start()
+    started = time.perf_counter()
+    report = guard.prune(30 * 86400)
+    pruned = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"\nprune of 1,000,000 SQLite records: loaded in {loaded:.1f}s, removed {report['removed']:,} "
+          f"in {pruned:.1f}s, Python memory peak {peak / 1e6:.1f} MB", file=sys.stderr)
+    assert report["removed"] == 600_000
+    totals: dict = {}
+    for row in report["counts"]:
+        totals[row["status"]] = totals.get(row["status"], 0) + row["count"]
+    assert totals == {"SUCCESS": 500_000, "FAILED": 100_000} and len(report["counts"]) == 14
+    by_status = dict(sqlite3.connect(path).execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
+    assert by_status == {"RUNNING": 100_000, "SUCCESS": 300_000}
+    assert peak < 20e6   # a batch at a time, not a million records
+
+
 def test_a_missing_directory_fails_before_the_tool_runs(tmp_path):
     guard = Guard(str(tmp_path / "nope" / "l.db"))
     with pytest.raises(ledger.StoreError, match="does not exist"):
@@ -1455,6 +1679,46 @@ def test_redis_refuses_records_from_a_newer_version():
         admin.set(store.prefix + "schema", 99)
     with pytest.raises(ledger.StoreError, match="newer"):
         ledger.RedisStore(REDIS_URL, prefix=store.prefix)
+
+
+def test_postgres_upgrades_a_schema_1_table_in_place_keeping_every_record():
+    store = postgres_store()
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now, status="RUNNING")]
+    for r in records:
+        store.insert(r)
+    name = store.table
+    with postgres_admin() as admin:   # back to what ledger.py made before prune existed
+        for index in ("finished", "expiring"):
+            admin.execute(f'DROP INDEX "{name}_{index}"')
+        admin.execute(f'COMMENT ON TABLE "{name}" IS \'ledger.py records, schema 1\'')
+    store = ledger.PostgresStore(POSTGRES_URL, table=name)
+    assert [r.as_dict() for r in store.records()] == [r.as_dict() for r in records]
+    with postgres_admin() as admin:
+        indexes = {row[0] for row in admin.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (name,))}
+        comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (name,)).fetchone()[0]
+    assert {f"{name}_finished", f"{name}_expiring"} <= indexes
+    assert comment == f"ledger.py records, schema {ledger.SCHEMA_VERSION}"
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
+
+
+def test_redis_upgrades_a_schema_1_prefix_so_that_prune_finds_its_old_records():
+    store = redis_store()
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now - 7200, status="FAILED"),
+               finished_record(3, now - 7200, status="RUNNING"), finished_record(4, now, expires=now - 1)]
+    for r in records:
+        store.insert(r)
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:   # back to what ledger.py kept before prune existed
+        admin.delete(store.prefix + "f:w", store.prefix + "x:w")
+        admin.set(store.prefix + "schema", 1)
+    assert store.prune(now - 3600, now) == {}
+    store = ledger.RedisStore(REDIS_URL, prefix=store.prefix)
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        assert int(admin.get(store.prefix + "schema")) == ledger.SCHEMA_VERSION
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 2, ("FAILED", "t"): 1}
+    assert [r.id for r in store.records()] == ["r3"]
 
 
 def test_driver_errors_become_store_errors(server_store):
