@@ -2860,12 +2860,14 @@ def test_usage_errors_exit_2_with_argparse_usage(cli, argv):
 def test_help_lists_every_command_and_exits_0(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for command in ("demo", "show", "tail", "stats", "savings", "clear", "retry", "export", "check", "serve"):
+    for command in ("demo", "show", "tail", "stats", "savings", "clear", "prune", "retry", "export", "check",
+                    "serve"):
         assert command in out
 
 
 @pytest.mark.parametrize("argv", [["show"], ["tail"], ["stats"], ["savings"], ["clear", "--yes"], ["retry", "abcd"],
-                                  ["export"], ["check"], ["serve", "--port", "0"]], ids=lambda argv: argv[0])
+                                  ["export"], ["check"], ["serve", "--port", "0"], ["prune", "--older-than", "1d"]],
+                         ids=lambda argv: argv[0])
 def test_commands_refuse_a_missing_database_and_create_none(cli, tmp_path, argv):
     missing = tmp_path / "nope.db"
     code, out, err = cli(*argv, "--db", missing)
@@ -3009,6 +3011,33 @@ def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, cli):
 def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     code, _, err = cli("retry", "--db", ledger_db, wanted)
     assert code == 2 and error in err
+
+
+def test_prune_dry_run_reports_per_status_and_tool_and_deletes_nothing(ledger_db, cli):
+    before = records_of(ledger_db)
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0", "--dry-run")
+    assert code == 0 and out.startswith("would delete 4 records (all workflows)")
+    assert re.search(r"SUCCESS\s+2\s+crm.lookup", out) and re.search(r"FAILED\s+1\s+flaky_api", out)
+    assert records_of(ledger_db) == before
+
+
+def test_prune_deletes_finished_calls_older_than_the_duration_never_a_running_one(ledger_db, cli):
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "1h", "--json")
+    assert code == 0 and json.loads(out) == {"removed": 0, "dry_run": False, "counts": []}
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0s", "--status", "failed", "--json")
+    assert json.loads(out)["counts"] == [{"status": "FAILED", "tool": "flaky_api", "count": 1}]
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0", "--wf", "triage")
+    assert code == 0 and out.startswith("deleted 1 records (workflow 'triage')")
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0")
+    assert code == 0 and out.startswith("deleted 2 records (all workflows)")
+    assert [r["tool"] for r in records_of(ledger_db)] == ["nightly_job"]   # RUNNING (stale), kept
+
+
+@pytest.mark.parametrize("argv", [["prune"], ["prune", "--older-than", "soon"], ["prune", "--older-than", "-1d"],
+                                  ["prune", "--older-than", "1d", "--status", "running"]])
+def test_prune_usage_errors_exit_2(ledger_db, cli, argv):
+    code, _, err = cli(*argv, "--db", ledger_db)
+    assert code == 2 and "usage" in err
 
 
 def test_export_jsonl_round_trips_every_record(ledger_db, cli, tmp_path):
