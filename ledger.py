@@ -596,6 +596,9 @@ class Policy:
     cost:      what one run costs, for the savings report.
     serializer: an object or pair with dumps(value) -> str and loads(str).
     wait:      longest time in seconds a duplicate waits for a running call.
+    fail_open: when the store cannot be reached (a StoreError before the call
+               is claimed), run the tool unguarded, with a warning, instead of
+               raising; only for tools that are safe to run twice (lookups).
     """
 
     unlimited: bool = False
@@ -608,6 +611,7 @@ class Policy:
     cost: float | None = None
     serializer: Any = None
     wait: float | None = None
+    fail_open: bool = False
 
     def __post_init__(self):
         def need(ok: bool, what: str):
@@ -622,6 +626,7 @@ class Policy:
         need(self.wait is None or (isinstance(self.wait, (int, float)) and self.wait >= 0),
              f"wait must be seconds >= 0 or None, not {self.wait!r}")
         need(self.cost is None or isinstance(self.cost, (int, float)), f"cost must be a number, not {self.cost!r}")
+        need(isinstance(self.fail_open, bool), f"fail_open must be True or False, not {self.fail_open!r}")
         if isinstance(self.validate, (list, tuple, set, frozenset)):
             object.__setattr__(self, "validate", tuple(sorted(self.validate)))
         need(isinstance(self.validate, (bool, tuple)), f"validate must be True or argument names, not {self.validate!r}")
@@ -664,7 +669,7 @@ def _keyed_hmac(secret: bytes) -> hmac.HMAC:
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """What a guarded call did. `source` is one of: executed, replayed, shared,
-    blocked, unlimited."""
+    blocked, unlimited, unguarded (run without the store, under fail_open)."""
 
     value: Any
     source: str
@@ -673,7 +678,7 @@ class Outcome:
 
     @property
     def ran(self) -> bool:
-        return self.source in ("executed", "unlimited")
+        return self.source in ("executed", "unlimited", "unguarded")
 
 
 # ---------------------------------------------------------------------------
@@ -2218,6 +2223,24 @@ class _Run:
             _HEARTBEAT.discard(self)
 
 
+class _Unguarded:
+    """A call run without the store (fail_open): nothing is claimed or recorded. current_key()
+    is its fingerprint, the key its guarded runs start from."""
+
+    __slots__ = ("call", "token")
+    record = None
+
+    def __init__(self, call: _Call):
+        self.call = call
+
+    def __enter__(self) -> _Unguarded:
+        self.token = _CURRENT_KEY.set(self.call.id)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _CURRENT_KEY.reset(self.token)
+
+
 class _Core:
     """State shared by a Guard and the scoped guards made from it."""
 
@@ -2454,9 +2477,19 @@ class _Core:
             raise LedgerError(f"{call.name}: the stored result of call {record.id} cannot be decoded "
                               f"({type(e).__name__}: {e}); did the policy's serializer change?") from e
 
+    def unguarded(self, call: _Call, error: StoreError) -> _Unguarded:
+        """The store failed before the call was claimed: under fail_open, run it anyway."""
+        if not call.policy.fail_open:
+            raise error
+        self.warn("%s: the ledger store is unreachable (%s); running it unguarded, as its policy's "
+                  "fail_open=True allows: a duplicate of this call may run too", call.name, error)
+        return _Unguarded(call)
+
     # -- completing --------------------------------------------------------
 
-    def succeed(self, run: _Run, value: Any) -> Outcome:
+    def succeed(self, run: _Run | _Unguarded, value: Any) -> Outcome:
+        if run.record is None:
+            return Outcome(value, "unguarded", run.call.id)
         call, now = run.call, time.time()
         result, unstored = _encode(call, value)
         record = run.record.evolve(
@@ -2720,7 +2753,10 @@ class Guard:
         return self._run(call, force=True).value
 
     def _run(self, call: _Call, force: bool = False) -> Outcome:
-        step = _drive(self._core.settle(call, force))
+        try:
+            step = _drive(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
         with step:
@@ -2728,7 +2764,10 @@ class Guard:
         return self._core.succeed(step, value)
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
-        step = await _drive_async(self._core.settle(call, force))
+        try:
+            step = await _drive_async(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
         with step:
@@ -2845,10 +2884,10 @@ class Guard:
     def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
                max: int = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
                validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None) -> Policy:
+               serializer: Any = None, wait: float | None = None, fail_open: bool = False) -> Policy:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated."""
         policy = Policy(unlimited=unlimited, replay=replay, max=max, ttl=ttl, lease=lease, recover=recover,
-                        validate=validate, cost=cost, serializer=serializer, wait=wait)
+                        validate=validate, cost=cost, serializer=serializer, wait=wait, fail_open=fail_open)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return policy

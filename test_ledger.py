@@ -1154,6 +1154,61 @@ def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
     assert CHARGES == []
 
 
+def test_fail_open_runs_a_tool_unguarded_with_a_warning_when_the_store_cannot_be_opened(tmp_path, caplog):
+    guard = Guard(str(tmp_path / "missing" / "l.db"))
+    keys = []
+
+    def lookup(q):
+        keys.append(current_key())
+        return {"q": q}
+
+    async def alookup(q):
+        keys.append(current_key())
+        return {"q": q}
+
+    guard.policy(lookup, fail_open=True)
+    guard.policy(alookup, fail_open=True)
+    with caplog.at_level("WARNING", logger="ledger"):
+        outcomes = [guard.execute(lookup, "acme"), guard.execute(lookup, "acme"),
+                    asyncio.run(guard.execute(alookup, "acme"))]
+    assert [(o.value, o.source, o.ran) for o in outcomes] == [({"q": "acme"}, "unguarded", True)] * 3
+    assert len(keys) == 3 and keys[0] == keys[1] != keys[2]   # each call's stable fingerprint
+    assert sum("unreachable" in r.getMessage() and "unguarded" in r.getMessage() for r in caplog.records) == 3
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fail_closed_is_the_default_when_the_store_cannot_be_opened(tmp_path):
+    guard = Guard(str(tmp_path / "missing" / "l.db"), quiet=True)
+    guard.policy("lookup", replay=True)
+    with pytest.raises(ledger.StoreError, match="does not exist"):
+        guard(charge, 1)
+    with pytest.raises(ledger.StoreError):
+        asyncio.run(guard.wrap_tools({"lookup": _async_lookup})["lookup"]("acme"))
+    assert CHARGES == [] and LOOKUPS == []
+
+
+LOOKUPS: list = []
+
+
+async def _async_lookup(q):
+    LOOKUPS.append(q)
+    return q
+
+
+def test_fail_open_applies_to_a_store_error_on_a_claim_too(tmp_path):
+    guard = Guard(FlakyStore(tmp_path / "l.db", fail_gets=1), quiet=True, secret="s")
+    guard.policy(charge, fail_open=True)
+    assert guard.execute(charge, 1).source == "unguarded"
+    assert guard.execute(charge, 1).source == "executed"   # the store answers again: guarded again
+    assert guard(charge, 1) is BLOCKED and len(CHARGES) == 2
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_fail_open_must_be_a_bool(g, bad):
+    with pytest.raises(ledger.ConfigError, match="fail_open"):
+        g.policy(charge, fail_open=bad)
+
+
 def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g):
     keys = []
 
@@ -1889,6 +1944,44 @@ def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
     assert [r.status for r in store.records()] == ["SUCCESS"]
     assert guard(tool) is BLOCKED and runs == [1]
     guard.close()
+
+
+def test_fail_open_runs_lookups_unguarded_while_a_redis_server_is_down_and_guards_again_after(private_redis):
+    guard = Guard(redis_store(url=private_redis.url), quiet=True, secret="s")
+    lookups = []
+    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
+    guard.policy("lookup", fail_open=True)
+    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED and lookups == ["acme"]
+    private_redis.kill()
+    assert [guard.execute(lookup, "acme").source for _ in range(2)] == ["unguarded"] * 2
+    with pytest.raises(ledger.StoreError, match="Redis"):
+        guard(charge, 1)   # fail-closed: never run without the ledger
+    assert lookups == ["acme"] * 3 and CHARGES == []
+    private_redis.start()
+    assert lookup("acme") is BLOCKED and lookups == ["acme"] * 3
+    guard.close()
+
+
+def test_fail_open_runs_lookups_unguarded_while_postgres_is_unreachable():
+    need_postgres()
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    proxy = TcpProxy((parts.hostname, parts.port or 5432))
+    url = with_address(POSTGRES_URL, proxy.port, parts.netloc.rpartition("@")[0] + "@")
+    guard = Guard(postgres_store(url=url), quiet=True, secret="s")
+    lookups = []
+    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
+    guard.policy("lookup", fail_open=True)
+    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED
+    proxy.cut()
+    try:
+        assert guard.execute(lookup, "acme").source == "unguarded"
+        with pytest.raises(ledger.StoreError, match="PostgreSQL"):
+            guard(charge, 1)
+        assert lookups == ["acme"] * 2 and CHARGES == []
+    finally:
+        proxy.restore()
+    guard.close()
+    proxy.cut()
 
 
 def _finish_until_stopped(store, record, stop):
