@@ -675,6 +675,7 @@ class Outcome:
     source: str
     key: str | None = None
     record: Record | None = None
+    fenced: bool = False   # executed, but another worker had taken the call over: not recorded
 
     @property
     def ran(self) -> bool:
@@ -1990,6 +1991,8 @@ class _Heartbeat:
                         run.renew()
                     for core in cores:
                         core.flush(quietly=True)
+                    if cores:
+                        _TELEMETRY.due = True
             except Exception:  # the heartbeat must outlive any one store's fault
                 log.exception("ledger heartbeat: unexpected error; continuing")
             if cores:
@@ -2502,14 +2505,14 @@ class _Core:
                       "duplicates get BLOCKED; give the policy a serializer= to store such values",
                       call.name, _describe(value), unstored)
         try:
-            self.complete(run, record)
+            recorded = self.complete(run, record)
         except Exception as e:
             raise CompletionError(
                 f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
                 f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
                 f"its lease expires in {call.policy.lease}s", value) from e
         self.fire("success", record)
-        return Outcome(value, "executed", record.run_key, record)
+        return Outcome(value, "executed", record.run_key, record, fenced=not recorded)
 
     def fail(self, run: _Run, error: BaseException) -> None:
         call, now = run.call, time.time()
@@ -2649,6 +2652,133 @@ def _preview(call: _Call) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Engine: telemetry. Once the application has configured OpenTelemetry (set a
+# tracer or meter provider of an SDK), each guarded call is a span and its
+# outcome counts in metrics. ledger.py never imports opentelemetry: until the
+# application (or a library of its) has, there is nothing to look at; until it
+# sets a provider, the first call and then one call a second (when the heartbeat
+# says it is due) look at the providers. Any other call, while telemetry is off,
+# pays two attribute reads.
+# ---------------------------------------------------------------------------
+
+_OTEL_COUNTERS = {
+    "ledger.attempts": "guarded calls, by how each ended (ledger.source)",
+    "ledger.executed": "runs of the tool (ledger.source executed, unguarded or failed)",
+    "ledger.blocked": "duplicates that did not run the tool (replayed, shared or blocked)",
+    "ledger.failed": "runs in which the tool raised",
+    "ledger.fenced": "runs whose outcome was not recorded: another worker had taken the call over",
+}
+_RAN_SOURCES = ("executed", "unguarded", "failed")
+_DUPLICATE_SOURCES = ("replayed", "shared", "blocked")
+
+
+class _Telemetry:
+    """The OpenTelemetry tracer and counters, once a provider is configured."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.due = True   # look at the providers on the next call
+        self.tracer: Any = None
+        self.counters: dict[str, Any] = {}
+
+    def look(self) -> None:
+        """Turn on if the application has set a tracer or meter provider (other than the API's
+        own no-op and proxy ones). Providers can be set only once, so on stays on."""
+        self.due = False
+        apis = [sys.modules.get("opentelemetry.trace"), sys.modules.get("opentelemetry.metrics")]
+        providers = [api.get_tracer_provider() if i == 0 else api.get_meter_provider()
+                     for i, api in enumerate(apis) if api is not None]
+        if any(not type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics"))
+               for p in providers):
+            self._start()
+
+    def _start(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        """Trace and count through the global providers (or those given)."""
+        from opentelemetry import metrics, trace  # imported already, by the application
+        meter = metrics.get_meter("ledger", __version__, meter_provider=meter_provider)
+        self.tracer = trace.get_tracer("ledger", __version__, tracer_provider=tracer_provider)
+        self.counters = {name: meter.create_counter(name, unit="{call}", description=text)
+                         for name, text in _OTEL_COUNTERS.items()}
+        self.on = True
+
+
+_TELEMETRY = _Telemetry()
+
+
+class _Unobserved:
+    """What `_observe` gives while telemetry is off: nothing happens."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _Unobserved:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    @staticmethod
+    def done(outcome: Outcome) -> Outcome:
+        return outcome
+
+
+_UNOBSERVED = _Unobserved()
+
+
+class _Observed:
+    """One guarded call as a span (the tool's own spans are its children), ended with
+    what the call did: its source, record id, epoch and whether it was fenced."""
+
+    __slots__ = ("call", "span", "scope", "outcome")
+
+    def __init__(self, call: _Call):
+        self.call, self.outcome = call, None
+
+    def __enter__(self) -> _Observed:
+        attributes = {"ledger.tool": self.call.name, "ledger.workflow": self.call.workflow,
+                      "ledger.record_id": self.call.id}
+        if self.call.caller is not None:
+            attributes["ledger.caller"] = self.call.caller
+        self.scope = _TELEMETRY.tracer.start_as_current_span(f"ledger {self.call.name}", attributes=attributes)
+        self.span = self.scope.__enter__()
+        return self
+
+    def done(self, outcome: Outcome) -> Outcome:
+        self.outcome = outcome
+        return outcome
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        outcome, span = self.outcome, self.span
+        if outcome is not None:
+            source, fenced = outcome.source, outcome.fenced
+        else:
+            # Everything ledger.py raises on purpose is a LedgerError, and of those only a
+            # CompletionError comes after the tool ran; anything else is the tool's own.
+            ran = not isinstance(error, LedgerError) or isinstance(error, CompletionError)
+            source, fenced = ("failed" if ran else "error"), False
+        span.set_attribute("ledger.source", source)
+        span.set_attribute("ledger.fenced", fenced)
+        if outcome is not None and outcome.record is not None:
+            span.set_attribute("ledger.epoch", outcome.record.epoch)
+        labels, counters = {"ledger.tool": self.call.name}, _TELEMETRY.counters
+        counters["ledger.attempts"].add(1, {**labels, "ledger.source": source})
+        for name, counted in (("ledger.executed", source in _RAN_SOURCES), ("ledger.fenced", fenced),
+                              ("ledger.blocked", source in _DUPLICATE_SOURCES), ("ledger.failed", source == "failed")):
+            if counted:
+                counters[name].add(1, labels)
+        self.scope.__exit__(kind, error, traceback)
+
+
+def _observe(call: _Call) -> _Observed | _Unobserved:
+    if not _TELEMETRY.on:
+        if not _TELEMETRY.due:
+            return _UNOBSERVED
+        _TELEMETRY.look()
+        if not _TELEMETRY.on:
+            return _UNOBSERVED
+    return _Observed(call)
+
+
+# ---------------------------------------------------------------------------
 # Public Guard. `guard(fn, *args, **kwargs)` prepares the call (binding and
 # fingerprinting, so bad arguments fail before anything runs), settles it
 # against the store, runs the tool if it won, and records the outcome.
@@ -2753,26 +2883,28 @@ class Guard:
         return self._run(call, force=True).value
 
     def _run(self, call: _Call, force: bool = False) -> Outcome:
-        try:
-            step = _drive(self._core.settle(call, force))
-        except StoreError as e:
-            step = self._core.unguarded(call, e)
-        if isinstance(step, Outcome):
-            return step
-        with step:
-            value = call.fn(*call.args, **call.kwargs)
-        return self._core.succeed(step, value)
+        with _observe(call) as seen:
+            try:
+                step = _drive(self._core.settle(call, force))
+            except StoreError as e:
+                step = self._core.unguarded(call, e)
+            if isinstance(step, Outcome):
+                return seen.done(step)
+            with step:
+                value = call.fn(*call.args, **call.kwargs)
+            return seen.done(self._core.succeed(step, value))
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
-        try:
-            step = await _drive_async(self._core.settle(call, force))
-        except StoreError as e:
-            step = self._core.unguarded(call, e)
-        if isinstance(step, Outcome):
-            return step
-        with step:
-            value = await call.fn(*call.args, **call.kwargs)
-        return self._core.succeed(step, value)
+        with _observe(call) as seen:
+            try:
+                step = await _drive_async(self._core.settle(call, force))
+            except StoreError as e:
+                step = self._core.unguarded(call, e)
+            if isinstance(step, Outcome):
+                return seen.done(step)
+            with step:
+                value = await call.fn(*call.args, **call.kwargs)
+            return seen.done(self._core.succeed(step, value))
 
     def _prepare(self, fn: Callable, args: tuple, kwargs: dict) -> _Call:
         fn, name = _unwrap(fn)

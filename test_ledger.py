@@ -1330,6 +1330,191 @@ def test_as_caller_is_recorded_but_not_fingerprinted(g):
     assert g.history()[0]["caller"] == "agent-A"
 
 
+# Telemetry: spans and metrics through the OpenTelemetry SDK's in-memory exporters.
+
+@pytest.fixture
+def otel(monkeypatch):
+    """Telemetry on, into in-memory exporters of providers of the test's own (the global
+    providers can be set only once per process; a subprocess test below covers them)."""
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = ledger._Telemetry()
+    telemetry._start(tracer_provider, MeterProvider(metric_readers=[reader]))
+    monkeypatch.setattr(ledger, "_TELEMETRY", telemetry)
+
+    class Seen:
+        tracer = tracer_provider.get_tracer("test")
+
+        @staticmethod
+        def spans(prefix="ledger "):
+            return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
+
+        @staticmethod
+        def counts():
+            """{(metric, source or None): value}, summed over tools."""
+            found = {}
+            for rm in reader.get_metrics_data().resource_metrics:
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        for point in metric.data.data_points:
+                            key = (metric.name, point.attributes.get("ledger.source"))
+                            found[key] = found.get(key, 0) + point.value
+            return found
+    return Seen
+
+
+def test_each_guarded_call_is_a_span_saying_where_its_value_came_from(g, otel):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    g(charge, 1)
+    g.workflow("other")(charge, 1)
+    spans = otel.spans()
+    assert [s.name for s in spans] == [f"ledger {ledger.tool_name(charge)}"] * 3
+    first, again, other = (dict(s.attributes) for s in spans)
+    records = {(r["workflow"], r["id"]) for r in g.history()}
+    assert first == {"ledger.tool": ledger.tool_name(charge), "ledger.workflow": "default",
+                     "ledger.record_id": first["ledger.record_id"], "ledger.source": "executed",
+                     "ledger.epoch": 1, "ledger.fenced": False}
+    assert again == {**first, "ledger.source": "replayed"}
+    assert (other["ledger.workflow"], other["ledger.source"]) == ("other", "executed")
+    assert {("default", first["ledger.record_id"]), ("other", other["ledger.record_id"])} == records
+
+
+def test_a_tools_own_spans_are_children_of_its_call_span_sync_and_async(g, otel):
+    def lookup(q):
+        with otel.tracer.start_as_current_span("http GET"):
+            return q
+
+    async def alookup(q):
+        with otel.tracer.start_as_current_span("http GET"):
+            await asyncio.sleep(0)
+            return q
+
+    g(lookup, "a")
+    asyncio.run(g(alookup, "a"))
+    calls, inner = otel.spans(), otel.spans("http")
+    assert len(calls) == len(inner) == 2
+    assert [s.parent.span_id for s in inner] == [s.context.span_id for s in calls]
+
+
+def test_the_counters_are_metrics_by_tool_and_source(g, otel):
+    def flaky(n):
+        raise RuntimeError(n)
+
+    g(charge, 1)
+    g(charge, 1)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            g(flaky, 1)
+    assert otel.counts() == {
+        ("ledger.attempts", "executed"): 1, ("ledger.attempts", "blocked"): 1, ("ledger.attempts", "failed"): 2,
+        ("ledger.executed", None): 3, ("ledger.blocked", None): 1, ("ledger.failed", None): 2}
+    failed = otel.spans()[-1]
+    assert failed.status.status_code.name == "ERROR" and failed.events[0].name == "exception"
+
+
+def test_a_fenced_run_is_marked_on_its_span_and_counted(g, otel):
+    def tool():
+        record = g.store.records()[0]
+        g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1), record.epoch, record.owner)
+        return "mine"
+
+    outcome = g.execute(tool)
+    assert (outcome.value, outcome.source, outcome.fenced) == ("mine", "executed", True)
+    assert otel.spans()[0].attributes["ledger.fenced"] is True
+    assert otel.counts()[("ledger.fenced", None)] == 1
+
+
+def test_a_refusal_by_the_ledger_is_an_error_span_of_a_call_that_did_not_run(g, otel):
+    g.policy(charge, validate=True)
+    g(charge, 1, key="order-1")
+    with pytest.raises(ledger.KeyReuseError):
+        g(charge, 2, key="order-1")
+    refused = otel.spans()[-1]
+    assert refused.attributes["ledger.source"] == "error" and refused.status.status_code.name == "ERROR"
+    assert otel.counts()[("ledger.executed", None)] == 1 and len(CHARGES) == 1
+
+
+def test_an_unguarded_run_under_fail_open_is_a_span_too(tmp_path, otel):
+    guard = Guard(str(tmp_path / "missing" / "l.db"), quiet=True)
+    guard.policy(charge, fail_open=True)
+    guard(charge, 1)
+    assert otel.spans()[0].attributes["ledger.source"] == "unguarded"
+    assert otel.counts()[("ledger.executed", None)] == 1
+
+
+TELEMETRY_SCRIPT = """
+import json, sys, time
+import ledger
+{setup}
+guard = ledger.Guard(":memory:", secret="s")
+def tool(n):
+    return n
+for n in range(3):
+    guard(tool, n)
+{later}
+print(json.dumps({{"on": ledger._TELEMETRY.on,
+                   "otel_modules": sorted(m for m in sys.modules if m.startswith("opentelemetry")),
+                   "spans": [s.attributes["ledger.source"] for s in exporter.get_finished_spans()]
+                            if "exporter" in globals() else None}}))
+"""
+
+SDK_SETUP = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+"""
+
+
+def telemetry_run(tmp_path, setup="", later="") -> dict:
+    code = TELEMETRY_SCRIPT.format(setup=textwrap.dedent(setup), later=textwrap.dedent(later))
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_telemetry_never_imports_opentelemetry(tmp_path):
+    seen = telemetry_run(tmp_path)
+    assert seen == {"on": False, "otel_modules": [], "spans": None}
+
+
+def test_telemetry_stays_off_while_opentelemetry_is_imported_but_no_provider_is_set(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    seen = telemetry_run(tmp_path, SDK_SETUP)   # as a library that imports opentelemetry (mcp does)
+    assert seen["on"] is False and seen["spans"] == []
+
+
+def test_telemetry_traces_through_the_global_provider_set_before_the_first_call(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    seen = telemetry_run(tmp_path, SDK_SETUP + "trace.set_tracer_provider(provider)\n",
+                         "for n in range(2):\n    guard(tool, n)\n")
+    assert seen["on"] is True and seen["spans"] == ["executed"] * 3 + ["blocked"] * 2
+
+
+def test_telemetry_turns_on_within_a_second_of_a_provider_set_after_the_first_call(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    later = """
+    trace.set_tracer_provider(provider)
+    deadline = time.time() + 10
+    while not exporter.get_finished_spans() and time.time() < deadline:
+        guard(tool, 0)
+        time.sleep(0.05)
+    """
+    seen = telemetry_run(tmp_path, SDK_SETUP, later)
+    assert seen["on"] is True and seen["spans"] == ["blocked"]
+
+
 # ---------------------------------------------------------------------------
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
