@@ -1992,7 +1992,7 @@ class _Heartbeat:
                     for core in cores:
                         core.flush(quietly=True)
                     if cores:
-                        _TELEMETRY.due = True
+                        _TELEMETRY.look_on_call = True
             except Exception:  # the heartbeat must outlive any one store's fault
                 log.exception("ledger heartbeat: unexpected error; continuing")
             if cores:
@@ -2658,7 +2658,7 @@ def _preview(call: _Call) -> str:
 # application (or a library of its) has, there is nothing to look at; until it
 # sets a provider, the first call and then one call a second (when the heartbeat
 # says it is due) look at the providers. Any other call, while telemetry is off,
-# pays two attribute reads.
+# pays one attribute read.
 # ---------------------------------------------------------------------------
 
 _OTEL_COUNTERS = {
@@ -2677,14 +2677,14 @@ class _Telemetry:
 
     def __init__(self) -> None:
         self.on = False
-        self.due = True   # look at the providers on the next call
+        self.look_on_call = True   # on, or due to look at the providers on the next call
         self.tracer: Any = None
         self.counters: dict[str, Any] = {}
 
     def look(self) -> None:
         """Turn on if the application has set a tracer or meter provider (other than the API's
         own no-op and proxy ones). Providers can be set only once, so on stays on."""
-        self.due = False
+        self.look_on_call = False
         apis = [sys.modules.get("opentelemetry.trace"), sys.modules.get("opentelemetry.metrics")]
         providers = [api.get_tracer_provider() if i == 0 else api.get_meter_provider()
                      for i, api in enumerate(apis) if api is not None]
@@ -2699,29 +2699,10 @@ class _Telemetry:
         self.tracer = trace.get_tracer("ledger", __version__, tracer_provider=tracer_provider)
         self.counters = {name: meter.create_counter(name, unit="{call}", description=text)
                          for name, text in _OTEL_COUNTERS.items()}
-        self.on = True
+        self.on = self.look_on_call = True
 
 
 _TELEMETRY = _Telemetry()
-
-
-class _Unobserved:
-    """What `_observe` gives while telemetry is off: nothing happens."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> _Unobserved:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    @staticmethod
-    def done(outcome: Outcome) -> Outcome:
-        return outcome
-
-
-_UNOBSERVED = _Unobserved()
 
 
 class _Observed:
@@ -2768,13 +2749,12 @@ class _Observed:
         self.scope.__exit__(kind, error, traceback)
 
 
-def _observe(call: _Call) -> _Observed | _Unobserved:
+def _observe(call: _Call) -> _Observed | None:
+    """The call's span, or None while telemetry is off."""
     if not _TELEMETRY.on:
-        if not _TELEMETRY.due:
-            return _UNOBSERVED
         _TELEMETRY.look()
         if not _TELEMETRY.on:
-            return _UNOBSERVED
+            return None
     return _Observed(call)
 
 
@@ -2883,28 +2863,40 @@ class Guard:
         return self._run(call, force=True).value
 
     def _run(self, call: _Call, force: bool = False) -> Outcome:
-        with _observe(call) as seen:
-            try:
-                step = _drive(self._core.settle(call, force))
-            except StoreError as e:
-                step = self._core.unguarded(call, e)
-            if isinstance(step, Outcome):
-                return seen.done(step)
-            with step:
-                value = call.fn(*call.args, **call.kwargs)
-            return seen.done(self._core.succeed(step, value))
+        seen = _observe(call) if _TELEMETRY.look_on_call else None
+        if seen is None:
+            return self._outcome(call, force)
+        with seen:
+            return seen.done(self._outcome(call, force))
 
     async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
-        with _observe(call) as seen:
-            try:
-                step = await _drive_async(self._core.settle(call, force))
-            except StoreError as e:
-                step = self._core.unguarded(call, e)
-            if isinstance(step, Outcome):
-                return seen.done(step)
-            with step:
-                value = await call.fn(*call.args, **call.kwargs)
-            return seen.done(self._core.succeed(step, value))
+        seen = _observe(call) if _TELEMETRY.look_on_call else None
+        if seen is None:
+            return await self._outcome_async(call, force)
+        with seen:
+            return seen.done(await self._outcome_async(call, force))
+
+    def _outcome(self, call: _Call, force: bool) -> Outcome:
+        try:
+            step = _drive(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
+        if isinstance(step, Outcome):
+            return step
+        with step:
+            value = call.fn(*call.args, **call.kwargs)
+        return self._core.succeed(step, value)
+
+    async def _outcome_async(self, call: _Call, force: bool) -> Outcome:
+        try:
+            step = await _drive_async(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
+        if isinstance(step, Outcome):
+            return step
+        with step:
+            value = await call.fn(*call.args, **call.kwargs)
+        return self._core.succeed(step, value)
 
     def _prepare(self, fn: Callable, args: tuple, kwargs: dict) -> _Call:
         fn, name = _unwrap(fn)
