@@ -2951,7 +2951,7 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langgraph", "agents", "mcp"):
+    for package in ("langchain_core", "langgraph", "agents", "mcp", "opentelemetry.sdk"):
         if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
