@@ -1120,9 +1120,15 @@ class _ServerStore(Store):
 
     def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
               dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
-        # Tried again after a break, adding to what the batches before it counted.
         counts: dict[tuple[str, str], int] = {}
-        self._again(self._prune, before, now, statuses, workflow, dry_run, batch or PRUNE_BATCH, counts)
+
+        def attempt() -> None:
+            # Tried again after a break: a deletion adds to what the batches before it deleted,
+            # a dry run counts from the start.
+            if dry_run:
+                counts.clear()
+            self._prune(before, now, statuses, workflow, dry_run, batch or PRUNE_BATCH, counts)
+        self._again(attempt)
         return counts
 
     def wait(self, id: str, timeout: float) -> None:
@@ -1534,13 +1540,14 @@ return {removed, #ids}
 
 # One batch of one pass of prune over one workflow's index KEYS[1] (x: for the
 # ttl'd records whose window ended, f: for the others finished before `before`),
-# from the first `offset` entries kept. Returns {entries seen, entries kept,
+# from the first `offset` entries kept. KEYS[2..5]: the workflow's w:, f: and x:
+# indexes and the set of workflow names. Returns {entries seen, entries kept,
 # status, tool, status, tool, ... of each record deleted (or, dry, to delete)}.
 _REDIS_PRUNE = _REDIS_INDEX_FINISHED + """
 local bound, now, before = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local prefix, limit, offset, pass, dry = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
 local wanted = {}
-for i = 9, #ARGV do wanted[ARGV[i]] = true end
+for i = 10, #ARGV do wanted[ARGV[i]] = true end
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', bound, 'BYSCORE', 'LIMIT', offset, limit)
 local result, kept = {#ids, 0}, 0
 for _, id in ipairs(ids) do
@@ -1563,6 +1570,7 @@ for _, id in ipairs(ids) do
   end
 end
 result[2] = kept
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[5], ARGV[9]) end  -- no record left
 return result
 """
 
@@ -1754,17 +1762,15 @@ class RedisStore(_ServerStore):
 
     def _prune(self, before: float, now: float, statuses: tuple[str, ...], workflow: str | None, dry_run: bool,
                batch: int, counts: dict[tuple[str, str], int]) -> None:
-        if dry_run:
-            counts.clear()  # a dry run tried again after a break counts from the start
         for name in self._workflows(workflow):
             finished, expiring = self._finished_indexes(name)
             for index, bound, kind in ((expiring, repr(now), "x"), (finished, "(" + repr(before), "f")):
-                keys = [index, self.prefix + "w:" + name, finished, expiring]
+                keys = [index, self.prefix + "w:" + name, finished, expiring, self.prefix + "workflows"]
                 offset = 0
                 while True:
                     seen, kept, *removed = self._script("prune", keys, [
                         bound, repr(now), repr(before), self.prefix + "r:", batch, offset, kind,
-                        "1" if dry_run else "", *statuses])
+                        "1" if dry_run else "", name, *statuses])
                     for status, tool in zip(removed[::2], removed[1::2]):
                         _tally(counts, status.decode(), tool.decode())
                     offset += kept

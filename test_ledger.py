@@ -738,6 +738,60 @@ def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
     assert len(runs) > 20 and overlaps == []
 
 
+@st.composite
+def prune_cases(draw):
+    """Records in every state, of two tools and workflows, finished at times (seconds before
+    now) around a cut-off 100 s ago, some with a ttl window that ended or not; and prune's
+    arguments."""
+    records = []
+    for n in range(draw(st.integers(0, 12))):
+        status = draw(st.sampled_from(["RUNNING", "SUCCESS", "FAILED"]))
+        records.append(dict(
+            id=f"p{n}", tool=draw(st.sampled_from(["a", "b"])), workflow=draw(st.sampled_from(["w1", "w2"])),
+            status=status, age=draw(st.sampled_from([0, 5, 99, 100, 101, 5000])),
+            ttl_left=draw(st.sampled_from([None, -1, 0, 1])) if status == "SUCCESS" else None))
+    statuses = tuple(sorted(draw(st.sets(st.sampled_from(["SUCCESS", "FAILED"]), min_size=1))))
+    return records, statuses, draw(st.sampled_from([None, "w1"])), draw(st.sampled_from([1, 2, 1000]))
+
+
+def prune_rule(record, before, now, statuses, workflow) -> bool:
+    """What the README says prune deletes."""
+    finished = record.status in ("SUCCESS", "FAILED")
+    window_ended = record.expires is not None and record.expires <= now
+    return (finished and record.status in statuses and workflow in (None, record.workflow)
+            and (window_ended or record.updated < before))
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres", "redis"])
+def test_prune_deletes_exactly_what_its_rule_says_on_every_store(backend, tmp_path):
+    store = STORES[backend](tmp_path)
+
+    @settings(max_examples=60 if backend in ("memory", "sqlite") else 20, deadline=None)
+    @given(prune_cases())
+    def check(case):
+        drawn, statuses, workflow, batch = case
+        now = time.time()
+        before = now - 100
+        records = [Record(id=d["id"], tool=d["tool"], workflow=d["workflow"], caller=None, status=d["status"],
+                          owner="o", epoch=1, lease_until=now - d["age"], run_key=d["id"], created=now - d["age"],
+                          updated=now - d["age"], expires=None if d["ttl_left"] is None else now + d["ttl_left"])
+                   for d in drawn]
+        store.clear()
+        for r in records:
+            store.insert(r)
+        doomed = [r for r in records if prune_rule(r, before, now, statuses, workflow)]
+        expected: dict = {}
+        for r in doomed:
+            expected[(r.status, r.tool)] = expected.get((r.status, r.tool), 0) + 1
+        assert store.prune(before, now, statuses, workflow, dry_run=True, batch=batch) == expected
+        assert store.prune(before, now, statuses, workflow, batch=batch) == expected
+        assert sorted(r.id for r in store.records()) == sorted(r.id for r in records if r not in doomed)
+    try:
+        check()
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("bad", [-1, "1d", None, float("nan"), True])
 def test_prune_rejects_an_age_that_is_not_seconds(g, bad):
     g(charge, 1)
@@ -1959,6 +2013,18 @@ def test_redis_upgrades_a_schema_1_prefix_so_that_prune_finds_its_old_records():
         assert int(admin.get(store.prefix + "schema")) == ledger.SCHEMA_VERSION
     assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 2, ("FAILED", "t"): 1}
     assert [r.id for r in store.records()] == ["r3"]
+
+
+def test_redis_prune_forgets_the_workflows_and_index_entries_it_emptied():
+    store = redis_store()
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, ttl=600)
+    for n in range(3):
+        guard.workflow(f"order-{n}")(charge, n)
+    assert guard.prune(0)["removed"] == 3
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        assert sorted(k.decode() for k in admin.scan_iter(match=store.prefix + "*")) == [store.prefix + "schema"]
 
 
 def test_driver_errors_become_store_errors(server_store):
