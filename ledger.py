@@ -1427,16 +1427,18 @@ class PostgresStore(_ServerStore):
                                                  f"GROUP BY status, tool", params, rows=True):
                     _tally(counts, status, tool, n)
                 continue
-            # The DELETE checks the rule again: a record claimed since the SELECT saw it is left alone.
-            sql = (f"WITH doomed AS (SELECT id FROM {self._quoted} WHERE {where} LIMIT {int(batch)}) "
-                   f"DELETE FROM {self._quoted} WHERE id IN (SELECT id FROM doomed) AND {where} "
-                   f"RETURNING status, tool")
-            while True:
-                rows = self._run(sql, params + params, rows=True)
+            # Candidates come through the index; each is then locked, skipping those another
+            # statement holds (prune never waits, so it cannot deadlock with a claim or a flush
+            # of counters), and checked again on its latest version: a record claimed since
+            # the scan is left alone. Skipped ones go in a later batch or a later prune.
+            t = self._quoted
+            sql = (f"WITH candidates AS (SELECT id FROM {t} WHERE {where} LIMIT {int(batch)}), "
+                   f"locked AS MATERIALIZED (SELECT r.id FROM {t} r JOIN candidates c ON r.id = c.id "
+                   f"WHERE {where} ORDER BY r.id FOR UPDATE OF r SKIP LOCKED) "
+                   f"DELETE FROM {t} r USING locked WHERE r.id = locked.id RETURNING r.status, r.tool")
+            while rows := self._run(sql, params + params, rows=True):
                 for status, tool in rows:
                     _tally(counts, status, tool)
-                if len(rows) < batch:
-                    break
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         conn = self._connect()
