@@ -2693,12 +2693,15 @@ class _Telemetry:
         """Turn on if the application has set a tracer or meter provider (other than the API's
         own no-op and proxy ones). Providers can be set only once, so on stays on."""
         self.look_on_call = False
-        apis = [sys.modules.get("opentelemetry.trace"), sys.modules.get("opentelemetry.metrics")]
-        providers = [api.get_tracer_provider() if i == 0 else api.get_meter_provider()
-                     for i, api in enumerate(apis) if api is not None]
-        if any(not type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics"))
-               for p in providers):
-            self._start()
+        trace, metrics = sys.modules.get("opentelemetry.trace"), sys.modules.get("opentelemetry.metrics")
+        try:
+            providers = ([trace.get_tracer_provider()] if trace else []) + \
+                        ([metrics.get_meter_provider()] if metrics else [])
+            if any(not type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics"))
+                   for p in providers):
+                self._start()
+        except Exception:  # telemetry must never fail a call
+            log.exception("ledger: OpenTelemetry could not be set up; calls are not traced")
 
     def _start(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
         """Trace and count through the global providers (or those given)."""
