@@ -514,6 +514,11 @@ class Status(enum.StrEnum):
     FAILED = "FAILED"
 
 
+# The only states whose records `prune` may remove: a finished call's. A RUNNING
+# record (or any state added later that still stops duplicates) is never prunable.
+PRUNABLE = (Status.SUCCESS.value, Status.FAILED.value)
+
+
 @dataclasses.dataclass(slots=True)
 class Record:
     """One call in the ledger. Treat as immutable: use `evolve` for changes."""
@@ -606,6 +611,9 @@ class Policy:
     cost:      what one run costs, for the savings report.
     serializer: an object or pair with dumps(value) -> str and loads(str).
     wait:      longest time in seconds a duplicate waits for a running call.
+    fail_open: when the store cannot be reached (a StoreError before the call
+               is claimed), run the tool unguarded, with a warning, instead of
+               raising; only for tools that are safe to run twice (lookups).
     """
 
     unlimited: bool = False
@@ -618,6 +626,7 @@ class Policy:
     cost: float | None = None
     serializer: Any = None
     wait: float | None = None
+    fail_open: bool = False
 
     def __post_init__(self):
         def need(ok: bool, what: str):
@@ -632,6 +641,7 @@ class Policy:
         need(self.wait is None or (isinstance(self.wait, (int, float)) and self.wait >= 0),
              f"wait must be seconds >= 0 or None, not {self.wait!r}")
         need(self.cost is None or isinstance(self.cost, (int, float)), f"cost must be a number, not {self.cost!r}")
+        need(isinstance(self.fail_open, bool), f"fail_open must be True or False, not {self.fail_open!r}")
         if isinstance(self.validate, (list, tuple, set, frozenset)):
             object.__setattr__(self, "validate", tuple(sorted(self.validate)))
         need(isinstance(self.validate, (bool, tuple)), f"validate must be True or argument names, not {self.validate!r}")
@@ -701,16 +711,17 @@ def _keyed_hmac(secret: bytes) -> hmac.HMAC:
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """What a guarded call did. `source` is one of: executed, replayed, shared,
-    blocked, unlimited."""
+    blocked, unlimited, unguarded (run without the store, under fail_open)."""
 
     value: Any
     source: str
     key: str | None = None
     record: Record | None = None
+    fenced: bool = False   # executed, but another worker had taken the call over: not recorded
 
     @property
     def ran(self) -> bool:
-        return self.source in ("executed", "unlimited")
+        return self.source in ("executed", "unlimited", "unguarded")
 
 
 # ---------------------------------------------------------------------------
@@ -731,6 +742,13 @@ class Store:
     add_counts({id: (attempts, blocked)})  increment counters of existing records
     records(workflow=None, tool=None)      a list, oldest first
     clear(workflow=None)      delete records (of one workflow); how many
+    prune(before, now, statuses, workflow=None, dry_run=False, batch=PRUNE_BATCH)
+                              delete every record in one of `statuses` (a subset
+                              of PRUNABLE, of one workflow) whose ttl window ended
+                              by `now` or that finished (updated) before `before`,
+                              at most `batch` per transaction, never loading them
+                              all; {(status, tool): count} of what it deleted
+                              (dry_run: would delete, deleting nothing)
     wait(id, timeout)         sleep up to timeout, waking early if id may have
                               changed (an optimisation; sleeping is correct)
     secret()                  the HMAC key when none is configured
@@ -758,6 +776,10 @@ class Store:
         raise NotImplementedError
 
     def clear(self, workflow: str | None = None) -> int:
+        raise NotImplementedError
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
         raise NotImplementedError
 
     def wait(self, id: str, timeout: float) -> None:
@@ -830,11 +852,35 @@ class MemoryStore(Store):
                 del self._rows[k]
             return len(doomed)
 
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            doomed = [r for r in self._rows.values() if _prunable(r, before, now, statuses, workflow)]
+            for r in doomed if not dry_run else ():
+                del self._rows[r.id]
+        for r in doomed:
+            _tally(counts, r.status, r.tool)
+        return counts
+
     def secret(self) -> bytes:
         return self._secret
 
 
-SCHEMA_VERSION = 1
+PRUNE_BATCH = 1000   # records deleted per transaction (or script): writers wait for one batch at most
+
+
+def _prunable(r: Record, before: float, now: float, statuses: tuple[str, ...], workflow: str | None) -> bool:
+    """The prune rule, as the SQL and Lua versions below state it too."""
+    return (r.status in PRUNABLE and r.status in statuses and (workflow is None or r.workflow == workflow)
+            and ((r.expires is not None and r.expires <= now) or r.updated < before))
+
+
+def _tally(counts: dict[tuple[str, str], int], status: str, tool: str, n: int = 1) -> None:
+    counts[(status, tool)] = counts.get((status, tool), 0) + n
+
+
+SCHEMA_VERSION = 2   # 2: the indexes prune selects by
 _SQL_COLUMNS = ", ".join(RECORD_FIELDS)
 # A record's id is a hash of its tool and workflow, so a swap never changes these
 # three; leaving them out of the UPDATE spares SQLite rewriting the primary key
@@ -845,6 +891,25 @@ _sql_swap_values = operator.attrgetter(*_SQL_SWAP_FIELDS)
 _SQL_GET = f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?"
 _SQL_INSERT = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
 _SQL_SWAP = f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?"
+# prune selects through two partial indexes that hold only finished records, so a
+# claim (a RUNNING insert) and a lease renewal add no index entry.
+_SQL_PRUNABLE = "status IN (" + ", ".join(f"'{s}'" for s in PRUNABLE) + ")"
+_SQL_PRUNE_INDEXES = (("finished", f"(updated) WHERE {_SQL_PRUNABLE}"),
+                      ("expiring", f"(expires) WHERE {_SQL_PRUNABLE} AND expires IS NOT NULL"))
+
+
+def _sql_prune_passes(before: float, now: float, statuses: tuple[str, ...], workflow: str | None,
+                      mark: str) -> list[tuple[str, list]]:
+    """The WHERE clauses (and parameters) of prune's two passes in SQL: the ttl'd records
+    whose window ended, then the rest that finished before `before`. Each repeats its
+    index's condition word for word, which is what lets the planner use that index."""
+    rest = f" AND status IN ({', '.join([mark] * len(statuses))})"
+    params = list(statuses)
+    if workflow is not None:
+        rest, params = rest + f" AND workflow = {mark}", params + [workflow]
+    return [(f"{_SQL_PRUNABLE} AND expires IS NOT NULL AND expires <= {mark}{rest}", [now, *params]),
+            (f"{_SQL_PRUNABLE} AND updated < {mark} AND (expires IS NULL OR expires > {mark}){rest}",
+             [before, now, *params])]
 
 
 class SQLiteStore(Store):
@@ -902,13 +967,16 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
         if version == SCHEMA_VERSION:
             return
-        if not self.create:
+        if version == 0 and not self.create:
             raise StoreError(f"{self.path} is not a ledger database (it has no ledger schema)")
         columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Every step is idempotent, so this creates a new file and upgrades an older one alike.
             conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
             conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
+            for name, definition in _SQL_PRUNE_INDEXES:
+                conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -958,6 +1026,34 @@ class SQLiteStore(Store):
         if workflow is None:
             return self._run("DELETE FROM records").rowcount
         return self._run("DELETE FROM records WHERE workflow = ?", (workflow,)).rowcount
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
+            if dry_run:
+                for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
+                                                 f"GROUP BY status, tool", params):
+                    _tally(counts, status, tool, n)
+                continue
+            while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
+                pass
+        return counts
+
+    def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
+        """Delete up to `batch` matching records in one short write transaction; how many."""
+        conn = self._conn()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(f"SELECT id, status, tool FROM records WHERE {where} LIMIT {int(batch)}",
+                                    params).fetchall()
+                conn.executemany("DELETE FROM records WHERE id = ?", [(id,) for id, _, _ in rows])
+        except sqlite3.Error as e:
+            raise StoreError(f"ledger database {self.path!r}: {e}") from e
+        for _, status, tool in rows:
+            _tally(counts, status, tool)
+        return len(rows)
 
     def secret(self) -> bytes:
         return _key_file(self.path + ".key")
@@ -1097,7 +1193,7 @@ class _ServerStore(Store):
     effect before the break is neither lost nor applied twice. Counters are not
     retried: a failed add_counts stays buffered in the engine for its next flush.
 
-    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, add_counts
+    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, _prune, add_counts
     and _listen(deliver, stopped), which relays "record left RUNNING" messages.
     """
 
@@ -1137,6 +1233,19 @@ class _ServerStore(Store):
 
     def clear(self, workflow: str | None = None) -> int:
         return self._again(self._clear, workflow)
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+
+        def attempt() -> None:
+            # Tried again after a break: a deletion adds to what the batches before it deleted,
+            # a dry run counts from the start.
+            if dry_run:
+                counts.clear()
+            self._prune(before, now, statuses, workflow, dry_run, batch or PRUNE_BATCH, counts)
+        self._again(attempt)
+        return counts
 
     def wait(self, id: str, timeout: float) -> None:
         self._wakeups.wait(id, timeout)
@@ -1364,8 +1473,8 @@ class PostgresStore(_ServerStore):
 
     def _migrate(self) -> None:
         version = self._schema_version()
-        if version is None:
-            self._create()
+        if version is None or version < SCHEMA_VERSION:
+            self._create()  # idempotent: creates the table or upgrades an older one
             version = self._schema_version()
         if version > SCHEMA_VERSION:
             raise StoreError(f"table {self.table} in PostgreSQL at {self.where} was written by a newer "
@@ -1381,6 +1490,9 @@ class PostgresStore(_ServerStore):
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("ledger.py " + self.table,))
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {self._quoted} ({columns}, PRIMARY KEY (id))")
                 conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self._quoted} (workflow, created)")
+                for name, definition in _SQL_PRUNE_INDEXES:
+                    conn.execute(f'CREATE INDEX IF NOT EXISTS "{self.table.split(".")[-1]}_{name}" '
+                                 f'ON {self._quoted} {definition}')
                 conn.execute(f"COMMENT ON TABLE {self._quoted} IS '{_PG_SCHEMA_COMMENT}{SCHEMA_VERSION}'")
         except self._pg.Error as e:
             conn.close()
@@ -1423,6 +1535,27 @@ class PostgresStore(_ServerStore):
             return self._run(self._sql["clear"])
         return self._run(self._sql["clear"] + " WHERE workflow = %s", (workflow,))
 
+    def _prune(self, before: float, now: float, statuses: tuple[str, ...], workflow: str | None, dry_run: bool,
+               batch: int, counts: dict[tuple[str, str], int]) -> None:
+        for where, params in _sql_prune_passes(before, now, statuses, workflow, "%s"):
+            if dry_run:
+                for status, tool, n in self._run(f"SELECT status, tool, count(*) FROM {self._quoted} WHERE {where} "
+                                                 f"GROUP BY status, tool", params, rows=True):
+                    _tally(counts, status, tool, n)
+                continue
+            # Candidates come through the index; each is then locked, skipping those another
+            # statement holds (prune never waits, so it cannot deadlock with a claim or a flush
+            # of counters), and checked again on its latest version: a record claimed since
+            # the scan is left alone. Skipped ones go in a later batch or a later prune.
+            t = self._quoted
+            sql = (f"WITH candidates AS (SELECT id FROM {t} WHERE {where} LIMIT {int(batch)}), "
+                   f"locked AS MATERIALIZED (SELECT r.id FROM {t} r JOIN candidates c ON r.id = c.id "
+                   f"WHERE {where} ORDER BY r.id FOR UPDATE OF r SKIP LOCKED) "
+                   f"DELETE FROM {t} r USING locked WHERE r.id = locked.id RETURNING r.status, r.tool")
+            while rows := self._run(sql, params + params, rows=True):
+                for status, tool in rows:
+                    _tally(counts, status, tool)
+
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         conn = self._connect()
         try:
@@ -1445,9 +1578,27 @@ class PostgresStore(_ServerStore):
 # PREFIX workflows the set of workflow names. Keys a script derives (rather
 # than receives) make these scripts unfit for Redis Cluster.
 
-_REDIS_INSERT = """
+# PREFIX f:WORKFLOW holds the workflow's finished (prunable) ids by the time they
+# finished, PREFIX x:WORKFLOW those with a ttl by the end of their window: prune
+# reads its candidates there, and checks each record itself before deleting it.
+_REDIS_INDEX_FINISHED = """
+local PRUNABLE = {""" + ", ".join(f"{s} = true" for s in PRUNABLE) + """}
+local function index_finished(record, id, finished, expiring)
+  local s = redis.call('HMGET', record, 'status', 'updated', 'expires')
+  if PRUNABLE[s[1]] then
+    redis.call('ZADD', finished, s[2], id)
+    if s[3] then redis.call('ZADD', expiring, s[3], id) else redis.call('ZREM', expiring, id) end
+  else
+    redis.call('ZREM', finished, id)
+    redis.call('ZREM', expiring, id)
+  end
+end
+"""
+
+_REDIS_INSERT = _REDIS_INDEX_FINISHED + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+index_finished(KEYS[1], ARGV[1], KEYS[4], KEYS[5])
 if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 -- Forget the index entries of a few records that expired: sampling two per
 -- insert keeps an index within about twice the records still alive.
@@ -1459,12 +1610,13 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
 
-_REDIS_SWAP = """
+_REDIS_SWAP = _REDIS_INDEX_FINISHED + """
 local current = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if current[1] ~= ARGV[1] or current[2] ~= ARGV[2] then return 0 end
 local nils = tonumber(ARGV[6])
 if nils > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + nils)) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7 + nils))
+index_finished(KEYS[1], ARGV[5], KEYS[2], KEYS[3])
 if ARGV[3] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
@@ -1475,6 +1627,8 @@ local found = redis.call('HMGET', KEYS[1], 'epoch', 'workflow')
 if not found[1] or (ARGV[1] ~= '' and found[1] ~= ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', ARGV[2] .. found[2], ARGV[3])
+redis.call('ZREM', ARGV[4] .. found[2], ARGV[3])
+redis.call('ZREM', ARGV[5] .. found[2], ARGV[3])
 return 1
 """
 
@@ -1492,9 +1646,50 @@ _REDIS_CLEAR = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 local removed = 0
 for _, id in ipairs(ids) do removed = removed + redis.call('DEL', ARGV[1] .. id) end
-if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+if #ids > 0 then
+  for _, index in ipairs({KEYS[1], KEYS[3], KEYS[4]}) do redis.call('ZREM', index, unpack(ids)) end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[3], KEYS[4])  -- and the ids of records that expired on the server
+end
 return {removed, #ids}
+"""
+
+# One batch of one pass of prune over one workflow's index KEYS[1] (x: for the
+# ttl'd records whose window ended, f: for the others finished before `before`),
+# from the first `offset` entries kept. KEYS[2..5]: the workflow's w:, f: and x:
+# indexes and the set of workflow names. Returns {entries seen, entries kept,
+# status, tool, status, tool, ... of each record deleted (or, dry, to delete)}.
+_REDIS_PRUNE = _REDIS_INDEX_FINISHED + """
+local bound, now, before = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, limit, offset, pass, dry = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
+local wanted = {}
+for i = 10, #ARGV do wanted[ARGV[i]] = true end
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', bound, 'BYSCORE', 'LIMIT', offset, limit)
+local result, kept = {#ids, 0}, 0
+for _, id in ipairs(ids) do
+  local r = redis.call('HMGET', prefix .. id, 'status', 'tool', 'updated', 'expires')
+  local expired = r[4] and tonumber(r[4]) <= now
+  if not PRUNABLE[r[1]] then
+    -- expired on the server, or running again: no longer an entry of these indexes
+    if dry then kept = kept + 1 else redis.call('ZREM', KEYS[3], id); redis.call('ZREM', KEYS[4], id) end
+  elseif wanted[r[1]] and ((pass == 'x' and expired) or (pass == 'f' and not expired and tonumber(r[3]) < before)) then
+    if dry then
+      kept = kept + 1
+    else
+      redis.call('DEL', prefix .. id)
+      for i = 2, 4 do redis.call('ZREM', KEYS[i], id) end
+    end
+    table.insert(result, r[1])
+    table.insert(result, r[2])
+  else
+    kept = kept + 1
+  end
+end
+result[2] = kept
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SREM', KEYS[5], ARGV[9]) end  -- no record left
+return result
 """
 
 _REDIS_SCHEMA = """
@@ -1540,7 +1735,8 @@ class RedisStore(_ServerStore):
             raise ConfigError(f"cannot parse the Redis URL for {self.where}: {_reason(e, self._password)}") from None
         self._scripts = {name: self._client.register_script(lua) for name, lua in (
             ("insert", _REDIS_INSERT), ("swap", _REDIS_SWAP), ("delete", _REDIS_DELETE),
-            ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA))}
+            ("add_counts", _REDIS_ADD_COUNTS), ("clear", _REDIS_CLEAR), ("schema", _REDIS_SCHEMA),
+            ("prune", _REDIS_PRUNE))}
         self._fields = {f: _REDIS_KINDS[_sqlite_type(f)] for f in RECORD_FIELDS}
         super().__init__()
         self._migrate()
@@ -1567,6 +1763,30 @@ class RedisStore(_ServerStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r} was written by a newer ledger.py "
                              f"(schema {version}); upgrade ledger.py")
+        if version < 2:
+            self._again(self._index_finished_records)
+            self._call(self._client.set, self.prefix + "schema", SCHEMA_VERSION)
+
+    def _index_finished_records(self) -> None:
+        """Schema 1 to 2: put the finished records written before prune existed in its indexes.
+        Safe beside running workers: prune checks each record itself, so an entry made stale
+        by a concurrent claim is skipped, and only ever misses a record, never deletes one."""
+        for name in self._workflows(None):
+            ids = [id.decode() for id in self._call(self._client.zrange, self.prefix + "w:" + name, 0, -1)]
+            for start in range(0, len(ids), _REDIS_BATCH):
+                batch = ids[start:start + _REDIS_BATCH]
+                pipe = self._client.pipeline(transaction=False)
+                for id in batch:
+                    pipe.hmget(self._key(id), "status", "updated", "expires")
+                finished, expiring = {}, {}
+                for id, (status, updated, expires) in zip(batch, self._call(pipe.execute)):
+                    if status is not None and status.decode() in PRUNABLE:
+                        finished[id] = float(updated)
+                        if expires is not None:
+                            expiring[id] = float(expires)
+                for suffix, scores in (("f:", finished), ("x:", expiring)):
+                    if scores:
+                        self._call(self._client.zadd, self.prefix + suffix + name, scores)
 
     # -- encoding ------------------------------------------------------------
 
@@ -1597,7 +1817,8 @@ class RedisStore(_ServerStore):
     def _insert(self, record: Record) -> bool:
         pairs = [x for f in RECORD_FIELDS if getattr(record, f) is not None
                  for x in (f, self._encode(getattr(record, f)))]
-        keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows"]
+        keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows",
+                *self._finished_indexes(record.workflow)]
         args = [record.id, repr(float(record.created)), record.workflow, self._expiry(record),
                 self.prefix + "r:"] + pairs
         return self._script("insert", keys, args) == 1
@@ -1608,10 +1829,13 @@ class RedisStore(_ServerStore):
                  for x in (f, self._encode(getattr(record, f)))]
         channel = self.prefix + "done" if record.status != Status.RUNNING else ""
         args = [str(epoch), owner, self._expiry(record), channel, record.id, len(nils)] + nils + pairs
-        return self._script("swap", [self._key(record.id)], args) == 1
+        return self._script("swap", [self._key(record.id), *self._finished_indexes(record.workflow)], args) == 1
+
+    def _finished_indexes(self, workflow: str) -> list[str]:
+        return [self.prefix + "f:" + workflow, self.prefix + "x:" + workflow]
 
     def _delete(self, id: str, epoch: int | None) -> bool:
-        args = ["" if epoch is None else str(epoch), self.prefix + "w:", id]
+        args = ["" if epoch is None else str(epoch), self.prefix + "w:", id, self.prefix + "f:", self.prefix + "x:"]
         return self._script("delete", [self._key(id)], args) == 1
 
     def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
@@ -1646,12 +1870,30 @@ class RedisStore(_ServerStore):
         removed = 0
         for name in self._workflows(workflow):
             while True:
-                count, seen = self._script("clear", [self.prefix + "w:" + name, self.prefix + "workflows"],
+                count, seen = self._script("clear", [self.prefix + "w:" + name, self.prefix + "workflows",
+                                                     *self._finished_indexes(name)],
                                            [self.prefix + "r:", name, _REDIS_BATCH])
                 removed += count
                 if seen < _REDIS_BATCH:
                     break
         return removed
+
+    def _prune(self, before: float, now: float, statuses: tuple[str, ...], workflow: str | None, dry_run: bool,
+               batch: int, counts: dict[tuple[str, str], int]) -> None:
+        for name in self._workflows(workflow):
+            finished, expiring = self._finished_indexes(name)
+            for index, bound, kind in ((expiring, repr(now), "x"), (finished, "(" + repr(before), "f")):
+                keys = [index, self.prefix + "w:" + name, finished, expiring, self.prefix + "workflows"]
+                offset = 0
+                while True:
+                    seen, kept, *removed = self._script("prune", keys, [
+                        bound, repr(now), repr(before), self.prefix + "r:", batch, offset, kind,
+                        "1" if dry_run else "", name, *statuses])
+                    for status, tool in zip(removed[::2], removed[1::2]):
+                        _tally(counts, status.decode(), tool.decode())
+                    offset += kept
+                    if seen < batch:
+                        break
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -1765,8 +2007,49 @@ def check_store(store: Store) -> None:
         expect(store.get(second.id) is None, "a deleted record must be gone")
         expect(store.clear(workflow=scope) == 1, "clear(workflow) must count what it removed")
         expect(store.records(workflow=scope) == [], "clear(workflow) must remove the workflow's records")
+        _check_prune(store, scratch, expect, scope, now)
     finally:
         store.clear(workflow=scope)
+
+
+def _check_prune(store: Store, scratch: Callable[..., Record], expect: Callable[[bool, str], None],
+                 scope: str, now: float) -> None:
+    """prune's contract, on records of the check's own workflow `scope`."""
+    old, recent = now - 3600, now - 10
+    finished = dict(owner="a", lease_until=old, run_key="k", runs=1)
+    kept = {
+        10: scratch(10, updated=old, lease_until=old),                                   # RUNNING, however old
+        11: scratch(11, status="SUCCESS", updated=recent, **{**finished, "lease_until": recent}),
+        12: scratch(12, status="SUCCESS", updated=recent, expires=now + 600, **finished),  # in its ttl window
+    }
+    pruned = {
+        20: scratch(20, status="SUCCESS", updated=old, **finished),
+        21: scratch(21, status="FAILED", updated=old, error="E", **finished),
+        22: scratch(22, status="SUCCESS", updated=recent, expires=now - 1, **finished),  # its window ended
+        23: scratch(23, tool="ledger.check2", status="FAILED", updated=old, **finished),
+        24: scratch(24, status="SUCCESS", updated=old, expires=now + 600, **finished),     # old, window open
+    }
+    claimed = scratch(25, status="FAILED", updated=old, **finished)                     # claimed again below
+    for record in [*kept.values(), *pruned.values(), claimed]:
+        expect(store.insert(record) is True, f"insert of {record.id} must return True")
+    expect(store.swap(claimed.evolve(status="RUNNING", epoch=2, owner="b", lease_until=now + 60), 1, "a"),
+           "swap of a FAILED record back to RUNNING must win")
+    before = now - 600
+    everything = {("SUCCESS", "ledger.check"): 3, ("FAILED", "ledger.check"): 1, ("FAILED", "ledger.check2"): 1}
+    got = store.prune(before, now, PRUNABLE, workflow=scope, dry_run=True)
+    expect(got == everything, f"prune(dry_run=True) must count what prune would delete: {got}")
+    expect(len(store.records(workflow=scope)) == 9, "prune(dry_run=True) must delete nothing")
+    got = store.prune(before, now, ("FAILED",), workflow=scope, batch=1)
+    expect(got == {("FAILED", "ledger.check"): 1, ("FAILED", "ledger.check2"): 1},
+           f"prune(statuses) must delete only those states, in as many batches as it takes: {got}")
+    got = store.prune(before, now, PRUNABLE, workflow=scope, batch=1)
+    expect(got == {("SUCCESS", "ledger.check"): 3},
+           f"prune must delete finished records older than `before` and those whose ttl ended: {got}")
+    left = sorted(r.id for r in store.records(workflow=scope))
+    expect(left == sorted([r.id for r in kept.values()] + [claimed.id]),
+           f"prune must keep RUNNING records, recent ones and those inside their ttl window: {left}")
+    expect(store.prune(now + 1, now, PRUNABLE, workflow=scope + "-other") == {},
+           "prune(workflow) must touch no other workflow")
 
 
 # ---------------------------------------------------------------------------
@@ -1832,6 +2115,8 @@ class _Heartbeat:
                         run.renew()
                     for core in cores:
                         core.flush(quietly=True)
+                    if cores:
+                        _TELEMETRY.look_on_call = True
             except Exception:  # the heartbeat must outlive any one store's fault
                 log.exception("ledger heartbeat: unexpected error; continuing")
             if cores:
@@ -1987,7 +2272,7 @@ _unique_token = _Tokens()
 
 # The run this context is inside (its key is current_key()); each run knows the one it
 # was started in, so a call that waits for a run of its own context can be caught.
-_CURRENT_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("ledger_current_run", default=None)
+_CURRENT_RUN: contextvars.ContextVar[_Run | _Unguarded | None] = contextvars.ContextVar("ledger_current_run", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
 # `with guard.workflow(...)` blocks open in this context, innermost last; kept in
@@ -2011,7 +2296,7 @@ def current_key(default: Any = _NO_DEFAULT) -> str:
             raise LedgerError("current_key() is only set inside a guarded tool call; "
                               "call the tool through guard(...) or pass current_key(default=None)")
         return default
-    return run.record.run_key
+    return run.key
 
 
 class _Call:
@@ -2031,6 +2316,10 @@ class _Run:
         self.lock = threading.Lock()
         self.done = self.lost = False
         self.renew_at = record.started + call.policy.lease / 3
+
+    @property
+    def key(self) -> str:
+        return self.record.run_key
 
     def __enter__(self) -> _Run:
         """The tool runs inside this block: current_key() is set, and if it raises, the
@@ -2066,6 +2355,29 @@ class _Run:
                                self.call.name, self.call.id)
         if self.lost:
             _HEARTBEAT.discard(self)
+
+
+class _Unguarded:
+    """A call run without the store (fail_open): nothing is claimed or recorded. current_key()
+    is its fingerprint, the key its guarded runs start from."""
+
+    __slots__ = ("call", "token", "outer")
+    record = None
+
+    def __init__(self, call: _Call):
+        self.call = call
+
+    @property
+    def key(self) -> str:
+        return self.call.id
+
+    def __enter__(self) -> _Unguarded:
+        self.outer = _CURRENT_RUN.get()
+        self.token = _CURRENT_RUN.set(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _CURRENT_RUN.reset(self.token)
 
 
 class _Core:
@@ -2316,9 +2628,19 @@ class _Core:
             raise LedgerError(f"{call.name}: the stored result of call {record.id} cannot be decoded "
                               f"({type(e).__name__}: {e}); did the policy's serializer change?") from e
 
+    def unguarded(self, call: _Call, error: StoreError) -> _Unguarded:
+        """The store failed before the call was claimed: under fail_open, run it anyway."""
+        if not call.policy.fail_open:
+            raise error
+        self.warn("%s: the ledger store is unreachable (%s); running it unguarded, as its policy's "
+                  "fail_open=True allows: a duplicate of this call may run too", call.name, error)
+        return _Unguarded(call)
+
     # -- completing --------------------------------------------------------
 
-    def succeed(self, run: _Run, value: Any) -> Outcome:
+    def succeed(self, run: _Run | _Unguarded, value: Any) -> Outcome:
+        if run.record is None:
+            return Outcome(value, "unguarded", run.call.id)
         call = run.call
         try:
             record = self.success_record(run, value)
@@ -2326,7 +2648,7 @@ class _Core:
             record = self.success_record(run, None, f"result that could not be recorded ({type(e).__name__}: "
                                                     f"{_error_text_of(e)})"[:2000])
         try:
-            self.complete(run, record)
+            recorded = self.complete(run, record)
         except Exception as e:
             # A record the store refuses for its content (text it cannot encode, say) is
             # written again without the result, so the call is still recorded as done.
@@ -2336,9 +2658,9 @@ class _Core:
                     f"{call.name} RAN and returned, but its record could not be completed ({e}). Do not "
                     f"assume it failed: its result is in this error's .value. The record stays RUNNING and "
                     f"its lease expires in {call.policy.lease}s", value) from e
-            record = bare
+            record, recorded = bare
         self.fire("success", record)
-        return Outcome(value, "executed", record.run_key, record)
+        return Outcome(value, "executed", record.run_key, record, fenced=not recorded)
 
     def success_record(self, run: _Run, value: Any, unstored: str | None = None) -> Record:
         """The signed SUCCESS record of a run that returned `value` (or, given `unstored`,
@@ -2358,20 +2680,21 @@ class _Core:
         record.sig = _sign(self.secret, record)
         return record
 
-    def complete_without_result(self, run: _Run, error: Exception) -> Record | None:
+    def complete_without_result(self, run: _Run, error: Exception) -> tuple[Record, bool] | None:
         """Record a run as done without its result, after the store refused the full
-        record; the record written, or None if the store refused this one too."""
+        record: the record and whether it was recorded (False: fenced), or None if the
+        store refused this one too."""
         why = f"result the store refused ({type(error).__name__}: {_error_text_of(error)})"[:2000]
         bare = self.success_record(run, None, why)
         self.warn("%s ran, but the store refused its result (%s); it is recorded as done without it, "
                   "so duplicates get BLOCKED", run.call.name, why)
         try:
-            self.complete(run, bare)
+            recorded = self.complete(run, bare)
         except Exception as e:
             log.error("%s ran, and neither its record nor one without its result could be written: %s",
                       run.call.name, e)
             return None
-        return bare
+        return bare, recorded
 
     def fail(self, run: _Run, error: BaseException) -> None:
         call, now = run.call, time.time()
@@ -2452,7 +2775,7 @@ def _running_here(store: Store, record: Record) -> bool:
     """Whether this thread or task is inside the run that holds `record`."""
     run = _CURRENT_RUN.get()
     while run is not None:
-        if run.record.id == record.id and run.record.epoch == record.epoch and run.core.store.url == store.url:
+        if run.record is not None and run.record.id == record.id and run.record.epoch == record.epoch and run.core.store.url == store.url:
             return True
         run = run.outer
     return False
@@ -2529,6 +2852,116 @@ def _preview(call: _Call) -> str:
         text = _dump({"key": call.key, "arguments": shown})
     text = text.replace("\\u0000", "")  # tags read as plain words: ["datetime", "2026-..."]
     return text if len(text) <= 2000 else text[:1999] + "…"
+
+
+# ---------------------------------------------------------------------------
+# Engine: telemetry. Once the application has configured OpenTelemetry (set a
+# tracer or meter provider of an SDK), each guarded call is a span and its
+# outcome counts in metrics. ledger.py never imports opentelemetry: until the
+# application (or a library of its) has, there is nothing to look at; until it
+# sets a provider, the first call and then one call a second (when the heartbeat
+# says it is due) look at the providers. Any other call, while telemetry is off,
+# pays one attribute read.
+# ---------------------------------------------------------------------------
+
+_OTEL_COUNTERS = {
+    "ledger.attempts": "guarded calls, by how each ended (ledger.source)",
+    "ledger.executed": "runs of the tool (ledger.source executed, unguarded or failed)",
+    "ledger.blocked": "duplicates that did not run the tool (replayed, shared or blocked)",
+    "ledger.failed": "runs in which the tool raised",
+    "ledger.fenced": "runs whose outcome was not recorded: another worker had taken the call over",
+}
+_RAN_SOURCES = ("executed", "unguarded", "failed")
+_DUPLICATE_SOURCES = ("replayed", "shared", "blocked")
+
+
+class _Telemetry:
+    """The OpenTelemetry tracer and counters, once a provider is configured."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.look_on_call = True   # on, or due to look at the providers on the next call
+        self.tracer: Any = None
+        self.counters: dict[str, Any] = {}
+
+    def look(self) -> None:
+        """Turn on if the application has set a tracer or meter provider (other than the API's
+        own no-op and proxy ones). Providers can be set only once, so on stays on."""
+        self.look_on_call = False
+        trace, metrics = sys.modules.get("opentelemetry.trace"), sys.modules.get("opentelemetry.metrics")
+        try:
+            providers = ([trace.get_tracer_provider()] if trace else []) + \
+                        ([metrics.get_meter_provider()] if metrics else [])
+            if any(not type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics"))
+                   for p in providers):
+                self._start()
+        except Exception:  # telemetry must never fail a call
+            log.exception("ledger: OpenTelemetry could not be set up; calls are not traced")
+
+    def _start(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        """Trace and count through the global providers (or those given)."""
+        from opentelemetry import metrics, trace  # imported already, by the application
+        meter = metrics.get_meter("ledger", __version__, meter_provider=meter_provider)
+        self.tracer = trace.get_tracer("ledger", __version__, tracer_provider=tracer_provider)
+        self.counters = {name: meter.create_counter(name, unit="{call}", description=text)
+                         for name, text in _OTEL_COUNTERS.items()}
+        self.on = self.look_on_call = True
+
+
+_TELEMETRY = _Telemetry()
+
+
+class _Observed:
+    """One guarded call as a span (the tool's own spans are its children), ended with
+    what the call did: its source, record id, epoch and whether it was fenced."""
+
+    __slots__ = ("call", "span", "scope", "outcome")
+
+    def __init__(self, call: _Call):
+        self.call, self.outcome = call, None
+
+    def __enter__(self) -> _Observed:
+        attributes = {"ledger.tool": self.call.name, "ledger.workflow": self.call.workflow,
+                      "ledger.record_id": self.call.id}
+        if self.call.caller is not None:
+            attributes["ledger.caller"] = self.call.caller
+        self.scope = _TELEMETRY.tracer.start_as_current_span(f"ledger {self.call.name}", attributes=attributes)
+        self.span = self.scope.__enter__()
+        return self
+
+    def done(self, outcome: Outcome) -> Outcome:
+        self.outcome = outcome
+        return outcome
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        outcome, span = self.outcome, self.span
+        if outcome is not None:
+            source, fenced = outcome.source, outcome.fenced
+        else:
+            # Everything ledger.py raises on purpose is a LedgerError, and of those only a
+            # CompletionError comes after the tool ran; anything else is the tool's own.
+            ran = not isinstance(error, LedgerError) or isinstance(error, CompletionError)
+            source, fenced = ("failed" if ran else "error"), False
+        span.set_attribute("ledger.source", source)
+        span.set_attribute("ledger.fenced", fenced)
+        if outcome is not None and outcome.record is not None:
+            span.set_attribute("ledger.epoch", outcome.record.epoch)
+        labels, counters = {"ledger.tool": self.call.name}, _TELEMETRY.counters
+        counters["ledger.attempts"].add(1, {**labels, "ledger.source": source})
+        for name, counted in (("ledger.executed", source in _RAN_SOURCES), ("ledger.fenced", fenced),
+                              ("ledger.blocked", source in _DUPLICATE_SOURCES), ("ledger.failed", source == "failed")):
+            if counted:
+                counters[name].add(1, labels)
+        self.scope.__exit__(kind, error, traceback)
+
+
+def _observe(call: _Call) -> _Observed | None:
+    """The call's span, or None while telemetry is off."""
+    if not _TELEMETRY.on:
+        _TELEMETRY.look()
+        if not _TELEMETRY.on:
+            return None
+    return _Observed(call)
 
 
 # ---------------------------------------------------------------------------
@@ -2636,7 +3069,24 @@ class Guard:
         return self._run(call, force=True).value
 
     def _run(self, call: _Call, force: bool = False) -> Outcome:
-        step = _drive(self._core.settle(call, force))
+        seen = _observe(call) if _TELEMETRY.look_on_call else None
+        if seen is None:
+            return self._outcome(call, force)
+        with seen:
+            return seen.done(self._outcome(call, force))
+
+    async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
+        seen = _observe(call) if _TELEMETRY.look_on_call else None
+        if seen is None:
+            return await self._outcome_async(call, force)
+        with seen:
+            return seen.done(await self._outcome_async(call, force))
+
+    def _outcome(self, call: _Call, force: bool) -> Outcome:
+        try:
+            step = _drive(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
         with step:
@@ -2645,8 +3095,11 @@ class Guard:
                 _refuse_deferred(call, value)
         return self._core.succeed(step, value)
 
-    async def _run_async(self, call: _Call, force: bool = False) -> Outcome:
-        step = await _drive_async(self._core.settle(call, force))
+    async def _outcome_async(self, call: _Call, force: bool) -> Outcome:
+        try:
+            step = await _drive_async(self._core.settle(call, force))
+        except StoreError as e:
+            step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
         with step:
@@ -2763,10 +3216,10 @@ class Guard:
     def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
                max: int = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
                validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None) -> Policy:
+               serializer: Any = None, wait: float | None = None, fail_open: bool = False) -> Policy:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated."""
         policy = Policy(unlimited=unlimited, replay=replay, max=max, ttl=ttl, lease=lease, recover=recover,
-                        validate=validate, cost=cost, serializer=serializer, wait=wait)
+                        validate=validate, cost=cost, serializer=serializer, wait=wait, fail_open=fail_open)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return policy
@@ -2832,6 +3285,22 @@ class Guard:
         """Delete every record (of workflow `wf`); how many were deleted."""
         self._core.flush()
         return self.store.clear(wf)
+
+    def prune(self, older_than: float | _dt.timedelta, *, status: str | Iterable[str] | None = None,
+              wf: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        """Delete the records of finished calls (SUCCESS and FAILED, never RUNNING ones) that
+        finished more than `older_than` seconds ago, and of ttl'd calls whose window has ended,
+        whatever their age; only those in `status` and workflow `wf`, if given. A pruned call
+        is forgotten: called again, it runs again. Returns {"removed": n, "dry_run": bool,
+        "counts": [{"status", "tool", "count"}, ...]}; with dry_run=True, what it would remove."""
+        statuses = _prune_statuses(status)
+        age = older_than.total_seconds() if isinstance(older_than, _dt.timedelta) else older_than
+        if isinstance(age, bool) or not isinstance(age, (int, float)) or not age >= 0:
+            raise ConfigError(f"prune: older_than must be seconds >= 0 or a timedelta, not {older_than!r}")
+        now = time.time()
+        counts = self.store.prune(now - age, now, statuses, workflow=wf, dry_run=dry_run)
+        rows = [{"status": st, "tool": tool, "count": n} for (st, tool), n in sorted(counts.items())]
+        return {"removed": sum(counts.values()), "dry_run": dry_run, "counts": rows}
 
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
@@ -2928,6 +3397,14 @@ def _refuse_deferred(call: _Call, value: Any) -> None:
         f"whether its work finishes; it was refused before running (a coroutine is closed, a future "
         f"cancelled). Declare the wrapper `async def` (an async tool behind a sync decorator is the usual "
         f"cause), so that the guard awaits the tool and records its real outcome")
+
+
+def _prune_statuses(status: str | Iterable[str] | None) -> tuple[str, ...]:
+    wanted = PRUNABLE if status is None else (status,) if isinstance(status, str) else tuple(status)
+    if not wanted or any(s not in PRUNABLE for s in wanted):
+        raise ConfigError(f"prune: status must be one or more of {', '.join(PRUNABLE)} (a RUNNING call is "
+                          f"never pruned), not {status!r}")
+    return tuple(sorted(set(wanted)))
 
 
 class _Named:
@@ -3093,7 +3570,7 @@ guard = Guard()
 # Command line: `python ledger.py COMMAND` (and the `ledger` console script).
 # Reports go to stdout, since there they are the program's output; diagnostics
 # go to stderr. Every command but `demo` opens only an existing database, and
-# only `clear`, `retry` and `check` (on scratch records of its own) write to it.
+# only `clear`, `prune`, `retry` and `check` (on scratch records of its own) write to it.
 # Exit codes: 0 ok, 1 a check failed or a confirmation was declined, 2 usage error.
 # ---------------------------------------------------------------------------
 
@@ -3164,6 +3641,14 @@ def _parser() -> Any:
     command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
     p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    p = command("prune", _cmd_prune, "delete the records of calls that finished before a time, and of "
+                "ttl'd calls whose window ended (never a running call's); a pruned call runs again if called "
+                "again", wf, as_json)
+    p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                   help="finished more than this long ago: 30d, 12h, 90m, 45s, 2w or seconds")
+    p.add_argument("--status", type=str.upper, choices=PRUNABLE, action="append",
+                   help="only the calls in this state (repeat for both; default both)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
                 "or a stale lease (same key), or a succeeded one (a new key)")
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
@@ -3191,6 +3676,18 @@ def _positive_int(text: str) -> int:
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' or plain seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _DURATION_UNITS else (text, "s")
+    value = float(number) * _DURATION_UNITS[unit.lower()]
+    if not 0 <= value < math.inf:
         raise ValueError(text)
     return value
 
@@ -3444,6 +3941,21 @@ def _cmd_clear(args: Any) -> int:
                 return EXIT_FAILED
         deleted = guard.reset(args.wf)
     print(f"deleted {deleted} records ({_scope(args.wf)})")
+    return EXIT_OK
+
+
+def _cmd_prune(args: Any) -> int:
+    with _opened(args) as guard:
+        report = guard.prune(args.older_than, status=args.status, wf=args.wf, dry_run=args.dry_run)
+        url = guard.store.url
+    if args.json:
+        return _print_json(report)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {report['removed']:,} records ({_scope(args.wf)}) from {_clean(url)}")
+    if report["counts"]:
+        rows = [[row["status"], f"{row['count']:,}", _clean(row["tool"])] for row in report["counts"]]
+        for line in _table(["status", "records", "tool"], rows, _Paint(sys.stdout), right=[1]):
+            print("  " + line)
     return EXIT_OK
 
 

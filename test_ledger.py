@@ -704,6 +704,200 @@ def test_check_store_leaves_other_records_alone(store):
     assert [r.as_dict() for r in store.records()] == before
 
 
+def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    assert guard(charge, 1) is BLOCKED
+    assert guard.prune(0)["removed"] == 1
+    guard(charge, 1)
+    assert CHARGES == [(1, 10.0, "usd"), (1, 10.0, "usd")]
+
+
+def test_prune_never_removes_a_running_call(store):
+    guard = Guard(store, quiet=True, secret="s")
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    def long_job(n):
+        runs.append(n)
+        started.set()
+        release.wait(10)
+
+    leader = threading.Thread(target=guard, args=(long_job, 1))
+    leader.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.01)  # its record is older than the cut-off below
+        assert guard.prune(0, dry_run=True)["removed"] == 0
+        assert guard.prune(0)["removed"] == 0
+        assert guard(long_job, 1) is BLOCKED
+    finally:
+        release.set()
+        leader.join()
+    assert runs == [1]
+
+
+def test_prune_reports_what_it_removed_per_status_and_tool_and_a_dry_run_removes_nothing(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def refund(order_id):
+        raise RuntimeError("declined")
+
+    for n in range(3):
+        guard(charge, n)
+        with pytest.raises(RuntimeError):
+            guard(refund, n)
+    guard.workflow("other")(charge, 9)
+    charge_name, refund_name = ledger.tool_name(charge), ledger.tool_name(refund)
+    expected = [{"status": "FAILED", "tool": refund_name, "count": 3},
+                {"status": "SUCCESS", "tool": charge_name, "count": 3}]
+    assert guard.prune(0, wf="default", dry_run=True) == {"removed": 6, "dry_run": True, "counts": expected}
+    assert len(store.records()) == 7
+    assert guard.prune(0, status="FAILED", wf="default")["counts"] == expected[:1]
+    assert guard.prune(0, wf="default")["counts"] == expected[1:]
+    assert [r.workflow for r in store.records()] == ["other"]
+
+
+def test_prune_keeps_what_finished_within_the_age_given_but_not_an_ended_ttl_window(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy("lookup", replay=True, ttl=0.05)
+    lookup = guard.wrap_tools({"lookup": lambda q: q})["lookup"]
+    guard(charge, 1)
+    lookup("acme")
+    assert guard.prune(3600, dry_run=True)["removed"] == 0
+    time.sleep(0.06)  # the lookup's ttl window ends; it is pruned whatever its age
+    assert guard.prune(3600)["counts"] == [{"status": "SUCCESS", "tool": "lookup", "count": 1}]
+    assert [r.tool for r in store.records()] == [ledger.tool_name(charge)]
+
+
+def _fail_again_and_again(n: int) -> None:
+    raise RuntimeError(n)
+
+
+def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
+    """Calls that fail keep going FAILED -> RUNNING -> FAILED while prune deletes every finished
+    record it sees: a RUNNING record deleted by mistake would let a second run start beside it."""
+    guard = Guard(store, quiet=True, secret="s")
+    running, overlaps, runs = set(), [], []
+    lock = threading.Lock()
+
+    def job(n):
+        with lock:
+            if n in running:
+                overlaps.append(n)
+            running.add(n)
+            runs.append(n)
+        time.sleep(0.002)
+        with lock:
+            running.discard(n)
+        raise RuntimeError(n)
+
+    stop = time.monotonic() + 1.5
+
+    def caller():
+        while time.monotonic() < stop:
+            for n in range(3):
+                with contextlib.suppress(RuntimeError):
+                    guard(job, n)
+
+    def pruner():
+        while time.monotonic() < stop:
+            guard.prune(0)
+
+    errors = []
+
+    def reporting(target):
+        def run():
+            try:
+                target()
+            except BaseException as e:   # a deadlock, a store error: the test fails on it
+                errors.append(e)
+        return run
+
+    threads = [threading.Thread(target=reporting(caller)) for _ in range(4)] + \
+        [threading.Thread(target=reporting(pruner))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and overlaps == [] and len(runs) > 20
+
+
+@st.composite
+def prune_cases(draw):
+    """Records in every state, of two tools and workflows, finished at times (seconds before
+    now) around a cut-off 100 s ago, some with a ttl window that ended or not; and prune's
+    arguments."""
+    records = []
+    for n in range(draw(st.integers(0, 12))):
+        status = draw(st.sampled_from(["RUNNING", "SUCCESS", "FAILED"]))
+        records.append(dict(
+            id=f"p{n}", tool=draw(st.sampled_from(["a", "b"])), workflow=draw(st.sampled_from(["w1", "w2"])),
+            status=status, age=draw(st.sampled_from([0, 5, 99, 100, 101, 5000])),
+            ttl_left=draw(st.sampled_from([None, -1, 0, 1])) if status == "SUCCESS" else None))
+    statuses = tuple(sorted(draw(st.sets(st.sampled_from(["SUCCESS", "FAILED"]), min_size=1))))
+    return records, statuses, draw(st.sampled_from([None, "w1"])), draw(st.sampled_from([1, 2, 1000]))
+
+
+def prune_rule(record, before, now, statuses, workflow) -> bool:
+    """What the README says prune deletes."""
+    finished = record.status in ("SUCCESS", "FAILED")
+    window_ended = record.expires is not None and record.expires <= now
+    return (finished and record.status in statuses and workflow in (None, record.workflow)
+            and (window_ended or record.updated < before))
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "postgres", "redis"])
+def test_prune_deletes_exactly_what_its_rule_says_on_every_store(backend, tmp_path):
+    store = STORES[backend](tmp_path)
+
+    @settings(max_examples=60 if backend in ("memory", "sqlite") else 20, deadline=None)
+    @given(prune_cases())
+    def check(case):
+        drawn, statuses, workflow, batch = case
+        now = time.time()
+        before = now - 100
+        records = [Record(id=d["id"], tool=d["tool"], workflow=d["workflow"], caller=None, status=d["status"],
+                          owner="o", epoch=1, lease_until=now - d["age"], run_key=d["id"], created=now - d["age"],
+                          updated=now - d["age"], expires=None if d["ttl_left"] is None else now + d["ttl_left"])
+                   for d in drawn]
+        store.clear()
+        for r in records:
+            store.insert(r)
+        doomed = [r for r in records if prune_rule(r, before, now, statuses, workflow)]
+        expected: dict = {}
+        for r in doomed:
+            expected[(r.status, r.tool)] = expected.get((r.status, r.tool), 0) + 1
+        assert store.prune(before, now, statuses, workflow, dry_run=True, batch=batch) == expected
+        assert store.prune(before, now, statuses, workflow, batch=batch) == expected
+        assert sorted(r.id for r in store.records()) == sorted(r.id for r in records if r not in doomed)
+    try:
+        check()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bad", [-1, "1d", None, float("nan"), True])
+def test_prune_rejects_an_age_that_is_not_seconds(g, bad):
+    g(charge, 1)
+    with pytest.raises(ledger.ConfigError, match="older_than"):
+        g.prune(bad)
+    assert len(g.history()) == 1
+
+
+@pytest.mark.parametrize("bad", ["RUNNING", ["SUCCESS", "RUNNING"], [], "success"])
+def test_prune_refuses_any_state_but_success_and_failed(g, bad):
+    g(charge, 1)
+    with pytest.raises(ledger.ConfigError, match="never pruned"):
+        g.prune(0, status=bad)
+    assert len(g.history()) == 1
+
+
+def test_prune_takes_a_timedelta(g):
+    g(charge, 1)
+    assert g.prune(dt.timedelta(hours=1))["removed"] == 0
+    assert g.prune(dt.timedelta(0))["removed"] == 1
+
+
 class LedgerModel(RuleBasedStateMachine):
     """The guard against a model of the state machine, on one store."""
 
@@ -1173,6 +1367,61 @@ def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
     assert CHARGES == []
 
 
+def test_fail_open_runs_a_tool_unguarded_with_a_warning_when_the_store_cannot_be_opened(tmp_path, caplog):
+    guard = Guard(str(tmp_path / "missing" / "l.db"))
+    keys = []
+
+    def lookup(q):
+        keys.append(current_key())
+        return {"q": q}
+
+    async def alookup(q):
+        keys.append(current_key())
+        return {"q": q}
+
+    guard.policy(lookup, fail_open=True)
+    guard.policy(alookup, fail_open=True)
+    with caplog.at_level("WARNING", logger="ledger"):
+        outcomes = [guard.execute(lookup, "acme"), guard.execute(lookup, "acme"),
+                    asyncio.run(guard.execute(alookup, "acme"))]
+    assert [(o.value, o.source, o.ran) for o in outcomes] == [({"q": "acme"}, "unguarded", True)] * 3
+    assert len(keys) == 3 and keys[0] == keys[1] != keys[2]   # each call's stable fingerprint
+    assert sum("unreachable" in r.getMessage() and "unguarded" in r.getMessage() for r in caplog.records) == 3
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fail_closed_is_the_default_when_the_store_cannot_be_opened(tmp_path):
+    guard = Guard(str(tmp_path / "missing" / "l.db"), quiet=True)
+    guard.policy("lookup", replay=True)
+    with pytest.raises(ledger.StoreError, match="does not exist"):
+        guard(charge, 1)
+    with pytest.raises(ledger.StoreError):
+        asyncio.run(guard.wrap_tools({"lookup": _async_lookup})["lookup"]("acme"))
+    assert CHARGES == [] and LOOKUPS == []
+
+
+LOOKUPS: list = []
+
+
+async def _async_lookup(q):
+    LOOKUPS.append(q)
+    return q
+
+
+def test_fail_open_applies_to_a_store_error_on_a_claim_too(tmp_path):
+    guard = Guard(FlakyStore(tmp_path / "l.db", fail_gets=1), quiet=True, secret="s")
+    guard.policy(charge, fail_open=True)
+    assert guard.execute(charge, 1).source == "unguarded"
+    assert guard.execute(charge, 1).source == "executed"   # the store answers again: guarded again
+    assert guard(charge, 1) is BLOCKED and len(CHARGES) == 2
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_fail_open_must_be_a_bool(g, bad):
+    with pytest.raises(ledger.ConfigError, match="fail_open"):
+        g.policy(charge, fail_open=bad)
+
+
 def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g):
     keys = []
 
@@ -1435,6 +1684,191 @@ def test_as_caller_is_recorded_but_not_fingerprinted(g):
     assert g.history()[0]["caller"] == "agent-A"
 
 
+# Telemetry: spans and metrics through the OpenTelemetry SDK's in-memory exporters.
+
+@pytest.fixture
+def otel(monkeypatch):
+    """Telemetry on, into in-memory exporters of providers of the test's own (the global
+    providers can be set only once per process; a subprocess test below covers them)."""
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = ledger._Telemetry()
+    telemetry._start(tracer_provider, MeterProvider(metric_readers=[reader]))
+    monkeypatch.setattr(ledger, "_TELEMETRY", telemetry)
+
+    class Seen:
+        tracer = tracer_provider.get_tracer("test")
+
+        @staticmethod
+        def spans(prefix="ledger "):
+            return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
+
+        @staticmethod
+        def counts():
+            """{(metric, source or None): value}, summed over tools."""
+            found = {}
+            for rm in reader.get_metrics_data().resource_metrics:
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        for point in metric.data.data_points:
+                            key = (metric.name, point.attributes.get("ledger.source"))
+                            found[key] = found.get(key, 0) + point.value
+            return found
+    return Seen
+
+
+def test_each_guarded_call_is_a_span_saying_where_its_value_came_from(g, otel):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    g(charge, 1)
+    g.workflow("other")(charge, 1)
+    spans = otel.spans()
+    assert [s.name for s in spans] == [f"ledger {ledger.tool_name(charge)}"] * 3
+    first, again, other = (dict(s.attributes) for s in spans)
+    records = {(r["workflow"], r["id"]) for r in g.history()}
+    assert first == {"ledger.tool": ledger.tool_name(charge), "ledger.workflow": "default",
+                     "ledger.record_id": first["ledger.record_id"], "ledger.source": "executed",
+                     "ledger.epoch": 1, "ledger.fenced": False}
+    assert again == {**first, "ledger.source": "replayed"}
+    assert (other["ledger.workflow"], other["ledger.source"]) == ("other", "executed")
+    assert {("default", first["ledger.record_id"]), ("other", other["ledger.record_id"])} == records
+
+
+def test_a_tools_own_spans_are_children_of_its_call_span_sync_and_async(g, otel):
+    def lookup(q):
+        with otel.tracer.start_as_current_span("http GET"):
+            return q
+
+    async def alookup(q):
+        with otel.tracer.start_as_current_span("http GET"):
+            await asyncio.sleep(0)
+            return q
+
+    g(lookup, "a")
+    asyncio.run(g(alookup, "a"))
+    calls, inner = otel.spans(), otel.spans("http")
+    assert len(calls) == len(inner) == 2
+    assert [s.parent.span_id for s in inner] == [s.context.span_id for s in calls]
+
+
+def test_the_counters_are_metrics_by_tool_and_source(g, otel):
+    def flaky(n):
+        raise RuntimeError(n)
+
+    g(charge, 1)
+    g(charge, 1)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            g(flaky, 1)
+    assert otel.counts() == {
+        ("ledger.attempts", "executed"): 1, ("ledger.attempts", "blocked"): 1, ("ledger.attempts", "failed"): 2,
+        ("ledger.executed", None): 3, ("ledger.blocked", None): 1, ("ledger.failed", None): 2}
+    failed = otel.spans()[-1]
+    assert failed.status.status_code.name == "ERROR" and failed.events[0].name == "exception"
+
+
+def test_a_fenced_run_is_marked_on_its_span_and_counted(g, otel):
+    def tool():
+        record = g.store.records()[0]
+        g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1), record.epoch, record.owner)
+        return "mine"
+
+    outcome = g.execute(tool)
+    assert (outcome.value, outcome.source, outcome.fenced) == ("mine", "executed", True)
+    assert otel.spans()[0].attributes["ledger.fenced"] is True
+    assert otel.counts()[("ledger.fenced", None)] == 1
+
+
+def test_a_refusal_by_the_ledger_is_an_error_span_of_a_call_that_did_not_run(g, otel):
+    g.policy(charge, validate=True)
+    g(charge, 1, key="order-1")
+    with pytest.raises(ledger.KeyReuseError):
+        g(charge, 2, key="order-1")
+    refused = otel.spans()[-1]
+    assert refused.attributes["ledger.source"] == "error" and refused.status.status_code.name == "ERROR"
+    assert otel.counts()[("ledger.executed", None)] == 1 and len(CHARGES) == 1
+
+
+def test_an_unguarded_run_under_fail_open_is_a_span_too(tmp_path, otel):
+    guard = Guard(str(tmp_path / "missing" / "l.db"), quiet=True)
+    guard.policy(charge, fail_open=True)
+    guard(charge, 1)
+    assert otel.spans()[0].attributes["ledger.source"] == "unguarded"
+    assert otel.counts()[("ledger.executed", None)] == 1
+
+
+TELEMETRY_SCRIPT = """
+import json, sys, time
+import ledger
+{setup}
+guard = ledger.Guard(":memory:", secret="s")
+def tool(n):
+    return n
+for n in range(3):
+    guard(tool, n)
+{later}
+print(json.dumps({{"on": ledger._TELEMETRY.on,
+                   "otel_modules": sorted(m for m in sys.modules if m.startswith("opentelemetry")),
+                   "spans": [s.attributes["ledger.source"] for s in exporter.get_finished_spans()]
+                            if "exporter" in globals() else None}}))
+"""
+
+SDK_SETUP = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+"""
+
+
+def telemetry_run(tmp_path, setup="", later="") -> dict:
+    code = TELEMETRY_SCRIPT.format(setup=textwrap.dedent(setup), later=textwrap.dedent(later))
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_telemetry_never_imports_opentelemetry(tmp_path):
+    seen = telemetry_run(tmp_path)
+    assert seen == {"on": False, "otel_modules": [], "spans": None}
+
+
+def test_telemetry_stays_off_while_opentelemetry_is_imported_but_no_provider_is_set(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    seen = telemetry_run(tmp_path, SDK_SETUP)   # as a library that imports opentelemetry (mcp does)
+    assert seen["on"] is False and seen["spans"] == []
+
+
+def test_telemetry_traces_through_the_global_provider_set_before_the_first_call(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    seen = telemetry_run(tmp_path, SDK_SETUP + "trace.set_tracer_provider(provider)\n",
+                         "for n in range(2):\n    guard(tool, n)\n")
+    assert seen["on"] is True and seen["spans"] == ["executed"] * 3 + ["blocked"] * 2
+
+
+def test_telemetry_turns_on_within_a_second_of_a_provider_set_after_the_first_call(tmp_path):
+    need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
+    later = """
+    trace.set_tracer_provider(provider)
+    deadline = time.time() + 10
+    while not exporter.get_finished_spans() and time.time() < deadline:
+        guard(tool, 0)
+        time.sleep(0.05)
+    """
+    seen = telemetry_run(tmp_path, SDK_SETUP, later)
+    assert seen["on"] is True and seen["spans"] == ["blocked"]
+
+
 # ---------------------------------------------------------------------------
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
@@ -1466,6 +1900,101 @@ def test_sqlite_refuses_a_database_from_a_newer_version(tmp_path):
     conn.close()
     with pytest.raises(ledger.StoreError, match="newer"):
         SQLiteStore(tmp_path / "a.db")
+
+
+SCHEMA_1_SQLITE = [  # a ledger file as ledger.py wrote it before prune existed
+    "CREATE TABLE records (" + ", ".join(f"{f} {ledger._sqlite_type(f)}" for f in ledger.RECORD_FIELDS)
+    + ", PRIMARY KEY (id)) WITHOUT ROWID",
+    "CREATE INDEX records_workflow ON records (workflow)",
+    "PRAGMA user_version = 1",
+]
+
+
+def old_ledger_file(path: pathlib.Path, records: list[Record]) -> None:
+    conn = sqlite3.connect(path)
+    for sql in SCHEMA_1_SQLITE:
+        conn.execute(sql)
+    conn.executemany(ledger._SQL_INSERT, [ledger._record_values(r) for r in records])
+    conn.commit()
+    conn.close()
+
+
+def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) -> Record:
+    fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
+                  lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
+    return Record(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("create", [True, False])
+def test_sqlite_upgrades_a_schema_1_file_in_place_keeping_every_record(tmp_path, create):
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now, status="RUNNING"), finished_record(3, now)]
+    old_ledger_file(tmp_path / "a.db", records)
+    store = SQLiteStore(tmp_path / "a.db", create=create)
+    assert [r.as_dict() for r in store.records()] == [r.as_dict() for r in records]
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == ledger.SCHEMA_VERSION
+    indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"records_finished", "records_expiring"} <= indexes
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
+
+
+def test_sqlite_prune_selects_through_its_indexes_never_a_full_scan(tmp_path):
+    store = SQLiteStore(tmp_path / "a.db")
+    conn = store._conn()
+    for statuses, workflow in [(ledger.PRUNABLE, None), (("FAILED",), None), (ledger.PRUNABLE, "w")]:
+        for (where, params), index in zip(ledger._sql_prune_passes(1.0, 2.0, statuses, workflow, "?"),
+                                          ["records_expiring", "records_finished"]):
+            plan = " ".join(row[-1] for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT id, status, tool FROM records WHERE {where} LIMIT 10", params))
+            assert "SEARCH records USING INDEX" in plan and "SCAN" not in plan, plan
+            if workflow is None:
+                assert index in plan
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sqlite_prunes_a_million_records_in_batches_without_loading_them(tmp_path):
+    """The figure quoted in the README: 1,000,000 records, 600,000 of them prunable."""
+    import tracemalloc
+    now = time.time()
+    path = tmp_path / "big.db"
+    SQLiteStore(path).close()
+
+    template = finished_record(0, now).as_dict()
+    fields = list(template)
+
+    def rows():
+        for n in range(1_000_000):
+            kind = n % 10
+            row = {**template, "id": f"r{n}", "run_key": f"r{n}", "tool": f"tool{n % 7}", "workflow": f"wf{n % 100}",
+                   "status": "RUNNING" if kind == 0 else "FAILED" if kind == 1 else "SUCCESS",
+                   "updated": now - 86400 * 40 if kind < 7 else now - 60}   # kinds 0..6 old, 7..9 recent
+            yield [row[f] for f in fields]
+
+    conn = sqlite3.connect(path)
+    started = time.perf_counter()
+    with conn:
+        conn.executemany(ledger._SQL_INSERT, rows())
+    loaded = time.perf_counter() - started
+    conn.close()
+    guard = Guard(str(path), quiet=True)
+    tracemalloc.start()
+    started = time.perf_counter()
+    report = guard.prune(30 * 86400)
+    pruned = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"\nprune of 1,000,000 SQLite records: loaded in {loaded:.1f}s, removed {report['removed']:,} "
+          f"in {pruned:.1f}s, Python memory peak {peak / 1e6:.1f} MB", file=sys.stderr)
+    assert report["removed"] == 600_000
+    totals: dict = {}
+    for row in report["counts"]:
+        totals[row["status"]] = totals.get(row["status"], 0) + row["count"]
+    assert totals == {"SUCCESS": 500_000, "FAILED": 100_000} and len(report["counts"]) == 14
+    by_status = dict(sqlite3.connect(path).execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
+    assert by_status == {"RUNNING": 100_000, "SUCCESS": 300_000}
+    assert peak < 20e6   # a batch at a time, not a million records
 
 
 def test_a_missing_directory_fails_before_the_tool_runs(tmp_path):
@@ -1905,6 +2434,75 @@ def test_redis_refuses_records_from_a_newer_version():
         ledger.RedisStore(REDIS_URL, prefix=store.prefix)
 
 
+def test_postgres_upgrades_a_schema_1_table_in_place_keeping_every_record():
+    store = postgres_store()
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now, status="RUNNING")]
+    for r in records:
+        store.insert(r)
+    name = store.table
+    with postgres_admin() as admin:   # back to what ledger.py made before prune existed
+        for index in ("finished", "expiring"):
+            admin.execute(f'DROP INDEX "{name}_{index}"')
+        admin.execute(f'COMMENT ON TABLE "{name}" IS \'ledger.py records, schema 1\'')
+    store = ledger.PostgresStore(POSTGRES_URL, table=name)
+    assert [r.as_dict() for r in store.records()] == [r.as_dict() for r in records]
+    with postgres_admin() as admin:
+        indexes = {row[0] for row in admin.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (name,))}
+        comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (name,)).fetchone()[0]
+    assert {f"{name}_finished", f"{name}_expiring"} <= indexes
+    assert comment == f"ledger.py records, schema {ledger.SCHEMA_VERSION}"
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
+
+
+def test_postgres_prune_never_waits_for_a_record_another_transaction_holds():
+    """Waiting is what lets a multi-row delete deadlock with claims and counter flushes."""
+    store = postgres_store()
+    now = time.time()
+    for n in range(3):
+        store.insert(finished_record(n, now - 7200))
+    with postgres_admin() as admin:
+        with admin.transaction():
+            admin.execute(f'SELECT id FROM "{store.table}" WHERE id = %s FOR UPDATE', ("r1",))
+            done = []
+            pruner = threading.Thread(target=lambda: done.append(store.prune(now - 3600, now)))
+            pruner.start()
+            pruner.join(10)
+            assert done == [{("SUCCESS", "t"): 2}]
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
+
+
+def test_redis_upgrades_a_schema_1_prefix_so_that_prune_finds_its_old_records():
+    store = redis_store()
+    now = time.time()
+    records = [finished_record(1, now - 7200), finished_record(2, now - 7200, status="FAILED"),
+               finished_record(3, now - 7200, status="RUNNING"), finished_record(4, now, expires=now - 1)]
+    for r in records:
+        store.insert(r)
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:   # back to what ledger.py kept before prune existed
+        admin.delete(store.prefix + "f:w", store.prefix + "x:w")
+        admin.set(store.prefix + "schema", 1)
+    assert store.prune(now - 3600, now) == {}
+    store = ledger.RedisStore(REDIS_URL, prefix=store.prefix)
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        assert int(admin.get(store.prefix + "schema")) == ledger.SCHEMA_VERSION
+    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 2, ("FAILED", "t"): 1}
+    assert [r.id for r in store.records()] == ["r3"]
+
+
+def test_redis_prune_forgets_the_workflows_and_index_entries_it_emptied():
+    store = redis_store()
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, ttl=600)
+    for n in range(3):
+        guard.workflow(f"order-{n}")(charge, n)
+    assert guard.prune(0)["removed"] == 3
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        assert sorted(k.decode() for k in admin.scan_iter(match=store.prefix + "*")) == [store.prefix + "schema"]
+
+
 def test_driver_errors_become_store_errors(server_store):
     server_store.insert(scratch_record())
     if isinstance(server_store, ledger.PostgresStore):
@@ -2073,6 +2671,44 @@ def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
     assert [r.status for r in store.records()] == ["SUCCESS"]
     assert guard(tool) is BLOCKED and runs == [1]
     guard.close()
+
+
+def test_fail_open_runs_lookups_unguarded_while_a_redis_server_is_down_and_guards_again_after(private_redis):
+    guard = Guard(redis_store(url=private_redis.url), quiet=True, secret="s")
+    lookups = []
+    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
+    guard.policy("lookup", fail_open=True)
+    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED and lookups == ["acme"]
+    private_redis.kill()
+    assert [guard.execute(lookup, "acme").source for _ in range(2)] == ["unguarded"] * 2
+    with pytest.raises(ledger.StoreError, match="Redis"):
+        guard(charge, 1)   # fail-closed: never run without the ledger
+    assert lookups == ["acme"] * 3 and CHARGES == []
+    private_redis.start()
+    assert lookup("acme") is BLOCKED and lookups == ["acme"] * 3
+    guard.close()
+
+
+def test_fail_open_runs_lookups_unguarded_while_postgres_is_unreachable():
+    need_postgres()
+    parts = urllib.parse.urlsplit(POSTGRES_URL)
+    proxy = TcpProxy((parts.hostname, parts.port or 5432))
+    url = with_address(POSTGRES_URL, proxy.port, parts.netloc.rpartition("@")[0] + "@")
+    guard = Guard(postgres_store(url=url), quiet=True, secret="s")
+    lookups = []
+    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
+    guard.policy("lookup", fail_open=True)
+    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED
+    proxy.cut()
+    try:
+        assert guard.execute(lookup, "acme").source == "unguarded"
+        with pytest.raises(ledger.StoreError, match="PostgreSQL"):
+            guard(charge, 1)
+        assert lookups == ["acme"] * 2 and CHARGES == []
+    finally:
+        proxy.restore()
+    guard.close()
+    proxy.cut()
 
 
 def _finish_until_stopped(store, record, stop):
@@ -2868,7 +3504,7 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langgraph", "agents", "mcp"):
+    for package in ("langchain_core", "langgraph", "agents", "mcp", "opentelemetry.sdk"):
         if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
@@ -3055,12 +3691,14 @@ def test_usage_errors_exit_2_with_argparse_usage(cli, argv):
 def test_help_lists_every_command_and_exits_0(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for command in ("demo", "show", "tail", "stats", "savings", "clear", "retry", "export", "check", "serve"):
+    for command in ("demo", "show", "tail", "stats", "savings", "clear", "prune", "retry", "export", "check",
+                    "serve"):
         assert command in out
 
 
 @pytest.mark.parametrize("argv", [["show"], ["tail"], ["stats"], ["savings"], ["clear", "--yes"], ["retry", "abcd"],
-                                  ["export"], ["check"], ["serve", "--port", "0"]], ids=lambda argv: argv[0])
+                                  ["export"], ["check"], ["serve", "--port", "0"], ["prune", "--older-than", "1d"]],
+                         ids=lambda argv: argv[0])
 def test_commands_refuse_a_missing_database_and_create_none(cli, tmp_path, argv):
     missing = tmp_path / "nope.db"
     code, out, err = cli(*argv, "--db", missing)
@@ -3225,6 +3863,33 @@ def test_retry_of_a_running_call_is_refused_with_its_lease_unless_forced(tmp_pat
 def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     code, _, err = cli("retry", "--db", ledger_db, wanted)
     assert code == 2 and error in err
+
+
+def test_prune_dry_run_reports_per_status_and_tool_and_deletes_nothing(ledger_db, cli):
+    before = records_of(ledger_db)
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0", "--dry-run")
+    assert code == 0 and out.startswith("would delete 4 records (all workflows)")
+    assert re.search(r"SUCCESS\s+2\s+crm.lookup", out) and re.search(r"FAILED\s+1\s+flaky_api", out)
+    assert records_of(ledger_db) == before
+
+
+def test_prune_deletes_finished_calls_older_than_the_duration_never_a_running_one(ledger_db, cli):
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "1h", "--json")
+    assert code == 0 and json.loads(out) == {"removed": 0, "dry_run": False, "counts": []}
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0s", "--status", "failed", "--json")
+    assert json.loads(out)["counts"] == [{"status": "FAILED", "tool": "flaky_api", "count": 1}]
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0", "--wf", "triage")
+    assert code == 0 and out.startswith("deleted 1 records (workflow 'triage')")
+    code, out, _ = cli("prune", "--db", ledger_db, "--older-than", "0")
+    assert code == 0 and out.startswith("deleted 2 records (all workflows)")
+    assert [r["tool"] for r in records_of(ledger_db)] == ["nightly_job"]   # RUNNING (stale), kept
+
+
+@pytest.mark.parametrize("argv", [["prune"], ["prune", "--older-than", "soon"], ["prune", "--older-than", "-1d"],
+                                  ["prune", "--older-than", "1d", "--status", "running"]])
+def test_prune_usage_errors_exit_2(ledger_db, cli, argv):
+    code, _, err = cli(*argv, "--db", ledger_db)
+    assert code == 2 and "usage" in err
 
 
 def test_export_jsonl_round_trips_every_record(ledger_db, cli, tmp_path):
