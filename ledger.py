@@ -76,7 +76,8 @@ __all__ = [
     "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
-    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
+    "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "NotAToolError",
+    "AmbiguousRecordError",
 ]
 __version__ = "0.1.0"
 
@@ -98,6 +99,11 @@ class FingerprintError(LedgerError, TypeError):
 
 class ConfigError(LedgerError, ValueError):
     """A policy, URL or setting is invalid."""
+
+
+class NotAToolError(ConfigError, TypeError):
+    """wrap_tools was given something that is not a tool or a toolset (a TypeError too, as
+    ledger-once raised)."""
 
 
 class KeyReuseError(LedgerError):
@@ -126,6 +132,11 @@ class WaitTimeout(LedgerError):
 
 class LeaderFailed(LedgerError):
     """The run a duplicate was waiting for raised; the next new call runs again."""
+
+
+class AmbiguousRecordError(LedgerError):
+    """A call matches a record ledger-once kept under a name several functions share;
+    raised before the tool runs, until an operator says whose record it is."""
 
 
 # ---------------------------------------------------------------------------
@@ -696,6 +707,9 @@ class Store:
     """
 
     url = "store"
+    # True while the store holds calls carried over from ledger-once that no call has
+    # claimed yet; only then does a new call look for one (see _Core.adopt).
+    legacy = False
 
     def get(self, id: str) -> Record | None:
         raise NotImplementedError
@@ -845,6 +859,7 @@ class SQLiteStore(Store):
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             self._migrate(conn)  # first, so that a file that is no ledger is left as it was
+            self.legacy = _carry_over_ledger_once(conn, self.path, self.create)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
         except sqlite3.DatabaseError as e:
@@ -859,7 +874,7 @@ class SQLiteStore(Store):
         if version == SCHEMA_VERSION:
             return
         if not self.create:
-            raise StoreError(f"{self.path} is not a ledger database (it has no ledger schema)")
+            raise StoreError(_not_a_ledger(conn, self.path))
         columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -960,6 +975,155 @@ def _key_file(path: str) -> bytes:
         time.sleep(0.01)
     raise StoreError(f"the signing key {path!r} is too short; delete it to have a new one made, "
                      f"or set LEDGER_SECRET")
+
+
+# ledger-once (the package ledger.py replaces; its module is also `ledger` and its
+# file also ./ledger.db) keeps calls in a table `ledger`, each under
+# sha256(JSON of tool, normalized arguments or key=, workflow)[:32] with the tool
+# named fn.__module__ + "." + fn.__name__. Its key= calls keep only that hash, so
+# no record id of ours can be computed from its rows. The first guard to open such
+# a file therefore copies its done and running calls into `records` under
+# "lo:" + their id (its failed calls may run again, so they are left out), and a
+# call that finds no record of its own looks for the one ledger-once would have
+# given it and moves that under its own id (_Core.adopt).
+
+LEGACY_PREFIX = "lo:"
+LEGACY_OWNER = "ledger-once"                       # a carried-over record no operator has vouched for
+LEGACY_CONFIRMED = "ledger-once:confirmed"         # `ledger migrate --confirm ID`: it is this function's
+_LEDGER_ONCE_COLUMNS = ("id", "tool", "args", "wf", "created", "touched", "since", "status",
+                        "attempts", "runs", "blocked", "result", "error")
+
+
+def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    return columns.issuperset(_LEDGER_ONCE_COLUMNS)
+
+
+def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'").fetchone() is not None
+
+
+def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
+    if _holds_ledger_once(conn):
+        return _migrate_hint(path)
+    return f"{path} is not a ledger database (it has no ledger schema)"
+
+
+def _migrate_hint(path: str) -> str:
+    return (f"{path} holds calls recorded by ledger-once that ledger.py has not carried over yet; "
+            f"run `ledger migrate {path}` (any guard opening the file does the same)")
+
+
+def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -> bool:
+    """Copy ledger-once's calls into `records`, once per file; whether any wait to be claimed.
+
+    Done in the open, inside one write transaction, so no tool runs before the
+    records are there and two processes opening the file at once import them once.
+    A read-only open (create=False) refuses instead, naming `ledger migrate`."""
+    if _holds_ledger_once(conn) and not _ledger_once_imported(conn):
+        if not create:
+            raise StoreError(_migrate_hint(path))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = 0
+            if not _ledger_once_imported(conn):
+                now = time.time()
+                # Versions before 0.1.3 had no caller column.
+                caller = "caller" if "caller" in {r[1] for r in conn.execute("PRAGMA table_info(ledger)")} else "NULL"
+                rows = conn.execute(f"SELECT {', '.join(_LEDGER_ONCE_COLUMNS)}, {caller} FROM ledger "
+                                    f"WHERE status IN ('success', 'running')").fetchall()
+                records = [_ledger_once_record(row, now) for row in rows]
+                conn.executemany(_SQL_INSERT, [_record_values(r) for r in records])
+                conn.execute("CREATE TABLE ledger_once_import (imported REAL, calls INTEGER)")
+                conn.execute("INSERT INTO ledger_once_import VALUES (?, ?)", (now, len(records)))
+                count = len(records)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if count:
+            log.warning("%s: carried over %d done or running calls recorded by ledger-once (its table "
+                        "`ledger` is left as it was); they stay done", path, count)
+    hit = conn.execute("SELECT 1 FROM records WHERE id >= ? AND id < ? LIMIT 1", (LEGACY_PREFIX, "lo;"))
+    return hit.fetchone() is not None
+
+
+def _ledger_once_record(row: tuple, now: float) -> Record:
+    """One ledger-once row as a record of ours, under its own id until a call claims it.
+
+    A running call stays RUNNING with its lease already expired, and is never taken
+    over on its own (see _Core.settle): ledger.py cannot know whether it took effect."""
+    id, tool, args, wf, created, touched, since, status, attempts, runs, blocked, result, error, caller = row
+    created_at = _iso_seconds(created) or now
+    updated_at = _iso_seconds(touched) or created_at
+    running, runs = status == "running", runs or 0
+    return Record(
+        id=LEGACY_PREFIX + id, tool=tool, workflow=wf, caller=caller,
+        status=(Status.RUNNING if running else Status.SUCCESS).value, owner=LEGACY_OWNER, epoch=1,
+        lease_until=min(_iso_seconds(since) or updated_at, now) if running else updated_at,
+        run_key=LEGACY_PREFIX + id, runs=runs if running else max(runs, 1), created=created_at,
+        updated=updated_at, started=_iso_seconds(since), attempts=attempts or 0, executed=runs + running,
+        blocked=blocked or 0, result=result, error=error, args=args)
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    moment = _dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _ledger_once_id(call: _Call) -> str | None:
+    """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
+    fn, kwargs, key = call.fn, call.kwargs, call.key
+    if key is None and call.info.takes_key and "key" in kwargs:  # ledger-once took key= from every tool
+        kwargs = dict(kwargs)
+        key = kwargs.pop("key")
+    try:
+        tool = fn.__module__ + "." + fn.__name__
+        if key is not None:
+            payload = {"t": tool, "k": key, "w": call.workflow}
+        else:
+            payload = {"t": tool, "a": _ledger_once_norm(_ledger_once_bind(call.info, call.args, kwargs)),
+                       "w": call.workflow}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except Exception:  # no name, or arguments its JSON could not hold: it never recorded such a call
+        return None
+    return LEGACY_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _ledger_once_bind(info: _ToolInfo, args: tuple, kwargs: dict) -> dict:
+    """Arguments by name with defaults, as ledger-once bound them, falling back as it did."""
+    try:
+        if info.signature is None:
+            raise TypeError
+        bound = info.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except TypeError:
+        return {**kwargs, "_": list(args)} if args else dict(kwargs)
+
+
+def _ledger_once_norm(value: Any) -> Any:
+    """ledger-once's normal form: sorted dicts, lists for tuples, floats to 8 places, str() for the rest."""
+    if isinstance(value, dict):
+        return {k: _ledger_once_norm(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_ledger_once_norm(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 8)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _shared_name(fn: Callable) -> bool:
+    """Whether ledger-once's name for fn (module.__name__) also names other functions:
+    methods, nested functions and lambdas."""
+    name = getattr(fn, "__name__", "")
+    return getattr(fn, "__qualname__", name) != name or name.startswith("<")
 
 
 def _require(module: str, extra: str, what: str) -> Any:
@@ -2073,6 +2237,8 @@ class _Core:
             now = time.time()
             record = landed or store.get(call.id)
             landed = None
+            if record is None and store.legacy:
+                record = self.adopt(call)
             if record is None:
                 run = self.claim(call, None, now)
                 if store.insert(run.record):
@@ -2108,11 +2274,13 @@ class _Core:
                         yield _Wait(None, min(delay, timeout), store, call.id)
                         delay = min(delay * 1.5, POLL_MAX)
                     continue
-                if policy.recover == "block":
+                if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
                     self.warn("%s (call %s) is stale: its worker stopped renewing the lease %.1fs ago and "
-                              "recover='block' keeps it blocked; clear it with guard.retry(...) or "
+                              "%s keeps it blocked; clear it with guard.retry(...) or "
                               "`ledger retry %s` once you know whether it took effect",
-                              call.name, call.id, now - record.lease_until, call.id)
+                              call.name, call.id, now - record.lease_until,
+                              "recover='block'" if policy.recover == "block" else "a call ledger-once left "
+                              "running", call.id)
                     return self.duplicate(call, record, "blocked")
                 takeover = self.claim(call, record, now)
             elif status == Status.FAILED:
@@ -2134,6 +2302,31 @@ class _Core:
                               record.epoch, takeover.record.epoch)
                 return self.started(takeover)
             lost_races = _lost_race(lost_races, store, call)
+
+    def adopt(self, call: _Call) -> Record | None:
+        """The record ledger-once kept for this call, moved under the call's own id; None if none.
+
+        Its result is decoded and stored again as this library stores results, and
+        signed; its `ttl` counts from its last touch, as ledger-once counted it."""
+        store, legacy_id = self.store, _ledger_once_id(call)
+        old = store.get(legacy_id) if legacy_id is not None else None
+        if old is None:
+            return None
+        if old.owner == LEGACY_OWNER and _shared_name(call.fn):
+            raise AmbiguousRecordError(
+                f"{call.name}: ledger-once recorded this call under {old.tool!r}, a name it gave every "
+                f"function called {call.fn.__name__!r} in that module, so ledger.py cannot tell whether it "
+                f"ran this one. If it did, run `ledger migrate --confirm {legacy_id}` (this call is then a "
+                f"duplicate); if not, `ledger retry {legacy_id}` (it then runs)")
+        record = old.evolve(id=call.id, tool=call.name, workflow=call.workflow, run_key=call.id)
+        if old.status == Status.SUCCESS:
+            value = json.loads(old.result) if old.result is not None else None
+            record.result, record.unstored = _encode(call, value)
+            record.expires = old.updated + call.policy.ttl if call.policy.ttl else None
+            record.sig = _sign(self.secret, record)
+        store.insert(record)  # a worker that adopted it first stored the same record
+        store.delete(legacy_id)
+        return store.get(call.id)
 
     def claim(self, call: _Call, prev: Record | None, now: float,
               new_run: bool = False, new_window: bool = False) -> _Run:
@@ -2611,7 +2804,10 @@ class Guard:
     def retry(self, fn: Callable | str, /, *args: Any, **kwargs: Any) -> bool:
         """Let this call run again on its next attempt (for a call a stale lease or
         recover='block' left blocked). True if there was a record to release."""
-        return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id)
+        call = self._prepare(self._resolve(fn), args, kwargs)
+        if self.store.legacy and self.store.get(call.id) is None:
+            self._core.adopt(call)
+        return self.retry_id(call.id)
 
     def retry_id(self, id: str) -> bool:
         """`retry` by record id, as `ledger retry ID` does."""
