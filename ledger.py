@@ -2036,9 +2036,13 @@ _unique_token = _Tokens()
 _CURRENT_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_current_key", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
-# `with guard.workflow(...)` blocks open in this context, innermost last; kept in
-# the context so one scope object may be entered by many threads and tasks at once.
+# `with guard.workflow(...)` blocks open in this context, innermost last, each as the
+# (workflow, caller) to restore when it ends; kept in the context so one scope object
+# may be entered by many threads and tasks at once.
 _SCOPE_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar("ledger_scope_tokens", default=())
+# The scope the latest workflow()/as_caller() statement set in this context, and what
+# it replaced: a `with` block on that same scope ends the statement's setting too.
+_STATEMENT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ledger_statement", default=None)
 _NO_DEFAULT = object()
 
 
@@ -2577,13 +2581,15 @@ class Guard:
     # -- scoping -----------------------------------------------------------
 
     def workflow(self, id: str) -> Guard:
-        """A guard whose calls are fingerprinted in workflow `id`; also a `with` block
-        that scopes calls made in this thread or task."""
-        return self._scoped(str(id), self._scope[1])
+        """Fingerprint calls in workflow `id`: from now on in this thread or task (as a
+        statement), until the block ends (as a `with` block), and always through the
+        scoped guard it returns."""
+        return self._scoped(str(id), self._scope[1])._set_here(self)
 
     def as_caller(self, name: str) -> Guard:
-        """A guard that records its calls as made by `name`; also a `with` block."""
-        return self._scoped(self._scope[0], str(name))
+        """Record calls as made by `name`; a statement, a `with` block and a scoped guard,
+        as `workflow`."""
+        return self._scoped(self._scope[0], str(name))._set_here(self)
 
     def _scoped(self, workflow: str | None, caller: str | None) -> Guard:
         scoped = object.__new__(Guard)
@@ -2592,18 +2598,38 @@ class Guard:
         scoped._scope = (workflow, caller)
         return scoped
 
-    def __enter__(self) -> Guard:
+    def _set_here(self, made_from: Guard) -> Guard:
+        """Apply this scope to the current context (a contextvar, so only this thread or task
+        and the tasks it starts see it), remembering what it replaced: for a chain such as
+        guard.workflow(w).as_caller(c), what the chain's first statement replaced."""
         workflow, caller = self._scope
-        tokens = (_WORKFLOW.set(workflow or _WORKFLOW.get()), _CALLER.set(caller or _CALLER.get()))
-        _SCOPE_TOKENS.set(_SCOPE_TOKENS.get() + (tokens,))
+        statement = _STATEMENT.get()
+        chained = statement is not None and statement[0] is made_from
+        before = statement[1] if chained else (_WORKFLOW.get(), _CALLER.get())
+        _WORKFLOW.set(workflow or _WORKFLOW.get())
+        _CALLER.set(caller or _CALLER.get())
+        _STATEMENT.set((self, before))
+        return self
+
+    def __enter__(self) -> Guard:
+        statement = _STATEMENT.get()
+        if statement is not None and statement[0] is self:
+            before = statement[1]  # `with guard.workflow(x):` ends what the call just set
+            _STATEMENT.set(None)
+        else:
+            before = (_WORKFLOW.get(), _CALLER.get())
+            workflow, caller = self._scope
+            _WORKFLOW.set(workflow or before[0])
+            _CALLER.set(caller or before[1])
+        _SCOPE_TOKENS.set(_SCOPE_TOKENS.get() + (before,))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         stack = _SCOPE_TOKENS.get()
-        workflow_token, caller_token = stack[-1]
+        workflow, caller = stack[-1]
         _SCOPE_TOKENS.set(stack[:-1])
-        _CALLER.reset(caller_token)
-        _WORKFLOW.reset(workflow_token)
+        _WORKFLOW.set(workflow)
+        _CALLER.set(caller)
 
     def _workflow(self) -> str:
         return self._scope[0] or _WORKFLOW.get() or self._default_workflow or self._core.env_workflow()

@@ -194,6 +194,15 @@ def _reset_charges():
     CHARGES.clear()
 
 
+@pytest.fixture(autouse=True)
+def _own_scope():
+    """Each test starts outside any workflow()/as_caller() a test before it set as a statement."""
+    yield
+    for var in (ledger._WORKFLOW, ledger._CALLER, ledger._STATEMENT):
+        var.set(None)
+    ledger._SCOPE_TOKENS.set(())
+
+
 # ---------------------------------------------------------------------------
 # Normalize: canonical forms of argument values.
 # ---------------------------------------------------------------------------
@@ -1907,6 +1916,7 @@ def test_a_store_that_refuses_every_claim_is_reported_not_spun_on():
 
 def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
     scope = g.workflow("shared")
+    g.workflow("main")  # the statement after it: what this thread uses outside the blocks
 
     async def request(n):
         with scope:
@@ -1915,7 +1925,7 @@ def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
 
     async def main():
         return await asyncio.gather(*[request(n) for n in range(3)])
-    assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "default"
+    assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "main"
 
 
 def test_stats_see_counts_buffered_by_other_guards_in_the_process(tmp_path):
