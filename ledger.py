@@ -1720,6 +1720,11 @@ class RedisStore(_ServerStore):
 def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -> Store:
     """A store from a Store, a file path, ":memory:" or a URL. `create=False` refuses
     to make a new SQLite file where there is none."""
+    if _is_ledger_once_store(spec):
+        raise ConfigError(
+            f"{type(spec).__name__} implements ledger-once's store methods (claim, put, all); a ledger.py store "
+            f"implements get, insert, swap, delete, add_counts, records and clear (see help(ledger.Store) and "
+            f"ledger.check_store), or use the built-in PostgresStore or RedisStore")
     if isinstance(spec, Store):
         return spec
     spec = os.fspath(spec) if spec is not None else (os.environ.get("LEDGER_DB") or "ledger.db")
@@ -1738,6 +1743,13 @@ def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -
         return RedisStore(url, prefix=prefix if prefix is not None else "ledger:")
     raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:', sqlite:///path, "
                       f"postgresql://user@host/db or redis://host:6379/0")
+
+
+def _is_ledger_once_store(spec: Any) -> bool:
+    """A store written to ledger-once's six-method protocol, which this engine cannot drive."""
+    if all(callable(getattr(spec, m, None)) for m in ("claim", "put", "all")):
+        return not isinstance(spec, Store) or type(spec).insert is Store.insert
+    return False
 
 
 def check_store(store: Store) -> None:
@@ -2754,16 +2766,16 @@ class Guard:
             return type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
         if _adapter_for(tools) is not None:
             return self._wrap_tool(tools, None, blocked_return)
-        raise ConfigError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
-                          f"not {_describe(tools)}")
+        raise NotAToolError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
+                            f"not {_describe(tools)}")
 
     def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
             return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
         if not callable(tool):
-            raise ConfigError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
-                              f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
+            raise NotAToolError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
+                                f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
@@ -2793,37 +2805,59 @@ class Guard:
     # -- policies and callbacks ----------------------------------------------
 
     def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
-               max: int = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
+               max: int | None = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
                validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None) -> Policy:
-        """Set how calls of one tool (a function, its wrapped form, or its name) are treated."""
-        policy = Policy(unlimited=unlimited, replay=replay, max=max, ttl=ttl, lease=lease, recover=recover,
-                        validate=validate, cost=cost, serializer=serializer, wait=wait)
+               serializer: Any = None, wait: float | None = None) -> Guard:
+        """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
+        Returns the guard, so settings chain. As in ledger-once, max=None means the default
+        (one run) and ttl=0 or None means no expiry."""
+        policy = Policy(unlimited=unlimited, replay=replay, max=1 if max is None else max, ttl=ttl or None,
+                        lease=lease, recover=recover, validate=validate, cost=cost, serializer=serializer,
+                        wait=wait)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
-            return policy
+            return self
         fn, name = _unwrap(fn_or_name)
         self._core.policies[name or _framework_name(fn) or self._core.name_of(fn, _info(fn))] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
             pass
-        return policy
+        return self
 
-    def on_success(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` after each recorded run; usable as a decorator."""
+    def on_success(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` after each recorded run. Returns the guard, so settings chain."""
         self._core.callbacks["success"].append(callback)
-        return callback
+        return self
 
-    def on_block(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` for each duplicate (blocked, replayed or shared)."""
+    def on_block(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` for each duplicate (blocked, replayed or shared). Returns the guard."""
         self._core.callbacks["block"].append(callback)
-        return callback
+        return self
 
-    def on_fail(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` after each run whose tool raised."""
+    def on_fail(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` after each run whose tool raised. Returns the guard."""
         self._core.callbacks["fail"].append(callback)
-        return callback
+        return self
+
+    def quiet(self) -> Guard:
+        """Silence warnings (as Guard(quiet=True) or LEDGER_QUIET=1). Returns the guard."""
+        self._core.quiet = True
+        return self
+
+    def persist(self, path: str | os.PathLike = "ledger.db") -> Guard:
+        """Keep records in the SQLite file `path` (or a store URL) from now on, as Guard(path)
+        does. Returns the guard. Refused while one of its calls is running."""
+        core = self._core
+        if any(run.core is core for run in list(_HEARTBEAT.runs.values())):
+            raise ConfigError("persist() while a guarded call is running would record its outcome in "
+                              "another database; call it before the agent starts, or use Guard(path)")
+        core.flush()
+        with core.lock:
+            old, core._store, core.store_spec = core._store, None, path
+        if old is not None:
+            old.close()
+        return self
 
     # -- operating -----------------------------------------------------------
 
@@ -3071,6 +3105,7 @@ def _summary_line(tool: str, rows: list[Record]) -> str:
 
 
 guard = Guard()
+_Mem = MemoryStore  # ledger-once's name for the in-memory store, which its README's tests import
 
 
 # ---------------------------------------------------------------------------
