@@ -2320,8 +2320,11 @@ class _Core:
             lost_races = _lost_race(lost_races, store, call)
 
     def adopt(self, call: _Call) -> Record | None:
-        """The record ledger-once kept for this call, moved under the call's own id; None if none.
+        """The record ledger-once kept for this call, copied under the call's own id; None if none.
 
+        The carried-over record stays (with ledger-once's counts), because ledger-once
+        matched calls that this library tells apart (floats equal to 8 places, tuples and
+        lists): each of them finds it. The copy counts only what happens from now on.
         Its result is decoded and stored again as this library stores results, and
         signed; its `ttl` counts from its last touch, as ledger-once counted it."""
         store, legacy_id = self.store, _ledger_once_id(call)
@@ -2334,14 +2337,14 @@ class _Core:
                 f"function called {call.fn.__name__!r} in that module, so ledger.py cannot tell whether it "
                 f"ran this one. If it did, run `ledger migrate --confirm {legacy_id}` (this call is then a "
                 f"duplicate); if not, `ledger retry {legacy_id}` (it then runs)")
-        record = old.evolve(id=call.id, tool=call.name, workflow=call.workflow, run_key=call.id)
+        record = old.evolve(id=call.id, tool=call.name, workflow=call.workflow, run_key=call.id, attempts=0,
+                            executed=0, blocked=0)
         if old.status == Status.SUCCESS:
             value = json.loads(old.result) if old.result is not None else None
             record.result, record.unstored = _encode(call, value)
             record.expires = old.updated + call.policy.ttl if call.policy.ttl else None
             record.sig = _sign(self.secret, record)
         store.insert(record)  # a worker that adopted it first stored the same record
-        store.delete(legacy_id)
         return store.get(call.id)
 
     def claim(self, call: _Call, prev: Record | None, now: float,
@@ -2865,9 +2868,10 @@ class Guard:
         """Let this call run again on its next attempt (for a call a stale lease or
         recover='block' left blocked). True if there was a record to release."""
         call = self._prepare(self._resolve(fn), args, kwargs)
-        if self.store.legacy and self.store.get(call.id) is None:
-            self._core.adopt(call)
-        return self.retry_id(call.id)
+        legacy_id = _ledger_once_id(call) if self.store.legacy else None
+        # ledger-once's record of the call is released too, or the call would match it again.
+        released = legacy_id is not None and self.retry_id(legacy_id)
+        return self.retry_id(call.id) or released
 
     def retry_id(self, id: str) -> bool:
         """`retry` by record id, as `ledger retry ID` does."""
@@ -3155,6 +3159,9 @@ def _parser() -> Any:
     wf.add_argument("--wf", metavar="WORKFLOW", help="only the records of this workflow")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # ledger-once's commands took the database as their first argument: `ledger show ledger.db`.
+    path = argparse.ArgumentParser(add_help=False)
+    path.add_argument("database", nargs="?", metavar="DATABASE", help="the ledger database, as --db")
 
     parser = argparse.ArgumentParser(prog="ledger", parents=[db],
                                      description="Exactly-once and singleflight for AI-agent tool calls: "
@@ -3169,17 +3176,17 @@ def _parser() -> Any:
 
     command("demo", _cmd_demo, "show retries blocked, parallel lookups shared and a crash recovered, on a "
             "temporary database (or --db PATH, kept)")
-    p = command("show", _cmd_show, "the calls in the ledger, as a table", wf, as_json)
+    p = command("show", _cmd_show, "the calls in the ledger, as a table", wf, as_json, path)
     p.add_argument("--tool", help="only the calls of this tool")
     p.add_argument("--status", type=str.upper, choices=STATES, help="only the calls in this state")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the N most recent calls")
-    p = command("tail", _cmd_tail, "follow new activity as it happens, until Ctrl-C", wf, as_json)
+    p = command("tail", _cmd_tail, "follow new activity as it happens, until Ctrl-C", wf, as_json, path)
     p.add_argument("--last", type=int, default=10, metavar="N", help="first show the N latest calls (default 10)")
     p.add_argument("--interval", type=_positive_float, default=0.5, metavar="SECONDS",
                    help="how often to look (default 0.5)")
-    command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json)
+    command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json, path)
     command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
-    p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
+    p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf, path)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
                 "or a stale lease")
@@ -3189,6 +3196,10 @@ def _parser() -> Any:
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     command("check", _cmd_check, "check the database against the store contract, on scratch records "
             "of its own (existing records are not touched)", as_json)
+    p = command("migrate", _cmd_migrate, "carry over the calls ledger-once recorded in a SQLite file (a guard "
+                "opening the file does it too), and report them", path)
+    p.add_argument("--confirm", metavar="ID", help="vouch that the carried-over record ID (or a unique prefix) "
+                   "is the call of the function now asking for it (see AmbiguousRecordError)")
     p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                    "only)")
@@ -3308,7 +3319,8 @@ def _table(headers: list[str], rows: list[list[str]], paint: _Paint, *, right: I
 
 
 def _db_spec(args: Any) -> str:
-    return getattr(args, "db", None) or os.environ.get("LEDGER_DB") or "ledger.db"
+    return (getattr(args, "db", None) or getattr(args, "database", None) or os.environ.get("LEDGER_DB")
+            or "ledger.db")
 
 
 @contextlib.contextmanager
@@ -3519,6 +3531,41 @@ def _cmd_check(args: Any) -> int:
         print(f"{_Paint(sys.stdout)('green', 'ok')} {store.url} keeps the store contract")
         print("   (checked on scratch records of its own; existing records untouched)")
     return EXIT_OK if failure is None else EXIT_FAILED
+
+
+def _cmd_migrate(args: Any) -> int:
+    spec = _db_spec(args)
+    if "://" in spec or spec == ":memory:" or not os.path.isfile(spec):
+        raise LedgerError(f"no SQLite file at {spec}: ledger-once kept its calls in one (by default ./ledger.db)")
+    store = SQLiteStore(spec)  # opening it carries the calls over
+    try:
+        conn = store._conn()
+        if not _ledger_once_imported(conn):
+            print(f"{spec} holds no table of ledger-once's; nothing to carry over")
+            return EXIT_OK
+        if args.confirm:
+            return _confirm_legacy(store, args.confirm)
+        imported, calls = conn.execute("SELECT imported, calls FROM ledger_once_import").fetchone()
+        waiting = [r for r in store.records() if r.id.startswith(LEGACY_PREFIX)]
+        when = _dt.datetime.fromtimestamp(imported).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{calls} calls recorded by ledger-once were carried over on {when} (done ones stay done, "
+              f"running ones stay blocked until `ledger retry ID`, failed ones may run again)")
+        print(f"{len(waiting)} of them are not claimed yet: the first call with the same function, arguments "
+              f"(or key=) and workflow claims its record")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _confirm_legacy(store: SQLiteStore, prefix: str) -> int:
+    guard = Guard(store, quiet=True)
+    record = _find_record(guard, prefix if prefix.startswith(LEGACY_PREFIX) else LEGACY_PREFIX + prefix)
+    if record.owner != LEGACY_OWNER:
+        raise LedgerError(f"{record.id} is not a carried-over record awaiting confirmation")
+    if not store.swap(record.evolve(owner=LEGACY_CONFIRMED), record.epoch, record.owner):
+        raise LedgerError(f"{record.id} changed while confirming it; run the command again")
+    print(f"confirmed {record.id} ({_clean(record.tool)}): the next call that matches it is a duplicate")
+    return EXIT_OK
 
 
 # -- tail -------------------------------------------------------------------------
