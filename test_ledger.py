@@ -1253,6 +1253,325 @@ def test_sqlite_without_create_leaves_a_file_that_is_no_ledger_as_it_was(tmp_pat
         SQLiteStore(path, create=False)
     assert path.read_bytes() == before
 
+# ledger-once databases. ledger-once 0.1.5 runs from its own virtualenv (its module is
+# also `ledger`, so it never shares a process with ours), writes a real database, and
+# then ledger.py opens the same folder: no call it recorded as done may run again.
+
+LEDGER_ONCE_PYTHON = os.environ.get("LEDGER_TEST_LEDGER_ONCE")
+
+LEGACY_TOOLS = '''
+import json, os
+
+EFFECTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "effects.txt")
+
+
+def effect(*what):
+    with open(EFFECTS, "a") as f:
+        f.write(" ".join(map(str, what)) + "\\n")
+
+
+def charge(order_id, amount, currency="usd"):
+    effect("charge", order_id, amount, currency)
+    return {"charged": amount, "order": order_id}
+
+
+def send_email(to, sent_at=None):
+    effect("email", to, sent_at)
+    return "sent"
+
+
+def book(a, b=0, c=None):
+    effect("book", json.dumps([a, b, c]))
+    return [a, b, c]
+
+
+def flaky(n):
+    effect("flaky", n)
+    raise RuntimeError("card declined")
+
+
+def crash(n):
+    effect("crash", n)
+    if os.environ.get("LEGACY_CRASH"):  # only in the process that ledger-once runs
+        os._exit(3)
+    return "survived"
+
+
+class Mailer:
+    def send(self, to):
+        effect("mailer.send", to)
+        return "sent"
+'''
+
+
+class LedgerOnceFolder:
+    """A folder with a tools module that ledger-once (in a subprocess) and this process share."""
+
+    def __init__(self, folder: pathlib.Path, python: str):
+        self.folder, self.python = folder, python
+        self.module = "legacy_tools_" + uuid.uuid4().hex[:8]
+        (folder / f"{self.module}.py").write_text(LEGACY_TOOLS)
+        self.db = folder / "ledger.db"
+
+    def record(self, code: str, expect_exit: int = 0, crash: bool = False) -> None:
+        """Run `code` under ledger-once, with `guard` and `tools` (the shared module) at hand."""
+        prelude = textwrap.dedent(f"""
+            import ledger
+            assert hasattr(ledger, "_Engine"), "not ledger-once: " + ledger.__file__
+            from ledger import guard
+            guard.quiet()
+            import {self.module} as tools
+        """)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+        env.update({"LEGACY_CRASH": "1"} if crash else {})
+        done = subprocess.run([self.python, "-c", prelude + textwrap.dedent(code)], cwd=self.folder, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == expect_exit, done.stderr
+
+    def tools(self):
+        """The same module, imported here under the same name (so its functions are the same tools)."""
+        if self.module not in sys.modules:
+            spec = importlib.util.spec_from_file_location(self.module, self.folder / f"{self.module}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[self.module] = module
+            spec.loader.exec_module(module)
+        return sys.modules[self.module]
+
+    def effects(self) -> list[str]:
+        path = self.folder / "effects.txt"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def guard(self) -> Guard:
+        return Guard(str(self.db), quiet=True)
+
+    def legacy_rows(self) -> list[tuple]:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute("SELECT * FROM ledger ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def ledger_once(tmp_path):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON) and os.path.exists(LEDGER_ONCE_PYTHON or ""),
+         "set LEDGER_TEST_LEDGER_ONCE to the python of a virtualenv with `pip install ledger-once==0.1.5` "
+         "(.ci/run makes one)")
+    folder = LedgerOnceFolder(tmp_path, LEDGER_ONCE_PYTHON)
+    yield folder
+    sys.modules.pop(folder.module, None)
+
+
+def test_no_call_ledger_once_recorded_as_done_runs_again_after_the_swap(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, 2, 5.0)                                    # positional
+        guard(tools.send_email, to="a@x.io", sent_at="08:00", key="welcome-a")
+        guard.workflow("order-42")                                     # its statement style
+        guard(tools.charge, order_id=42, amount=1.0)
+        guard.workflow("default")
+        guard.wrap_tools({"bill": tools.charge})["bill"](order_id=3, amount=2.5)
+    """)
+    ran = ledger_once.effects()
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED                        # spelled positionally now
+    assert g(tools.charge, amount=5.0, order_id=2, currency="usd") is BLOCKED
+    assert g(tools.send_email, to="a@x.io", sent_at="09:30", key="welcome-a") is BLOCKED
+    g.workflow("order-42")
+    assert g(tools.charge, 42, 1.0) is BLOCKED
+    g.workflow("default")
+    assert g.wrap_tools({"bill": tools.charge})["bill"](3, 2.5) is BLOCKED
+    assert ledger_once.effects() == ran
+
+
+def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=7, amount=3.5)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.charge, replay=True)
+    assert g(tools.charge, 7, 3.5) == {"charged": 3.5, "order": 7}
+    assert g.execute(tools.charge, 7, 3.5).source == "replayed"
+    assert ledger_once.effects() == ["charge 7 3.5 usd"]
+
+
+def test_a_different_call_still_runs_after_the_swap(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.send_email, to="a@x.io", key="welcome-a")
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 10.0) == {"charged": 10.0, "order": 1}
+    assert g.workflow("other")(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert g(tools.send_email, to="a@x.io", key="welcome-b") == "sent"
+    assert ledger_once.effects()[2:] == ["charge 1 10.0 usd", "charge 1 9.99 usd", "email a@x.io None"]
+
+
+def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once):
+    ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.crash, lease=0.01)  # recover="retry" (the default) would take over a lease of its own
+    assert g(tools.crash, 7) is BLOCKED
+    assert g(tools.crash, n=7) is BLOCKED
+    assert g.stats()["stale"] == 2  # ledger-once's record, and this call's copy of it
+    assert ledger_once.effects() == ["crash 7"]
+    assert g.retry(tools.crash, 7) is True
+    assert g(tools.crash, 7) == "survived"
+    assert ledger_once.effects() == ["crash 7", "crash 7"] and g.stats()["stale"] == 0
+
+
+def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
+    ledger_once.record("""
+        try:
+            guard(tools.flaky, 1)
+        except RuntimeError:
+            pass
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(RuntimeError, match="declined"):
+        g(tools.flaky, 1)
+    assert ledger_once.effects() == ["flaky 1", "flaky 1"]
+
+
+def test_floats_ledger_once_rounded_together_stay_one_call_in_either_order(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=99.99)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 99.9900000001) is BLOCKED  # the drifted retry comes first
+    assert g(tools.charge, 1, 99.99) is BLOCKED          # and the recorded spelling still finds its record
+    assert ledger_once.effects() == ["charge 1 99.99 usd"]
+
+
+LEGACY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+LEGACY_CALLS = st.lists(st.fixed_dictionaries({
+    "values": st.lists(LEGACY_VALUES, min_size=3, max_size=3),
+    "positional": st.integers(0, 3), "again_positional": st.integers(0, 3),
+    "key": st.none() | st.text(min_size=1, max_size=8), "wf": st.sampled_from(["default", "order-1", "ü/2"]),
+}), min_size=1, max_size=6)
+
+
+def legacy_spelling(call: dict, positional: int) -> tuple[list, dict]:
+    """book(a, b=0, c=None) with the first `positional` arguments by position, the rest by name."""
+    names = ["a", "b", "c"]
+    return call["values"][:positional], dict(zip(names[positional:], call["values"][positional:]))
+
+
+@settings(max_examples=8, deadline=None)
+@given(calls=LEGACY_CALLS)
+def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_way(calls, tmp_path_factory):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
+    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    spelled = [[*legacy_spelling(c, c["positional"]), c["key"], c["wf"]] for c in calls]
+    (folder.folder / "calls.json").write_text(json.dumps(spelled))
+    try:
+        folder.record("""
+            import json
+            for args, kwargs, key, wf in json.load(open("calls.json")):
+                guard.workflow(wf)
+                guard(tools.book, *args, **kwargs, **({"key": key} if key is not None else {}))
+        """)
+        ran = folder.effects()
+        tools, g = folder.tools(), folder.guard()
+        for c in calls:
+            args, kwargs = legacy_spelling(c, c["again_positional"])
+            g.workflow(c["wf"])
+            assert g(tools.book, *args, **kwargs, **({"key": c["key"]} if c["key"] is not None else {})) is BLOCKED
+        assert folder.effects() == ran
+    finally:
+        sys.modules.pop(folder.module, None)
+        ledger._WORKFLOW.set(None)
+
+
+def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    g.reset()
+    g.close()
+    again = ledger_once.guard()
+    assert again(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert ledger_once.effects() == ["charge 1 9.99 usd"] * 2
+
+
+def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.send_email, to="a@x.io", key="welcome-a")
+    """)
+    before = ledger_once.legacy_rows()
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    assert ledger_once.legacy_rows() == before
+
+
+def test_a_read_only_open_of_a_ledger_once_file_names_ledger_migrate_and_changes_nothing(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
+    before = ledger_once.db.read_bytes()
+    with pytest.raises(ledger.StoreError, match="ledger migrate"):
+        ledger.open_store(str(ledger_once.db), create=False)
+    assert ledger_once.db.read_bytes() == before
+
+
+def _import_and_count(path: str, queue) -> None:
+    store = SQLiteStore(path)
+    queue.put(len([r for r in store.records() if r.id.startswith(ledger.LEGACY_PREFIX)]))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_once, method):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, order_id=2, amount=9.99)
+    """)
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_import_and_count, args=(str(ledger_once.db), queue)) for _ in range(4)]
+    [w.start() for w in workers]
+    counts = [queue.get(timeout=60) for _ in workers]
+    [w.join() for w in workers]
+    assert counts == [2] * 4
+    with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn:
+        assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
+
+
+def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:") as refused:
+        g(tools.Mailer().send, "a@x.io")
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+    legacy_id = re.search(r"--confirm (lo:\w+)", str(refused.value)).group(1)
+    assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
+    assert g(tools.Mailer().send, "a@x.io") is BLOCKED
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+
+
+def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger retry lo:") as refused:
+        g(tools.Mailer().send, "a@x.io")
+    legacy_id = re.search(r"ledger retry (lo:\w+)", str(refused.value)).group(1)
+    assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
+    assert g(tools.Mailer().send, "a@x.io") == "sent"
+    assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
+
+
+def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
+    ledger_once.record("""
+        guard.policy(tools.charge, ttl=3600)
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, order_id=2, amount=9.99)
+    """)
+    with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn, conn:
+        two_hours_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+        conn.execute("UPDATE ledger SET touched = ?", (two_hours_ago.isoformat(),))
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.charge, ttl=3600)
+    assert g(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}  # touched two hours ago: expired
+    g.policy(tools.charge, ttl=3 * 3600)
+    assert g(tools.charge, 2, 9.99) is BLOCKED                        # within three hours of its touch
+    assert ledger_once.effects() == ["charge 1 9.99 usd", "charge 2 9.99 usd", "charge 1 9.99 usd"]
+
+
 # ---------------------------------------------------------------------------
 # Stores: PostgreSQL and Redis. Every store-parametrized test above runs on
 # them too (through STORES); these cover what only a server store has: URLs,
