@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import decimal
@@ -1155,6 +1156,97 @@ def test_as_caller_is_recorded_but_not_fingerprinted(g):
     assert g.history()[0]["caller"] == "agent-A"
 
 
+# Workflow and caller as statements (ledger-once's style): they set a contextvar, so
+# they last in this thread or task (and the tasks it starts) until the next one.
+
+SCOPE_OPS = st.recursive(
+    st.tuples(st.sampled_from(["workflow", "as_caller"]), st.sampled_from(["a", "b", "c"])),
+    lambda inner: st.tuples(st.just("with"), st.sampled_from(["workflow", "as_caller", "both"]),
+                            st.sampled_from(["x", "y"]), st.lists(inner, max_size=3)),
+    max_leaves=8)
+
+
+def test_workflow_as_a_statement_scopes_the_calls_that_follow(g):
+    g.workflow("order-42")
+    g(charge, 1)
+    g.workflow("order-43")
+    g(charge, 1)
+    assert len(CHARGES) == 2 and [r["workflow"] for r in g.history()] == ["order-42", "order-43"]
+
+
+def test_as_caller_as_a_statement_tags_the_calls_that_follow(g):
+    g.as_caller("agent-A")
+    g(charge, 1)
+    assert g.history()[0]["caller"] == "agent-A"
+
+
+def test_a_statement_workflow_is_private_to_its_thread(g):
+    seen = {}
+    set_here, other_looked = threading.Event(), threading.Event()
+
+    def setter():
+        g.workflow("mine")
+        set_here.set()
+        other_looked.wait(5)
+        seen["setter"] = g._workflow()
+
+    def other():
+        set_here.wait(5)
+        seen["other"] = g._workflow()
+        other_looked.set()
+    threads = [threading.Thread(target=setter), threading.Thread(target=other)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert seen == {"setter": "mine", "other": "default"} and g._workflow() == "default"
+
+
+def test_a_statement_workflow_is_private_to_its_asyncio_task_and_inherited_by_tasks_it_starts(g):
+    async def child():
+        return g._workflow(), g._caller()
+
+    async def request(name):
+        g.workflow(name)
+        g.as_caller(f"agent-{name}")
+        await asyncio.sleep(0.01)
+        return g._workflow(), g._caller(), await asyncio.create_task(child())
+
+    async def main():
+        return await asyncio.gather(request("a"), request("b"))
+    assert asyncio.run(main()) == [("a", "agent-a", ("a", "agent-a")), ("b", "agent-b", ("b", "agent-b"))]
+    assert (g._workflow(), g._caller()) == ("default", None)
+
+
+def test_a_returned_scoped_guard_keeps_its_own_workflow_whatever_the_statements_after_it(g):
+    order = g.workflow("order-1")
+    g.workflow("order-2")
+    order(charge, 1)
+    g(charge, 1)
+    assert [r["workflow"] for r in g.history()] == ["order-1", "order-2"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(SCOPE_OPS, max_size=6))
+def test_a_with_block_restores_the_scope_it_found_whatever_statements_ran_inside_it(ops):
+    g = Guard(MemoryStore(), quiet=True)
+
+    def run(ops):
+        for op in ops:
+            if op[0] == "with":
+                _, kind, name, body = op
+                before = (g._workflow(), g._caller())
+                scope = g.workflow(name).as_caller(name) if kind == "both" else getattr(g, kind)(name)
+                with scope:
+                    assert kind == "as_caller" or g._workflow() == name
+                    assert kind == "workflow" or g._caller() == name
+                    run(body)
+                assert (g._workflow(), g._caller()) == before
+            else:
+                kind, name = op
+                getattr(g, kind)(name)
+                assert (g._caller() if kind == "as_caller" else g._workflow()) == name
+    contextvars.copy_context().run(run, ops)
+
+
 # ---------------------------------------------------------------------------
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
@@ -2285,6 +2377,182 @@ def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
     results, gets = asyncio.run(main())
     assert results == ["done"] * 6
     assert gets <= 12, f"5 waiters read the store {gets} times while waiting"
+
+
+# ledger-once's README, as its users write it: each documented call works the same
+# here, or fails with a message that names what replaced it.
+
+def test_ledger_once_users_protect_a_toolset_and_set_what_a_blocked_call_returns(g):
+    tool_map = g.wrap_tools({"charge_card": charge}, blocked_return={"status": "blocked"})
+    assert tool_map["charge_card"](**{"order_id": 1, "amount": 9.0}) == {"charged": 9.0, "order": 1}
+    assert json.dumps(tool_map["charge_card"](order_id=1, amount=9.0)) == '{"status": "blocked"}'
+    assert [fn.__name__ for fn in g.wrap_tools([charge])] == ["charge"] and len(CHARGES) == 1
+
+
+@pytest.mark.parametrize("not_tools", ["not a dict", 42, None])
+def test_wrap_tools_given_no_toolset_raises_a_type_error_as_ledger_once_did(g, not_tools):
+    with pytest.raises(TypeError, match="dict or a list"):
+        g.wrap_tools(not_tools)
+    with pytest.raises(ledger.ConfigError):
+        g.wrap_tools(not_tools)
+
+
+def test_wrap_tools_given_something_not_callable_in_a_toolset_raises_a_type_error(g):
+    with pytest.raises(TypeError, match="not a function"):
+        g.wrap_tools({"charge_card": "charge"})
+
+
+def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
+    events = []
+    same = (g.policy(Counter(), unlimited=True).policy(charge, replay=True)
+            .on_success(lambda r: events.append(("ran", r.tool))).on_block(lambda r: events.append(("dup", r.tool)))
+            .on_fail(lambda r: None).quiet())
+    assert same is g
+    assert g(charge, 1) == g(charge, 1) == {"charged": 10.0, "order": 1}
+    assert events == [("ran", ledger.tool_name(charge)), ("dup", ledger.tool_name(charge))]
+
+
+def test_policy_ttl_zero_means_no_expiry_as_in_ledger_once(g):
+    g.policy(charge, ttl=0)
+    g(charge, 1)
+    assert g(charge, 1) is BLOCKED and g.history()[0]["expires"] is None
+
+
+def test_policy_max_none_means_the_default_of_one_run_as_in_ledger_once(g):
+    g.policy(charge, max=None)
+    g(charge, 1)
+    assert g(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
+def test_the_documented_policies_of_ledger_once_behave_as_documented(g):
+    runs = []
+
+    def search_web(q):
+        runs.append("search")
+        return "hits"
+
+    def send_sms(to):
+        runs.append("sms")
+        return "ok"
+    g.policy(search_web, unlimited=True).policy(charge, replay=True).policy(send_sms, max=2)
+    assert [g(search_web, q="x") for _ in range(3)] == ["hits"] * 3
+    assert g(charge, 1) == g(charge, 1) and len(CHARGES) == 1
+    assert [g(send_sms, to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
+    assert runs == ["search"] * 3 + ["sms"] * 2
+
+
+def test_ledger_once_decorators_protect_every_call_site(g):
+    @g.once
+    def stripe_charge(card_id, amount):
+        CHARGES.append(card_id)
+        return card_id
+
+    @g.once(replay=True)
+    def create_invoice(id, amount):
+        return {"invoice": id}
+    assert stripe_charge("tok", 49.0) == "tok" and stripe_charge("tok", amount=49.0) is BLOCKED
+    assert create_invoice(1, 5) == create_invoice(1, 5) == {"invoice": 1} and CHARGES == ["tok"]
+
+
+def test_ledger_once_escape_hatches_retry_and_force_run_the_call_again(g):
+    g(charge, order_id=1)
+    g.retry(charge, order_id=1)
+    g(charge, order_id=1)
+    g.force(charge, order_id=1)
+    assert len(CHARGES) == 3
+
+
+def test_ledger_once_observability_stats_history_and_log(g, capsys):
+    g(charge, 1)
+    g(charge, 1)
+    g.workflow("order-42")
+    g(charge, 2)
+    stats = g.stats()
+    assert {k: stats[k] for k in ("actions", "attempts", "executed", "blocked", "failed")} == {
+        "actions": 2, "attempts": 3, "executed": 2, "blocked": 1, "failed": 0}
+    assert len(g.history(tool=charge)) == 2 and [r["workflow"] for r in g.history(wf="order-42")] == ["order-42"]
+    g.log()
+    assert "attempts 3" in capsys.readouterr().err.replace("  ", " ")
+
+
+async def post_webhook(url: str, payload: dict) -> str:
+    CHARGES.append(url)
+    return "posted"
+
+
+def test_ledger_once_async_calls_need_no_extra_syntax(g):
+    async def main():
+        return [await g(post_webhook, url="https://h", payload={"a": 1}) for _ in range(2)]
+    assert asyncio.run(main()) == ["posted", BLOCKED] and CHARGES == ["https://h"]
+
+
+def test_ledger_once_self_check_passes():
+    assert ledger.guard.check()
+
+
+def test_ledger_once_testing_example_with_an_isolated_memory_store():
+    from ledger import _Mem
+    guard = Guard(store=_Mem())
+    guard(charge, order_id=1, amount=49.00)
+    guard(charge, order_id=1, amount=49.00)
+    assert guard.stats()["executed"] == 1 and guard.stats()["blocked"] == 1
+
+
+def test_a_store_written_to_ledger_once_protocol_is_refused_naming_the_methods_to_write():
+    class SixMethods(ledger.Store):
+        def get(self, id): ...
+        def claim(self, r): ...
+        def put(self, r): ...
+        def delete(self, id): ...
+        def all(self, wf=None): ...
+        def clear(self, wf=None): ...
+
+    class NotSubclassed:
+        get = claim = put = delete = all = clear = lambda self, *a: None
+    for store in (SixMethods(), NotSubclassed()):
+        with pytest.raises(ledger.ConfigError, match="insert, swap"):
+            Guard(store=store)(charge, 1)
+    assert CHARGES == []
+
+
+def test_persist_moves_the_records_to_another_file_before_calls_run(tmp_path):
+    guard = Guard(str(tmp_path / "first.db"), quiet=True)
+    guard(charge, 1)
+    assert guard.persist(tmp_path / "second.db") is guard
+    guard(charge, 1)
+    assert len(CHARGES) == 2 and len(Guard(str(tmp_path / "second.db")).history()) == 1
+
+
+def test_persist_is_refused_while_a_call_of_the_guard_is_running(g, tmp_path):
+    def tool():
+        with pytest.raises(ledger.ConfigError, match="running"):
+            g.persist(tmp_path / "other.db")
+        return "done"
+    assert g(tool) == "done" and not (tmp_path / "other.db").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_warnings_as_ledger_once_quiet_did(tmp_path, caplog, quiet):
+    guard = Guard(str(tmp_path / "l.db"), quiet=False)
+    if quiet:
+        assert guard.quiet() is guard
+    for n in range(3):  # retries the ledger cannot recognise: a warning, unless quiet
+        guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
+    assert bool(caplog.records) is not quiet
+
+
+def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LEDGER_WORKFLOW", "run-42")
+    monkeypatch.setenv("LEDGER_QUIET", "1")
+    guard = Guard(str(tmp_path / "l.db"))
+    for n in range(3):
+        guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
+    assert guard.history()[0]["workflow"] == "run-42" and caplog.records == []
+
+
+def send_note(to: str, sent_at: str) -> str:
+    return "sent"
+
 
 
 # ---------------------------------------------------------------------------
