@@ -3327,6 +3327,42 @@ def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
     assert sorted(r["workflow"] for r in records_of(ledger_db)) == ["default", "triage"]
 
 
+@pytest.mark.parametrize("command", [["show"], ["stats"], ["show", "--wf", "triage"], ["stats", "--wf", "triage"]])
+def test_commands_take_the_database_as_their_first_argument_as_ledger_once_did(ledger_db, cli, command):
+    assert cli(command[0], ledger_db, *command[1:]) == cli(*command, "--db", ledger_db)
+
+
+def test_clear_takes_the_database_as_its_first_argument(ledger_db, cli):
+    code, out, _ = cli("clear", ledger_db, "--wf", "order-7", "--yes")
+    assert code == 0 and "deleted 3 records" in out
+
+
+def test_migrate_carries_ledger_once_calls_over_and_reports_them(ledger_once, cli):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        try:
+            guard(tools.flaky, 1)
+        except RuntimeError:
+            pass
+    """)
+    code, out, _ = cli("migrate", ledger_once.db)
+    assert code == 0 and "1 calls recorded by ledger-once were carried over" in out
+    assert "1 of them are not claimed yet" in out
+    assert [r["tool"] for r in records_of(ledger_once.db)] == [f"{ledger_once.module}.charge"]
+    assert cli("migrate", ledger_once.db)[1] == out  # a second run changes nothing
+
+
+def test_migrate_of_a_file_without_ledger_once_table_changes_nothing(ledger_db, cli):
+    before = records_of(ledger_db)
+    code, out, _ = cli("migrate", ledger_db)
+    assert code == 0 and "nothing to carry over" in out and records_of(ledger_db) == before
+
+
+def test_migrate_of_a_missing_file_is_a_usage_error_that_creates_none(tmp_path, cli):
+    code, _, err = cli("migrate", tmp_path / "missing.db")
+    assert code == 2 and "no SQLite file" in err and list(tmp_path.iterdir()) == []
+
+
 def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, cli):
     stale = next(r for r in records_of(ledger_db) if r["tool"] == "nightly_job")
     code, out, _ = cli("retry", "--db", ledger_db, stale["id"][:8])
