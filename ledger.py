@@ -3185,13 +3185,13 @@ def _parser() -> Any:
     p.add_argument("--interval", type=_positive_float, default=0.5, metavar="SECONDS",
                    help="how often to look (default 0.5)")
     command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json, path)
-    command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
+    command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json, path)
     p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf, path)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     p = command("retry", _cmd_retry, "let one call run again: for a call left blocked by recover='block' "
                 "or a stale lease")
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
-    p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf)
+    p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf, path)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     command("check", _cmd_check, "check the database against the store contract, on scratch records "
@@ -3200,7 +3200,7 @@ def _parser() -> Any:
                 "opening the file does it too), and report them", path)
     p.add_argument("--confirm", metavar="ID", help="vouch that the carried-over record ID (or a unique prefix) "
                    "is the call of the function now asking for it (see AmbiguousRecordError)")
-    p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf)
+    p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf, path)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                    "only)")
     p.add_argument("--port", type=_port, default=4242, help="default 4242; 0 picks a free port")

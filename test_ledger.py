@@ -1,9 +1,10 @@
 """The specification of ledger.py, grouped by the section of ledger.py each part covers.
 
-Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server or a
-Chromium browser skip where there is none (set LEDGER_TEST_POSTGRES,
-LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM to enable them); with
-LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
+Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server, a
+Chromium browser or ledger-once (in a virtualenv of its own) skip where there is
+none (set LEDGER_TEST_POSTGRES, LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM,
+LEDGER_TEST_LEDGER_ONCE to enable them); with LEDGER_TEST_REQUIRE_ALL=1, as
+under CI, they fail instead of skipping.
 """
 
 from __future__ import annotations
