@@ -19,6 +19,7 @@ import enum
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -1378,6 +1379,11 @@ def book(a, b=0, c=None):
     return [a, b, c]
 
 
+def spread(first, *rest, flag=False, **options):
+    effect("spread", json.dumps([first, rest, flag, options]))
+    return "spread"
+
+
 def flaky(n):
     effect("flaky", n)
     raise RuntimeError("card declined")
@@ -1571,6 +1577,49 @@ def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_w
     finally:
         sys.modules.pop(folder.module, None)
         ledger._WORKFLOW.set(None)
+
+
+def binds(fn, args, kwargs) -> bool:
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+        return True
+    except TypeError:
+        return False
+
+
+FINGERPRINTED_CALLS = st.lists(st.tuples(
+    st.sampled_from(["book", "spread"]), st.lists(LEGACY_VALUES, min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from(["b", "c", "flag", "x", "y"]), LEGACY_VALUES, max_size=2),
+    st.none() | st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=6)), min_size=20, max_size=40)
+
+
+@settings(max_examples=4, deadline=None)
+@given(calls=FINGERPRINTED_CALLS)
+def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, tmp_path_factory):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
+    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    tools = folder.tools()
+    calls = [c for c in calls if binds(getattr(tools, c[0]), c[1], c[2])]  # calls a tool could be given
+    (folder.folder / "calls.json").write_text(json.dumps(calls))
+    try:
+        folder.record("""
+            import json
+            ids = []
+            for tool, args, kwargs, key, wf in json.load(open("calls.json")):
+                fn = getattr(tools, tool)
+                ids.append(ledger._fp(ledger._tool_name(fn), ledger._bind(fn, tuple(args), kwargs), wf, key))
+            json.dump(ids, open("ids.json", "w"))
+        """)
+        theirs = json.loads((folder.folder / "ids.json").read_text())
+        g = Guard(MemoryStore(), quiet=True)
+        ours = []
+        for tool, args, kwargs, key, wf in calls:
+            with g.workflow(wf):
+                call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
+            ours.append(ledger._ledger_once_id(call))
+        assert ours == [ledger.LEGACY_PREFIX + id for id in theirs]
+    finally:
+        sys.modules.pop(folder.module, None)
 
 
 def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
@@ -3331,6 +3380,11 @@ def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
 @pytest.mark.parametrize("command", [["show"], ["stats"], ["show", "--wf", "triage"], ["stats", "--wf", "triage"]])
 def test_commands_take_the_database_as_their_first_argument_as_ledger_once_did(ledger_db, cli, command):
     assert cli(command[0], ledger_db, *command[1:]) == cli(*command, "--db", ledger_db)
+
+
+@pytest.mark.parametrize("command", ["tail", "savings", "export", "serve", "migrate"])
+def test_every_command_ledger_once_had_or_replaces_parses_the_database_first(command):
+    assert ledger._db_spec(ledger._parser().parse_args([command, "agent.db"])) == "agent.db"
 
 
 def test_clear_takes_the_database_as_its_first_argument(ledger_db, cli):
