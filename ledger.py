@@ -707,8 +707,8 @@ class Store:
     """
 
     url = "store"
-    # True while the store holds calls carried over from ledger-once that no call has
-    # claimed yet; only then does a new call look for one (see _Core.adopt).
+    # True when the store holds calls carried over from ledger-once; only then does a
+    # call that has no record of its own look for one (see _Core.adopt).
     legacy = False
 
     def get(self, id: str) -> Record | None:
@@ -985,7 +985,7 @@ def _key_file(path: str) -> bytes:
 # a file therefore copies its done and running calls into `records` under
 # "lo:" + their id (its failed calls may run again, so they are left out), and a
 # call that finds no record of its own looks for the one ledger-once would have
-# given it and moves that under its own id (_Core.adopt).
+# given it and copies that under its own id (_Core.adopt).
 
 LEGACY_PREFIX = "lo:"
 LEGACY_OWNER = "ledger-once"                       # a carried-over record no operator has vouched for
@@ -1015,7 +1015,7 @@ def _migrate_hint(path: str) -> str:
 
 
 def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -> bool:
-    """Copy ledger-once's calls into `records`, once per file; whether any wait to be claimed.
+    """Copy ledger-once's calls into `records`, once per file; whether the file holds any.
 
     Done in the open, inside one write transaction, so no tool runs before the
     records are there and two processes opening the file at once import them once.
@@ -1049,7 +1049,7 @@ def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -
 
 
 def _ledger_once_record(row: tuple, now: float) -> Record:
-    """One ledger-once row as a record of ours, under its own id until a call claims it.
+    """One ledger-once row as a record of ours, under its own id ("lo:" + ledger-once's).
 
     A running call stays RUNNING with its lease already expired, and is never taken
     over on its own (see _Core.settle): ledger.py cannot know whether it took effect."""
@@ -3546,12 +3546,12 @@ def _cmd_migrate(args: Any) -> int:
         if args.confirm:
             return _confirm_legacy(store, args.confirm)
         imported, calls = conn.execute("SELECT imported, calls FROM ledger_once_import").fetchone()
-        waiting = [r for r in store.records() if r.id.startswith(LEGACY_PREFIX)]
+        kept = sum(r.id.startswith(LEGACY_PREFIX) for r in store.records())
         when = _dt.datetime.fromtimestamp(imported).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{calls} calls recorded by ledger-once were carried over on {when} (done ones stay done, "
               f"running ones stay blocked until `ledger retry ID`, failed ones may run again)")
-        print(f"{len(waiting)} of them are not claimed yet: the first call with the same function, arguments "
-              f"(or key=) and workflow claims its record")
+        print(f"{kept} of them are in the ledger under ids starting with {LEGACY_PREFIX}; a call with the same "
+              f"function, arguments (or key=) and workflow finds its record there")
     finally:
         store.close()
     return EXIT_OK

@@ -3402,7 +3402,7 @@ def test_migrate_carries_ledger_once_calls_over_and_reports_them(ledger_once, cl
     """)
     code, out, _ = cli("migrate", ledger_once.db)
     assert code == 0 and "1 calls recorded by ledger-once were carried over" in out
-    assert "1 of them are not claimed yet" in out
+    assert "1 of them are in the ledger under ids starting with lo:" in out
     assert [r["tool"] for r in records_of(ledger_once.db)] == [f"{ledger_once.module}.charge"]
     assert cli("migrate", ledger_once.db)[1] == out  # a second run changes nothing
 
