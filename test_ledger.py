@@ -1480,6 +1480,34 @@ def test_no_call_ledger_once_recorded_as_done_runs_again_after_the_swap(ledger_o
     assert ledger_once.effects() == ran
 
 
+AGENT_SCRIPT = """
+import os
+from ledger import guard
+
+def charge(order_id, amount):
+    with open("effects.txt", "a") as f:
+        f.write(f"charge {order_id}\\n")
+    return {"charged": amount}
+
+guard.quiet()
+guard.workflow("order-42")
+guard.as_caller("agent-A")
+print(guard(charge, 42, 9.99), guard(charge, order_id=43, amount=1.0, key="charge-43"))
+"""
+
+
+def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledger_once):
+    (ledger_once.folder / "agent.py").write_text(AGENT_SCRIPT)  # its tools live in __main__
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+    before = subprocess.run([ledger_once.python, "agent.py"], cwd=ledger_once.folder, env=env,
+                            capture_output=True, text=True, timeout=120)
+    after = subprocess.run([sys.executable, "agent.py"], cwd=ledger_once.folder, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(HERE)}, timeout=120)
+    assert before.stdout.split() == ["{'charged':", "9.99}", "{'charged':", "1.0}"], before.stderr
+    assert after.stdout.split() == ["BLOCKED", "BLOCKED"], after.stderr
+    assert ledger_once.effects() == ["charge 42", "charge 43"]
+
+
 def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=7, amount=3.5)")
     tools, g = ledger_once.tools(), ledger_once.guard()
