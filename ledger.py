@@ -2253,7 +2253,7 @@ class _Core:
             now = time.time()
             record = landed or store.get(call.id)
             landed = None
-            if record is None and store.legacy:
+            if record is None and store.legacy and not force:
                 record = self.adopt(call)
             if record is None:
                 run = self.claim(call, None, now)

@@ -1725,6 +1725,18 @@ def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, 
     assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
 
 
+def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger_once):
+    ledger_once.record("""
+        guard(tools.Mailer().send, 'a@x.io')
+        guard(tools.charge, order_id=1, amount=9.99)
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g.force(tools.Mailer().send, "a@x.io") == "sent"
+    assert g.force(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
+
+
 def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
     ledger_once.record("""
         guard.policy(tools.charge, ttl=3600)
