@@ -1379,6 +1379,11 @@ def book(a, b=0, c=None):
     return [a, b, c]
 
 
+async def post_webhook(url, payload=None):
+    effect("webhook", url)
+    return 200
+
+
 def spread(first, *rest, flag=False, **options):
     effect("spread", json.dumps([first, rest, flag, options]))
     return "spread"
@@ -1506,6 +1511,19 @@ def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledge
     assert before.stdout.split() == ["{'charged':", "9.99}", "{'charged':", "1.0}"], before.stderr
     assert after.stdout.split() == ["BLOCKED", "BLOCKED"], after.stderr
     assert ledger_once.effects() == ["charge 42", "charge 43"]
+
+
+def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
+    ledger_once.record("""
+        import asyncio
+        asyncio.run(guard(tools.post_webhook, url="https://h", payload={"b": 1, "a": 2}))
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.post_webhook, replay=True)
+
+    async def main():
+        return await g(tools.post_webhook, "https://h", {"a": 2, "b": 1})
+    assert asyncio.run(main()) == 200 and ledger_once.effects() == ["webhook https://h"]
 
 
 def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
