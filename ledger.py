@@ -2893,7 +2893,7 @@ class Guard:
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
         _flush_all()
-        return [r.as_dict() for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
+        return [_HistoryRow(r.as_dict()) for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
         """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
@@ -3073,6 +3073,18 @@ async def _value_of(outcome: Any) -> Any:
 
 async def _outcome_of(awaitable: Any) -> Outcome:
     return Outcome(await awaitable, "unlimited")
+
+
+class _HistoryRow(dict):
+    """A record as a dict. row["wf"] and row["touched"], ledger-once's names, read
+    "workflow" and "updated" (without being keys of their own)."""
+
+    _LEDGER_ONCE_NAMES = {"wf": "workflow", "touched": "updated"}
+
+    def __missing__(self, key: str) -> Any:
+        if key in self._LEDGER_ONCE_NAMES:
+            return self[self._LEDGER_ONCE_NAMES[key]]
+        raise KeyError(key)
 
 
 def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:

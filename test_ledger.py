@@ -2583,6 +2583,15 @@ def test_ledger_once_observability_stats_history_and_log(g, capsys):
     assert "attempts 3" in capsys.readouterr().err.replace("  ", " ")
 
 
+def test_history_rows_answer_to_ledger_once_names_for_workflow_and_last_touch(g):
+    g.workflow("order-42")
+    g(charge, 1)
+    row = g.history(wf="order-42")[0]
+    assert (row["wf"], row["touched"]) == ("order-42", row["updated"]) and "wf" not in row
+    with pytest.raises(KeyError):
+        row["nonsense"]
+
+
 async def post_webhook(url: str, payload: dict) -> str:
     CHARGES.append(url)
     return "posted"
