@@ -78,7 +78,7 @@ __all__ = [
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "DeferredToolError",
-    "ReentrantCallError", "LeaseLiveError",
+    "ReentrantCallError", "LeaseLiveError", "NotAToolError", "AmbiguousRecordError",
 ]
 __version__ = "0.1.0"
 
@@ -100,6 +100,11 @@ class FingerprintError(LedgerError, TypeError):
 
 class ConfigError(LedgerError, ValueError):
     """A policy, URL or setting is invalid."""
+
+
+class NotAToolError(ConfigError, TypeError):
+    """wrap_tools was given something that is not a tool or a toolset (a TypeError too, as
+    ledger-once raised)."""
 
 
 class KeyReuseError(LedgerError):
@@ -141,6 +146,11 @@ class WaitTimeout(LedgerError):
 
 class LeaderFailed(LedgerError):
     """The run a duplicate was waiting for raised; the next new call runs again."""
+
+
+class AmbiguousRecordError(LedgerError):
+    """A call matches a record ledger-once kept under a name several functions share;
+    raised before the tool runs, until an operator says whose record it is."""
 
 
 # ---------------------------------------------------------------------------
@@ -756,6 +766,9 @@ class Store:
     """
 
     url = "store"
+    # True when the store holds calls carried over from ledger-once; only then does a
+    # call that has no record of its own look for one (see _Core.adopt).
+    legacy = False
 
     def get(self, id: str) -> Record | None:
         raise NotImplementedError
@@ -954,6 +967,7 @@ class SQLiteStore(Store):
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             self._migrate(conn)  # first, so that a file that is no ledger is left as it was
+            self.legacy = _carry_over_ledger_once(conn, self.path, self.create)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
         except sqlite3.DatabaseError as e:
@@ -968,7 +982,7 @@ class SQLiteStore(Store):
         if version == SCHEMA_VERSION:
             return
         if version == 0 and not self.create:
-            raise StoreError(f"{self.path} is not a ledger database (it has no ledger schema)")
+            raise StoreError(_not_a_ledger(conn, self.path))
         columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -1172,6 +1186,153 @@ def _create_key_file(path: str) -> None:
     except OSError as e:
         raise StoreError(f"cannot create the signing key {path!r}: {e}. Free space on that disk or make the "
                          f"folder writable, or set LEDGER_SECRET (the same value on every worker)") from None
+# ledger-once (the package ledger.py replaces; its module is also `ledger` and its
+# file also ./ledger.db) keeps calls in a table `ledger`, each under
+# sha256(JSON of tool, normalized arguments or key=, workflow)[:32] with the tool
+# named fn.__module__ + "." + fn.__name__. Its key= calls keep only that hash, so
+# no record id of ours can be computed from its rows. The first guard to open such
+# a file therefore copies its done and running calls into `records` under
+# "lo:" + their id (its failed calls may run again, so they are left out), and a
+# call that finds no record of its own looks for the one ledger-once would have
+# given it and copies that under its own id (_Core.adopt).
+
+LEGACY_PREFIX = "lo:"
+LEGACY_OWNER = "ledger-once"                       # a carried-over record no operator has vouched for
+LEGACY_CONFIRMED = "ledger-once:confirmed"         # `ledger migrate --confirm ID`: it is this function's
+_LEDGER_ONCE_COLUMNS = ("id", "tool", "args", "wf", "created", "touched", "since", "status",
+                        "attempts", "runs", "blocked", "result", "error")
+
+
+def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    return columns.issuperset(_LEDGER_ONCE_COLUMNS)
+
+
+def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'").fetchone() is not None
+
+
+def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
+    if _holds_ledger_once(conn):
+        return _migrate_hint(path)
+    return f"{path} is not a ledger database (it has no ledger schema)"
+
+
+def _migrate_hint(path: str) -> str:
+    return (f"{path} holds calls recorded by ledger-once that ledger.py has not carried over yet; "
+            f"run `ledger migrate {path}` (any guard opening the file does the same)")
+
+
+def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -> bool:
+    """Copy ledger-once's calls into `records`, once per file; whether the file holds any.
+
+    Done in the open, inside one write transaction, so no tool runs before the
+    records are there and two processes opening the file at once import them once.
+    A read-only open (create=False) refuses instead, naming `ledger migrate`."""
+    if _holds_ledger_once(conn) and not _ledger_once_imported(conn):
+        if not create:
+            raise StoreError(_migrate_hint(path))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = 0
+            if not _ledger_once_imported(conn):
+                now = time.time()
+                # Versions before 0.1.3 had no caller column.
+                caller = "caller" if "caller" in {r[1] for r in conn.execute("PRAGMA table_info(ledger)")} else "NULL"
+                rows = conn.execute(f"SELECT {', '.join(_LEDGER_ONCE_COLUMNS)}, {caller} FROM ledger "
+                                    f"WHERE status IN ('success', 'running')").fetchall()
+                records = [_ledger_once_record(row, now) for row in rows]
+                conn.executemany(_SQL_INSERT, [_record_values(r) for r in records])
+                conn.execute("CREATE TABLE ledger_once_import (imported REAL, calls INTEGER)")
+                conn.execute("INSERT INTO ledger_once_import VALUES (?, ?)", (now, len(records)))
+                count = len(records)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if count:
+            log.warning("%s: carried over %d done or running calls recorded by ledger-once (its table "
+                        "`ledger` is left as it was); they stay done", path, count)
+    hit = conn.execute("SELECT 1 FROM records WHERE id >= ? AND id < ? LIMIT 1", (LEGACY_PREFIX, "lo;"))
+    return hit.fetchone() is not None
+
+
+def _ledger_once_record(row: tuple, now: float) -> Record:
+    """One ledger-once row as a record of ours, under its own id ("lo:" + ledger-once's).
+
+    A running call stays RUNNING with its lease already expired, and is never taken
+    over on its own (see _Core.settle): ledger.py cannot know whether it took effect."""
+    id, tool, args, wf, created, touched, since, status, attempts, runs, blocked, result, error, caller = row
+    created_at = _iso_seconds(created) or now
+    updated_at = _iso_seconds(touched) or created_at
+    running, runs = status == "running", runs or 0
+    return Record(
+        id=LEGACY_PREFIX + id, tool=tool, workflow=wf, caller=caller,
+        status=(Status.RUNNING if running else Status.SUCCESS).value, owner=LEGACY_OWNER, epoch=1,
+        lease_until=min(_iso_seconds(since) or updated_at, now) if running else updated_at,
+        run_key=LEGACY_PREFIX + id, runs=runs if running else max(runs, 1), created=created_at,
+        updated=updated_at, started=_iso_seconds(since), attempts=attempts or 0, executed=runs + running,
+        blocked=blocked or 0, result=result, error=error, args=args)
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    moment = _dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _ledger_once_id(call: _Call) -> str | None:
+    """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
+    fn, kwargs, key = call.fn, call.kwargs, call.key
+    if key is None and call.info.takes_key and "key" in kwargs:  # ledger-once took key= from every tool
+        kwargs = dict(kwargs)
+        key = kwargs.pop("key")
+    try:
+        tool = fn.__module__ + "." + fn.__name__
+        if key is not None:
+            payload = {"t": tool, "k": key, "w": call.workflow}
+        else:
+            payload = {"t": tool, "a": _ledger_once_norm(_ledger_once_bind(call.info, call.args, kwargs)),
+                       "w": call.workflow}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except Exception:  # no name, or arguments its JSON could not hold: it never recorded such a call
+        return None
+    return LEGACY_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _ledger_once_bind(info: _ToolInfo, args: tuple, kwargs: dict) -> dict:
+    """Arguments by name with defaults, as ledger-once bound them, falling back as it did."""
+    try:
+        if info.signature is None:
+            raise TypeError
+        bound = info.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except TypeError:
+        return {**kwargs, "_": list(args)} if args else dict(kwargs)
+
+
+def _ledger_once_norm(value: Any) -> Any:
+    """ledger-once's normal form: sorted dicts, lists for tuples, floats to 8 places, str() for the rest."""
+    if isinstance(value, dict):
+        return {k: _ledger_once_norm(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_ledger_once_norm(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 8)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _shared_name(fn: Callable) -> bool:
+    """Whether ledger-once's name for fn (module.__name__) also names other functions:
+    methods, nested functions and lambdas."""
+    name = getattr(fn, "__name__", "")
+    return getattr(fn, "__qualname__", name) != name or name.startswith("<")
 
 
 def _require(module: str, extra: str, what: str) -> Any:
@@ -1914,6 +2075,11 @@ class RedisStore(_ServerStore):
 def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -> Store:
     """A store from a Store, a file path, ":memory:" or a URL. `create=False` refuses
     to make a new SQLite file where there is none."""
+    if _is_ledger_once_store(spec):
+        raise ConfigError(
+            f"{type(spec).__name__} implements ledger-once's store methods (claim, put, all); a ledger.py store "
+            f"implements get, insert, swap, delete, add_counts, records and clear (see help(ledger.Store) and "
+            f"ledger.check_store), or use the built-in PostgresStore or RedisStore")
     if isinstance(spec, Store):
         return spec
     spec = os.fspath(spec) if spec is not None else (os.environ.get("LEDGER_DB") or "ledger.db")
@@ -1932,6 +2098,13 @@ def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -
         return RedisStore(url, prefix=prefix if prefix is not None else "ledger:")
     raise ConfigError(f"unknown store URL scheme {scheme + '://'!r}: use a file path, ':memory:', sqlite:///path, "
                       f"postgresql://user@host/db or redis://host:6379/0")
+
+
+def _is_ledger_once_store(spec: Any) -> bool:
+    """A store written to ledger-once's six-method protocol, which this engine cannot drive."""
+    if all(callable(getattr(spec, m, None)) for m in ("claim", "put", "all")):
+        return not isinstance(spec, Store) or type(spec).insert is Store.insert
+    return False
 
 
 def check_store(store: Store) -> None:
@@ -2275,9 +2448,13 @@ _unique_token = _Tokens()
 _CURRENT_RUN: contextvars.ContextVar[_Run | _Unguarded | None] = contextvars.ContextVar("ledger_current_run", default=None)
 _WORKFLOW: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_workflow", default=None)
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("ledger_caller", default=None)
-# `with guard.workflow(...)` blocks open in this context, innermost last; kept in
-# the context so one scope object may be entered by many threads and tasks at once.
+# `with guard.workflow(...)` blocks open in this context, innermost last, each as the
+# (workflow, caller) to restore when it ends; kept in the context so one scope object
+# may be entered by many threads and tasks at once.
 _SCOPE_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar("ledger_scope_tokens", default=())
+# The scope the latest workflow()/as_caller() statement set in this context, and what
+# it replaced: a `with` block on that same scope ends the statement's setting too.
+_STATEMENT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ledger_statement", default=None)
 _NO_DEFAULT = object()
 
 
@@ -2504,6 +2681,8 @@ class _Core:
             now = time.time()
             record = landed or store.get(call.id)
             landed = None
+            if record is None and store.legacy and not force:
+                record = self.adopt(call)
             if record is None:
                 run = self.claim(call, None, now)
                 if store.insert(run.record):
@@ -2548,11 +2727,13 @@ class _Core:
                         yield _Wait(None, min(delay, timeout), store, call.id)
                         delay = min(delay * 1.5, POLL_MAX)
                     continue
-                if policy.recover == "block":
+                if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
                     self.warn("%s (call %s) is stale: its worker stopped renewing the lease %.1fs ago and "
-                              "recover='block' keeps it blocked; clear it with guard.retry(...) or "
+                              "%s keeps it blocked; clear it with guard.retry(...) or "
                               "`ledger retry %s` once you know whether it took effect",
-                              call.name, call.id, now - record.lease_until, call.id)
+                              call.name, call.id, now - record.lease_until,
+                              "recover='block'" if policy.recover == "block" else "a call ledger-once left "
+                              "running", call.id)
                     return self.duplicate(call, record, "blocked")
                 takeover = self.claim(call, record, now)
             elif status == Status.FAILED:
@@ -2574,6 +2755,34 @@ class _Core:
                               record.epoch, takeover.record.epoch)
                 return self.started(takeover)
             lost_races = _lost_race(lost_races, store, call)
+
+    def adopt(self, call: _Call) -> Record | None:
+        """The record ledger-once kept for this call, copied under the call's own id; None if none.
+
+        The carried-over record stays (with ledger-once's counts), because ledger-once
+        matched calls that this library tells apart (floats equal to 8 places, tuples and
+        lists): each of them finds it. The copy counts only what happens from now on.
+        Its result is decoded and stored again as this library stores results, and
+        signed; its `ttl` counts from its last touch, as ledger-once counted it."""
+        store, legacy_id = self.store, _ledger_once_id(call)
+        old = store.get(legacy_id) if legacy_id is not None else None
+        if old is None:
+            return None
+        if old.owner == LEGACY_OWNER and _shared_name(call.fn):
+            raise AmbiguousRecordError(
+                f"{call.name}: ledger-once recorded this call under {old.tool!r}, a name it gave every "
+                f"function called {call.fn.__name__!r} in that module, so ledger.py cannot tell whether it "
+                f"ran this one. If it did, run `ledger migrate --confirm {legacy_id}` (this call is then a "
+                f"duplicate); if not, `ledger retry {legacy_id}` (it then runs)")
+        record = old.evolve(id=call.id, tool=call.name, workflow=call.workflow, run_key=call.id, attempts=0,
+                            executed=0, blocked=0)
+        if old.status == Status.SUCCESS:
+            value = json.loads(old.result) if old.result is not None else None
+            record.result, record.unstored = _encode(call, value)
+            record.expires = old.updated + call.policy.ttl if call.policy.ttl else None
+            record.sig = _sign(self.secret, record)
+        store.insert(record)  # a worker that adopted it first stored the same record
+        return store.get(call.id)
 
     def claim(self, call: _Call, prev: Record | None, now: float,
               new_run: bool = False, new_window: bool = False) -> _Run:
@@ -3002,13 +3211,15 @@ class Guard:
     # -- scoping -----------------------------------------------------------
 
     def workflow(self, id: str) -> Guard:
-        """A guard whose calls are fingerprinted in workflow `id`; also a `with` block
-        that scopes calls made in this thread or task."""
-        return self._scoped(str(id), self._scope[1])
+        """Fingerprint calls in workflow `id`: from now on in this thread or task (as a
+        statement), until the block ends (as a `with` block), and always through the
+        scoped guard it returns."""
+        return self._scoped(str(id), self._scope[1])._set_here(self)
 
     def as_caller(self, name: str) -> Guard:
-        """A guard that records its calls as made by `name`; also a `with` block."""
-        return self._scoped(self._scope[0], str(name))
+        """Record calls as made by `name`; a statement, a `with` block and a scoped guard,
+        as `workflow`."""
+        return self._scoped(self._scope[0], str(name))._set_here(self)
 
     def _scoped(self, workflow: str | None, caller: str | None) -> Guard:
         scoped = object.__new__(Guard)
@@ -3017,18 +3228,38 @@ class Guard:
         scoped._scope = (workflow, caller)
         return scoped
 
-    def __enter__(self) -> Guard:
+    def _set_here(self, made_from: Guard) -> Guard:
+        """Apply this scope to the current context (a contextvar, so only this thread or task
+        and the tasks it starts see it), remembering what it replaced: for a chain such as
+        guard.workflow(w).as_caller(c), what the chain's first statement replaced."""
         workflow, caller = self._scope
-        tokens = (_WORKFLOW.set(workflow or _WORKFLOW.get()), _CALLER.set(caller or _CALLER.get()))
-        _SCOPE_TOKENS.set(_SCOPE_TOKENS.get() + (tokens,))
+        statement = _STATEMENT.get()
+        chained = statement is not None and statement[0] is made_from
+        before = statement[1] if chained else (_WORKFLOW.get(), _CALLER.get())
+        _WORKFLOW.set(workflow or _WORKFLOW.get())
+        _CALLER.set(caller or _CALLER.get())
+        _STATEMENT.set((self, before))
+        return self
+
+    def __enter__(self) -> Guard:
+        statement = _STATEMENT.get()
+        if statement is not None and statement[0] is self:
+            before = statement[1]  # `with guard.workflow(x):` ends what the call just set
+            _STATEMENT.set(None)
+        else:
+            before = (_WORKFLOW.get(), _CALLER.get())
+            workflow, caller = self._scope
+            _WORKFLOW.set(workflow or before[0])
+            _CALLER.set(caller or before[1])
+        _SCOPE_TOKENS.set(_SCOPE_TOKENS.get() + (before,))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         stack = _SCOPE_TOKENS.get()
-        workflow_token, caller_token = stack[-1]
+        workflow, caller = stack[-1]
         _SCOPE_TOKENS.set(stack[:-1])
-        _CALLER.reset(caller_token)
-        _WORKFLOW.reset(workflow_token)
+        _WORKFLOW.set(workflow)
+        _CALLER.set(caller)
 
     def _workflow(self) -> str:
         return self._scope[0] or _WORKFLOW.get() or self._default_workflow or self._core.env_workflow()
@@ -3175,16 +3406,16 @@ class Guard:
             return type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
         if _adapter_for(tools) is not None:
             return self._wrap_tool(tools, None, blocked_return)
-        raise ConfigError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
-                          f"not {_describe(tools)}")
+        raise NotAToolError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
+                            f"not {_describe(tools)}")
 
     def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
             return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
         if not callable(tool):
-            raise ConfigError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
-                              f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
+            raise NotAToolError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
+                                f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
@@ -3214,37 +3445,59 @@ class Guard:
     # -- policies and callbacks ----------------------------------------------
 
     def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
-               max: int = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
+               max: int | None = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
                validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None, fail_open: bool = False) -> Policy:
-        """Set how calls of one tool (a function, its wrapped form, or its name) are treated."""
-        policy = Policy(unlimited=unlimited, replay=replay, max=max, ttl=ttl, lease=lease, recover=recover,
-                        validate=validate, cost=cost, serializer=serializer, wait=wait, fail_open=fail_open)
+               serializer: Any = None, wait: float | None = None, fail_open: bool = False) -> Guard:
+        """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
+        Returns the guard, so settings chain. As in ledger-once, max=None means the default
+        (one run) and ttl=0 or None means no expiry."""
+        policy = Policy(unlimited=unlimited, replay=replay, max=1 if max is None else max, ttl=ttl or None,
+                        lease=lease, recover=recover, validate=validate, cost=cost, serializer=serializer,
+                        wait=wait, fail_open=fail_open)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
-            return policy
+            return self
         fn, name = _unwrap(fn_or_name)
         self._core.policies[name or _framework_name(fn) or self._core.name_of(fn, _info(fn))] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
             pass
-        return policy
+        return self
 
-    def on_success(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` after each recorded run; usable as a decorator."""
+    def on_success(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` after each recorded run. Returns the guard, so settings chain."""
         self._core.callbacks["success"].append(callback)
-        return callback
+        return self
 
-    def on_block(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` for each duplicate (blocked, replayed or shared)."""
+    def on_block(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` for each duplicate (blocked, replayed or shared). Returns the guard."""
         self._core.callbacks["block"].append(callback)
-        return callback
+        return self
 
-    def on_fail(self, callback: Callable[[Record], Any]) -> Callable[[Record], Any]:
-        """Call `callback(record)` after each run whose tool raised."""
+    def on_fail(self, callback: Callable[[Record], Any]) -> Guard:
+        """Call `callback(record)` after each run whose tool raised. Returns the guard."""
         self._core.callbacks["fail"].append(callback)
-        return callback
+        return self
+
+    def quiet(self) -> Guard:
+        """Silence warnings (as Guard(quiet=True) or LEDGER_QUIET=1). Returns the guard."""
+        self._core.quiet = True
+        return self
+
+    def persist(self, path: str | os.PathLike = "ledger.db") -> Guard:
+        """Keep records in the SQLite file `path` (or a store URL) from now on, as Guard(path)
+        does. Returns the guard. Refused while one of its calls is running."""
+        core = self._core
+        if any(run.core is core for run in list(_HEARTBEAT.runs.values())):
+            raise ConfigError("persist() while a guarded call is running would record its outcome in "
+                              "another database; call it before the agent starts, or use Guard(path)")
+        core.flush()
+        with core.lock:
+            old, core._store, core.store_spec = core._store, None, path
+        if old is not None:
+            old.close()
+        return self
 
     # -- operating -----------------------------------------------------------
 
@@ -3255,7 +3508,11 @@ class Guard:
         now: releasing it would let a second run overlap it, so that raises
         LeaseLiveError unless force=True. (`force` is retry's own; for a tool with an
         argument of that name, use retry_id with the record's id.)"""
-        return self.retry_id(self._prepare(self._resolve(fn), args, kwargs).id, force=force)
+        call = self._prepare(self._resolve(fn), args, kwargs)
+        legacy_id = _ledger_once_id(call) if self.store.legacy else None
+        # ledger-once's record of the call is released too, or the call would match it again.
+        released = legacy_id is not None and self.retry_id(legacy_id, force=force)
+        return self.retry_id(call.id, force=force) or released
 
     def retry_id(self, id: str, *, force: bool = False) -> bool:
         """`retry` by record id, as `ledger retry ID` does.
@@ -3305,7 +3562,7 @@ class Guard:
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
         _flush_all()
-        return [r.as_dict() for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
+        return [_HistoryRow(r.as_dict()) for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
         """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
@@ -3528,6 +3785,18 @@ async def _outcome_of(awaitable: Any) -> Outcome:
     return Outcome(await awaitable, "unlimited")
 
 
+class _HistoryRow(dict):
+    """A record as a dict. row["wf"] and row["touched"], ledger-once's names, read
+    "workflow" and "updated" (without being keys of their own)."""
+
+    _LEDGER_ONCE_NAMES = {"wf": "workflow", "touched": "updated"}
+
+    def __missing__(self, key: str) -> Any:
+        if key in self._LEDGER_ONCE_NAMES:
+            return self[self._LEDGER_ONCE_NAMES[key]]
+        raise KeyError(key)
+
+
 def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = {}
     for record in records:
@@ -3564,6 +3833,7 @@ def _summary_line(tool: str, rows: list[Record]) -> str:
 
 
 guard = Guard()
+_Mem = MemoryStore  # ledger-once's name for the in-memory store, which its README's tests import
 
 
 # ---------------------------------------------------------------------------
@@ -3615,6 +3885,9 @@ def _parser() -> Any:
     wf.add_argument("--wf", metavar="WORKFLOW", help="only the records of this workflow")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # ledger-once's commands took the database as their first argument: `ledger show ledger.db`.
+    path = argparse.ArgumentParser(add_help=False)
+    path.add_argument("database", nargs="?", metavar="DATABASE", help="the ledger database, as --db")
 
     parser = argparse.ArgumentParser(prog="ledger", parents=[db],
                                      description="Exactly-once and singleflight for AI-agent tool calls: "
@@ -3629,21 +3902,21 @@ def _parser() -> Any:
 
     command("demo", _cmd_demo, "show retries blocked, parallel lookups shared and a crash recovered, on a "
             "temporary database (or --db PATH, kept)")
-    p = command("show", _cmd_show, "the calls in the ledger, as a table", wf, as_json)
+    p = command("show", _cmd_show, "the calls in the ledger, as a table", wf, as_json, path)
     p.add_argument("--tool", help="only the calls of this tool")
     p.add_argument("--status", type=str.upper, choices=STATES, help="only the calls in this state")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the N most recent calls")
-    p = command("tail", _cmd_tail, "follow new activity as it happens, until Ctrl-C", wf, as_json)
+    p = command("tail", _cmd_tail, "follow new activity as it happens, until Ctrl-C", wf, as_json, path)
     p.add_argument("--last", type=int, default=10, metavar="N", help="first show the N latest calls (default 10)")
     p.add_argument("--interval", type=_positive_float, default=0.5, metavar="SECONDS",
                    help="how often to look (default 0.5)")
-    command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json)
-    command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json)
-    p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf)
+    command("stats", _cmd_stats, "totals and the duplicate rate", wf, as_json, path)
+    command("savings", _cmd_savings, "runs avoided, money and time saved, per tool", wf, as_json, path)
+    p = command("clear", _cmd_clear, "delete the records (of one workflow); asks first", wf, path)
     p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     p = command("prune", _cmd_prune, "delete the records of calls that finished before a time, and of "
                 "ttl'd calls whose window ended (never a running call's); a pruned call runs again if called "
-                "again", wf, as_json)
+                "again", wf, as_json, path)
     p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
                    help="finished more than this long ago: 30d, 12h, 90m, 45s, 2w or seconds")
     p.add_argument("--status", type=str.upper, choices=PRUNABLE, action="append",
@@ -3654,12 +3927,16 @@ def _parser() -> Any:
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
     p.add_argument("--force", action="store_true", help="release it even while its worker holds a live lease "
                    "(only when that worker is known to be gone: otherwise two runs overlap)")
-    p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf)
+    p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf, path)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     command("check", _cmd_check, "check the database against the store contract, on scratch records "
             "of its own (existing records are not touched)", as_json)
-    p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf)
+    p = command("migrate", _cmd_migrate, "carry over the calls ledger-once recorded in a SQLite file (a guard "
+                "opening the file does it too), and report them", path)
+    p.add_argument("--confirm", metavar="ID", help="vouch that the carried-over record ID (or a unique prefix) "
+                   "is the call of the function now asking for it (see AmbiguousRecordError)")
+    p = command("serve", _cmd_serve, "a live dashboard in the browser (read-only)", wf, path)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                    "only)")
     p.add_argument("--port", type=_port, default=4242, help="default 4242; 0 picks a free port")
@@ -3790,7 +4067,8 @@ def _table(headers: list[str], rows: list[list[str]], paint: _Paint, *, right: I
 
 
 def _db_spec(args: Any) -> str:
-    return getattr(args, "db", None) or os.environ.get("LEDGER_DB") or "ledger.db"
+    return (getattr(args, "db", None) or getattr(args, "database", None) or os.environ.get("LEDGER_DB")
+            or "ledger.db")
 
 
 @contextlib.contextmanager
@@ -4038,6 +4316,41 @@ def _cmd_check(args: Any) -> int:
         print(f"{_Paint(sys.stdout)('green', 'ok')} {store.url} keeps the store contract")
         print("   (checked on scratch records of its own; existing records untouched)")
     return EXIT_OK if failure is None else EXIT_FAILED
+
+
+def _cmd_migrate(args: Any) -> int:
+    spec = _db_spec(args)
+    if "://" in spec or spec == ":memory:" or not os.path.isfile(spec):
+        raise LedgerError(f"no SQLite file at {spec}: ledger-once kept its calls in one (by default ./ledger.db)")
+    store = SQLiteStore(spec)  # opening it carries the calls over
+    try:
+        conn = store._conn()
+        if not _ledger_once_imported(conn):
+            print(f"{spec} holds no table of ledger-once's; nothing to carry over")
+            return EXIT_OK
+        if args.confirm:
+            return _confirm_legacy(store, args.confirm)
+        imported, calls = conn.execute("SELECT imported, calls FROM ledger_once_import").fetchone()
+        kept = sum(r.id.startswith(LEGACY_PREFIX) for r in store.records())
+        when = _dt.datetime.fromtimestamp(imported).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{calls} calls recorded by ledger-once were carried over on {when} (done ones stay done, "
+              f"running ones stay blocked until `ledger retry ID`, failed ones may run again)")
+        print(f"{kept} of them are in the ledger under ids starting with {LEGACY_PREFIX}; a call with the same "
+              f"function, arguments (or key=) and workflow finds its record there")
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def _confirm_legacy(store: SQLiteStore, prefix: str) -> int:
+    guard = Guard(store, quiet=True)
+    record = _find_record(guard, prefix if prefix.startswith(LEGACY_PREFIX) else LEGACY_PREFIX + prefix)
+    if record.owner != LEGACY_OWNER:
+        raise LedgerError(f"{record.id} is not a carried-over record awaiting confirmation")
+    if not store.swap(record.evolve(owner=LEGACY_CONFIRMED), record.epoch, record.owner):
+        raise LedgerError(f"{record.id} changed while confirming it; run the command again")
+    print(f"confirmed {record.id} ({_clean(record.tool)}): the next call that matches it is a duplicate")
+    return EXIT_OK
 
 
 # -- tail -------------------------------------------------------------------------

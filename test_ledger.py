@@ -1,15 +1,17 @@
 """The specification of ledger.py, grouped by the section of ledger.py each part covers.
 
-Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server or a
-Chromium browser skip where there is none (set LEDGER_TEST_POSTGRES,
-LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM to enable them); with
-LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
+Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server, a
+Chromium browser or ledger-once (in a virtualenv of its own) skip where there is
+none (set LEDGER_TEST_POSTGRES, LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM,
+LEDGER_TEST_LEDGER_ONCE to enable them); with LEDGER_TEST_REQUIRE_ALL=1, as
+under CI, they fail instead of skipping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import decimal
@@ -18,6 +20,7 @@ import functools
 import hashlib
 import hmac
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -194,6 +197,15 @@ CHARGES: list = []
 @pytest.fixture(autouse=True)
 def _reset_charges():
     CHARGES.clear()
+
+
+@pytest.fixture(autouse=True)
+def _own_scope():
+    """Each test starts outside any workflow()/as_caller() a test before it set as a statement."""
+    yield
+    for var in (ledger._WORKFLOW, ledger._CALLER, ledger._STATEMENT):
+        var.set(None)
+    ledger._SCOPE_TOKENS.set(())
 
 
 # ---------------------------------------------------------------------------
@@ -1869,6 +1881,97 @@ def test_telemetry_turns_on_within_a_second_of_a_provider_set_after_the_first_ca
     assert seen["on"] is True and seen["spans"] == ["blocked"]
 
 
+# Workflow and caller as statements (ledger-once's style): they set a contextvar, so
+# they last in this thread or task (and the tasks it starts) until the next one.
+
+SCOPE_OPS = st.recursive(
+    st.tuples(st.sampled_from(["workflow", "as_caller"]), st.sampled_from(["a", "b", "c"])),
+    lambda inner: st.tuples(st.just("with"), st.sampled_from(["workflow", "as_caller", "both"]),
+                            st.sampled_from(["x", "y"]), st.lists(inner, max_size=3)),
+    max_leaves=8)
+
+
+def test_workflow_as_a_statement_scopes_the_calls_that_follow(g):
+    g.workflow("order-42")
+    g(charge, 1)
+    g.workflow("order-43")
+    g(charge, 1)
+    assert len(CHARGES) == 2 and [r["workflow"] for r in g.history()] == ["order-42", "order-43"]
+
+
+def test_as_caller_as_a_statement_tags_the_calls_that_follow(g):
+    g.as_caller("agent-A")
+    g(charge, 1)
+    assert g.history()[0]["caller"] == "agent-A"
+
+
+def test_a_statement_workflow_is_private_to_its_thread(g):
+    seen = {}
+    set_here, other_looked = threading.Event(), threading.Event()
+
+    def setter():
+        g.workflow("mine")
+        set_here.set()
+        other_looked.wait(5)
+        seen["setter"] = g._workflow()
+
+    def other():
+        set_here.wait(5)
+        seen["other"] = g._workflow()
+        other_looked.set()
+    threads = [threading.Thread(target=setter), threading.Thread(target=other)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert seen == {"setter": "mine", "other": "default"} and g._workflow() == "default"
+
+
+def test_a_statement_workflow_is_private_to_its_asyncio_task_and_inherited_by_tasks_it_starts(g):
+    async def child():
+        return g._workflow(), g._caller()
+
+    async def request(name):
+        g.workflow(name)
+        g.as_caller(f"agent-{name}")
+        await asyncio.sleep(0.01)
+        return g._workflow(), g._caller(), await asyncio.create_task(child())
+
+    async def main():
+        return await asyncio.gather(request("a"), request("b"))
+    assert asyncio.run(main()) == [("a", "agent-a", ("a", "agent-a")), ("b", "agent-b", ("b", "agent-b"))]
+    assert (g._workflow(), g._caller()) == ("default", None)
+
+
+def test_a_returned_scoped_guard_keeps_its_own_workflow_whatever_the_statements_after_it(g):
+    order = g.workflow("order-1")
+    g.workflow("order-2")
+    order(charge, 1)
+    g(charge, 1)
+    assert [r["workflow"] for r in g.history()] == ["order-1", "order-2"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(SCOPE_OPS, max_size=6))
+def test_a_with_block_restores_the_scope_it_found_whatever_statements_ran_inside_it(ops):
+    g = Guard(MemoryStore(), quiet=True)
+
+    def run(ops):
+        for op in ops:
+            if op[0] == "with":
+                _, kind, name, body = op
+                before = (g._workflow(), g._caller())
+                scope = g.workflow(name).as_caller(name) if kind == "both" else getattr(g, kind)(name)
+                with scope:
+                    assert kind == "as_caller" or g._workflow() == name
+                    assert kind == "workflow" or g._caller() == name
+                    run(body)
+                assert (g._workflow(), g._caller()) == before
+            else:
+                kind, name = op
+                getattr(g, kind)(name)
+                assert (g._caller() if kind == "as_caller" else g._workflow()) == name
+    contextvars.copy_context().run(run, ops)
+
+
 # ---------------------------------------------------------------------------
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
@@ -2220,6 +2323,431 @@ def test_sqlite_without_create_leaves_a_file_that_is_no_ledger_as_it_was(tmp_pat
     with pytest.raises(ledger.StoreError, match="not a ledger database"):
         SQLiteStore(path, create=False)
     assert path.read_bytes() == before
+
+# ledger-once databases. ledger-once 0.1.5 runs from its own virtualenv (its module is
+# also `ledger`, so it never shares a process with ours), writes a real database, and
+# then ledger.py opens the same folder: no call it recorded as done may run again.
+
+LEDGER_ONCE_PYTHON = os.environ.get("LEDGER_TEST_LEDGER_ONCE")
+
+LEGACY_TOOLS = '''
+import json, os
+
+EFFECTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "effects.txt")
+
+
+def effect(*what):
+    with open(EFFECTS, "a") as f:
+        f.write(" ".join(map(str, what)) + "\\n")
+
+
+def charge(order_id, amount, currency="usd"):
+    effect("charge", order_id, amount, currency)
+    return {"charged": amount, "order": order_id}
+
+
+def send_email(to, sent_at=None):
+    effect("email", to, sent_at)
+    return "sent"
+
+
+def book(a, b=0, c=None):
+    effect("book", json.dumps([a, b, c]))
+    return [a, b, c]
+
+
+async def post_webhook(url, payload=None):
+    effect("webhook", url)
+    return 200
+
+
+def spread(first, *rest, flag=False, **options):
+    effect("spread", json.dumps([first, rest, flag, options]))
+    return "spread"
+
+
+def flaky(n):
+    effect("flaky", n)
+    raise RuntimeError("card declined")
+
+
+def crash(n):
+    effect("crash", n)
+    if os.environ.get("LEGACY_CRASH"):  # only in the process that ledger-once runs
+        os._exit(3)
+    return "survived"
+
+
+class Mailer:
+    def send(self, to):
+        effect("mailer.send", to)
+        return "sent"
+'''
+
+
+class LedgerOnceFolder:
+    """A folder with a tools module that ledger-once (in a subprocess) and this process share."""
+
+    def __init__(self, folder: pathlib.Path, python: str):
+        self.folder, self.python = folder, python
+        self.module = "legacy_tools_" + uuid.uuid4().hex[:8]
+        (folder / f"{self.module}.py").write_text(LEGACY_TOOLS)
+        self.db = folder / "ledger.db"
+
+    def record(self, code: str, expect_exit: int = 0, crash: bool = False) -> None:
+        """Run `code` under ledger-once, with `guard` and `tools` (the shared module) at hand."""
+        prelude = textwrap.dedent(f"""
+            import ledger
+            assert hasattr(ledger, "_Engine"), "not ledger-once: " + ledger.__file__
+            from ledger import guard
+            guard.quiet()
+            import {self.module} as tools
+        """)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+        env.update({"LEGACY_CRASH": "1"} if crash else {})
+        done = subprocess.run([self.python, "-c", prelude + textwrap.dedent(code)], cwd=self.folder, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == expect_exit, done.stderr
+
+    def tools(self):
+        """The same module, imported here under the same name (so its functions are the same tools)."""
+        if self.module not in sys.modules:
+            spec = importlib.util.spec_from_file_location(self.module, self.folder / f"{self.module}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[self.module] = module
+            spec.loader.exec_module(module)
+        return sys.modules[self.module]
+
+    def effects(self) -> list[str]:
+        path = self.folder / "effects.txt"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def guard(self) -> Guard:
+        return Guard(str(self.db), quiet=True)
+
+    def legacy_rows(self) -> list[tuple]:
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute("SELECT * FROM ledger ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def ledger_once(tmp_path):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON) and os.path.exists(LEDGER_ONCE_PYTHON or ""),
+         "set LEDGER_TEST_LEDGER_ONCE to the python of a virtualenv with `pip install ledger-once==0.1.5` "
+         "(.ci/run makes one)")
+    folder = LedgerOnceFolder(tmp_path, LEDGER_ONCE_PYTHON)
+    yield folder
+    sys.modules.pop(folder.module, None)
+
+
+def test_no_call_ledger_once_recorded_as_done_runs_again_after_the_swap(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, 2, 5.0)                                    # positional
+        guard(tools.send_email, to="a@x.io", sent_at="08:00", key="welcome-a")
+        guard.workflow("order-42")                                     # its statement style
+        guard(tools.charge, order_id=42, amount=1.0)
+        guard.workflow("default")
+        guard.wrap_tools({"bill": tools.charge})["bill"](order_id=3, amount=2.5)
+    """)
+    ran = ledger_once.effects()
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED                        # spelled positionally now
+    assert g(tools.charge, amount=5.0, order_id=2, currency="usd") is BLOCKED
+    assert g(tools.send_email, to="a@x.io", sent_at="09:30", key="welcome-a") is BLOCKED
+    g.workflow("order-42")
+    assert g(tools.charge, 42, 1.0) is BLOCKED
+    g.workflow("default")
+    assert g.wrap_tools({"bill": tools.charge})["bill"](3, 2.5) is BLOCKED
+    assert ledger_once.effects() == ran
+
+
+AGENT_SCRIPT = """
+import os
+from ledger import guard
+
+def charge(order_id, amount):
+    with open("effects.txt", "a") as f:
+        f.write(f"charge {order_id}\\n")
+    return {"charged": amount}
+
+guard.quiet()
+guard.workflow("order-42")
+guard.as_caller("agent-A")
+print(guard(charge, 42, 9.99), guard(charge, order_id=43, amount=1.0, key="charge-43"))
+"""
+
+
+def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledger_once):
+    (ledger_once.folder / "agent.py").write_text(AGENT_SCRIPT)  # its tools live in __main__
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+    before = subprocess.run([ledger_once.python, "agent.py"], cwd=ledger_once.folder, env=env,
+                            capture_output=True, text=True, timeout=120)
+    after = subprocess.run([sys.executable, "agent.py"], cwd=ledger_once.folder, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(HERE)}, timeout=120)
+    assert before.stdout.split() == ["{'charged':", "9.99}", "{'charged':", "1.0}"], before.stderr
+    assert after.stdout.split() == ["BLOCKED", "BLOCKED"], after.stderr
+    assert ledger_once.effects() == ["charge 42", "charge 43"]
+
+
+def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
+    ledger_once.record("""
+        import asyncio
+        asyncio.run(guard(tools.post_webhook, url="https://h", payload={"b": 1, "a": 2}))
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.post_webhook, replay=True)
+
+    async def main():
+        return await g(tools.post_webhook, "https://h", {"a": 2, "b": 1})
+    assert asyncio.run(main()) == 200 and ledger_once.effects() == ["webhook https://h"]
+
+
+def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=7, amount=3.5)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.charge, replay=True)
+    assert g(tools.charge, 7, 3.5) == {"charged": 3.5, "order": 7}
+    assert g.execute(tools.charge, 7, 3.5).source == "replayed"
+    assert ledger_once.effects() == ["charge 7 3.5 usd"]
+
+
+def test_a_different_call_still_runs_after_the_swap(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.send_email, to="a@x.io", key="welcome-a")
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 10.0) == {"charged": 10.0, "order": 1}
+    assert g.workflow("other")(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert g(tools.send_email, to="a@x.io", key="welcome-b") == "sent"
+    assert ledger_once.effects()[2:] == ["charge 1 10.0 usd", "charge 1 9.99 usd", "email a@x.io None"]
+
+
+def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once):
+    ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.crash, lease=0.01)  # recover="retry" (the default) would take over a lease of its own
+    assert g(tools.crash, 7) is BLOCKED
+    assert g(tools.crash, n=7) is BLOCKED
+    assert g.stats()["stale"] == 2  # ledger-once's record, and this call's copy of it
+    assert ledger_once.effects() == ["crash 7"]
+    assert g.retry(tools.crash, 7) is True
+    assert g(tools.crash, 7) == "survived"
+    assert ledger_once.effects() == ["crash 7", "crash 7"] and g.stats()["stale"] == 0
+
+
+def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
+    ledger_once.record("""
+        try:
+            guard(tools.flaky, 1)
+        except RuntimeError:
+            pass
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(RuntimeError, match="declined"):
+        g(tools.flaky, 1)
+    assert ledger_once.effects() == ["flaky 1", "flaky 1"]
+
+
+def test_floats_ledger_once_rounded_together_stay_one_call_in_either_order(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=99.99)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 99.9900000001) is BLOCKED  # the drifted retry comes first
+    assert g(tools.charge, 1, 99.99) is BLOCKED          # and the recorded spelling still finds its record
+    assert ledger_once.effects() == ["charge 1 99.99 usd"]
+
+
+LEGACY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+LEGACY_CALLS = st.lists(st.fixed_dictionaries({
+    "values": st.lists(LEGACY_VALUES, min_size=3, max_size=3),
+    "positional": st.integers(0, 3), "again_positional": st.integers(0, 3),
+    "key": st.none() | st.text(min_size=1, max_size=8), "wf": st.sampled_from(["default", "order-1", "ü/2"]),
+}), min_size=1, max_size=6)
+
+
+def legacy_spelling(call: dict, positional: int) -> tuple[list, dict]:
+    """book(a, b=0, c=None) with the first `positional` arguments by position, the rest by name."""
+    names = ["a", "b", "c"]
+    return call["values"][:positional], dict(zip(names[positional:], call["values"][positional:]))
+
+
+@settings(max_examples=8, deadline=None)
+@given(calls=LEGACY_CALLS)
+def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_way(calls, tmp_path_factory):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
+    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    spelled = [[*legacy_spelling(c, c["positional"]), c["key"], c["wf"]] for c in calls]
+    (folder.folder / "calls.json").write_text(json.dumps(spelled))
+    try:
+        folder.record("""
+            import json
+            for args, kwargs, key, wf in json.load(open("calls.json")):
+                guard.workflow(wf)
+                guard(tools.book, *args, **kwargs, **({"key": key} if key is not None else {}))
+        """)
+        ran = folder.effects()
+        tools, g = folder.tools(), folder.guard()
+        for c in calls:
+            args, kwargs = legacy_spelling(c, c["again_positional"])
+            g.workflow(c["wf"])
+            assert g(tools.book, *args, **kwargs, **({"key": c["key"]} if c["key"] is not None else {})) is BLOCKED
+        assert folder.effects() == ran
+    finally:
+        sys.modules.pop(folder.module, None)
+        ledger._WORKFLOW.set(None)
+
+
+def binds(fn, args, kwargs) -> bool:
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+        return True
+    except TypeError:
+        return False
+
+
+FINGERPRINTED_CALLS = st.lists(st.tuples(
+    st.sampled_from(["book", "spread"]), st.lists(LEGACY_VALUES, min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from(["b", "c", "flag", "x", "y"]), LEGACY_VALUES, max_size=2),
+    st.none() | st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=6)), min_size=20, max_size=40)
+
+
+@settings(max_examples=4, deadline=None)
+@given(calls=FINGERPRINTED_CALLS)
+def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, tmp_path_factory):
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
+    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    tools = folder.tools()
+    calls = [c for c in calls if binds(getattr(tools, c[0]), c[1], c[2])]  # calls a tool could be given
+    (folder.folder / "calls.json").write_text(json.dumps(calls))
+    try:
+        folder.record("""
+            import json
+            ids = []
+            for tool, args, kwargs, key, wf in json.load(open("calls.json")):
+                fn = getattr(tools, tool)
+                ids.append(ledger._fp(ledger._tool_name(fn), ledger._bind(fn, tuple(args), kwargs), wf, key))
+            json.dump(ids, open("ids.json", "w"))
+        """)
+        theirs = json.loads((folder.folder / "ids.json").read_text())
+        g = Guard(MemoryStore(), quiet=True)
+        ours = []
+        for tool, args, kwargs, key, wf in calls:
+            with g.workflow(wf):
+                call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
+            ours.append(ledger._ledger_once_id(call))
+        assert ours == [ledger.LEGACY_PREFIX + id for id in theirs]
+    finally:
+        sys.modules.pop(folder.module, None)
+
+
+def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    g.reset()
+    g.close()
+    again = ledger_once.guard()
+    assert again(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert ledger_once.effects() == ["charge 1 9.99 usd"] * 2
+
+
+def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.send_email, to="a@x.io", key="welcome-a")
+    """)
+    before = ledger_once.legacy_rows()
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    assert ledger_once.legacy_rows() == before
+
+
+def test_a_read_only_open_of_a_ledger_once_file_names_ledger_migrate_and_changes_nothing(ledger_once):
+    ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
+    before = ledger_once.db.read_bytes()
+    with pytest.raises(ledger.StoreError, match="ledger migrate"):
+        ledger.open_store(str(ledger_once.db), create=False)
+    assert ledger_once.db.read_bytes() == before
+
+
+def _import_and_count(path: str, queue) -> None:
+    store = SQLiteStore(path)
+    queue.put(len([r for r in store.records() if r.id.startswith(ledger.LEGACY_PREFIX)]))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_once, method):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, order_id=2, amount=9.99)
+    """)
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_import_and_count, args=(str(ledger_once.db), queue)) for _ in range(4)]
+    [w.start() for w in workers]
+    counts = [queue.get(timeout=60) for _ in workers]
+    [w.join() for w in workers]
+    assert counts == [2] * 4
+    with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn:
+        assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
+
+
+def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:") as refused:
+        g(tools.Mailer().send, "a@x.io")
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+    legacy_id = re.search(r"--confirm (lo:\w+)", str(refused.value)).group(1)
+    assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
+    assert g(tools.Mailer().send, "a@x.io") is BLOCKED
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+
+
+def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger retry lo:") as refused:
+        g(tools.Mailer().send, "a@x.io")
+    legacy_id = re.search(r"ledger retry (lo:\w+)", str(refused.value)).group(1)
+    assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
+    assert g(tools.Mailer().send, "a@x.io") == "sent"
+    assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
+
+
+def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger_once):
+    ledger_once.record("""
+        guard(tools.Mailer().send, 'a@x.io')
+        guard(tools.charge, order_id=1, amount=9.99)
+    """)
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    assert g.force(tools.Mailer().send, "a@x.io") == "sent"
+    assert g.force(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
+    assert g(tools.charge, 1, 9.99) is BLOCKED
+    assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
+
+
+def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
+    ledger_once.record("""
+        guard.policy(tools.charge, ttl=3600)
+        guard(tools.charge, order_id=1, amount=9.99)
+        guard(tools.charge, order_id=2, amount=9.99)
+    """)
+    with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn, conn:
+        two_hours_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+        conn.execute("UPDATE ledger SET touched = ?", (two_hours_ago.isoformat(),))
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    g.policy(tools.charge, ttl=3600)
+    assert g(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}  # touched two hours ago: expired
+    g.policy(tools.charge, ttl=3 * 3600)
+    assert g(tools.charge, 2, 9.99) is BLOCKED                        # within three hours of its touch
+    assert ledger_once.effects() == ["charge 1 9.99 usd", "charge 2 9.99 usd", "charge 1 9.99 usd"]
+
 
 # ---------------------------------------------------------------------------
 # Stores: PostgreSQL and Redis. Every store-parametrized test above runs on
@@ -3002,6 +3530,7 @@ def test_a_store_that_refuses_every_claim_is_reported_not_spun_on():
 
 def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
     scope = g.workflow("shared")
+    g.workflow("main")  # the statement after it: what this thread uses outside the blocks
 
     async def request(n):
         with scope:
@@ -3010,7 +3539,7 @@ def test_one_scope_object_can_be_entered_by_many_tasks_at_once(g):
 
     async def main():
         return await asyncio.gather(*[request(n) for n in range(3)])
-    assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "default"
+    assert asyncio.run(main()) == ["shared"] * 3 and g._workflow() == "main"
 
 
 def test_stats_see_counts_buffered_by_other_guards_in_the_process(tmp_path):
@@ -3051,6 +3580,191 @@ def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
     results, gets = asyncio.run(main())
     assert results == ["done"] * 6
     assert gets <= 12, f"5 waiters read the store {gets} times while waiting"
+
+
+# ledger-once's README, as its users write it: each documented call works the same
+# here, or fails with a message that names what replaced it.
+
+def test_ledger_once_users_protect_a_toolset_and_set_what_a_blocked_call_returns(g):
+    tool_map = g.wrap_tools({"charge_card": charge}, blocked_return={"status": "blocked"})
+    assert tool_map["charge_card"](**{"order_id": 1, "amount": 9.0}) == {"charged": 9.0, "order": 1}
+    assert json.dumps(tool_map["charge_card"](order_id=1, amount=9.0)) == '{"status": "blocked"}'
+    assert [fn.__name__ for fn in g.wrap_tools([charge])] == ["charge"] and len(CHARGES) == 1
+
+
+@pytest.mark.parametrize("not_tools", ["not a dict", 42, None])
+def test_wrap_tools_given_no_toolset_raises_a_type_error_as_ledger_once_did(g, not_tools):
+    with pytest.raises(TypeError, match="dict or a list"):
+        g.wrap_tools(not_tools)
+    with pytest.raises(ledger.ConfigError):
+        g.wrap_tools(not_tools)
+
+
+def test_wrap_tools_given_something_not_callable_in_a_toolset_raises_a_type_error(g):
+    with pytest.raises(TypeError, match="not a function"):
+        g.wrap_tools({"charge_card": "charge"})
+
+
+def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
+    events = []
+    same = (g.policy(Counter(), unlimited=True).policy(charge, replay=True)
+            .on_success(lambda r: events.append(("ran", r.tool))).on_block(lambda r: events.append(("dup", r.tool)))
+            .on_fail(lambda r: None).quiet())
+    assert same is g
+    assert g(charge, 1) == g(charge, 1) == {"charged": 10.0, "order": 1}
+    assert events == [("ran", ledger.tool_name(charge)), ("dup", ledger.tool_name(charge))]
+
+
+def test_policy_ttl_zero_means_no_expiry_as_in_ledger_once(g):
+    g.policy(charge, ttl=0)
+    g(charge, 1)
+    assert g(charge, 1) is BLOCKED and g.history()[0]["expires"] is None
+
+
+def test_policy_max_none_means_the_default_of_one_run_as_in_ledger_once(g):
+    g.policy(charge, max=None)
+    g(charge, 1)
+    assert g(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
+def test_the_documented_policies_of_ledger_once_behave_as_documented(g):
+    runs = []
+
+    def search_web(q):
+        runs.append("search")
+        return "hits"
+
+    def send_sms(to):
+        runs.append("sms")
+        return "ok"
+    g.policy(search_web, unlimited=True).policy(charge, replay=True).policy(send_sms, max=2)
+    assert [g(search_web, q="x") for _ in range(3)] == ["hits"] * 3
+    assert g(charge, 1) == g(charge, 1) and len(CHARGES) == 1
+    assert [g(send_sms, to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
+    assert runs == ["search"] * 3 + ["sms"] * 2
+
+
+def test_ledger_once_decorators_protect_every_call_site(g):
+    @g.once
+    def stripe_charge(card_id, amount):
+        CHARGES.append(card_id)
+        return card_id
+
+    @g.once(replay=True)
+    def create_invoice(id, amount):
+        return {"invoice": id}
+    assert stripe_charge("tok", 49.0) == "tok" and stripe_charge("tok", amount=49.0) is BLOCKED
+    assert create_invoice(1, 5) == create_invoice(1, 5) == {"invoice": 1} and CHARGES == ["tok"]
+
+
+def test_ledger_once_escape_hatches_retry_and_force_run_the_call_again(g):
+    g(charge, order_id=1)
+    g.retry(charge, order_id=1)
+    g(charge, order_id=1)
+    g.force(charge, order_id=1)
+    assert len(CHARGES) == 3
+
+
+def test_ledger_once_observability_stats_history_and_log(g, capsys):
+    g(charge, 1)
+    g(charge, 1)
+    g.workflow("order-42")
+    g(charge, 2)
+    stats = g.stats()
+    assert {k: stats[k] for k in ("actions", "attempts", "executed", "blocked", "failed")} == {
+        "actions": 2, "attempts": 3, "executed": 2, "blocked": 1, "failed": 0}
+    assert len(g.history(tool=charge)) == 2 and [r["workflow"] for r in g.history(wf="order-42")] == ["order-42"]
+    g.log()
+    assert "attempts 3" in capsys.readouterr().err.replace("  ", " ")
+
+
+def test_history_rows_answer_to_ledger_once_names_for_workflow_and_last_touch(g):
+    g.workflow("order-42")
+    g(charge, 1)
+    row = g.history(wf="order-42")[0]
+    assert (row["wf"], row["touched"]) == ("order-42", row["updated"]) and "wf" not in row
+    with pytest.raises(KeyError):
+        row["nonsense"]
+
+
+async def post_webhook(url: str, payload: dict) -> str:
+    CHARGES.append(url)
+    return "posted"
+
+
+def test_ledger_once_async_calls_need_no_extra_syntax(g):
+    async def main():
+        return [await g(post_webhook, url="https://h", payload={"a": 1}) for _ in range(2)]
+    assert asyncio.run(main()) == ["posted", BLOCKED] and CHARGES == ["https://h"]
+
+
+def test_ledger_once_self_check_passes():
+    assert ledger.guard.check()
+
+
+def test_ledger_once_testing_example_with_an_isolated_memory_store():
+    from ledger import _Mem
+    guard = Guard(store=_Mem())
+    guard(charge, order_id=1, amount=49.00)
+    guard(charge, order_id=1, amount=49.00)
+    assert guard.stats()["executed"] == 1 and guard.stats()["blocked"] == 1
+
+
+def test_a_store_written_to_ledger_once_protocol_is_refused_naming_the_methods_to_write():
+    class SixMethods(ledger.Store):
+        def get(self, id): ...
+        def claim(self, r): ...
+        def put(self, r): ...
+        def delete(self, id): ...
+        def all(self, wf=None): ...
+        def clear(self, wf=None): ...
+
+    class NotSubclassed:
+        get = claim = put = delete = all = clear = lambda self, *a: None
+    for store in (SixMethods(), NotSubclassed()):
+        with pytest.raises(ledger.ConfigError, match="insert, swap"):
+            Guard(store=store)(charge, 1)
+    assert CHARGES == []
+
+
+def test_persist_moves_the_records_to_another_file_before_calls_run(tmp_path):
+    guard = Guard(str(tmp_path / "first.db"), quiet=True)
+    guard(charge, 1)
+    assert guard.persist(tmp_path / "second.db") is guard
+    guard(charge, 1)
+    assert len(CHARGES) == 2 and len(Guard(str(tmp_path / "second.db")).history()) == 1
+
+
+def test_persist_is_refused_while_a_call_of_the_guard_is_running(g, tmp_path):
+    def tool():
+        with pytest.raises(ledger.ConfigError, match="running"):
+            g.persist(tmp_path / "other.db")
+        return "done"
+    assert g(tool) == "done" and not (tmp_path / "other.db").exists()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_warnings_as_ledger_once_quiet_did(tmp_path, caplog, quiet):
+    guard = Guard(str(tmp_path / "l.db"), quiet=False)
+    if quiet:
+        assert guard.quiet() is guard
+    for n in range(3):  # retries the ledger cannot recognise: a warning, unless quiet
+        guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
+    assert bool(caplog.records) is not quiet
+
+
+def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LEDGER_WORKFLOW", "run-42")
+    monkeypatch.setenv("LEDGER_QUIET", "1")
+    guard = Guard(str(tmp_path / "l.db"))
+    for n in range(3):
+        guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
+    assert guard.history()[0]["workflow"] == "run-42" and caplog.records == []
+
+
+def send_note(to: str, sent_at: str) -> str:
+    return "sent"
+
 
 
 # ---------------------------------------------------------------------------
@@ -3825,6 +4539,47 @@ def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
     code, out, _ = cli("clear", "--db", ledger_db, "--wf", "order-7", "--yes")
     assert code == 0 and "deleted 3 records" in out
     assert sorted(r["workflow"] for r in records_of(ledger_db)) == ["default", "triage"]
+
+
+@pytest.mark.parametrize("command", [["show"], ["stats"], ["show", "--wf", "triage"], ["stats", "--wf", "triage"]])
+def test_commands_take_the_database_as_their_first_argument_as_ledger_once_did(ledger_db, cli, command):
+    assert cli(command[0], ledger_db, *command[1:]) == cli(*command, "--db", ledger_db)
+
+
+@pytest.mark.parametrize("command", ["tail", "savings", "export", "serve", "migrate"])
+def test_every_command_ledger_once_had_or_replaces_parses_the_database_first(command):
+    assert ledger._db_spec(ledger._parser().parse_args([command, "agent.db"])) == "agent.db"
+
+
+def test_clear_takes_the_database_as_its_first_argument(ledger_db, cli):
+    code, out, _ = cli("clear", ledger_db, "--wf", "order-7", "--yes")
+    assert code == 0 and "deleted 3 records" in out
+
+
+def test_migrate_carries_ledger_once_calls_over_and_reports_them(ledger_once, cli):
+    ledger_once.record("""
+        guard(tools.charge, order_id=1, amount=9.99)
+        try:
+            guard(tools.flaky, 1)
+        except RuntimeError:
+            pass
+    """)
+    code, out, _ = cli("migrate", ledger_once.db)
+    assert code == 0 and "1 calls recorded by ledger-once were carried over" in out
+    assert "1 of them are in the ledger under ids starting with lo:" in out
+    assert [r["tool"] for r in records_of(ledger_once.db)] == [f"{ledger_once.module}.charge"]
+    assert cli("migrate", ledger_once.db)[1] == out  # a second run changes nothing
+
+
+def test_migrate_of_a_file_without_ledger_once_table_changes_nothing(ledger_db, cli):
+    before = records_of(ledger_db)
+    code, out, _ = cli("migrate", ledger_db)
+    assert code == 0 and "nothing to carry over" in out and records_of(ledger_db) == before
+
+
+def test_migrate_of_a_missing_file_is_a_usage_error_that_creates_none(tmp_path, cli):
+    code, _, err = cli("migrate", tmp_path / "missing.db")
+    assert code == 2 and "no SQLite file" in err and list(tmp_path.iterdir()) == []
 
 
 def test_retry_releases_a_stale_call_so_that_it_runs_again(ledger_db, cli):
