@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import multiprocessing
+import operator
 import os
 import pathlib
 import re
@@ -1995,11 +1996,26 @@ def test_wrap_tools_imports_no_framework(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-def test_wrap_tools_rejects_what_is_not_a_tool(g):
-    with pytest.raises(ledger.ConfigError, match="not a function or a known framework tool"):
+def test_wrap_tools_rejects_what_is_not_a_tool_naming_its_type(g):
+    with pytest.raises(ledger.ConfigError, match=r"wrap_tools: x: a builtins\.int is not a function or a framework tool"):
         g.wrap_tools({"x": 42})
     with pytest.raises(ledger.ConfigError, match="wrap_tools takes"):
         g.wrap_tools(42)
+
+
+def test_a_callable_object_of_an_installed_package_is_refused_at_wrap_time(g):
+    # an itemgetter stands for any library's callable object ledger has no adapter for (an
+    # unknown framework's tool): calling it directly would bypass that framework's machinery
+    with pytest.raises(ledger.ConfigError, match=r"guard\.once: a operator\.itemgetter is not a function"):
+        g.once(operator.itemgetter(0))
+    with pytest.raises(ledger.ConfigError, match=r"search: a operator\.itemgetter is not"):
+        g.wrap_tools({"search": operator.itemgetter("q")})
+
+
+def test_a_callable_object_of_the_users_own_class_is_a_tool(g):
+    counter = Counter(result="ok")
+    [guarded] = g.wrap_tools([counter])
+    assert [guarded(1), guarded(1)] == ["ok", BLOCKED] and len(counter.calls) == 1
 
 
 def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
@@ -2162,8 +2178,8 @@ def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
     _, runs, _, _, search = langchain_tools()
     [tool] = g.wrap_tools([search])
     assert tool.invoke({"query": "x"}) == "found x"
-    assert tool.invoke({"query": "x"}) is BLOCKED
-    assert asyncio.run(tool.ainvoke({"query": "x"})) is BLOCKED
+    assert tool.invoke({"query": "x"}) == ledger.BLOCKED_MESSAGE
+    assert asyncio.run(tool.ainvoke({"query": "x"})) == ledger.BLOCKED_MESSAGE
     assert runs == [("search", "x")]
 
 
@@ -2183,7 +2199,7 @@ def test_langchain_tool_with_sync_and_async_bodies_is_one_tool(g):
     guarded = g.wrap_tools(both)
     assert isinstance(guarded, tools.StructuredTool) and guarded.name == "notify"
     assert asyncio.run(guarded.ainvoke({"to": "a"})) == "sent"
-    assert guarded.invoke({"to": "a"}) is BLOCKED
+    assert guarded.invoke({"to": "a"}) == ledger.BLOCKED_MESSAGE
     assert guarded.invoke({"to": "b"}) == "sent"
     assert runs == [("async", "a"), ("sync", "b")]
 
