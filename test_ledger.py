@@ -2222,6 +2222,69 @@ def test_langchain_injected_tool_arg_identifies_the_caller(g):
     assert runs == [("alice", 7), ("bob", 7)]
 
 
+def test_once_above_a_langchain_tool_returns_that_tool_guarded(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @g.once
+    @tools.tool
+    def send_invoice(customer: str, amount: float) -> str:
+        """Email an invoice to a customer."""
+        runs.append(customer)
+        return "sent"
+
+    assert isinstance(send_invoice, tools.StructuredTool)
+    assert send_invoice.name == "send_invoice" and send_invoice.description == "Email an invoice to a customer."
+    assert send_invoice.tool_call_schema.model_json_schema() == \
+        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
+    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
+               for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+
+
+def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool
+    @g.once
+    def send_invoice(customer: str, amount: float) -> str:
+        """Email an invoice to a customer."""
+        runs.append(customer)
+        return "sent"
+
+    assert send_invoice.tool_call_schema.model_json_schema() == \
+        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
+    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
+               for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+
+
+def test_once_blocked_return_is_what_a_langchain_duplicate_returns(g):
+    tools = framework("langchain_core.tools")
+
+    @g.once(blocked_return="invoice already sent")
+    @tools.tool
+    def send_invoice(customer: str) -> str:
+        """Email an invoice to a customer."""
+        return "sent"
+
+    assert [send_invoice.invoke({"customer": "acme"}) for _ in range(2)] == ["sent", "invoice already sent"]
+
+
+def test_a_content_and_artifact_tools_blocked_duplicate_is_a_content_artifact_pair(g):
+    tools = framework("langchain_core.tools")
+
+    @g.once
+    @tools.tool(response_format="content_and_artifact")
+    def search(query: str) -> tuple[str, list]:
+        """Search the orders."""
+        return f"found {query}", [1, 2]
+
+    messages = [search.invoke(tool_call("search", n, query="x")) for n in (1, 2)]
+    assert [(m.content, m.artifact) for m in messages] == [("found x", [1, 2]), (ledger.BLOCKED_MESSAGE, None)]
+
+
 def test_policy_can_name_a_framework_tool_by_its_object(g):
     _, runs, send_invoice, _, _ = langchain_tools()
     g.policy(send_invoice, replay=True)
@@ -2284,6 +2347,76 @@ def test_langgraph_tool_runtime_context_identifies_the_caller(g):
         state = app.invoke({"messages": [message]}, context=Customer(user))
         replies += [m.content for m in state["messages"] if m.type == "tool"]
     assert replies == ["refunded 7", "refunded 7", "already done"]
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
+def run_react_agent(tools, turns, **invoke_options):
+    """One run of LangGraph's prebuilt agent loop with a scripted model; the tools' replies."""
+    global lg_prebuilt
+    lg_prebuilt = framework("langgraph.prebuilt")
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+
+    class ScriptedModel(FakeMessagesListChatModel):
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+    schema = {"context_schema": Customer} if "context" in invoke_options else {}
+    agent = lg_prebuilt.create_react_agent(ScriptedModel(responses=turns), tools, **schema)
+    state = agent.invoke({"messages": [("user", "go")]}, **invoke_options)
+    return [m.content for m in state["messages"] if m.type == "tool"]
+
+
+def refund_turns(*calls):
+    from langchain_core.messages import AIMessage
+    return [AIMessage("", tool_calls=[tool_call("refund", n, **args) for n, args in enumerate(calls)]),
+            AIMessage("Done.")]
+
+
+def langgraph_refund_tool(runs):
+    framework("langgraph.prebuilt")
+    from langchain_core.tools import tool
+
+    @tool
+    def refund(order_id: int) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    return refund
+
+
+def test_langgraph_agent_loop_blocks_a_duplicate_tool_call(g):
+    runs = []
+    tools = g.wrap_tools([langgraph_refund_tool(runs)])
+    replies = run_react_agent(tools, refund_turns({"order_id": 7}, {"order_id": 7}))
+    assert sorted(replies) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
+
+
+def test_langgraph_agent_loop_replays_a_duplicate_tool_call(g):
+    runs = []
+    refund = langgraph_refund_tool(runs)
+    g.policy(refund, replay=True)
+    tools = g.wrap_tools([refund])
+    replies = [run_react_agent(tools, refund_turns({"order_id": 7})) for _ in range(2)]
+    assert replies == [["refunded 7"], ["refunded 7"]] and runs == [7]
+
+
+def test_langgraph_agent_loop_serves_two_users_through_the_runtime_context(g):
+    global lg_prebuilt
+    lg_prebuilt = framework("langgraph.prebuilt")
+    from langchain_core.tools import tool
+    runs = []
+
+    @g.once
+    @tool
+    def refund(order_id: int, runtime: lg_prebuilt.ToolRuntime) -> str:
+        """Refund an order."""
+        runs.append((runtime.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    replies = [run_react_agent([refund], refund_turns({"order_id": 7}), context=Customer(user))
+               for user in ("alice", "bob", "alice")]
+    assert replies == [["refunded 7"], ["refunded 7"], [ledger.BLOCKED_MESSAGE]]
     assert runs == [("alice", 7), ("bob", 7)]
 
 
@@ -2385,7 +2518,8 @@ def test_function_tool_runs_once_under_an_agent_run(g, tmp_path):
 
 
 def run_agent(g, tools, script, context=None):
-    """One Runner.run of an agent with these tools, driven by the example's scripted model."""
+    """One Runner.run of an agent with these tools, driven by the example's scripted model:
+    the tool outputs as the model reads them."""
     framework("agents")
     sys.path.insert(0, str(HERE / "examples"))
     try:
@@ -2396,7 +2530,7 @@ def run_agent(g, tools, script, context=None):
     agent = Agent(name="a", tools=tools)
     result = asyncio.run(Runner.run(agent, "go", context=context, run_config=RunConfig(
         model=example.ScriptedModel(script), tracing_disabled=True)))
-    return [item.output for item in result.new_items if item.type == "tool_call_output_item"]
+    return [item.raw_item["output"] for item in result.new_items if item.type == "tool_call_output_item"]
 
 
 def test_function_tool_run_context_identifies_the_caller(g):
@@ -2423,6 +2557,52 @@ def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_ru
     script = [[("refund", {"order_id": 7, "amount": 1.0})], "done"]
     outputs = [run_agent(g, tools, list(script), Customer(user)) for user in ("alice", "bob")]
     assert outputs == [["refunded 7"], ["already done"]] and runs == [7]
+
+
+def test_once_above_a_function_tool_returns_that_tool_guarded(g):
+    agents = framework("agents")
+    runs = []
+
+    @g.once
+    @agents.function_tool
+    def refund(order_id: int) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    assert isinstance(refund, agents.FunctionTool) and refund.name == "refund"
+    outputs = run_agent(g, [refund], [[("refund", {"order_id": 7})] * 2, "done"])
+    assert sorted(outputs) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
+
+
+def test_once_below_a_function_tool_guards_it_and_keeps_its_schema(g):
+    global oa_agents
+    agents = oa_agents = framework("agents")
+    runs = []
+
+    @agents.function_tool
+    @g.once
+    def refund(ctx: oa_agents.RunContextWrapper[Customer], order_id: int) -> str:
+        """Refund an order."""
+        runs.append((ctx.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    unguarded = agents.function_tool(refund.on_invoke_tool._invoke_tool_impl
+                                     .__agents_function_tool_wrapped_callable__.__wrapped__)
+    assert (refund.name, refund.description, refund.params_json_schema) == \
+           (unguarded.name, unguarded.description, unguarded.params_json_schema)
+    script = [[("refund", {"order_id": 7})] * 2, "done"]
+    outputs = [run_agent(g, [refund], list(script), Customer(user)) for user in ("alice", "bob")]
+    assert [sorted(o) for o in outputs] == [sorted(["refunded 7", ledger.BLOCKED_MESSAGE])] * 2
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
+def test_function_tool_duplicate_is_replayed_under_an_agent_run(g):
+    agents, runs, refund, _ = agents_tools()
+    g.policy(refund, replay=True)
+    tools = g.wrap_tools([refund])
+    outputs = [run_agent(g, tools, [[("refund", {"order_id": 7, "amount": 1.0})], "done"]) for _ in range(2)]
+    assert outputs == [["refunded 7"], ["refunded 7"]] and runs == [7]
 
 
 # MCP ---------------------------------------------------------------------
