@@ -2101,7 +2101,7 @@ def test_injected_rules_match_the_most_specific_class_first():
 
 # This file postpones annotations, so the types a framework resolves in a tool's
 # signature must be module globals: framework modules are bound to these names.
-lc_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
+lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
 
 
 @dataclasses.dataclass
@@ -2205,7 +2205,8 @@ def test_langchain_tool_with_sync_and_async_bodies_is_one_tool(g):
 
 
 def test_langchain_injected_tool_arg_identifies_the_caller(g):
-    tools = framework("langchain_core.tools")
+    global lc_tools
+    tools = lc_tools = framework("langchain_core.tools")
     runs = []
 
     @tools.tool
@@ -2293,6 +2294,73 @@ def test_policy_can_name_a_framework_tool_by_its_object(g):
     assert len(runs) == 1 and g.history(tool=send_invoice)[0]["blocked"] == 1
 
 
+def run_langchain_agent(tools, turns, **invoke_options):
+    """One run of LangChain's agent loop (create_agent) with a scripted model; the tools' replies."""
+    agents = framework("langchain.agents")
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+
+    class ScriptedModel(FakeMessagesListChatModel):
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+    schema = {"context_schema": Customer} if "context" in invoke_options else {}
+    agent = agents.create_agent(ScriptedModel(responses=turns), tools, **schema)
+    state = agent.invoke({"messages": [("user", "go")]}, **invoke_options)
+    return [m.content for m in state["messages"] if m.type == "tool"]
+
+
+def refund_turns(*calls):
+    from langchain_core.messages import AIMessage
+    return [AIMessage("", tool_calls=[tool_call("refund", n, **args) for n, args in enumerate(calls)]),
+            AIMessage("Done.")]
+
+
+def langchain_refund_tool(runs):
+    from langchain_core.tools import tool
+
+    @tool
+    def refund(order_id: int) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    return refund
+
+
+def test_langchain_agent_loop_blocks_a_duplicate_tool_call(g):
+    runs = []
+    tools = g.wrap_tools([langchain_refund_tool(runs)])
+    replies = run_langchain_agent(tools, refund_turns({"order_id": 7}, {"order_id": 7}))
+    assert sorted(replies) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
+
+
+def test_langchain_agent_loop_replays_a_duplicate_tool_call(g):
+    runs = []
+    refund = langchain_refund_tool(runs)
+    g.policy(refund, replay=True)
+    tools = g.wrap_tools([refund])
+    replies = [run_langchain_agent(tools, refund_turns({"order_id": 7})) for _ in range(2)]
+    assert replies == [["refunded 7"], ["refunded 7"]] and runs == [7]
+
+
+def test_langchain_agent_loop_serves_two_users_through_the_runtime_context(g):
+    global lc_runtime_tools
+    lc_runtime_tools = framework("langchain.tools")
+    runs = []
+
+    @g.once
+    @lc_runtime_tools.tool
+    def refund(order_id: int, runtime: lc_runtime_tools.ToolRuntime) -> str:
+        """Refund an order."""
+        runs.append((runtime.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    replies = [run_langchain_agent([refund], refund_turns({"order_id": 7}), context=Customer(user))
+               for user in ("alice", "bob", "alice")]
+    assert replies == [["refunded 7"], ["refunded 7"], [ledger.BLOCKED_MESSAGE]]
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
 # LangGraph ---------------------------------------------------------------
 
 def test_langgraph_toolnode_runs_guarded_tools_once_with_injected_state(g):
@@ -2347,76 +2415,6 @@ def test_langgraph_tool_runtime_context_identifies_the_caller(g):
         state = app.invoke({"messages": [message]}, context=Customer(user))
         replies += [m.content for m in state["messages"] if m.type == "tool"]
     assert replies == ["refunded 7", "refunded 7", "already done"]
-    assert runs == [("alice", 7), ("bob", 7)]
-
-
-def run_react_agent(tools, turns, **invoke_options):
-    """One run of LangGraph's prebuilt agent loop with a scripted model; the tools' replies."""
-    global lg_prebuilt
-    lg_prebuilt = framework("langgraph.prebuilt")
-    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
-
-    class ScriptedModel(FakeMessagesListChatModel):
-        def bind_tools(self, tools, **kwargs):
-            return self
-
-    schema = {"context_schema": Customer} if "context" in invoke_options else {}
-    agent = lg_prebuilt.create_react_agent(ScriptedModel(responses=turns), tools, **schema)
-    state = agent.invoke({"messages": [("user", "go")]}, **invoke_options)
-    return [m.content for m in state["messages"] if m.type == "tool"]
-
-
-def refund_turns(*calls):
-    from langchain_core.messages import AIMessage
-    return [AIMessage("", tool_calls=[tool_call("refund", n, **args) for n, args in enumerate(calls)]),
-            AIMessage("Done.")]
-
-
-def langgraph_refund_tool(runs):
-    framework("langgraph.prebuilt")
-    from langchain_core.tools import tool
-
-    @tool
-    def refund(order_id: int) -> str:
-        """Refund an order."""
-        runs.append(order_id)
-        return f"refunded {order_id}"
-
-    return refund
-
-
-def test_langgraph_agent_loop_blocks_a_duplicate_tool_call(g):
-    runs = []
-    tools = g.wrap_tools([langgraph_refund_tool(runs)])
-    replies = run_react_agent(tools, refund_turns({"order_id": 7}, {"order_id": 7}))
-    assert sorted(replies) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
-
-
-def test_langgraph_agent_loop_replays_a_duplicate_tool_call(g):
-    runs = []
-    refund = langgraph_refund_tool(runs)
-    g.policy(refund, replay=True)
-    tools = g.wrap_tools([refund])
-    replies = [run_react_agent(tools, refund_turns({"order_id": 7})) for _ in range(2)]
-    assert replies == [["refunded 7"], ["refunded 7"]] and runs == [7]
-
-
-def test_langgraph_agent_loop_serves_two_users_through_the_runtime_context(g):
-    global lg_prebuilt
-    lg_prebuilt = framework("langgraph.prebuilt")
-    from langchain_core.tools import tool
-    runs = []
-
-    @g.once
-    @tool
-    def refund(order_id: int, runtime: lg_prebuilt.ToolRuntime) -> str:
-        """Refund an order."""
-        runs.append((runtime.context.user_id, order_id))
-        return f"refunded {order_id}"
-
-    replies = [run_react_agent([refund], refund_turns({"order_id": 7}), context=Customer(user))
-               for user in ("alice", "bob", "alice")]
-    assert replies == [["refunded 7"], ["refunded 7"], [ledger.BLOCKED_MESSAGE]]
     assert runs == [("alice", 7), ("bob", 7)]
 
 
