@@ -2605,7 +2605,8 @@ def test_function_tool_duplicate_is_replayed_under_an_agent_run(g):
 
 # MCP ---------------------------------------------------------------------
 
-def mcp_server():
+def mcp_package():
+    """The `mcp` package's server class, request context class and in-memory client."""
     global McpContext
     try:
         framework("mcp.server.mcpserver")
@@ -2621,6 +2622,11 @@ def mcp_server():
         def connect(server):
             return create_connected_server_and_client_session(server._mcp_server)
     McpContext = Context
+    return Server, Context, connect
+
+
+def mcp_server():
+    Server, _, connect = mcp_package()
     server = Server("test")
     runs = []
 
@@ -2664,6 +2670,183 @@ def test_mcp_duplicate_calls_run_once_with_the_request_context_passed_on(g):
     assert texts == ["opened fire", "already done", "closed 1", "already done", "opened flood"]
     assert runs == [("fire", True), 1, ("flood", True)]
     assert {h["tool"] for h in g.history()} == {"file_ticket", "close_ticket"}
+
+
+class McpFlavor(NamedTuple):
+    """An MCP server package as its users write servers: how a tool is registered (mcp's
+    @server.tool(), fastmcp's @mcp.tool) and how an in-memory client calls it."""
+    server: object
+    register: object   # the decorator that registers a function as a tool
+    context: type      # the request context class a tool may take
+    call: object       # call(calls) -> [(is_error, text)]
+
+
+def mcp_flavor(name: str) -> McpFlavor:
+    if name == "fastmcp":
+        fastmcp = framework("fastmcp")
+        server = fastmcp.FastMCP("test")
+
+        async def calls_on(client, calls):
+            return [(r.is_error, r.content[0].text) for r in
+                    [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
+        return McpFlavor(server, server.tool, fastmcp.Context,
+                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), calls_on, calls)))
+    Server, context, connect = mcp_package()
+    server = Server("test")
+
+    async def calls_on(client, calls):
+        return [(getattr(r, "is_error", None) or bool(getattr(r, "isError", False)), r.content[0].text)
+                for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
+    return McpFlavor(server, server.tool(), context,
+                     lambda calls: asyncio.run(with_client(connect(server), calls_on, calls)))
+
+
+async def with_client(client, use, calls):
+    async with client as session:
+        return await use(session, calls)
+
+
+MCP_FLAVORS = ["mcp", "fastmcp"]
+
+
+def authenticated_as(client_id: str):
+    """Make the MCP requests of this thread's next client come from `client_id`, the way the
+    SDK's auth middleware does after it checked a bearer token."""
+    from mcp.server.auth.middleware.auth_context import auth_context_var
+    from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+    from mcp.server.auth.provider import AccessToken
+    auth_context_var.set(AuthenticatedUser(AccessToken(token="t", client_id=client_id, scopes=[])))
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_above_an_mcp_tool_decorator_guards_the_registered_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @g.once
+    @mcp.register
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    assert mcp.call([("file_ticket", {"title": "fire"})] * 2) == [(False, "opened fire"),
+                                                                 (False, ledger.BLOCKED_MESSAGE)]
+    assert file_ticket(title="fire") is BLOCKED and runs == ["fire"]  # a direct call shares the records
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_below_an_mcp_tool_decorator_guards_the_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    @g.once(blocked_return="already filed")
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    assert mcp.call([("file_ticket", {"title": "fire"})] * 2) == [(False, "opened fire"), (False, "already filed")]
+    assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_wrap_tools_of_a_function_an_mcp_server_registered_guards_the_servers_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    [guarded] = g.wrap_tools([file_ticket])
+    assert mcp.call([("file_ticket", {"title": "fire"})]) == [(False, "opened fire")]
+    assert guarded(title="fire") is BLOCKED and runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_wrap_tools_guards_an_mcp_server_in_place_with_the_same_tools(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    def file_ticket(title: str, priority: int = 2) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    def listed():
+        tools = asyncio.run(mcp.server.list_tools())
+        return [t.to_mcp_tool() if hasattr(t, "to_mcp_tool") else t for t in tools]  # fastmcp lists its own
+
+    before = listed()
+    assert g.wrap_tools(mcp.server) is mcp.server
+    assert listed() == before
+    assert mcp.call([("file_ticket", {"title": "fire"}), ("file_ticket", {"title": "fire", "priority": 2})]) == \
+           [(False, "opened fire"), (False, ledger.BLOCKED_MESSAGE)]
+    assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_an_mcp_blocked_duplicate_is_text_or_an_error_result_as_the_output_schema_allows(g, flavor):
+    mcp = mcp_flavor(flavor)
+
+    @mcp.register
+    def count_tickets(queue: str) -> int:
+        """Count the open tickets."""
+        return 3
+
+    @mcp.register
+    def ticket(number: int) -> dict[str, int]:
+        """Look a ticket up."""
+        return {"number": number}
+
+    @mcp.register
+    def close_ticket(number: int) -> str:
+        """Close a ticket."""
+        return "closed"
+
+    g.wrap_tools(mcp.server)
+    results = mcp.call([("count_tickets", {"queue": "q"})] * 2 + [("ticket", {"number": 1})] * 2 +
+                       [("close_ticket", {"number": 1})] * 2)
+    assert results[1::2] == [(True, ledger.BLOCKED_MESSAGE), (True, ledger.BLOCKED_MESSAGE),
+                             (False, ledger.BLOCKED_MESSAGE)]
+    assert not any(is_error for is_error, _ in results[0::2])
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_an_mcp_duplicate_is_replayed_through_the_client(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @g.once(replay=True)
+    @mcp.register
+    def lookup(customer: str) -> str:
+        """Look a customer up."""
+        runs.append(customer)
+        return f"customer {customer}"
+
+    assert mcp.call([("lookup", {"customer": "acme"})] * 2) == [(False, "customer acme")] * 2
+    assert runs == ["acme"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_mcp_authenticated_callers_are_told_apart(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+    global McpContext
+    McpContext = mcp.context
+
+    @g.once
+    @mcp.register
+    def refund(order_id: int, ctx: McpContext) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    results = []
+    for user in ("alice", "bob", "alice"):
+        authenticated_as(user)
+        results += mcp.call([("refund", {"order_id": 7})])
+    assert results == [(False, "refunded 7"), (False, "refunded 7"), (False, ledger.BLOCKED_MESSAGE)]
+    assert runs == [7, 7]
 
 
 def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
