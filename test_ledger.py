@@ -2695,7 +2695,7 @@ def mcp_flavor(name: str) -> McpFlavor:
     server = Server("test")
 
     async def calls_on(client, calls):
-        return [(getattr(r, "is_error", None) or bool(getattr(r, "isError", False)), r.content[0].text)
+        return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
                 for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
     return McpFlavor(server, server.tool(), context,
                      lambda calls: asyncio.run(with_client(connect(server), calls_on, calls)))
