@@ -1,9 +1,12 @@
 """The specification of ledger.py, grouped by the section of ledger.py each part covers.
 
-Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server or a
-Chromium browser skip where there is none (set LEDGER_TEST_POSTGRES,
-LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM to enable them); with
-LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
+Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server use the
+local ones (postgresql://postgres@127.0.0.1:5432/test, redis://127.0.0.1:6379/15)
+when they answer, or the servers LEDGER_TEST_POSTGRES and LEDGER_TEST_REDIS name
+(set empty: none); the browser tests use chromium (or LEDGER_TEST_CHROMIUM). Tests
+whose server, browser or framework package is missing skip, and the run ends with
+a line saying which skipped and why (conftest.py); with LEDGER_TEST_REQUIRE_ALL=1,
+as under CI, they fail instead of skipping.
 """
 
 from __future__ import annotations
@@ -72,8 +75,26 @@ def sqlite_store(tmp_path: pathlib.Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "ledger.db")
 
 
-POSTGRES_URL = os.environ.get("LEDGER_TEST_POSTGRES")
-REDIS_URL = os.environ.get("LEDGER_TEST_REDIS")
+def server_url(variable: str, local: str) -> str | None:
+    """The server a test uses: $variable where it is set (set empty: none), else the local
+    server at `local` if it answers within a second."""
+    if variable in os.environ:
+        return os.environ[variable] or None
+    try:
+        if local.startswith("postgresql:"):
+            import psycopg
+            psycopg.connect(local, connect_timeout=1).close()
+        else:
+            import redis
+            with redis.Redis.from_url(local, socket_connect_timeout=1, socket_timeout=1) as client:
+                client.ping()
+    except Exception:  # no driver, nothing listening, no such database: the tests that need it skip
+        return None
+    return local
+
+
+POSTGRES_URL = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 SERVER_SCRATCH: list = []   # how to remove what a test left on a shared server
 
 
@@ -87,12 +108,14 @@ def scratch_name() -> str:
 
 def need_postgres() -> None:
     need("PostgreSQL", bool(POSTGRES_URL) and has_module("psycopg"),
-         "set LEDGER_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/test and pip install '.[postgres]'")
+         "none answered at 127.0.0.1:5432 (user postgres, database test) and LEDGER_TEST_POSTGRES is not set; "
+         "start one or set LEDGER_TEST_POSTGRES=postgresql://..., and pip install 'psycopg[binary]'")
 
 
 def need_redis() -> None:
     need("Redis", bool(REDIS_URL) and has_module("redis"),
-         "set LEDGER_TEST_REDIS=redis://127.0.0.1:6379/15 and pip install '.[redis]'")
+         "none answered at 127.0.0.1:6379 and LEDGER_TEST_REDIS is not set; "
+         "start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
 
 
 def postgres_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.PostgresStore:
