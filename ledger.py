@@ -1080,12 +1080,13 @@ def _key_file(path: str) -> bytes:
                      f"or set LEDGER_SECRET")
 
 
-def _require(module: str, extra: str, what: str) -> Any:
-    """Import an optional driver, or say in one line which extra installs it."""
+def _require(module: str, package: str, what: str) -> Any:
+    """Import an optional driver, or say in one line what installs it (the driver itself: a
+    user who copied ledger.py has no extras to install)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{what} needs the {module} package: pip install 'ledger-py[{extra}]'") from None
+        raise ConfigError(f"{what} needs the {module} package: pip install '{package}'") from None
 
 
 class _Dropped(StoreError):
@@ -1252,7 +1253,7 @@ class PostgresStore(_ServerStore):
     """
 
     def __init__(self, dsn: str, *, table: str = "ledger"):
-        self._pg = _require("psycopg", "postgres", "PostgresStore")
+        self._pg = _require("psycopg", "psycopg[binary]", "PostgresStore")
         if not re.fullmatch(rf"(?:{_PG_NAME}\.)?{_PG_NAME}", table):
             raise ConfigError(f"PostgresStore table must be a name like 'ledger' or 'myschema.ledger' "
                               f"(letters, digits, _), not {table!r}")
