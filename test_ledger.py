@@ -2013,7 +2013,8 @@ def test_wrap_tools_imports_no_framework(tmp_path):
             "g = ledger.Guard(':memory:')\n"
             "tools = g.wrap_tools({'add': lambda a, b: a + b})\n"
             "assert tools['add'](a=1, b=2) == 3\n"
-            "print(sorted(m for m in ('langchain_core', 'langgraph', 'agents', 'mcp') if m in sys.modules))")
+            "print(sorted(m for m in ('langchain_core', 'langchain', 'langgraph', 'agents', 'mcp', 'fastmcp') "
+            "if m in sys.modules))")
     done = run_python(code, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -2902,6 +2903,9 @@ EXAMPLES = {
                                          "confirmations sent: ['order 7, receipt ch_7']"]),
     "openai_agents_sdk.py": ("agents", ["refunds that ran: [42, 43]", "executed 2, blocked 2"]),
     "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
+    "fastmcp_server.py": ("fastmcp", ["refunds that ran: ['order 7 for alice', 'order 7 for bob']",
+                                      "alice: refund({'order_id': 7}) -> already done",
+                                      "executed 3, blocked 2"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
 }
 
@@ -2967,8 +2971,8 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langgraph", "agents", "mcp"):
-        if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
+    for package in ("langchain_core", "langchain", "langgraph", "agents", "mcp", "fastmcp"):
+        if any(re.search(rf"\b(from|import) {package}\b", code) for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("LEDGER_DB", None)
