@@ -76,8 +76,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 __all__ = [
-    "guard", "Guard", "Ignore", "Identity", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
-    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "current_key", "check_store", "main",
+    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
+    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "Ignore", "Identity", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
 ]
@@ -687,7 +687,16 @@ BLOCKED = _Blocked()
 # blocked_return= says otherwise: a message the model reads, where BLOCKED would be
 # shown as the bare word or rejected by the framework's output checks.
 BLOCKED_MESSAGE = "already done: an identical call ran before, so this one was not run again"
-_UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<default>"})()
+
+
+class _Unset:
+    """blocked_return's default: BLOCKED from a plain function, BLOCKED_MESSAGE through a framework."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
 
 RECOVER_MODES = ("retry", "block")
 
@@ -2675,9 +2684,8 @@ class Guard:
         if not _is_plain_callable(tool):
             raise ConfigError(
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
-                f"is not a function or a framework tool ledger knows "
-                f"(LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool or server). Guard the function "
-                f"the tool calls, or pass a function that calls it")
+                f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
+                f"Guard the function the tool calls, or pass a function that calls it")
         name = name or _registered_name(tool)
         for registered, guard_in_place in _registrations(tool):
             guard_in_place(self, registered, name, blocked_return)
@@ -2990,6 +2998,10 @@ _REGISTRATIONS: tuple[tuple[str, str, Callable[..., None]], ...] = (
     ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place),
     ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place),
 )
+
+
+def _known_framework_classes() -> str:
+    return ", ".join(dict.fromkeys(f"{module.partition('.')[0]} {cls_name}" for module, cls_name, _ in _ADAPTERS))
 
 
 def _adapter_for(tool: Any) -> Callable[..., Any] | None:

@@ -2021,7 +2021,8 @@ def test_wrap_tools_imports_no_framework(tmp_path):
 
 
 def test_wrap_tools_rejects_what_is_not_a_tool_naming_its_type(g):
-    with pytest.raises(ledger.ConfigError, match=r"wrap_tools: x: a builtins\.int is not a function or a framework tool"):
+    with pytest.raises(ledger.ConfigError,
+                       match=r"wrap_tools: x: a builtins\.int is not a function or a framework object"):
         g.wrap_tools({"x": 42})
     with pytest.raises(ledger.ConfigError, match="wrap_tools takes"):
         g.wrap_tools(42)
@@ -2105,6 +2106,28 @@ def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool
     with pytest.raises(ledger.FingerprintError, match=r"parameter 'ctx' is injected.*ledger\.Identity"):
         g(refund, agents.RunContextWrapper(context=threading.Lock()), 1)
     assert ran == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(users=st.lists(st.text(max_size=8), min_size=2, max_size=2, unique=True),
+       call_ids=st.lists(st.text(min_size=1, max_size=8), min_size=2, max_size=2, unique=True))
+def test_the_caller_a_run_context_names_counts_and_its_call_id_does_not(users, call_ids):
+    global oa_agents
+    oa_agents = framework("agents")
+    from agents.tool_context import ToolContext
+
+    def refund(ctx: oa_agents.RunContextWrapper, order_id: int) -> str:
+        return "refunded"
+
+    probe = Guard(MemoryStore(), quiet=True)
+
+    def identity(user, call_id):
+        context = ToolContext(Customer(user), tool_name="refund", tool_call_id=call_id, tool_arguments="{}")
+        return probe._prepare(refund, (context, 7), {}).id
+
+    alice, bob = users
+    assert identity(alice, call_ids[0]) == identity(alice, call_ids[1])  # a retry of alice's call
+    assert identity(alice, call_ids[0]) != identity(bob, call_ids[0])    # bob's own call
 
 
 def test_injected_rules_match_the_most_specific_class_first():
