@@ -550,7 +550,11 @@ def _identity_arguments(bound: Mapping[str, Any], injected: Mapping[str, Callabl
         if name not in injected:
             identity[name] = value
         elif injected[name] is not None:
-            identity[name] = part = injected[name](value)
+            try:
+                identity[name] = part = injected[name](value)
+            except Exception as e:
+                raise FingerprintError(f"{tool}: what identifies the caller in parameter {name!r} could not be "
+                                       f"taken from {_describe(value)}: {type(e).__name__}: {e}") from e
             try:
                 _canonical_arguments({name: part})
             except FingerprintError as e:
@@ -2642,10 +2646,9 @@ class Guard:
         above one that registers the function and returns it (MCP @server.tool()) it guards
         the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
-            tool_name = name or _framework_name(fn) or _registered_name(fn)
-            if policy:
-                self.policy(tool_name or fn, **policy)
-            return self._wrap_tool(fn, tool_name, blocked_return, "guard.once")
+            if policy:  # under the name the records will have
+                self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
+            return self._wrap_tool(fn, name, blocked_return, "guard.once")
         return decorate(fn) if fn is not None else decorate
 
     def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
@@ -2686,8 +2689,9 @@ class Guard:
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
                 f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
                 f"Guard the function the tool calls, or pass a function that calls it")
-        name = name or _registered_name(tool)
-        for registered, guard_in_place in _registrations(tool):
+        registrations = _registrations(tool)
+        name = name or next((owner.name for owner, _ in registrations), None)
+        for registered, guard_in_place in registrations:
             guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
@@ -3032,7 +3036,7 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
 
 def _registered_name(fn: Any) -> str | None:
     """The name a framework registered `fn` under, which is also the name of its records."""
-    return next((getattr(owner, "name", None) for owner, _ in _registrations(fn)), None)
+    return next((owner.name for owner, _ in _registrations(fn)), None)
 
 
 def _framework_name(tool: Any) -> str | None:

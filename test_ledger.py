@@ -2083,6 +2083,18 @@ def test_a_parameter_marked_identity_counts_even_where_a_framework_injects_it(g)
     assert seen == [["a"], ["b"]]
 
 
+def test_an_identity_function_that_fails_is_a_fingerprint_error_before_the_tool_runs(g):
+    ran = []
+
+    def refund(customer: Annotated[dict, ledger.Identity(lambda c: c["user_id"])], order_id: int) -> str:
+        ran.append(order_id)
+        return "refunded"
+
+    with pytest.raises(ledger.FingerprintError, match=r"parameter 'customer' could not be taken.*KeyError"):
+        g(refund, {"name": "alice"}, 1)
+    assert ran == []
+
+
 def test_an_identity_marker_in_an_annotation_that_cannot_be_evaluated_is_a_config_error(g):
     class Local:
         pass
