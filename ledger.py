@@ -3018,8 +3018,9 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
 
 def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
     """(framework object, guard in place) for each registration of `fn` (see _REGISTRATIONS).
-    Found through the garbage collector's referrers, only when such a framework is loaded:
-    the object refers to `fn` from its attribute dict (a pydantic model's __dict__)."""
+    Found through the garbage collector's referrers (a scan of the heap, once per wrap, and
+    only when such a framework is loaded): the object refers to `fn` from its attribute dict
+    (a pydantic model's __dict__). No framework offers a lookup from a function to its tool."""
     kinds = [(cls, guard_in_place) for module, cls_name, guard_in_place in _REGISTRATIONS
              if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
     if not kinds:

@@ -2160,7 +2160,7 @@ def test_injected_rules_match_the_most_specific_class_first():
 
 # This file postpones annotations, so the types a framework resolves in a tool's
 # signature must be module globals: framework modules are bound to these names.
-lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
+lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = lg_runtime = oa_agents = McpContext = None
 
 
 @dataclasses.dataclass
@@ -2475,6 +2475,25 @@ def test_langgraph_tool_runtime_context_identifies_the_caller(g):
         replies += [m.content for m in state["messages"] if m.type == "tool"]
     assert replies == ["refunded 7", "refunded 7", "already done"]
     assert runs == [("alice", 7), ("bob", 7)]
+
+
+def test_langgraph_node_runtime_context_identifies_the_caller(g):
+    global lg_runtime
+    graph_module = framework("langgraph.graph")
+    lg_runtime = framework("langgraph.runtime")
+    charged = []
+
+    def charge(order: Order, runtime: lg_runtime.Runtime[Customer]) -> dict:
+        charged.append((runtime.context.user_id, order["order_id"]))
+        return {"receipt": f"ch_{order['order_id']}"}
+
+    graph = graph_module.StateGraph(Order, context_schema=Customer)
+    graph.add_node("charge", g.wrap_tools([charge], blocked_return={})[0])
+    graph.add_edge(graph_module.START, "charge")
+    app = graph.compile()
+    for user in ("alice", "bob", "alice"):
+        app.invoke({"order_id": 7}, context=Customer(user))
+    assert charged == [("alice", 7), ("bob", 7)]
 
 
 class Order(TypedDict):
