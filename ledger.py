@@ -2689,15 +2689,14 @@ class Guard:
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
                 f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
                 f"Guard the function the tool calls, or pass a function that calls it")
-        registrations = _registrations(tool)
+        registrations = [(owner, guard_in_place) for owner, guard_in_place, _ in _registrations(tool)
+                         if guard_in_place is not None]
         name = name or next((owner.name for owner, _ in registrations), None)
         for registered, guard_in_place in registrations:
             guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
-        if blocked_return is _UNSET:
-            blocked_return = BLOCKED
         inner, inner_name = _unwrap(fn)
         name = name or inner_name or self._core.name_of(inner, _info(inner))
         self._core.tools.setdefault(name, inner)
@@ -2709,11 +2708,15 @@ class Guard:
         if _is_async(inner):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = await guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         else:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         functools.update_wrapper(wrapper, inner)
         wrapper.__ledger__ = (inner, name)
         return wrapper
@@ -2873,8 +2876,7 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
     _arun if it has its own), which is what BaseTool.run and arun call. A blocked duplicate
     is BLOCKED_MESSAGE, as (content, artifact) for a content_and_artifact tool."""
     if blocked_return is _UNSET:
-        artifact = getattr(tool, "response_format", None) == "content_and_artifact"
-        blocked_return = (BLOCKED_MESSAGE, None) if artifact else BLOCKED_MESSAGE
+        blocked_return = _langchain_blocked(tool)
     fields = type(tool).model_fields
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
@@ -2885,6 +2887,13 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
         if getattr(type(tool), attr) is not getattr(base, attr):
             object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
     return guarded
+
+
+def _langchain_blocked(tool: Any) -> Any:
+    """A LangChain tool's blocked duplicate: BLOCKED_MESSAGE, as (content, artifact) where the
+    tool returns that pair."""
+    return (BLOCKED_MESSAGE, None) if getattr(tool, "response_format", None) == "content_and_artifact" \
+        else BLOCKED_MESSAGE
 
 
 def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
@@ -2935,12 +2944,10 @@ def _agents_context_rule(impl: Callable) -> Any:
     return Ignore if extract is None else Annotated[Any, Identity(extract)]
 
 
-def _mcp_blocked(tool: Any, blocked_return: Any) -> Any:
-    """What a blocked duplicate of an MCP tool returns: BLOCKED_MESSAGE, as the tool's own text
-    result where its output is text; otherwise as a text result marked isError, the one result
-    MCP does not check against the tool's output schema (a duplicate has no output to check)."""
-    if blocked_return is not _UNSET:
-        return blocked_return
+def _mcp_blocked(tool: Any) -> Any:
+    """An MCP tool's blocked duplicate: BLOCKED_MESSAGE, as the tool's own text result where
+    its output is text; otherwise as a text result marked isError, the one result MCP does not
+    check against the tool's output schema (a duplicate has no output of its own to check)."""
     schema = getattr(tool, "output_schema", None)
     wrapped = schema is not None and (schema.get("x-fastmcp-wrap-result")
                                       or getattr(getattr(tool, "fn_metadata", None), "wrap_output", False))
@@ -2953,13 +2960,15 @@ def _mcp_blocked(tool: Any, blocked_return: Any) -> Any:
 def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """A registered MCP tool (mcp's or standalone fastmcp's): guard fn, which the tool runs with
     the validated arguments and the request context (a Context, so passed on)."""
-    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, _mcp_blocked(tool, blocked_return))})
+    blocked = _mcp_blocked(tool) if blocked_return is _UNSET else blocked_return
+    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked)})
 
 
 def _guard_mcp_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
     """A function @server.tool() registered and returned: guard the server's tool in place."""
     if getattr(tool.fn, "__ledger__", None) is None:
-        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool, blocked_return))
+        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool) if blocked_return is _UNSET
+                              else blocked_return)
 
 
 def _mcp_registry(server: Any) -> dict:
@@ -2994,18 +3003,19 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),
 )
 
-# (module, class name, guard in place): framework objects that hold a function a framework
-# decorator registered and handed back unchanged, so that guarding the function alone would
-# leave the registered tool unguarded. The object keeps the function in its attribute `fn`.
-_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None]], ...] = (
-    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place),
-    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place),
-    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place),
+# (module, class name, guard in place, blocked default): framework tool objects that hold a
+# function in one of their attributes. Where a framework decorator registers the function
+# and hands it back unchanged (MCP's @server.tool()), guarding the function alone would leave
+# the registered tool unguarded: `guard in place` guards it (None: the decorator returns the
+# tool object, which wrap_tools and once take themselves). Where @guard.once sits below the
+# decorator, the tool holds the guard's own wrapper, whose blocked duplicate then returns
+# `blocked default(tool)`, looked up on the first one.
+_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any], Any]], ...] = (
+    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("langchain_core.tools", "BaseTool", None, _langchain_blocked),
 )
-
-
-def _known_framework_classes() -> str:
-    return ", ".join(dict.fromkeys(f"{module.partition('.')[0]} {cls_name}" for module, cls_name, _ in _ADAPTERS))
 
 
 def _adapter_for(tool: Any) -> Callable[..., Any] | None:
@@ -3016,12 +3026,13 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     return None
 
 
-def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
-    """(framework object, guard in place) for each registration of `fn` (see _REGISTRATIONS).
-    Found through the garbage collector's referrers (a scan of the heap, once per wrap, and
-    only when such a framework is loaded): the object refers to `fn` from its attribute dict
-    (a pydantic model's __dict__). No framework offers a lookup from a function to its tool."""
-    kinds = [(cls, guard_in_place) for module, cls_name, guard_in_place in _REGISTRATIONS
+def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None] | None, Callable[[Any], Any]]]:
+    """(tool object, guard in place, blocked default) for each framework tool holding `fn`
+    (see _REGISTRATIONS). Found through the garbage collector's referrers (a scan of the heap,
+    only when such a framework is loaded, once per wrap or per guarded function): the tool
+    holds `fn` in its attribute dict (a pydantic model's __dict__). No framework offers a
+    lookup from a function to its tool."""
+    kinds = [(cls, guard_in_place, blocked) for module, cls_name, guard_in_place, blocked in _REGISTRATIONS
              if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
     if not kinds:
         return []
@@ -3030,14 +3041,26 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
         if type(holder) is not dict:
             continue
         for owner in gc.get_referrers(holder):
-            if getattr(owner, "__dict__", None) is holder and owner.__dict__.get("fn") is fn:
-                found += [(owner, guard_in_place) for cls, guard_in_place in kinds if isinstance(owner, cls)][:1]
+            if getattr(owner, "__dict__", None) is holder:
+                found += [(owner, guard_in_place, blocked) for cls, guard_in_place, blocked in kinds
+                          if isinstance(owner, cls)][:1]
     return found
 
 
 def _registered_name(fn: Any) -> str | None:
     """The name a framework registered `fn` under, which is also the name of its records."""
-    return next((owner.name for owner, _ in _registrations(fn)), None)
+    return next((owner.name for owner, guard_in_place, _ in _registrations(fn) if guard_in_place), None)
+
+
+def _blocked_default(wrapper: Callable) -> Any:
+    """What a guarded function's blocked duplicate returns when no blocked_return was given:
+    BLOCKED, or, where a framework tool holds the function (@guard.once below its decorator),
+    what that framework's tools return. Looked up on the first blocked duplicate, then kept."""
+    value = wrapper.__dict__.get("__ledger_blocked__", _UNSET)
+    if value is _UNSET:
+        value = next((blocked(owner) for owner, _, blocked in _registrations(wrapper)), BLOCKED)
+        wrapper.__ledger_blocked__ = value
+    return value
 
 
 def _framework_name(tool: Any) -> str | None:

@@ -75,26 +75,27 @@ def sqlite_store(tmp_path: pathlib.Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "ledger.db")
 
 
-def server_url(variable: str, local: str) -> str | None:
-    """The server a test uses: $variable where it is set (set empty: none), else the local
-    server at `local` if it answers within a second."""
+def server_url(variable: str, local: str) -> tuple[str | None, str]:
+    """The server a test uses, or None and why: $variable where it is set (set empty: none),
+    else the local server at `local` if it answers within a few seconds."""
     if variable in os.environ:
-        return os.environ[variable] or None
+        return os.environ[variable] or None, f"{variable} is set empty"
     try:
         if local.startswith("postgresql:"):
             import psycopg
-            psycopg.connect(local, connect_timeout=1).close()
+            psycopg.connect(local, connect_timeout=3).close()
         else:
             import redis
-            with redis.Redis.from_url(local, socket_connect_timeout=1, socket_timeout=1) as client:
+            with redis.Redis.from_url(local, socket_connect_timeout=3, socket_timeout=3) as client:
                 client.ping()
-    except Exception:  # no driver, nothing listening, no such database: the tests that need it skip
-        return None
-    return local
+    except Exception as e:  # no driver, nothing listening, no such database: the tests that need it skip
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return None, f"{local} did not answer ({reason}) and {variable} is not set"
+    return local, ""
 
 
-POSTGRES_URL = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
+POSTGRES_URL, POSTGRES_MISSING = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL, REDIS_MISSING = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 SERVER_SCRATCH: list = []   # how to remove what a test left on a shared server
 
 
@@ -108,14 +109,13 @@ def scratch_name() -> str:
 
 def need_postgres() -> None:
     need("PostgreSQL", bool(POSTGRES_URL) and has_module("psycopg"),
-         "none answered at 127.0.0.1:5432 (user postgres, database test) and LEDGER_TEST_POSTGRES is not set; "
-         "start one or set LEDGER_TEST_POSTGRES=postgresql://..., and pip install 'psycopg[binary]'")
+         f"{POSTGRES_MISSING}; start one or set LEDGER_TEST_POSTGRES=postgresql://..., "
+         f"and pip install 'psycopg[binary]'")
 
 
 def need_redis() -> None:
     need("Redis", bool(REDIS_URL) and has_module("redis"),
-         "none answered at 127.0.0.1:6379 and LEDGER_TEST_REDIS is not set; "
-         "start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
+         f"{REDIS_MISSING}; start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
 
 
 def postgres_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.PostgresStore:
@@ -2320,6 +2320,19 @@ def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
     assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
 
 
+def test_once_below_a_content_and_artifact_tool_blocks_with_a_content_artifact_pair(g):
+    tools = framework("langchain_core.tools")
+
+    @tools.tool(response_format="content_and_artifact")
+    @g.once
+    def search(query: str) -> tuple[str, list]:
+        """Search the orders."""
+        return f"found {query}", [1, 2]
+
+    messages = [search.invoke(tool_call("search", n, query="x")) for n in (1, 2)]
+    assert [(m.content, m.artifact) for m in messages] == [("found x", [1, 2]), (ledger.BLOCKED_MESSAGE, None)]
+
+
 def test_once_blocked_return_is_what_a_langchain_duplicate_returns(g):
     tools = framework("langchain_core.tools")
 
@@ -2825,6 +2838,21 @@ def test_once_below_an_mcp_tool_decorator_guards_the_tool(g, flavor):
 
     assert mcp.call([("file_ticket", {"title": "fire"})] * 2) == [(False, "opened fire"), (False, "already filed")]
     assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_below_an_mcp_tool_with_a_typed_output_blocks_with_an_error_result_the_client_reads(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    @g.once
+    def ticket(number: int) -> dict[str, int]:
+        """Look a ticket up."""
+        runs.append(number)
+        return {"number": number}
+
+    first, again = mcp.call([("ticket", {"number": 1})] * 2)
+    assert first[0] is False and again == (True, ledger.BLOCKED_MESSAGE) and runs == [1]
 
 
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
