@@ -2871,6 +2871,23 @@ def test_wrap_tools_of_a_function_an_mcp_server_registered_guards_the_servers_to
 
 
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_a_function_two_mcp_servers_registered_is_guarded_in_both(g, flavor):
+    first, second, runs = mcp_flavor(flavor), mcp_flavor(flavor), []
+
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    first.register(file_ticket)
+    second.register(file_ticket)
+    g.once(file_ticket)
+    assert first.call([("file_ticket", {"title": "fire"})]) == [(False, "opened fire")]
+    assert second.call([("file_ticket", {"title": "fire"})]) == [(False, ledger.BLOCKED_MESSAGE)]
+    assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
 def test_wrap_tools_guards_an_mcp_server_in_place_with_the_same_tools(g, flavor):
     mcp, runs = mcp_flavor(flavor), []
 
