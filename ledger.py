@@ -2929,18 +2929,18 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
 
 def _agents_context_rule(impl: Callable) -> Any:
     """How the run context counts toward a FunctionTool call's identity, as an annotation: as
-    the user's function's own context parameter says (a RunContextWrapper: its .context), and
-    not at all if the function takes no context. The SDK marks its invoker with the user's
-    function; a FunctionTool built by hand has no mark, and its run's .context counts."""
+    the first parameter of the user's function says (a RunContextWrapper: its .context; see
+    _INJECTED, Ignore, Identity). The SDK marks its invoker with the user's function, which
+    may take no context (then the context does not count); an invoker written by hand is the
+    user's function and always gets the context, whose .context counts unless annotated."""
     original = getattr(impl, "__agents_function_tool_wrapped_callable__", None)
-    if original is None:
-        return Annotated[Any, Identity(_context_of)]
-    injected = _injected_parameters(original)
+    fn = original or impl
     try:
-        first = next(iter(inspect.signature(original).parameters), None)
+        first = next(iter(inspect.signature(fn).parameters), None)
     except (TypeError, ValueError):
         first = None
-    extract = injected.get(first, None) if first is not None else None
+    injected = _injected_parameters(fn)
+    extract = injected[first] if first in injected else (None if original is not None else _context_of)
     return Ignore if extract is None else Annotated[Any, Identity(extract)]
 
 

@@ -2640,6 +2640,29 @@ def test_function_tool_run_context_identifies_the_caller(g):
     assert runs == [("alice", 7), ("bob", 7)]
 
 
+def test_a_hand_built_function_tools_run_context_counts_unless_its_invoker_says_otherwise(g):
+    agents = framework("agents")
+    runs = []
+
+    async def refund(ctx, arguments: str) -> str:
+        runs.append(ctx.context.user_id)
+        return "refunded"
+
+    async def notify(ctx: Annotated[object, ledger.Ignore], arguments: str) -> str:
+        runs.append("notify")
+        return "notified"
+
+    schema = {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"],
+              "additionalProperties": False}
+    tools = g.wrap_tools([agents.FunctionTool(name=name, description=name, params_json_schema=schema,
+                                              on_invoke_tool=invoke) for name, invoke in
+                          [("refund", refund), ("notify", notify)]])
+    script = [[("refund", {"order_id": 7}), ("notify", {"order_id": 7})], "done"]
+    outputs = [run_agent(g, tools, list(script), Customer(user)) for user in ("alice", "bob")]
+    assert outputs == [["refunded", "notified"], ["refunded", ledger.BLOCKED_MESSAGE]]
+    assert sorted(runs) == ["alice", "bob", "notify"]  # the SDK runs one turn's calls concurrently
+
+
 def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_run_context(g):
     agents, runs, refund, _ = agents_tools()
     tools = g.wrap_tools([refund], blocked_return="already done")
