@@ -3018,6 +3018,10 @@ _REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any]
 )
 
 
+def _known_framework_classes() -> str:
+    return ", ".join(dict.fromkeys(f"{module.partition('.')[0]} {cls_name}" for module, cls_name, _ in _ADAPTERS))
+
+
 def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     for module, cls_name, adapt in _ADAPTERS:
         cls = getattr(sys.modules.get(module), cls_name, None)

@@ -2799,20 +2799,22 @@ def mcp_flavor(name: str) -> McpFlavor:
     if name == "fastmcp":
         fastmcp = framework("fastmcp")
         server = fastmcp.FastMCP("test")
-
-        async def calls_on(client, calls):
-            return [(r.is_error, r.content[0].text) for r in
-                    [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
         return McpFlavor(server, server.tool, fastmcp.Context,
-                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), calls_on, calls)))
+                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), fastmcp_calls, calls)))
     Server, context, connect = mcp_package()
     server = Server("test")
-
-    async def calls_on(client, calls):
-        return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
-                for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
     return McpFlavor(server, server.tool(), context,
-                     lambda calls: asyncio.run(with_client(connect(server), calls_on, calls)))
+                     lambda calls: asyncio.run(with_client(connect(server), mcp_calls, calls)))
+
+
+async def fastmcp_calls(client, calls):
+    return [(r.is_error, r.content[0].text) for r in
+            [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
+
+
+async def mcp_calls(client, calls):
+    return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
+            for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
 
 
 async def with_client(client, use, calls):
