@@ -48,6 +48,7 @@ import datetime as _dt
 import decimal
 import enum
 import functools
+import gc
 import hashlib
 import hmac
 import importlib
@@ -61,8 +62,10 @@ import os
 import pathlib
 import re
 import secrets
+import site
 import sqlite3
 import sys
+import sysconfig
 import threading
 import time
 import types
@@ -71,11 +74,11 @@ import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 __all__ = [
     "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
-    "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
+    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "Ignore", "Identity", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "DeferredToolError",
     "ReentrantCallError", "LeaseLiveError", "NotAToolError", "AmbiguousRecordError",
@@ -433,51 +436,162 @@ def _definition_digest(fn: Callable, code: Any) -> str:
     return hashlib.sha256(_dump(parts).encode()).hexdigest()[:10]
 
 
-class _PassedOn:
-    """Annotation of a parameter that is passed to the tool but is not part of the call's identity."""
+class Ignore:
+    """`Annotated[T, ledger.Ignore]`: the parameter reaches the tool but is not part of the
+    call's identity (two calls that differ only in it are the same call)."""
 
 
-# A framework fills these in at each call (a run's config, store, stream writer,
-# runtime, callback manager, request context); they differ between retries of
-# one call, so they are passed on but never fingerprinted. Types are matched by
-# class name along the MRO, only in the frameworks' own modules.
-_INJECTED_TYPES = frozenset({"RunnableConfig", "BaseStore", "Runtime", "ToolRuntime", "InjectedToolArg",
-                             "BaseRunManager", "BaseCallbackManager", "Context", "RunContextWrapper"})
-_INJECTED_MODULES = frozenset({"langchain_core", "langgraph", "mcp", "agents"})
+class Identity:
+    """`Annotated[T, ledger.Identity]`: the parameter is part of the call's identity even where
+    a framework injects it. `Annotated[T, ledger.Identity(lambda v: v.user_id)]` counts only
+    what the function returns, which must be a plain value (str, number, dict, dataclass, ...)."""
+
+    __slots__ = ("extract",)
+
+    def __init__(self, extract: Callable[[Any], Any]):
+        if not callable(extract):
+            raise ConfigError(f"ledger.Identity takes a function value -> identity, not {_describe(extract)}")
+        self.extract = extract
+
+    def __repr__(self) -> str:
+        return f"ledger.Identity({self.extract!r})"
+
+
+def _itself(value: Any) -> Any:
+    return value
+
+
+def _context_of(value: Any) -> Any:
+    """A run's user context (LangGraph Runtime / ToolRuntime, Agents SDK RunContextWrapper)."""
+    return getattr(value, "context", None)
+
+
+def _mcp_caller(auth_module: str, context: Any) -> Any:
+    """The authenticated principal of an MCP request (None without auth): who calls, not which
+    request. The SDKs keep the request's access token where get_access_token() finds it."""
+    auth = sys.modules.get(auth_module)
+    token = auth.get_access_token() if auth is not None else None
+    if token is None:
+        return None
+    return [token.client_id, getattr(token, "subject", None), (getattr(token, "claims", None) or {}).get("iss")]
+
+
+# Values a framework injects into a tool, by type: (module prefix, class name, extractor).
+# extractor None: per-invocation noise (a call id, callbacks, a run's config, a store, a
+# stream writer) that differs between retries of one call, passed on, never fingerprinted.
+# Otherwise extractor(value) is what in the value identifies the caller (a run's user
+# context, a value the application injects such as a user_id); it is fingerprinted under
+# the parameter's name. A parameter's annotation is matched along each class's MRO, most
+# derived class first, then row by row, so a specific row (InjectedToolCallId) wins over
+# its base's (InjectedToolArg). Add a framework by adding rows.
+_INJECTED: list[tuple[str, str, Callable[[Any], Any] | None]] = [
+    ("langchain_core", "InjectedToolCallId", None),
+    ("langgraph", "InjectedState", None),
+    ("langgraph", "InjectedStore", None),
+    ("langgraph", "ToolRuntime", _context_of),
+    ("langchain_core", "InjectedToolArg", _itself),
+    ("langchain_core", "RunnableConfig", None),
+    ("langchain_core", "BaseRunManager", None),
+    ("langchain_core", "BaseCallbackManager", None),
+    ("langchain_core", "CallbackManagerForToolRun", None),
+    ("langchain_core", "AsyncCallbackManagerForToolRun", None),
+    ("langgraph", "BaseStore", None),
+    ("langgraph", "StreamWriter", None),
+    ("langgraph", "Runtime", _context_of),
+    ("mcp", "Context", functools.partial(_mcp_caller, "mcp.server.auth.middleware.auth_context")),
+    ("fastmcp", "Context", functools.partial(_mcp_caller, "fastmcp.server.dependencies")),
+    ("agents", "RunContextWrapper", _context_of),
+]
 # LangChain passes its callback manager as `run_manager` to a tool's _run, annotated or not.
-_INJECTED_NAMES = frozenset({"run_manager"})
-# Names recognised in annotations that stay strings (they could not be resolved).
-_INJECTED_WORDS = frozenset({"RunnableConfig", "StreamWriter", "BaseStore", "ToolRuntime", "InjectedState",
-                             "InjectedStore", "InjectedToolCallId", "InjectedToolArg",
-                             "CallbackManagerForToolRun", "AsyncCallbackManagerForToolRun"})
+_INJECTED_NAMES: dict[str, Callable[[Any], Any] | None] = {"run_manager": None}
+_NOT_INJECTED = object()
 
 
-def _injected_parameters(fn: Callable) -> frozenset[str]:
-    """Names of the parameters of `fn` that a framework injects (see _INJECTED_TYPES)."""
+def _injected_parameters(fn: Callable) -> dict[str, Callable[[Any], Any] | None]:
+    """{parameter: extractor} for the parameters of `fn` that are injected or marked (see _INJECTED)."""
     try:
         names = inspect.signature(fn).parameters.keys()
     except (TypeError, ValueError):
-        return frozenset()
+        return {}
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # one unresolvable annotation: resolve the others one by one
+        hints = {name: _resolved(fn, hint) for name, hint in (getattr(fn, "__annotations__", None) or {}).items()}
+    injected = {}
+    for name in names:
+        extract = _injection(hints[name]) if name in hints else _NOT_INJECTED
+        if extract is _NOT_INJECTED:
+            extract = _INJECTED_NAMES.get(name, _NOT_INJECTED)
+        if extract is not _NOT_INJECTED:
+            injected[name] = extract
+    return injected
+
+
+def _resolved(fn: Callable, hint: Any) -> Any:
+    """An annotation postponed as a string, evaluated as typing.get_type_hints would; else the string."""
+    if not isinstance(hint, str):
+        return hint
+    try:
+        return eval(hint, getattr(fn, "__globals__", {}))  # noqa: S307 - the tool's own annotation
     except Exception:
-        hints = getattr(fn, "__annotations__", None)
-    hints = hints if isinstance(hints, dict) else {}
-    return frozenset(name for name in names
-                     if name in _INJECTED_NAMES or (name in hints and _is_injected(hints[name])))
+        return hint
 
 
-def _is_injected(hint: Any) -> bool:
-    if isinstance(hint, str):
-        return not _INJECTED_WORDS.isdisjoint(re.findall(r"\w+", hint))
-    for part in (hint, typing.get_origin(hint), *typing.get_args(hint)):
-        if part is _PassedOn:
-            return True
+def _injection(hint: Any) -> Any:
+    """A parameter's extractor from its annotation: a ledger marker first, then the table;
+    _NOT_INJECTED for an ordinary argument."""
+    if isinstance(hint, str):  # unresolvable: recognise the names in it
+        words = set(re.findall(r"\w+", hint))
+        if re.search(r"\bIdentity\s*\(", hint):
+            raise ConfigError(f"the annotation {hint!r} could not be evaluated, so its ledger.Identity(...) "
+                              f"cannot be applied: define the names it uses at module level")
+        if "Ignore" in words or "Identity" in words:
+            return None if "Ignore" in words else _itself
+        return next((extract for _, cls_name, extract in _INJECTED if cls_name in words), _NOT_INJECTED)
+    parts = (hint, typing.get_origin(hint), *typing.get_args(hint))
+    for part in parts:
+        if part is Ignore:
+            return None
+        if part is Identity:
+            return _itself
+        if isinstance(part, Identity):
+            return part.extract
+    for part in parts:
         cls = part if isinstance(part, type) else type(part)
-        if any(c.__name__ in _INJECTED_TYPES and c.__module__.partition(".")[0] in _INJECTED_MODULES
-               for c in getattr(cls, "__mro__", ())):
-            return True
-    return False
+        for base in getattr(cls, "__mro__", ()):
+            for module, cls_name, extract in _INJECTED:
+                if base.__name__ == cls_name and base.__module__.partition(".")[0] == module:
+                    return extract
+    return _NOT_INJECTED
+
+
+def _identity_arguments(bound: Mapping[str, Any], injected: Mapping[str, Callable[[Any], Any] | None],
+                        tool: str) -> dict[str, Any]:
+    """The bound arguments as the call's identity: injected noise left out, and an injected
+    value that identifies the caller replaced by its identifying part, checked here so that
+    the error names the parameter and the fix."""
+    identity = {}
+    for name, value in bound.items():
+        if name not in injected:
+            identity[name] = value
+        elif injected[name] is not None:
+            try:
+                identity[name] = part = injected[name](value)
+            except Exception as e:
+                raise FingerprintError(f"{tool}: what identifies the caller in parameter {name!r} could not be "
+                                       f"taken from {_describe(value)}: {type(e).__name__}: {e}") from e
+            try:
+                _canonical_arguments({name: part})
+            except FingerprintError as e:
+                raise FingerprintError(
+                    f"{tool}: parameter {name!r} is injected by the framework and identifies the caller, but "
+                    f"what identifies the caller in it ({_describe(part)}) has no canonical form "
+                    f"({str(e).partition('. ')[0]}). "
+                    f"Make it a plain value (a dataclass, pydantic model or dict of str and numbers), or "
+                    f"annotate the parameter Annotated[..., ledger.Identity(lambda v: v.context.user_id)] to "
+                    f"count only what identifies the caller, or Annotated[..., ledger.Ignore] to leave it out"
+                ) from None
+    return identity
 
 
 def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
@@ -592,6 +706,9 @@ class _Blocked:
     def __repr__(self) -> str:
         return "BLOCKED"
 
+    def __str__(self) -> str:  # what a framework that stringifies a tool's result shows the model
+        return BLOCKED_MESSAGE
+
     def __bool__(self) -> bool:
         return False
 
@@ -600,6 +717,20 @@ class _Blocked:
 
 
 BLOCKED = _Blocked()
+# What a blocked duplicate returns through a framework tool (wrap_tools, once) unless
+# blocked_return= says otherwise: a message the model reads, where BLOCKED would be
+# shown as the bare word or rejected by the framework's output checks.
+BLOCKED_MESSAGE = "already done: an identical call ran before, so this one was not run again"
+
+
+class _Unset:
+    """blocked_return's default: BLOCKED from a plain function, BLOCKED_MESSAGE through a framework."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
 
 RECOVER_MODES = ("retry", "block")
 
@@ -1186,6 +1317,8 @@ def _create_key_file(path: str) -> None:
     except OSError as e:
         raise StoreError(f"cannot create the signing key {path!r}: {e}. Free space on that disk or make the "
                          f"folder writable, or set LEDGER_SECRET (the same value on every worker)") from None
+
+
 # ledger-once (the package ledger.py replaces; its module is also `ledger` and its
 # file also ./ledger.db) keeps calls in a table `ledger`, each under
 # sha256(JSON of tool, normalized arguments or key=, workflow)[:32] with the tool
@@ -1335,12 +1468,13 @@ def _shared_name(fn: Callable) -> bool:
     return getattr(fn, "__qualname__", name) != name or name.startswith("<")
 
 
-def _require(module: str, extra: str, what: str) -> Any:
-    """Import an optional driver, or say in one line which extra installs it."""
+def _require(module: str, package: str, what: str) -> Any:
+    """Import an optional driver, or say in one line what installs it (the driver itself: a
+    user who copied ledger.py has no extras to install)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{what} needs the {module} package: pip install 'ledger-py[{extra}]'") from None
+        raise ConfigError(f"{what} needs the {module} package: pip install '{package}'") from None
 
 
 class _Dropped(StoreError):
@@ -1520,7 +1654,7 @@ class PostgresStore(_ServerStore):
     """
 
     def __init__(self, dsn: str, *, table: str = "ledger"):
-        self._pg = _require("psycopg", "postgres", "PostgresStore")
+        self._pg = _require("psycopg", "psycopg[binary]", "PostgresStore")
         if not re.fullmatch(rf"(?:{_PG_NAME}\.)?{_PG_NAME}", table):
             raise ConfigError(f"PostgresStore table must be a name like 'ledger' or 'myschema.ledger' "
                               f"(letters, digits, _), not {table!r}")
@@ -3360,7 +3494,7 @@ class Guard:
         call.workflow, call.caller = self._workflow(), self._caller()
         call.bound = info.bind(args, kwargs)
         if info.injected:
-            call.bound = {name: value for name, value in call.bound.items() if name not in info.injected}
+            call.bound = _identity_arguments(call.bound, info.injected, call.name)
         if call.key is None:
             call.arguments = _canonical_arguments(call.bound)
             call.arguments_text = _dump(call.arguments)
@@ -3376,28 +3510,38 @@ class Guard:
 
     # -- wrapping ----------------------------------------------------------
 
-    def once(self, fn: Callable | None = None, /, *, name: str | None = None, **policy: Any) -> Any:
-        """Decorator: `@guard.once` or `@guard.once(replay=True, ttl=60, name="crm.lookup")`."""
-        def decorate(fn: Callable) -> Callable:
-            if policy:
-                self.policy(name or fn, **policy)
-            return self._wrap(fn, name, BLOCKED)
+    def once(self, fn: Callable | None = None, /, *, name: str | None = None, blocked_return: Any = _UNSET,
+             **policy: Any) -> Any:
+        """Decorator: `@guard.once` or `@guard.once(replay=True, ttl=60, name="crm.lookup")`.
+
+        Stacks with a framework's decorator in either order: above one that returns a tool
+        object (LangChain @tool, Agents SDK @function_tool) it returns that tool guarded;
+        above one that registers the function and returns it (MCP @server.tool()) it guards
+        the registered tool in place too. blocked_return: as for wrap_tools."""
+        def decorate(fn: Callable) -> Any:
+            if policy:  # under the name the records will have
+                self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
+            return self._wrap_tool(fn, name, blocked_return, "guard.once")
         return decorate(fn) if fn is not None else decorate
 
-    def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED) -> Any:
+    def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
         """Guard a whole toolset and hand back the same kind of thing, so the framework and
         the model see no difference.
 
         tools: a dict {name: tool} (keys are the names records are kept under) or a list or
         tuple of tools, where a tool is a plain function (sync or async, e.g. a LangGraph
         node), a LangChain or LangGraph tool (BaseTool), an OpenAI Agents SDK FunctionTool or
-        an MCP tool; or a single framework tool; or an MCP server (FastMCP / MCPServer), whose
-        registered tools are guarded in place. Framework tools keep their name (also the
-        name of their records), description and argument schema. Arguments a framework
-        injects (a run's config, a tool call id, state, a request context) are passed on but
-        not fingerprinted.
-        blocked_return: what a blocked duplicate returns instead of BLOCKED, e.g. a message
-        for the model such as {"status": "already done"}.
+        an MCP tool; or a single framework tool; or an MCP server (mcp's FastMCP / MCPServer,
+        standalone fastmcp's FastMCP), whose registered tools are guarded in place. A function
+        an MCP server registered (@server.tool() returns it) is guarded in the server too.
+        Framework tools keep their name (also the name of their records), description and
+        argument schema. Arguments a framework injects are passed on; per-invocation ones (a
+        run's config, a tool call id, state, callbacks) are not fingerprinted, and what in them
+        identifies the caller (a run's user context, an injected user_id) is (see _INJECTED,
+        ledger.Ignore, ledger.Identity). Anything else is a ConfigError naming its type.
+        blocked_return: what a blocked duplicate returns. Default: BLOCKED from a plain
+        function; through a framework tool, a message the model can read (BLOCKED_MESSAGE;
+        for MCP a text result, marked isError where the tool declares an output schema).
         """
         if isinstance(tools, Mapping):
             guarded = {name: self._wrap_tool(tool, name, blocked_return) for name, tool in tools.items()}
@@ -3409,13 +3553,20 @@ class Guard:
         raise NotAToolError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
                             f"not {_describe(tools)}")
 
-    def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
+    def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any, caller: str = "wrap_tools") -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
             return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
-        if not callable(tool):
-            raise NotAToolError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
-                                f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
+        if not _is_plain_callable(tool):
+            raise NotAToolError(
+                f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
+                f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
+                f"Guard the function the tool calls, or pass a function that calls it")
+        registrations = [(owner, guard_in_place) for owner, guard_in_place, _ in _registrations(tool)
+                         if guard_in_place is not None]
+        name = name or next((owner.name for owner, _ in registrations), None)
+        for registered, guard_in_place in registrations:
+            guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
@@ -3430,11 +3581,15 @@ class Guard:
         if _is_async(inner):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = await guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         else:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         functools.update_wrapper(wrapper, inner)
         wrapper.__ledger__ = (inner, name)
         return wrapper
@@ -3690,7 +3845,10 @@ def _unwrap(fn: Any) -> tuple[Callable, str | None]:
 
 def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """StructuredTool / Tool: guard func and coroutine. Any other BaseTool: guard _run (and
-    _arun if it has its own), which is what BaseTool.run and arun call."""
+    _arun if it has its own), which is what BaseTool.run and arun call. A blocked duplicate
+    is BLOCKED_MESSAGE, as (content, artifact) for a content_and_artifact tool."""
+    if blocked_return is _UNSET:
+        blocked_return = _langchain_blocked(tool)
     fields = type(tool).model_fields
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
@@ -3703,18 +3861,26 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
     return guarded
 
 
+def _langchain_blocked(tool: Any) -> Any:
+    """A LangChain tool's blocked duplicate: BLOCKED_MESSAGE, as (content, artifact) where the
+    tool returns that pair."""
+    return (BLOCKED_MESSAGE, None) if getattr(tool, "response_format", None) == "content_and_artifact" \
+        else BLOCKED_MESSAGE
+
+
 def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """OpenAI Agents SDK FunctionTool: guard on_invoke_tool(context, json_arguments), with the
-    parsed arguments as the call's identity. The SDK's invoker turns a tool's exception into a
-    message for the model; the guard goes inside it (its _invoke_tool_impl, where present),
-    so a tool that raised stays retryable."""
+    parsed arguments (and what the run context says of the caller) as the call's identity. The
+    SDK's invoker turns a tool's exception into a message for the model; the guard goes inside
+    it (its _invoke_tool_impl, where present), so a tool that raised stays retryable."""
     invoker = tool.on_invoke_tool
     impl = getattr(invoker, "_invoke_tool_impl", None) or invoker
 
-    async def invoke(context: _PassedOn, text: _PassedOn, /, **arguments: Any) -> Any:
+    async def invoke(context: Any, text: Any, /, **arguments: Any) -> Any:
         return await impl(context, text)
 
-    guarded = guard._wrap(invoke, name, blocked_return)
+    invoke.__annotations__ = {"context": _agents_context_rule(impl), "text": Ignore}
+    guarded = guard._wrap(invoke, name, BLOCKED_MESSAGE if blocked_return is _UNSET else blocked_return)
 
     async def on_invoke_tool(context: Any, text: str) -> Any:
         try:
@@ -3733,30 +3899,99 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
     return dataclasses.replace(tool, on_invoke_tool=on_invoke_tool)
 
 
+def _agents_context_rule(impl: Callable) -> Any:
+    """How the run context counts toward a FunctionTool call's identity, as an annotation: as
+    the first parameter of the user's function says (a RunContextWrapper: its .context; see
+    _INJECTED, Ignore, Identity). The SDK marks its invoker with the user's function, which
+    may take no context (then the context does not count); an invoker written by hand is the
+    user's function and always gets the context, whose .context counts unless annotated."""
+    original = getattr(impl, "__agents_function_tool_wrapped_callable__", None)
+    fn = original or impl
+    try:
+        first = next(iter(inspect.signature(fn).parameters), None)
+    except (TypeError, ValueError):
+        first = None
+    injected = _injected_parameters(fn)
+    extract = injected[first] if first in injected else (None if original is not None else _context_of)
+    return Ignore if extract is None else Annotated[Any, Identity(extract)]
+
+
+def _mcp_blocked(tool: Any) -> Any:
+    """An MCP tool's blocked duplicate: BLOCKED_MESSAGE, as the tool's own text result where
+    its output is text; otherwise as a text result marked isError, the one result MCP does not
+    check against the tool's output schema (a duplicate has no output of its own to check)."""
+    schema = getattr(tool, "output_schema", None)
+    wrapped = schema is not None and (schema.get("x-fastmcp-wrap-result")
+                                      or getattr(getattr(tool, "fn_metadata", None), "wrap_output", False))
+    if schema is None or (wrapped and schema["properties"]["result"].get("type") == "string"):
+        return BLOCKED_MESSAGE
+    types = importlib.import_module("mcp.types")  # mcp is loaded: the tool is one of its servers'
+    return types.CallToolResult(content=[types.TextContent(type="text", text=BLOCKED_MESSAGE)], is_error=True)
+
+
 def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
-    """An MCP server's registered tool: guard fn, which Tool.run calls with the validated
-    arguments and the request context (annotated Context, so not fingerprinted)."""
-    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked_return)})
+    """A registered MCP tool (mcp's or standalone fastmcp's): guard fn, which the tool runs with
+    the validated arguments and the request context (a Context, so passed on)."""
+    blocked = _mcp_blocked(tool) if blocked_return is _UNSET else blocked_return
+    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked)})
+
+
+def _guard_mcp_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
+    """A function @server.tool() registered and returned: guard the server's tool in place."""
+    if getattr(tool.fn, "__ledger__", None) is None:
+        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool) if blocked_return is _UNSET
+                              else blocked_return)
+
+
+def _mcp_registry(server: Any) -> dict:
+    """The dict of an MCP server's registered tools. Neither SDK offers a public way to replace
+    a registered tool, so this reads a private attribute: mcp 1.x and 2.x keep the tool
+    manager's _tools (name -> Tool); standalone fastmcp its local provider's _components
+    ("tool:name@version" -> FunctionTool, beside resources and prompts)."""
+    manager = getattr(server, "_tool_manager", None)
+    if manager is not None:
+        return manager._tools
+    return server.local_provider._components
 
 
 def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_return: Any) -> Any:
-    """FastMCP / MCPServer: guard every tool registered so far, in place; the server comes back.
-    The registry is the tool manager's dict, the same in mcp 1.x and 2.x; the SDK offers no
-    public way to replace a registered tool."""
-    registry = server._tool_manager._tools
+    """An MCP server: guard every tool registered so far, in place; the server comes back."""
+    registry = _mcp_registry(server)
     for key, tool in list(registry.items()):
-        registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
+        if _adapter_for(tool) is _adapt_mcp_tool:
+            registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
     return server
 
 
+# (module, class name, adapter): framework objects wrap_tools and once take.
 _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("langchain_core.tools", "BaseTool", _adapt_langchain),
     ("agents.tool", "FunctionTool", _adapt_function_tool),
     ("mcp.server.mcpserver.tools.base", "Tool", _adapt_mcp_tool),
     ("mcp.server.fastmcp.tools.base", "Tool", _adapt_mcp_tool),
+    ("fastmcp.tools.function_tool", "FunctionTool", _adapt_mcp_tool),
     ("mcp.server.mcpserver.server", "MCPServer", _adapt_mcp_server),
     ("mcp.server.fastmcp.server", "FastMCP", _adapt_mcp_server),
+    ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),
 )
+
+# (module, class name, guard in place, blocked default): framework tool objects that hold a
+# function in one of their attributes. Where a framework decorator registers the function
+# and hands it back unchanged (MCP's @server.tool()), guarding the function alone would leave
+# the registered tool unguarded: `guard in place` guards it (None: the decorator returns the
+# tool object, which wrap_tools and once take themselves). Where @guard.once sits below the
+# decorator, the tool holds the guard's own wrapper, whose blocked duplicate then returns
+# `blocked default(tool)`, looked up on the first one.
+_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any], Any]], ...] = (
+    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("langchain_core.tools", "BaseTool", None, _langchain_blocked),
+)
+
+
+def _known_framework_classes() -> str:
+    return ", ".join(dict.fromkeys(f"{module.partition('.')[0]} {cls_name}" for module, cls_name, _ in _ADAPTERS))
 
 
 def _adapter_for(tool: Any) -> Callable[..., Any] | None:
@@ -3767,9 +4002,68 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     return None
 
 
+def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None] | None, Callable[[Any], Any]]]:
+    """(tool object, guard in place, blocked default) for each framework tool holding `fn`
+    (see _REGISTRATIONS). Found through the garbage collector's referrers (a scan of the heap,
+    only when such a framework is loaded, once per wrap or per guarded function): the tool
+    holds `fn` in its attribute dict (a pydantic model's __dict__). No framework offers a
+    lookup from a function to its tool."""
+    kinds = [(cls, guard_in_place, blocked) for module, cls_name, guard_in_place, blocked in _REGISTRATIONS
+             if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
+    if not kinds:
+        return []
+    found = []
+    for holder in gc.get_referrers(fn):
+        if type(holder) is not dict:
+            continue
+        for owner in gc.get_referrers(holder):
+            if getattr(owner, "__dict__", None) is holder:
+                found += [(owner, guard_in_place, blocked) for cls, guard_in_place, blocked in kinds
+                          if isinstance(owner, cls)][:1]
+    return found
+
+
+def _registered_name(fn: Any) -> str | None:
+    """The name a framework registered `fn` under, which is also the name of its records."""
+    return next((owner.name for owner, guard_in_place, _ in _registrations(fn) if guard_in_place), None)
+
+
+def _blocked_default(wrapper: Callable) -> Any:
+    """What a guarded function's blocked duplicate returns when no blocked_return was given:
+    BLOCKED, or, where a framework tool holds the function (@guard.once below its decorator),
+    what that framework's tools return. Looked up on the first blocked duplicate, then kept."""
+    value = wrapper.__dict__.get("__ledger_blocked__", _UNSET)
+    if value is _UNSET:
+        value = next((blocked(owner) for owner, _, blocked in _registrations(wrapper)), BLOCKED)
+        wrapper.__ledger_blocked__ = value
+    return value
+
+
 def _framework_name(tool: Any) -> str | None:
     """The name a framework tool is known by, which is also the name of its records."""
-    return tool.name if _adapter_for(tool) is not None else None
+    adapt = _adapter_for(tool)
+    return tool.name if adapt is not None and adapt is not _adapt_mcp_server else None
+
+
+def _is_plain_callable(fn: Any) -> bool:
+    """A function, method, builtin or partial (possibly guarded already), or a callable object
+    of the user's own class; not an object of an installed package ledger has no adapter for,
+    whose call would bypass the framework's own tool machinery."""
+    if inspect.isroutine(fn) or isinstance(fn, functools.partial) or type(fn) is _Named:
+        return True
+    if not callable(fn):
+        return False
+    module = sys.modules.get((fn if isinstance(fn, type) else type(fn)).__module__)
+    path = getattr(module, "__file__", None) or ""
+    return not any(path.startswith(root) for root in _library_roots())
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    """Where installed packages and the standard library live."""
+    paths = sysconfig.get_paths()
+    return tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+                 | {os.path.join(p, "") for p in site.getsitepackages()})
 
 
 def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
