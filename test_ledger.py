@@ -9,6 +9,7 @@ LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -170,7 +171,6 @@ class Counter:
     def __init__(self, result=None, fail=False, sleep=0.0):
         self.calls = []
         self.result, self.fail, self.sleep = result, fail, sleep
-        self.__name__ = self.__qualname__ = "counter"
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
@@ -179,6 +179,11 @@ class Counter:
         if self.fail:
             raise RuntimeError("tool failed")
         return self.result if self.result is not None else {"args": list(args), "kwargs": kwargs}
+
+
+def counter(guard, **behaviour):
+    """A Counter as a tool: an instance whose state changes has no name of its own, so it gets one."""
+    return guard.once(Counter(**behaviour), name="counter")
 
 
 def charge(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
@@ -289,6 +294,19 @@ class Model:
         return dict(self.fields)
 
 
+class FixedZone(dt.tzinfo):
+    """A tzinfo of the user's own, which the ledger cannot rebuild."""
+
+    def utcoffset(self, d):
+        return dt.timedelta(hours=1)
+
+    def dst(self, d):
+        return dt.timedelta(0)
+
+    def tzname(self, d):
+        return "FIX"
+
+
 @pytest.mark.parametrize("make", [
     lambda: decimal.Decimal("1.50"),
     lambda: dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
@@ -367,7 +385,7 @@ def test_a_tool_with_its_own_key_parameter_gets_it(g):
 
 
 def test_unfingerprintable_argument_fails_before_the_tool_runs(g):
-    tool = Counter()
+    tool = counter(g)
     with pytest.raises(TypeError, match="argument 'client'"):
         g(tool, client=threading.Lock())
     assert tool.calls == []
@@ -402,23 +420,49 @@ def test_tool_name_is_the_same_run_as_a_script_or_imported(tmp_path):
     assert as_script.stdout == imported.stdout == as_module.stdout == "agent.send\n"
 
 
-def test_two_lambdas_never_share_records(g):
-    runs = []
-    first, second = (lambda x: runs.append(("first", x))), (lambda x: runs.append(("second", x)))
+def test_lambdas_are_told_apart_by_their_code(g):
+    first, second = (lambda x: CHARGES.append(("first", x))), (lambda x: CHARGES.append(("second", x)))
     g(first, 1)
     g(second, 1)
-    assert runs == [("first", 1), ("second", 1)]
+    g(first, 1)
+    assert CHARGES == [("first", 1), ("second", 1)]
 
 
-def test_closures_over_different_values_are_different_tools(g):
-    def make(currency):
-        def pay(amount):
-            CHARGES.append((currency, amount))
-        return pay
-    g(make("usd"), 5)
-    g(make("eur"), 5)
-    g(make("usd"), 5)
+def test_a_lambda_keeps_its_name_when_code_above_it_moves():
+    first = ledger.tool_name(eval("lambda x: x + 1"))
+    assert ledger.tool_name(eval("\n\nlambda x: x + 1")) == first != ledger.tool_name(eval("lambda x: x + 2"))
+
+
+def make_payer(currency):
+    def pay(amount):
+        CHARGES.append((currency, amount))
+    return pay
+
+
+def test_a_closure_over_data_needs_a_name(g):
+    with pytest.raises(ledger.ConfigError, match="closure over 'currency'.*name="):
+        g(make_payer("usd"), 5)
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g.once(make_payer("usd"))
+    with pytest.raises(ledger.ConfigError, match="dict key"):
+        g.wrap_tools([make_payer("usd")])
+    assert CHARGES == []
+
+
+def test_a_closure_over_data_runs_under_the_name_it_is_given(g):
+    usd, eur = g.once(make_payer("usd"), name="pay.usd"), g.wrap_tools({"pay.eur": make_payer("eur")})["pay.eur"]
+    usd(5), eur(5), usd(5)
     assert CHARGES == [("usd", 5), ("eur", 5)]
+    assert {r["tool"] for r in g.history()} == {"pay.usd", "pay.eur"}
+
+
+def test_a_closure_over_a_start_time_is_refused_not_split_across_workers(g):
+    started = time.time()
+
+    def send_report(day):
+        CHARGES.append((day, started))
+    with pytest.raises(ledger.ConfigError, match="closure over 'started'"):
+        g(send_report, 1)
 
 
 def test_partials_bind_their_arguments_into_the_call(g):
@@ -456,6 +500,7 @@ def test_a_failed_tool_raises_unchanged_and_the_next_call_runs_again(g):
     boom = ValueError("declined")
     tries = []
 
+    @g.once(name="pay")
     def pay(order_id):
         tries.append(order_id)
         if len(tries) == 1:
@@ -495,10 +540,10 @@ def test_a_result_that_is_not_json_is_recorded_as_done_and_replays_blocked(g, ca
     g._core.quiet = False
     made = []
 
+    @g.once(name="make_lock", replay=True)
     def make_lock(name):
         made.append(name)
         return threading.Lock()
-    g.policy(make_lock, replay=True)
     first = g(make_lock, "a")
     assert hasattr(first, "acquire")
     assert g(make_lock, "a") is BLOCKED
@@ -511,7 +556,7 @@ def test_a_result_that_is_not_json_is_recorded_as_done_and_replays_blocked(g, ca
 def test_a_result_over_the_size_limit_is_not_stored(g, monkeypatch):
     monkeypatch.setattr(ledger, "MAX_RESULT_BYTES", 100)
     g.policy(charge, replay=True)
-    big = Counter(result="x" * 200)
+    big = counter(g, result="x" * 200)
     g.policy(big, replay=True)
     assert g(big, 1) == "x" * 200
     assert g(big, 1) is BLOCKED and len(big.calls) == 1
@@ -526,10 +571,143 @@ def test_a_serializer_stores_what_json_cannot(g):
         @staticmethod
         def loads(text):
             return set(json.loads(text))
-    tool = Counter(result={3, 1, 2})
+    tool = counter(g, result={3, 1, 2})
     g.policy(tool, replay=True, serializer=Codec)
     assert g(tool) == {1, 2, 3}
     assert g(tool) == {1, 2, 3} and len(tool.calls) == 1
+
+
+def same(a, b):
+    """Equal and of the same type all the way down (== alone takes (1,) for [1]'s twin and 1 for True)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            any(same(k, j) and same(v, b[j]) for j in b if j == k) for k, v in a.items())
+    if isinstance(a, (dt.datetime, dt.time)):
+        return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold and a.tzname() == b.tzname()
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b and repr(a) == repr(b)
+
+
+RESULTS_THAT_KEEP_THEIR_TYPE = {
+    "tuple": ("text", {"artifact": (1, 2)}),
+    "int keys": {1: "one", 2: {3: [4]}},
+    "bool, None, float and tuple keys": {True: 1, None: 2, 1.5: 3, (1, "a"): 4, "s": 5},
+    "sets": [{1, 2}, frozenset({"a", (1, 2)})],
+    "bytes": [b"\x00\xff", bytearray(b"ab")],
+    "decimal": decimal.Decimal("1234567890123456789012345678901.50"),
+    "datetimes": [dt.datetime(2026, 3, 29, 2, 30, fold=1), dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+                  dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=-3), "BRT")),
+                  dt.datetime(2026, 7, 1, 9, tzinfo=__import__("zoneinfo").ZoneInfo("Europe/Paris")),
+                  dt.date(2026, 1, 2), dt.time(1, 2, 3, 4), dt.timedelta(days=10**6, microseconds=1)],
+    "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "exact floats": [0.1 + 0.2, 1e-310, -0.0, float("inf"), 2.0 ** 60],
+    "strings that look like tags": ["\x00tuple", ["\x00tuple", [1]], {"\x00map": []}, "~", "\x00\x00"],
+    "lone surrogates and NULs": {"name": "caf\udce9.txt", "nul": "a\x00b", "\ud800": ["\x00"]},
+}
+
+
+@pytest.mark.parametrize("result", RESULTS_THAT_KEEP_THEIR_TYPE.values(), ids=RESULTS_THAT_KEEP_THEIR_TYPE)
+def test_replayed_results_come_back_equal_and_of_the_same_type(store, result):
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+
+    @guard.once(name="produce", replay=True)
+    def produce(n):
+        runs.append(n)
+        return result
+    assert guard(produce, 1) is result
+    again = guard(produce, 1)
+    assert same(again, result) and runs == [1]
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    | st.dictionaries(st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+                      | st.tuples(st.integers(), st.text(max_size=2)), children, max_size=4),
+    max_leaves=20))
+def test_results_round_trip_exactly(value):
+    text = ledger._dump_result(value)
+    assert text.isascii() and "\x00" not in text
+    assert same(ledger._load_result(text), value)
+
+
+def test_plain_json_results_are_stored_as_plain_json(g):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    assert json.loads(g.history()[0]["result"]) == {"charged": 10.0, "order": 1}
+
+
+def test_records_written_as_plain_json_before_typed_results_still_replay(g):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    [record] = g.store.records()
+    old = record.evolve(result='{"charged":10.0,"order":1,"note":"d\u00e9j\u00e0 vu","raw":"ü"}')
+    old.sig = ledger._sign(g._core.secret, old)
+    assert g.store.swap(old, record.epoch, record.owner)
+    assert g(charge, 1) == {"charged": 10.0, "order": 1, "note": "déjà vu", "raw": "ü"}
+    assert len(CHARGES) == 1
+
+
+class Level(enum.IntEnum):
+    HIGH = 1
+
+
+@pytest.mark.parametrize("result", [Level.HIGH, Pair(1, "x"), collections.OrderedDict(a=1), {"k": Color.RED},
+                                    [1, object()], 10 ** 5000, dt.datetime(2026, 1, 1, tzinfo=FixedZone())],
+                         ids=["intenum", "namedtuple", "ordereddict", "enum inside", "object inside", "huge int",
+                              "unknown tzinfo"])
+def test_a_result_that_would_come_back_altered_is_refused_and_its_caller_still_gets_it(g, caplog, result):
+    g._core.quiet = False
+    runs = []
+
+    @g.once(name="produce", replay=True)
+    def produce():
+        runs.append(1)
+        return result
+    assert g(produce) is result
+    assert g(produce) is BLOCKED and runs == [1]
+    [record] = g.history()
+    assert record["status"] == "SUCCESS" and record["result"] is None and record["unstored"]
+    assert "serializer" in caplog.text
+
+
+def test_a_refused_result_names_where_the_altered_value_sits(g):
+    def produce():
+        return {"rows": [1, (2, Level.HIGH)]}
+    g(produce)
+    assert "['rows'][1]" in g.history()[0]["unstored"] and "Level" in g.history()[0]["unstored"]
+
+
+def test_a_shared_result_comes_back_as_the_same_type(store):
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+    started = threading.Event()
+
+    @guard.once(name="lookup", replay=True, wait=30)
+    def lookup(q):
+        runs.append(q)
+        started.set()
+        time.sleep(0.3)
+        return (q, {1: (2, 3)})
+    leader = threading.Thread(target=guard, args=(lookup, "q"))
+    leader.start()
+    started.wait(10)
+    shared = guard.execute(lookup, "q")
+    leader.join()
+    assert shared.source != "executed" and same(shared.value, ("q", {1: (2, 3)})) and runs == ["q"]
+
+
+def test_signing_accepts_any_text(g):
+    record = Record(id="x", tool="t\udc80", workflow="w", caller=None, status="SUCCESS", owner="o", epoch=1,
+                    lease_until=0.0, run_key="k\ud800", result="\udce9\x00", unstored="\udfff")
+    assert ledger._sign(b"s", record) != ledger._sign(b"s", record.evolve(result="\udce8\x00"))
 
 
 def test_blocked_return_replaces_blocked_in_wrapped_tools(g):
@@ -810,7 +988,7 @@ def test_counters_are_exact_under_concurrency(store):
 
 def test_replay_waiters_share_the_running_leaders_result(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(result="answer", sleep=0.2)
+    tool = counter(guard, result="answer", sleep=0.2)
     guard.policy(tool, replay=True)
     results, threads = [], []
     for _ in range(10):
@@ -833,7 +1011,7 @@ class CountingStore(SQLiteStore):
 
 def test_in_process_waiters_are_woken_by_notification_not_polling(tmp_path):
     guard = Guard(CountingStore(tmp_path / "l.db"), quiet=True, secret="s")
-    tool = Counter(result="done", sleep=0.5)
+    tool = counter(guard, result="done", sleep=0.5)
     guard.policy(tool, replay=True)
     leader = threading.Thread(target=guard, args=(tool,))
     leader.start()
@@ -852,7 +1030,7 @@ def test_in_process_waiters_are_woken_by_notification_not_polling(tmp_path):
 
 def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(fail=True, sleep=0.2)
+    tool = counter(guard, fail=True, sleep=0.2)
     guard.policy(tool, replay=True)
     errors = []
 
@@ -869,13 +1047,13 @@ def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
     [t.join() for t in [leader] + waiters]
     assert sorted(errors, key=lambda e: e.__name__) == [ledger.LeaderFailed] * 3 + [RuntimeError]
     assert len(tool.calls) == 1
-    tool.fail = False
+    tool.__wrapped__.fail = False
     assert guard(tool, 1) is not BLOCKED and len(tool.calls) == 2
 
 
 def test_a_bounded_wait_that_runs_out_raises(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(sleep=0.5)
+    tool = counter(guard, sleep=0.5)
     guard.policy(tool, replay=True, wait=0.1)
     leader = threading.Thread(target=guard, args=(tool,))
     leader.start()
@@ -971,6 +1149,7 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
 
 
 def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
+    @g.once(name="tool")
     def tool():
         record = g.store.records()[0]
         g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1, status="SUCCESS",
@@ -1028,6 +1207,7 @@ def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
 def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g):
     keys = []
 
+    @g.once(name="tool")
     def tool(fail):
         keys.append(current_key())
         if fail[0]:
@@ -1054,6 +1234,7 @@ def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
 def test_async_tools_are_guarded_and_duplicates_blocked(g):
     runs = []
 
+    @g.once(name="fetch")
     async def fetch(url):
         runs.append(url)
         return url.upper()
@@ -1092,7 +1273,7 @@ def test_a_sync_tool_guarded_inside_a_running_loop_works(g):
 
 
 def test_async_waiters_in_one_loop_are_woken_by_a_leader_in_another_thread(g):
-    tool = Counter(result="r", sleep=0.3)
+    tool = counter(g, result="r", sleep=0.3)
     g.policy(tool, replay=True)
     leader = threading.Thread(target=g, args=(tool,))
     leader.start()
@@ -1109,7 +1290,7 @@ def _async_view(tool):
     """The same tool name, awaited: an async tool sharing a sync leader's record."""
     async def view():
         return tool()
-    return ledger._Named(view, ledger.tool_name(tool))
+    return ledger._Named(view, ledger._unwrap(tool)[1])
 
 
 def test_workflow_scopes_are_private_to_each_thread(g):
@@ -1697,7 +1878,7 @@ def test_a_redis_record_that_expired_on_the_server_runs_again(monkeypatch):
     monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
     store = redis_store()
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(result="fresh")
+    tool = counter(guard, result="fresh")
     guard.policy(tool, ttl=0.2, replay=True)
     assert guard(tool) == "fresh" and guard(tool) == "fresh" and len(tool.calls) == 1
     key = store._key(store.records()[0].id)
@@ -1819,7 +2000,7 @@ def test_stats_count_attempts_executions_blocks_and_savings(g):
     g.policy(charge, cost=0.5)
     for _ in range(3):
         g(charge, 1)
-    failing = Counter(fail=True)
+    failing = counter(g, fail=True)
     with pytest.raises(RuntimeError):
         g(failing)
     stats = g.stats()
@@ -1874,7 +2055,7 @@ def test_callbacks_fire_and_a_raising_callback_changes_nothing(g):
     assert g(charge, 1)["order"] == 1
     g(charge, 1)
     with pytest.raises(RuntimeError):
-        g(Counter(fail=True))
+        g(counter(g, fail=True))
     assert [e[0] for e in events] == ["success", "block", "fail"]
 
 
@@ -2009,7 +2190,7 @@ def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
         seen.append(config["run_id"])
         return {"done": True}
 
-    [guarded] = g.wrap_tools([node], blocked_return={})
+    guarded = g.wrap_tools({"node": node}, blocked_return={})["node"]
     assert guarded({"order": 1}, config={"run_id": object()}) == {"done": True}
     assert guarded({"order": 1}, config={"run_id": object()}) == {}
     assert guarded({"order": 2}, config={"run_id": 3}) == {"done": True}
@@ -2167,9 +2348,9 @@ def test_langgraph_plain_node_function_runs_once_per_state(g):
         charged.append(order["order_id"])
         return {"receipt": f"ch_{order['order_id']}"}
 
-    g.policy(charge, replay=True)
+    g.policy("charge", replay=True)
     graph = graph_module.StateGraph(Order)
-    graph.add_node("charge", g.wrap_tools([charge])[0])
+    graph.add_node("charge", g.wrap_tools({"charge": charge})["charge"])
     graph.add_edge(graph_module.START, "charge")
     app = graph.compile()
     assert [app.invoke({"order_id": n})["receipt"] for n in (1, 1, 2)] == ["ch_1", "ch_1", "ch_2"]
