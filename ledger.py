@@ -275,8 +275,8 @@ def _canonical_other(value: Any) -> Any:
         return _typed("dataclass", value, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     if isinstance(value, tuple) and hasattr(value, "_asdict"):
         return _typed("namedtuple", value, value._asdict())
-    if hasattr(value, "model_dump") and not isinstance(value, type):
-        return _typed("model", value, value.model_dump())
+    if callable(getattr(type(value), "model_dump", None)) and not isinstance(value, type):
+        return _typed("model", value, value.model_dump())  # on the class: a Mock answers any name
     for base, handler in _CANON.items():
         if isinstance(value, base) and base is not bool and base is not type(None):
             return handler(base(value) if base in (str, int, float) else value)
@@ -579,7 +579,7 @@ def _fingerprint_error(where: str, problem: str) -> FingerprintError:
     if len(where) > 200:
         where = where[:120] + "..." + where[-60:]
     return FingerprintError(
-        f"argument {where!r} {problem}. Pass key='...' (a stable id for this call, e.g. "
+        f"argument '{where}' {problem}. Pass key='...' (a stable id for this call, e.g. "
         f"key=f'refund-{{order_id}}', or guard.keyed(key, tool, ...)) so the arguments are not "
         f"fingerprinted, or pass a plain value (str, number, dict, list, dataclass, pydantic model) instead")
 

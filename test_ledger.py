@@ -341,6 +341,75 @@ def test_unsupported_argument_raises_a_typeerror_naming_it():
     assert "payload['items'][1]" in str(err.value) and "key=" in str(err.value)
 
 
+def test_decimal_fingerprint_is_exact():
+    assert fp(x=decimal.Decimal("1234567890123456789012345678901")) != \
+        fp(x=decimal.Decimal("1234567890123456789012345678902"))
+
+
+def test_decimal_fingerprint_ignores_the_threads_decimal_context():
+    amount = decimal.Decimal("1234.5678901")
+    expected = fp(x=amount)
+    with decimal.localcontext(decimal.Context(prec=6, rounding=decimal.ROUND_DOWN, capitals=0)):
+        assert fp(x=amount) == expected
+
+
+def test_decimal_zero_is_one_value_whatever_its_sign_or_exponent():
+    assert fp(x=decimal.Decimal("-0")) == fp(x=decimal.Decimal("0E+5")) == fp(x=decimal.Decimal("0.000"))
+
+
+def test_decimal_with_a_huge_exponent_is_fingerprinted():
+    assert fp(x=decimal.Decimal("1E+999999999")) != fp(x=decimal.Decimal("1E+999999998"))
+    assert fp(x=decimal.Decimal("1E-999999999")) == fp(x=decimal.Decimal("10E-1000000000"))
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False),
+       st.integers(min_value=1, max_value=60), st.sampled_from([decimal.ROUND_DOWN, decimal.ROUND_HALF_EVEN,
+                                                                decimal.ROUND_UP, decimal.ROUND_FLOOR]),
+       st.integers(min_value=0, max_value=1), st.integers(min_value=-1, max_value=1))
+def test_decimal_fingerprint_is_invariant_under_any_context_and_exact(d, prec, rounding, capitals, shift):
+    other = d.scaleb(shift, decimal.Context(prec=decimal.MAX_PREC)) if shift else d * 1
+    expected, other_expected = fp(x=d), fp(x=other)
+    with decimal.localcontext(decimal.Context(prec=prec, rounding=rounding, capitals=capitals, Emax=99, Emin=-99)):
+        assert fp(x=d) == expected and fp(x=other) == other_expected
+    assert (expected == other_expected) == (d == other)
+
+
+def test_a_self_referential_argument_is_a_fingerprint_error_naming_it():
+    loop = [1, {"k": []}]
+    loop[1]["k"].append(loop)
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'items\[1\]\['k'\]\[0\]' contains itself"):
+        fp(items=loop)
+
+
+def test_a_too_deep_argument_is_a_fingerprint_error():
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ledger.FingerprintError, match="argument 'tree.*nested too deeply"):
+        fp(tree=deep)
+
+
+def test_an_int_too_long_for_str_is_a_fingerprint_error_naming_it(g):
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'order_id\[2\]' is a int.*ValueError"):
+        g(charge, [1, 2, 10 ** 5000])
+
+
+def test_a_mock_argument_is_a_fingerprint_error_naming_it():
+    from unittest import mock
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'client\['api'\]' is a unittest.mock.Mock"):
+        fp(client={"api": mock.Mock()})
+
+
+def test_every_fingerprint_failure_stops_the_call_before_the_tool_runs(g):
+    from unittest import mock
+    loop = []
+    loop.append(loop)
+    for bad in (loop, 10 ** 5000, mock.Mock(), mock.MagicMock()):
+        with pytest.raises(ledger.FingerprintError):
+            g(charge, bad)
+    assert CHARGES == [] and g.history() == []
+
+
 # ---------------------------------------------------------------------------
 # Fingerprint: binding, keys, tool names.
 # ---------------------------------------------------------------------------
@@ -384,6 +453,61 @@ def test_a_tool_with_its_own_key_parameter_gets_it(g):
     assert CHARGES == [("k1", 1), ("k2", 1), ("k3", 1)]
 
 
+def transfer(amount, idempotency_key="default"):
+    CHARGES.append((amount, idempotency_key))
+    return idempotency_key
+
+
+def test_a_tool_with_its_own_idempotency_key_parameter_always_receives_it(g):
+    assert g(transfer, 5, idempotency_key="caller-1") == "caller-1"
+    assert g(transfer, 5, idempotency_key="caller-2") == "caller-2"   # another value: another call
+    assert g(transfer, 5, idempotency_key="caller-1") is BLOCKED
+    assert g(transfer, 5, key="k") == "default"                        # key= is still the guard's
+    assert g(transfer, 5, key="k") is BLOCKED
+    assert CHARGES == [(5, "caller-1"), (5, "caller-2"), (5, "default")]
+
+
+def test_guard_keyed_names_the_call_and_leaves_every_keyword_to_the_tool(g):
+    def put(key, value, idempotency_key=None):
+        CHARGES.append((key, value, idempotency_key))
+    g.keyed("same", put, key="a", value=1, idempotency_key="x")
+    g.keyed("same", put, key="b", value=2)
+    g.keyed("other", put, key="b", value=2)
+    assert CHARGES == [("a", 1, "x"), ("b", 2, None)]
+    assert g.keyed("k", transfer, 1, idempotency_key="i") == "i"
+
+
+def test_a_tool_taking_any_keyword_refuses_a_key_it_might_have_wanted(g):
+    def create(**fields):
+        CHARGES.append(fields)
+    with pytest.raises(ledger.ConfigError, match="guard.keyed"):
+        g(create, name="x", idempotency_key="from-the-caller")
+    g.keyed("create-x", create, name="x", idempotency_key="from-the-caller")
+    assert CHARGES == [{"name": "x", "idempotency_key": "from-the-caller"}]
+
+
+class PaymentAPI:
+    """The README's payment provider, whose charge takes its own idempotency_key."""
+
+    def __init__(self):
+        self.charges = {}
+
+    def charge(self, amount: float, idempotency_key: str) -> dict:
+        return self.charges.setdefault(idempotency_key, {"id": f"ch_{len(self.charges) + 1}", "amount": amount})
+
+
+def test_the_readme_payment_api_charge_is_guardable(g):
+    payments = PaymentAPI()
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(payments.charge, 99.0, idempotency_key="order-9")
+    charge_card = g.once(payments.charge, name="payments.charge")
+    assert charge_card(99.0, idempotency_key="order-9") == {"id": "ch_1", "amount": 99.0}
+    assert charge_card(99.0, idempotency_key="order-9") is BLOCKED
+    assert charge_card(99.0, idempotency_key="order-10") == {"id": "ch_2", "amount": 99.0}
+    assert g.keyed("refund-9", charge_card, 99.0, idempotency_key="order-11")["id"] == "ch_3"
+    assert len(payments.charges) == 3
+
+
 def test_unfingerprintable_argument_fails_before_the_tool_runs(g):
     tool = counter(g)
     with pytest.raises(TypeError, match="argument 'client'"):
@@ -418,6 +542,58 @@ def test_tool_name_is_the_same_run_as_a_script_or_imported(tmp_path):
                               cwd=tmp_path, capture_output=True, text=True)
     as_module = subprocess.run([sys.executable, "-m", "agent"], cwd=tmp_path, capture_output=True, text=True)
     assert as_script.stdout == imported.stdout == as_module.stdout == "agent.send\n"
+
+
+BILLING_SCRIPT = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, %r)
+import ledger
+
+
+def send_invoice(order_id):
+    with open(os.environ["SENT_LOG"], "a") as log:   # append-only: one line per real send
+        log.write("%%s %%d\\n" %% (order_id, os.getpid()))
+    return "sent"
+
+
+def worker(db, names):
+    names.put(ledger.tool_name(send_invoice))
+    ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
+
+
+if __name__ == "__main__":
+    db = sys.argv[1]
+    names = [ledger.tool_name(send_invoice)]
+    ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
+    for method in ("fork", "spawn", "forkserver"):
+        context = multiprocessing.get_context(method)
+        queue = context.Queue()
+        process = context.Process(target=worker, args=(db, queue))
+        process.start()
+        names.append(queue.get(timeout=60))
+        process.join(60)
+        assert process.exitcode == 0, (method, process.exitcode)
+    print(json.dumps(names))
+"""
+
+
+@pytest.mark.parametrize("launch", ["script", "module"])
+def test_a_tool_has_one_name_in_the_parent_and_in_fork_spawn_and_forkserver_workers(tmp_path, launch):
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "billing.py").write_text(BILLING_SCRIPT % str(HERE))
+    sent = tmp_path / "sent.log"
+    argv = ["shop/billing.py"] if launch == "script" else ["-m", "shop.billing"]
+    done = subprocess.run([sys.executable, *argv, str(tmp_path / "l.db")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "SENT_LOG": str(sent)})
+    assert done.returncode == 0, done.stderr
+    imported = subprocess.run([sys.executable, "-c", "import shop.billing, ledger; "
+                               "print(ledger.tool_name(shop.billing.send_invoice))"],
+                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert json.loads(done.stdout) == ["shop.billing.send_invoice"] * 4
+    assert imported.stdout == "shop.billing.send_invoice\n"
+    assert len(sent.read_text().splitlines()) == 1   # the parent sent it; no worker sent it again
 
 
 def test_lambdas_are_told_apart_by_their_code(g):
@@ -463,6 +639,121 @@ def test_a_closure_over_a_start_time_is_refused_not_split_across_workers(g):
         CHARGES.append((day, started))
     with pytest.raises(ledger.ConfigError, match="closure over 'started'"):
         g(send_report, 1)
+
+
+def without_wraps(fn):
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def refund(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
+    CHARGES.append(("refund", order_id))
+    return {"refunded": order_id}
+
+
+def test_a_decorator_without_wraps_names_the_tool_after_what_it_wraps(g):
+    charging, refunding = without_wraps(charge), without_wraps(refund)
+    assert g(charging, 42) == {"charged": 10.0, "order": 42}
+    assert g(refunding, 42) == {"refunded": 42}
+    assert g(without_wraps(charge), 42) is BLOCKED
+    assert "test_ledger.charge" in ledger.tool_name(charging) != ledger.tool_name(refunding)
+
+
+def test_a_decorator_with_wraps_is_the_tool_it_wraps(g):
+    assert ledger.tool_name(functools.wraps(charge)(lambda *a, **k: charge(*a, **k))) == "test_ledger.charge"
+
+
+def test_a_nested_function_that_calls_itself_has_a_stable_name(g):
+    def countdown(n):
+        return countdown(n - 1) if n else "done"
+    assert ledger.tool_name(countdown).startswith("test_ledger.test_a_nested_function")
+    assert g(countdown, 3) == "done" and g(countdown, 3) is BLOCKED
+
+
+class Mailer:
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, to):
+        CHARGES.append((self.sender, to))
+
+    @classmethod
+    def create(cls, sender):
+        CHARGES.append((cls.__name__, sender))
+
+
+class SupportMailer(Mailer):
+    pass
+
+
+def test_methods_of_instances_whose_state_can_change_need_a_name(g):
+    with pytest.raises(ledger.ConfigError, match="Mailer.send is bound to a test_ledger.Mailer instance.*name="):
+        g(Mailer("billing").send, "ada")
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g.once(Mailer("billing").send)
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(Counter(), 1)
+    assert CHARGES == []
+
+
+def test_methods_of_two_configured_instances_never_share_records(g):
+    billing, support = Mailer("billing"), Mailer("support")
+    tools = g.wrap_tools({"mail.billing": billing.send, "mail.support": support.send})
+    tools["mail.billing"]("ada"), tools["mail.support"]("ada"), tools["mail.billing"]("ada")
+    assert CHARGES == [("billing", "ada"), ("support", "ada")]
+
+
+def test_a_classmethod_is_told_apart_by_the_class_it_is_called_on(g):
+    g(Mailer.create, "x")
+    g(SupportMailer.create, "x")
+    g(SupportMailer.create, "x")
+    assert CHARGES == [("Mailer", "x"), ("SupportMailer", "x")]
+    assert ledger.tool_name(Mailer.create) == "test_ledger.Mailer.create"
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    name: str
+
+    def deploy(self, version):
+        CHARGES.append((self.name, version))
+
+    def __call__(self, version):
+        CHARGES.append(("called", self.name, version))
+
+
+class Currency(enum.Enum):
+    USD = "usd"
+    EUR = "eur"
+
+    def pay(self, amount):
+        CHARGES.append((self.value, amount))
+
+
+def test_methods_of_immutable_values_are_told_apart_by_their_value(g):
+    g(Region("eu").deploy, 1), g(Region("us").deploy, 1), g(Region("eu").deploy, 1)
+    g(Currency.USD.pay, 5), g(Currency.EUR.pay, 5), g(Currency.USD.pay, 5)
+    g(Region("eu"), 2), g(Region("us"), 2), g(Region("eu"), 2)
+    assert CHARGES == [("eu", 1), ("us", 1), ("usd", 5), ("eur", 5), ("called", "eu", 2), ("called", "us", 2)]
+
+
+def test_a_frozen_dataclass_holding_something_mutable_needs_a_name(g):
+    @dataclasses.dataclass(frozen=True)
+    class Batch:
+        items: list
+
+        def submit(self):
+            pass
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(Batch([1]).submit)
+
+
+def test_an_explicit_name_always_wins(g):
+    mutable = Counter()
+    named = g.once(mutable, name="my.counter")
+    named(1), named(1)
+    assert len(mutable.calls) == 1 and [r["tool"] for r in g.history()] == ["my.counter"]
 
 
 def test_partials_bind_their_arguments_into_the_call(g):
