@@ -881,6 +881,8 @@ def same(a, b):
         return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold and a.tzname() == b.tzname()
     if isinstance(a, float) and a != a:
         return b != b
+    if isinstance(a, (set, frozenset)):
+        return a == b and sorted(map(repr, a)) == sorted(map(repr, b))
     return a == b and repr(a) == repr(b)
 
 
@@ -2557,6 +2559,24 @@ def test_langchain_async_tool_runs_once_and_its_injected_call_id_is_not_fingerpr
 
     assert asyncio.run(twice()) == ["refunded 9", "already done"]
     assert runs == [("refund", 9)]
+
+
+def test_langchain_content_and_artifact_tool_replays_its_tuple(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool(response_format="content_and_artifact")
+    def search(query: str) -> tuple:
+        """Search the orders."""
+        runs.append(query)
+        return f"found {query}", {"ids": (1, 2)}
+
+    g.policy(search, replay=True)
+    [tool] = g.wrap_tools([search])
+    first = tool.invoke(tool_call("search", 1, query="x"))
+    again = tool.invoke(tool_call("search", 2, query="x"))
+    assert (again.content, again.artifact) == (first.content, first.artifact) == ("found x", {"ids": (1, 2)})
+    assert runs == ["x"]
 
 
 def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
