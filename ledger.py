@@ -845,13 +845,17 @@ def _pack(v: Any) -> Any:
 
 def _pack_list(items: list) -> list:
     out = None
+    i = 0
     try:
         for i, item in enumerate(items):
-            packed = _pack(item)
-            if out is None and packed is not item:
+            t = type(item)  # plain scalars inline, as in canonical(): most of a result is them
+            packed = item if t is int or t is float or t is bool or item is None or (
+                t is str and item[:1] != _TAG) else _pack(item)
+            if out is None:
+                if packed is item:
+                    continue
                 out = items[:i]
-            if out is not None:
-                out.append(packed)
+            out.append(packed)
     except _Unsupported as e:
         e.path.append("[%d]" % i)
         raise
@@ -862,14 +866,23 @@ def _pack_dict(d: dict) -> Any:
     out = None
     k = None
     try:
-        for i, (k, v) in enumerate(d.items()):
+        for k, v in d.items():
+            t = type(v)  # as in _pack_list
+            packed = v if t is int or t is float or t is bool or v is None or (
+                t is str and v[:1] != _TAG) else _pack(v)
+            if out is None:
+                if type(k) is str and k[:1] != _TAG and packed is v:
+                    continue
+                if type(k) is not str:
+                    return _pack_map(d)
+                out = {}
+                for before, value in d.items():  # the plain pairs before this one
+                    if before is k:
+                        break
+                    out[before] = value
             if type(k) is not str:
                 return _pack_map(d)
-            packed = _pack(v)
-            if out is None and (packed is not v or k[:1] == _TAG):
-                out = dict(itertools.islice(d.items(), i))  # the plain pairs before this one
-            if out is not None:
-                out[_TAG + k if k[:1] == _TAG else k] = packed
+            out[_TAG + k if k[:1] == _TAG else k] = packed
     except _Unsupported as e:
         e.path.append("[%r]" % (k,))
         raise
