@@ -136,7 +136,8 @@ class LeaderFailed(LedgerError):
 #
 # Floats are rounded to 10 significant digits (format(x, ".10g")); a float
 # that is then integral becomes an int (99.0 == 99, -0.0 == 0); NaN and the
-# infinities get tags. Use Decimal or integer cents where 10 digits are not enough.
+# infinities get tags. Use Decimal or integer cents where 10 digits are not enough:
+# Decimals and timedeltas are exact, whatever the thread's decimal context.
 # ---------------------------------------------------------------------------
 
 FLOAT_DIGITS = 10
@@ -243,7 +244,7 @@ _CANON: dict[type, Callable[[Any], Any]] = {
     _dt.datetime: _datetime,
     _dt.date: lambda v: [_TAG + "date", v.isoformat()],
     _dt.time: lambda v: [_TAG + "time", v.isoformat()],
-    _dt.timedelta: lambda v: [_TAG + "timedelta", _float(v.total_seconds())],
+    _dt.timedelta: lambda v: [_TAG + "timedelta", v.days, v.seconds, v.microseconds],  # exact, not a float
     uuid.UUID: lambda v: [_TAG + "uuid", str(v)],
 }
 
@@ -308,8 +309,11 @@ def _describe(value: Any) -> str:
 # Fingerprint: bind a call's arguments to the tool's parameters (so positional
 # and keyword spellings and defaults agree), then hash (tool, arguments,
 # workflow) with sha256. Tool names are module.qualname, with the module a
-# script was run as resolved to its import name, and lambdas and closures told
-# apart by where they are defined and what they capture.
+# script was run as resolved to its import name (in every worker), lambdas and
+# nested functions told apart by their code and the callables they capture, and
+# bound methods by the class or immutable value they are bound to. A callable
+# with no such name (a closure over data, a method of a mutable object) raises
+# ConfigError asking for name=: never a silent merge, never a silent split.
 # ---------------------------------------------------------------------------
 
 class _ToolInfo:

@@ -327,6 +327,11 @@ def test_decimal_trailing_zeros_do_not_matter():
     assert fp(x=decimal.Decimal("1.50")) == fp(x=decimal.Decimal("1.5"))
 
 
+def test_timedeltas_are_exact_to_the_microsecond():
+    assert fp(x=dt.timedelta(days=1000, microseconds=1)) != fp(x=dt.timedelta(days=1000))
+    assert fp(x=dt.timedelta(hours=36)) == fp(x=dt.timedelta(days=1, seconds=43200))
+
+
 def test_aware_datetimes_compare_in_utc():
     utc = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
     paris = utc.astimezone(dt.timezone(dt.timedelta(hours=1)))
