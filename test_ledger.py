@@ -627,6 +627,8 @@ def test_a_closure_over_data_needs_a_name(g):
         g.once(make_payer("usd"))
     with pytest.raises(ledger.ConfigError, match="dict key"):
         g.wrap_tools([make_payer("usd")])
+    with pytest.raises(ledger.ConfigError, match="closure over 'currency' .a _thread.lock"):
+        g(make_payer(threading.Lock()), 5)   # no canonical form: two such closures must not collide
     assert CHARGES == []
 
 
@@ -1957,6 +1959,7 @@ def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_o
     guard = Guard(server_store, quiet=True, secret="s")
     killed = []
 
+    @guard.once(name="tool")
     def tool():
         killed.append(kill_connections(server_store))
         return "done"
@@ -2046,6 +2049,7 @@ def test_postgres_survives_a_restart_between_claim_and_completion():
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="tool")
     def tool():
         runs.append(1)
         proxy.cut()   # every connection drops, and the server refuses new ones for a while
@@ -2092,6 +2096,7 @@ def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="tool")
     def tool():
         runs.append(1)
         private_redis.kill()   # SIGKILL: only what the append-only file holds comes back
@@ -2159,6 +2164,7 @@ def test_redis_gives_a_ttl_record_a_server_expiry_only_while_it_is_not_running()
     def expiry_ms():
         return store._client.pttl(store._key(store.records()[0].id))
 
+    @guard.once(name="tool")
     def tool():
         running.append(expiry_ms())
         return 1
