@@ -2890,7 +2890,9 @@ class Guard:
             guarded = {name: self._wrap_tool(tool, name, blocked_return) for name, tool in tools.items()}
             return guarded if type(tools) is dict else type(tools)(guarded)
         if isinstance(tools, (list, tuple)):
-            return type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
+            guarded = type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
+            _refuse_shared_names(tools, guarded)
+            return guarded
         if _adapter_for(tools) is not None:
             return self._wrap_tool(tools, None, blocked_return)
         raise ConfigError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
@@ -3066,6 +3068,18 @@ def _key_from(name: str, info: _ToolInfo, kwargs: dict) -> str | None:
                 raise ConfigError("pass key= or idempotency_key=, not both")
             key = kwargs.pop(spelling)
     return key
+
+
+def _refuse_shared_names(tools: Iterable[Any], guarded: Iterable[Any]) -> None:
+    """Two different tools of one list under one name would share records (two wrappers made
+    with functools.wraps around one function, two framework tools with one name)."""
+    first: dict[str, Any] = {}
+    for tool, wrapped in zip(tools, guarded):
+        marker = getattr(wrapped, "__ledger__", None)
+        name = marker[1] if type(marker) is tuple else getattr(wrapped, "name", None)
+        if isinstance(name, str) and first.setdefault(name, tool) is not tool:
+            raise ConfigError(f"wrap_tools: two different tools are both named {name!r}, so they would share "
+                              f"records; pass a dict with a name of its own for each")
 
 
 class _Named:

@@ -671,6 +671,14 @@ def test_a_decorator_with_wraps_is_the_tool_it_wraps(g):
     assert ledger.tool_name(functools.wraps(charge)(lambda *a, **k: charge(*a, **k))) == "test_ledger.charge"
 
 
+def test_two_tools_of_one_list_under_one_name_are_refused(g):
+    as_refund = functools.wraps(charge)(lambda order_id: refund(order_id))
+    with pytest.raises(ledger.ConfigError, match="both named 'test_ledger.charge'.*dict"):
+        g.wrap_tools([charge, as_refund])
+    assert len(g.wrap_tools([charge, charge])) == 2
+    assert CHARGES == []
+
+
 def test_a_nested_function_that_calls_itself_has_a_stable_name(g):
     def countdown(n):
         return countdown(n - 1) if n else "done"
