@@ -437,6 +437,10 @@ def _name(fn: Any, seen: tuple) -> str:
         if isinstance(fn, type) or owner is None or isinstance(owner, (type, type(sys))):
             return name  # a class, a module's function, a builtin classmethod
         return name + _bound_to(owner, fn)
+    own = getattr(fn, "__dict__", None)
+    if isinstance(own, dict) and "__wrapped__" in own and isinstance(own.get("__qualname__"), str):
+        # functools.update_wrapper made it stand for the function it wraps (functools.lru_cache does)
+        return _module_name(own.get("__module__")) + "." + own["__qualname__"]
     cls = type(fn)  # a callable instance: its class's __call__, bound to the instance
     return _module_name(cls.__module__) + "." + cls.__qualname__ + _bound_to(fn, cls.__call__)
 

@@ -669,6 +669,9 @@ def test_a_decorator_without_wraps_names_the_tool_after_what_it_wraps(g):
 
 def test_a_decorator_with_wraps_is_the_tool_it_wraps(g):
     assert ledger.tool_name(functools.wraps(charge)(lambda *a, **k: charge(*a, **k))) == "test_ledger.charge"
+    assert ledger.tool_name(functools.lru_cache(charge)) == "test_ledger.charge"   # an object, not a function
+    cached = functools.lru_cache(refund)
+    assert g(cached, 1) == {"refunded": 1} and g(cached, 1) is BLOCKED
 
 
 def test_two_tools_of_one_list_under_one_name_are_refused(g):
