@@ -2672,8 +2672,9 @@ def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
         text = _codec(call.policy.serializer)[0](value) if call.policy.serializer else _dump_result(value)
     except _Unsupported as e:
         where = "".join(reversed(e.path))
-        return None, _printable(f"{_describe(value)} holding a {_describe(e.value)}{' at ' + where if where else ''}, "
-                                f"which would not come back as itself")
+        inner = f" holding a {_describe(e.value)} at {where}" if e.value is not value else ""
+        return None, _printable(f"{_describe(value)}{inner}, which would not come back as itself (of the same "
+                                f"type and equal)")
     except Exception as e:  # RecursionError, an int too long for str(), a serializer's own error
         return None, _printable(f"{_describe(value)} ({type(e).__name__}: {e})")
     if not isinstance(text, str):
