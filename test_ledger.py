@@ -1015,7 +1015,7 @@ def test_a_shared_result_comes_back_as_the_same_type(store):
     assert shared.source != "executed" and same(shared.value, ("q", {1: (2, 3)})) and runs == ["q"]
 
 
-def test_signing_accepts_any_text(g):
+def test_signing_accepts_any_text():
     record = Record(id="x", tool="t\udc80", workflow="w", caller=None, status="SUCCESS", owner="o", epoch=1,
                     lease_until=0.0, run_key="k\ud800", result="\udce9\x00", unstored="\udfff")
     assert ledger._sign(b"s", record) != ledger._sign(b"s", record.evolve(result="\udce8\x00"))
