@@ -513,8 +513,17 @@ def _captured_name(name: str, var: str, value: Any, seen: tuple) -> str:
 
 def _code_parts(code: Any) -> list:
     """What a function does, the same in every process: bytecode, names and constants, nested code too."""
-    consts = [_code_parts(c) if inspect.iscode(c) else repr(c) for c in code.co_consts]
-    return [code.co_code.hex(), list(code.co_names), consts]
+    return [code.co_code.hex(), list(code.co_names), [_constant(c) for c in code.co_consts]]
+
+
+def _constant(c: Any) -> Any:
+    if inspect.iscode(c):
+        return _code_parts(c)
+    if type(c) is frozenset:  # `x in {"a", "b"}`: its repr's order changes with the hash seed
+        return sorted(_dump(_constant(item)) for item in c)
+    if type(c) is tuple:
+        return [_constant(item) for item in c]
+    return repr(c)
 
 
 class _PassedOn:

@@ -561,14 +561,31 @@ def send_invoice(order_id):
     return "sent"
 
 
+def logged(fn):   # a decorator without functools.wraps
+    def wrapper(*args):
+        return fn(*args)
+    return wrapper
+
+
+class Channel:
+    @classmethod
+    def open(cls):
+        pass
+
+
+def every_name():
+    return [ledger.tool_name(tool) for tool in
+            (send_invoice, logged(send_invoice), lambda order_id: send_invoice(order_id), Channel.open)]
+
+
 def worker(db, names):
-    names.put(ledger.tool_name(send_invoice))
+    names.put(every_name())
     ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
 
 
 if __name__ == "__main__":
     db = sys.argv[1]
-    names = [ledger.tool_name(send_invoice)]
+    names = [every_name()]
     ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
     for method in ("fork", "spawn", "forkserver"):
         context = multiprocessing.get_context(method)
@@ -596,7 +613,10 @@ def test_a_tool_has_one_name_in_the_parent_and_in_fork_spawn_and_forkserver_work
     imported = subprocess.run([sys.executable, "-c", "import shop.billing, ledger; "
                                "print(ledger.tool_name(shop.billing.send_invoice))"],
                               cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
-    assert json.loads(done.stdout) == ["shop.billing.send_invoice"] * 4
+    names = json.loads(done.stdout)
+    assert names[0][0] == names[0][1].split("(")[1].split(")")[0] == "shop.billing.send_invoice"
+    assert names[0][3] == "shop.billing.Channel.open" and len(set(names[0])) == 4
+    assert names == [names[0]] * 4   # the parent, then fork, spawn and forkserver workers
     assert imported.stdout == "shop.billing.send_invoice\n"
     assert len(sent.read_text().splitlines()) == 1   # the parent sent it; no worker sent it again
 
@@ -607,6 +627,15 @@ def test_lambdas_are_told_apart_by_their_code(g):
     g(second, 1)
     g(first, 1)
     assert CHARGES == [("first", 1), ("second", 1)]
+
+
+def test_a_lambda_has_one_name_whatever_the_hash_seed():
+    code = ("import sys; sys.path.insert(0, %r); import ledger; "
+            "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'} or x in ('a', {'b', 'c'})))"
+            % str(HERE))
+    seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(seen) == 1
 
 
 def test_a_lambda_keeps_its_name_when_code_above_it_moves():
