@@ -164,7 +164,8 @@ class AmbiguousRecordError(LedgerError):
 #
 # Floats are rounded to 10 significant digits (format(x, ".10g")); a float
 # that is then integral becomes an int (99.0 == 99, -0.0 == 0); NaN and the
-# infinities get tags. Use Decimal or integer cents where 10 digits are not enough.
+# infinities get tags. Use Decimal or integer cents where 10 digits are not enough:
+# Decimals and timedeltas are exact, whatever the thread's decimal context.
 # ---------------------------------------------------------------------------
 
 FLOAT_DIGITS = 10
@@ -242,6 +243,18 @@ def _datetime(d: _dt.datetime) -> list:
     return [_TAG + "datetime", d.astimezone(_dt.timezone.utc).isoformat()]
 
 
+def _decimal(d: decimal.Decimal) -> str:
+    """Exact and the same under any decimal context: trailing zeros and a zero's sign dropped, as
+    equal values are one call; never rounded, under a context made to fit this number's digits."""
+    if not d.is_finite():
+        return str(d)
+    if not d:
+        return "0"
+    exact = decimal.Context(prec=len(d.as_tuple().digits), Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN,
+                            capitals=1, clamp=0, traps=[decimal.Inexact, decimal.Rounded])
+    return exact.to_sci_string(d.normalize(exact))
+
+
 _CANON: dict[type, Callable[[Any], Any]] = {
     str: _str,
     int: lambda v: v,
@@ -255,11 +268,11 @@ _CANON: dict[type, Callable[[Any], Any]] = {
     frozenset: _set,
     bytes: lambda v: [_TAG + "bytes", base64.b64encode(v).decode()],
     bytearray: lambda v: [_TAG + "bytes", base64.b64encode(v).decode()],
-    decimal.Decimal: lambda v: [_TAG + "decimal", str(v.normalize()) if v.is_finite() else str(v)],
+    decimal.Decimal: lambda v: [_TAG + "decimal", _decimal(v)],
     _dt.datetime: _datetime,
     _dt.date: lambda v: [_TAG + "date", v.isoformat()],
     _dt.time: lambda v: [_TAG + "time", v.isoformat()],
-    _dt.timedelta: lambda v: [_TAG + "timedelta", _float(v.total_seconds())],
+    _dt.timedelta: lambda v: [_TAG + "timedelta", v.days, v.seconds, v.microseconds],  # exact, not a float
     uuid.UUID: lambda v: [_TAG + "uuid", str(v)],
 }
 
@@ -291,8 +304,8 @@ def _canonical_other(value: Any) -> Any:
         return _typed("dataclass", value, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     if isinstance(value, tuple) and hasattr(value, "_asdict"):
         return _typed("namedtuple", value, value._asdict())
-    if hasattr(value, "model_dump") and not isinstance(value, type):
-        return _typed("model", value, value.model_dump())
+    if callable(getattr(type(value), "model_dump", None)) and not isinstance(value, type):
+        return _typed("model", value, value.model_dump())  # on the class: a Mock answers any name
     for base, handler in _CANON.items():
         if isinstance(value, base) and base is not bool and base is not type(None):
             return handler(base(value) if base in (str, int, float) else value)
@@ -324,26 +337,33 @@ def _describe(value: Any) -> str:
 # Fingerprint: bind a call's arguments to the tool's parameters (so positional
 # and keyword spellings and defaults agree), then hash (tool, arguments,
 # workflow) with sha256. Tool names are module.qualname, with the module a
-# script was run as resolved to its import name, and lambdas and closures told
-# apart by where they are defined and what they capture.
+# script was run as resolved to its import name (in every worker), lambdas and
+# nested functions told apart by their code and the callables they capture, and
+# bound methods by the class or immutable value they are bound to. A callable
+# with no such name (a closure over data, a method of a mutable object) raises
+# ConfigError asking for name=: never a silent merge, never a silent split.
 # ---------------------------------------------------------------------------
 
 class _ToolInfo:
     """What the guard needs to know about a callable, computed once per callable."""
 
-    __slots__ = ("name", "is_async", "takes_key", "names", "name_set", "defaults", "signature", "simple",
+    __slots__ = ("name", "is_async", "key_spellings", "names", "name_set", "defaults", "signature", "simple",
                  "var_keyword", "injected")
 
     def __init__(self, fn: Callable):
-        self.name = tool_name(fn)
+        try:
+            self.name: str | ConfigError = tool_name(fn)
+        except ConfigError as e:
+            self.name = e  # raised by _Core.name_of, only where no name= was given
         self.is_async = _is_async(fn)
         try:
             self.signature: inspect.Signature | None = inspect.signature(fn)
         except (TypeError, ValueError):
             self.signature = None
         params = list(self.signature.parameters.values()) if self.signature else []
-        self.takes_key = any(p.name == "key" for p in params)
         self.names = tuple(p.name for p in params)
+        # The guard's own key keywords, where the tool has no parameter of that name.
+        self.key_spellings = tuple(k for k in ("idempotency_key", "key") if k not in self.names)
         self.name_set = frozenset(self.names)
         self.defaults = tuple((p.name, p.default) for p in params if p.default is not p.empty)
         self.simple = self.signature is not None and all(
@@ -395,45 +415,143 @@ def _is_async(fn: Callable) -> bool:
 
 
 def _module_name(module: str | None) -> str:
-    """A function's module as it would be imported, also when it ran as a script."""
-    if module != "__main__":
+    """A function's module as it would be imported, also when it ran as a script: `__main__` in the
+    parent and `__mp_main__` in spawn and forkserver workers are both the script's import name."""
+    if module != "__main__" and module != "__mp_main__":
         return module or "?"
-    main_mod = sys.modules.get("__main__")
+    main_mod = sys.modules.get(module)
     spec = getattr(main_mod, "__spec__", None)
-    if spec is not None and spec.name:
-        return spec.name.removesuffix(".__main__")
+    if spec is not None and spec.name and spec.name not in ("__main__", "__mp_main__"):
+        return spec.name.removesuffix(".__main__")  # python -m pkg.script
     path = getattr(main_mod, "__file__", None)
-    return pathlib.Path(path).stem if path else "__main__"
+    return _import_name(path) if path else "__main__"
+
+
+@functools.lru_cache(maxsize=64)
+def _import_name(path: str) -> str:
+    """The name `import` gives the file at `path`: its stem, under each enclosing folder that has an
+    __init__.py, so that `python pkg/script.py` agrees with `python -m pkg.script` and `import pkg.script`."""
+    file = pathlib.Path(os.path.abspath(path))
+    parts = [file.stem]
+    folder = file.parent
+    while (folder / "__init__.py").is_file() and folder.name:
+        parts.append(folder.name)
+        folder = folder.parent
+    return ".".join(reversed(parts)).removesuffix(".__main__")
 
 
 def tool_name(fn: Callable) -> str:
-    """The stable name records of `fn` are kept under."""
+    """The stable name records of `fn` are kept under: module.qualname, the same in every process.
+    ConfigError where no such name tells `fn` apart from another tool (pass name= then)."""
+    return _name(fn, ())
+
+
+_NAME_HINT = ("pass name= (guard.once(tool, name='...') or a dict key in guard.wrap_tools({'name': tool})) "
+              "to give it a stable name of your own")
+
+
+def _name(fn: Any, seen: tuple) -> str:
     if isinstance(fn, functools.partial):
-        return tool_name(fn.func)
-    target = getattr(fn, "__func__", fn)
-    qualname = getattr(target, "__qualname__", None)
-    if qualname is None:
-        target = type(fn)
-        qualname = target.__qualname__
-    name = _module_name(getattr(target, "__module__", None)) + "." + qualname
-    code = getattr(target, "__code__", None)
-    if code is None or "<" not in qualname:
+        return _name(fn.func, seen)  # a partial's own arguments are bound into each call (see _prepare)
+    if inspect.ismethod(fn):
+        return _name(fn.__func__, seen) + _bound_to(fn.__self__, fn.__func__)
+    if inspect.isfunction(fn):
+        return _function_name(fn, seen)
+    if isinstance(fn, type) or inspect.isbuiltin(fn) or inspect.ismethoddescriptor(fn):
+        owner = getattr(fn, "__self__", None)
+        cls = getattr(fn, "__objclass__", owner if isinstance(owner, type) else None)
+        module = getattr(fn, "__module__", None) or getattr(cls, "__module__", None)  # str.upper has none
+        name = _module_name(module) + "." + fn.__qualname__
+        if isinstance(fn, type) or owner is None or isinstance(owner, (type, type(sys))):
+            return name  # a class, a module's function, a builtin classmethod
+        return name + _bound_to(owner, fn)
+    own = getattr(fn, "__dict__", None)
+    if isinstance(own, dict) and "__wrapped__" in own and isinstance(own.get("__qualname__"), str):
+        # functools.update_wrapper made it stand for the function it wraps (functools.lru_cache does)
+        return _module_name(own.get("__module__")) + "." + own["__qualname__"]
+    cls = type(fn)  # a callable instance: its class's __call__, bound to the instance
+    return _module_name(cls.__module__) + "." + cls.__qualname__ + _bound_to(fn, cls.__call__)
+
+
+def _bound_to(owner: Any, fn: Any) -> str:
+    """What tells a method bound to `owner` apart from the same method bound to something else."""
+    if isinstance(owner, type(sys)):
+        return ""
+    if isinstance(owner, type):  # a classmethod, told apart by the class it is called on
+        defined_in = getattr(fn, "__qualname__", "").rpartition(".")[0]
+        if defined_in == owner.__qualname__ and getattr(fn, "__module__", None) == owner.__module__:
+            return ""
+        return "[" + _module_name(owner.__module__) + "." + owner.__qualname__ + "]"
+    if _is_value(owner):
+        return "[" + hashlib.sha256(_dump(canonical(owner)).encode()).hexdigest()[:10] + "]"
+    raise ConfigError(
+        f"{getattr(fn, '__qualname__', _describe(owner))} is bound to a {_describe(owner)} instance, whose state "
+        f"can change and has no canonical form, so no name can tell this instance from another one (two "
+        f"configured instances would share records); {_NAME_HINT}. Instances of enums, frozen dataclasses "
+        f"and named tuples of plain values are told apart by their value")
+
+
+def _is_value(owner: Any) -> bool:
+    """An immutable value with a canonical form: its identity is its value, the same in every process."""
+    if not (isinstance(owner, enum.Enum) or isinstance(owner, tuple) or type(owner) in _CANON
+            or getattr(getattr(owner, "__dataclass_params__", None), "frozen", False)):
+        return False
+    try:
+        hash(owner)  # a frozen dataclass or a tuple holding a list could still change
+        canonical(owner)
+    except Exception:
+        return False
+    return True
+
+
+def _function_name(fn: Any, seen: tuple) -> str:
+    """A function defined at module or class level (or named by functools.wraps) is module.qualname.
+    A lambda or nested function is told apart by its code and by the functions, classes and modules
+    it captures; captured data (a start time, a client, a currency) could split one tool across
+    processes or merge two, so a closure over data is refused."""
+    name = _module_name(fn.__module__) + "." + fn.__qualname__
+    if "<" not in fn.__qualname__:
         return name
-    return name + "#" + _definition_digest(target, code)
-
-
-def _definition_digest(fn: Callable, code: Any) -> str:
-    """Tells apart lambdas and nested functions that share a qualname."""
-    parts: list[Any] = [code.co_firstlineno if "<lambda>" in fn.__qualname__ else 0]
-    if "<lambda>" in fn.__qualname__:
-        parts += [code.co_code.hex(), list(code.co_names),
-                  [repr(c) for c in code.co_consts if isinstance(c, (str, int, float, bytes, type(None)))]]
-    for cell in fn.__closure__ or ():
+    captured = []
+    for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
         try:
-            parts.append(canonical(cell.cell_contents))
-        except (_Unsupported, ValueError):
-            parts.append(None)
-    return hashlib.sha256(_dump(parts).encode()).hexdigest()[:10]
+            value = cell.cell_contents
+        except ValueError:  # not assigned yet
+            raise ConfigError(f"{name} captures {var!r} before it is assigned; {_NAME_HINT}") from None
+        captured.append(_captured_name(name, var, value, seen + (fn,)))
+    digest = hashlib.sha256(_dump([_code_parts(fn.__code__), captured]).encode()).hexdigest()[:10]
+    callables = [c for c in captured if c != "<self>"]
+    return name + ("(" + ", ".join(callables) + ")" if callables else "") + "#" + digest
+
+
+def _captured_name(name: str, var: str, value: Any, seen: tuple) -> str:
+    if any(value is s for s in seen):
+        return "<self>"  # a nested function that calls itself
+    if isinstance(value, type(sys)):
+        return value.__name__
+    plain_partial = isinstance(value, functools.partial) and not value.args and not value.keywords
+    if callable(value) and (not isinstance(value, functools.partial) or plain_partial):
+        return _name(value, seen)
+    raise ConfigError(
+        f"{name} is a closure over {var!r} (a {_describe(value)}). Its records cannot be named after that "
+        f"value: a value that differs between processes (a start time) would run one call twice, and "
+        f"leaving it out would merge tools that differ only in it (a currency); {_NAME_HINT}, or pass "
+        f"the value as an argument")
+
+
+def _code_parts(code: Any) -> list:
+    """What a function does, the same in every process: bytecode, names and constants, nested code too."""
+    return [code.co_code.hex(), list(code.co_names), [_constant(c) for c in code.co_consts]]
+
+
+def _constant(c: Any) -> Any:
+    if inspect.iscode(c):
+        return _code_parts(c)
+    if type(c) is frozenset:  # `x in {"a", "b"}`: its repr's order changes with the hash seed
+        return sorted(_dump(_constant(item)) for item in c)
+    if type(c) is tuple:
+        return [_constant(item) for item in c]
+    return repr(c)
 
 
 class Ignore:
@@ -600,12 +718,73 @@ def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
     except _Unsupported as e:
         outermost = e.path.pop()  # "['name']", added by _dict for the argument itself
         name = next(name for name in bound if "[%r]" % name == outermost)
-        where = name + "".join(reversed(e.path))
-        raise FingerprintError(
-            f"argument {where!r} is a {_describe(e.value)}, which has no stable fingerprint. "
-            f"Pass key='...' (a stable id for this call, e.g. key=f'refund-{{order_id}}') "
-            f"so the arguments are not fingerprinted, or pass a plain value (str, number, dict, list, "
-            f"dataclass, pydantic model) instead") from None
+        raise _fingerprint_error(name + "".join(reversed(e.path)),
+                                 f"is a {_describe(e.value)}, which has no stable fingerprint") from None
+    except Exception as e:  # a conversion that raised (a Mock, a self-reference, an overflow)
+        raise _unfingerprintable(bound, e) from None
+
+
+def _arguments_text(bound: Mapping[str, Any], arguments: dict) -> str:
+    try:
+        return _dump(arguments)
+    except Exception as e:  # an int longer than str() allows
+        raise _unfingerprintable(bound, e) from None
+
+
+def _fingerprint_error(where: str, problem: str) -> FingerprintError:
+    if len(where) > 200:
+        where = where[:120] + "..." + where[-60:]
+    return FingerprintError(
+        f"argument '{where}' {problem}. Pass key='...' (a stable id for this call, e.g. "
+        f"key=f'refund-{{order_id}}', or guard.keyed(key, tool, ...)) so the arguments are not "
+        f"fingerprinted, or pass a plain value (str, number, dict, list, dataclass, pydantic model) instead")
+
+
+def _unfingerprintable(bound: Mapping[str, Any], error: BaseException) -> FingerprintError:
+    """Find, off the hot path, the innermost argument value whose fingerprint fails."""
+    for name, value in bound.items():
+        if _fingerprints(value) is None:
+            continue
+        where, seen = name, [id(value)]
+        while True:
+            for step, child in _children(value):
+                if _fingerprints(child) is not None:
+                    where, value = where + step, child
+                    break
+            else:
+                break
+            if id(value) in seen:
+                return _fingerprint_error(where, f"contains itself (a {_describe(value)} that refers back "
+                                                 f"to one of its own containers), which has no fingerprint")
+            seen.append(id(value))
+        failure = _fingerprints(value)
+        if isinstance(failure, RecursionError):
+            return _fingerprint_error(where, f"is nested too deeply (a {_describe(value)} over "
+                                             f"{sys.getrecursionlimit() // 2} levels) to fingerprint")
+        return _fingerprint_error(where, f"is a {_describe(value)}, and fingerprinting it raised "
+                                         f"{type(failure).__name__}: {failure}")
+    return _fingerprint_error("?", f"cannot be fingerprinted ({type(error).__name__}: {error})")
+
+
+def _fingerprints(value: Any) -> BaseException | None:
+    try:
+        _dump(canonical(value))
+    except Exception as e:
+        return e
+    return None
+
+
+def _children(value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for k, v in list(value.items()):
+            yield "[%r]" % (k,), k
+            yield "[%r]" % (k,), v
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for i, item in enumerate(list(value)):
+            yield "[%d]" % i, item
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield "." + f.name, getattr(value, f.name)
 
 
 def fingerprint(tool: str, workflow: str, arguments: Any) -> str:
@@ -802,11 +981,187 @@ def _codec(serializer: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]
     raise ConfigError(f"serializer must have dumps and loads, or be a (dumps, loads) pair, not {serializer!r}")
 
 
-_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Results are stored as JSON text and come back equal and of the same type.
+# A result made only of JSON's own types (dicts with str keys, lists, str,
+# int, float, bool, None) is stored as plain JSON, as records always were.
+# Any other value that can come back exactly (tuples, dicts with other keys,
+# sets, bytes, Decimal, dates and times, UUIDs, and these nested) is stored
+# behind the marker "~", which no JSON text starts with, with canonical()'s
+# tags: ["\x00tuple", [...]], user strings starting with "\x00" escaped.
+# Anything else, subclasses included (an IntEnum would come back an int), is
+# refused: the record keeps why in `unstored`. ASCII output keeps NULs and
+# lone surrogates as \u escapes, which every store can hold.
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_TAGGED = "~"
 
 
-def _json_dumps(value: Any) -> str:
-    return _RESULT_ENCODER.encode(value)  # as json.dumps(value, ...) without building an encoder per call
+def _dump_result(value: Any) -> str:
+    """The stored text of a result; _Unsupported (with its path) if it cannot come back exactly."""
+    packed = _pack(value)
+    if packed is value:  # plain JSON: one walk to check, then the C encoder
+        return _RESULT_ENCODER.encode(value)
+    return _TAGGED + _RESULT_ENCODER.encode(packed)
+
+
+def _load_result(text: str) -> Any:
+    if text[:1] != _TAGGED:
+        return json.loads(text)
+    return _unpack(json.loads(text[1:]))
+
+
+def _pack(v: Any) -> Any:
+    """`v` itself if it is plain JSON, else its tagged form."""
+    t = type(v)
+    if t is str:
+        return v if v[:1] != _TAG else _TAG + v
+    if t is int or t is float or t is bool or v is None:
+        return v
+    if t is dict:
+        return _pack_dict(v)
+    if t is list:
+        return _pack_list(v)
+    pack = _PACK.get(t)
+    if pack is None:
+        raise _Unsupported(v, [])
+    return pack(v)
+
+
+def _pack_list(items: list) -> list:
+    out = None
+    i = 0
+    try:
+        for i, item in enumerate(items):
+            t = type(item)  # plain scalars inline, as in canonical(): most of a result is them
+            packed = item if t is int or t is float or t is bool or item is None or (
+                t is str and item[:1] != _TAG) else _pack(item)
+            if out is None:
+                if packed is item:
+                    continue
+                out = items[:i]
+            out.append(packed)
+    except _Unsupported as e:
+        e.path.append("[%d]" % i)
+        raise
+    return items if out is None else out
+
+
+def _pack_dict(d: dict) -> Any:
+    out = None
+    k = None
+    try:
+        for k, v in d.items():
+            t = type(v)  # as in _pack_list
+            packed = v if t is int or t is float or t is bool or v is None or (
+                t is str and v[:1] != _TAG) else _pack(v)
+            if out is None:
+                if type(k) is str and k[:1] != _TAG and packed is v:
+                    continue
+                if type(k) is not str:
+                    return _pack_map(d)
+                out = {}
+                for before, value in d.items():  # the plain pairs before this one
+                    if before is k:
+                        break
+                    out[before] = value
+            if type(k) is not str:
+                return _pack_map(d)
+            out[_TAG + k if k[:1] == _TAG else k] = packed
+    except _Unsupported as e:
+        e.path.append("[%r]" % (k,))
+        raise
+    return d if out is None else out
+
+
+def _pack_map(d: dict) -> list:
+    pairs = []
+    k = None
+    try:
+        for k, v in d.items():
+            pairs.append([_pack(k), _pack(v)])
+    except _Unsupported as e:
+        e.path.append("[%r]" % (k,))
+        raise
+    return [_TAG + "map", pairs]
+
+
+def _pack_datetime(d: _dt.datetime) -> list:
+    return [_TAG + "datetime", d.replace(tzinfo=None).isoformat(), d.fold, _pack_zone(d.tzinfo)]
+
+
+def _pack_time(t: _dt.time) -> list:
+    return [_TAG + "time", t.replace(tzinfo=None).isoformat(), t.fold, _pack_zone(t.tzinfo)]
+
+
+def _pack_zone(tz: Any) -> Any:
+    """A time zone that can be rebuilt exactly: none, a fixed offset (named or not) or an IANA zone."""
+    if tz is None:
+        return None
+    if type(tz) is _dt.timezone:
+        offset = tz.utcoffset(None)
+        return [offset.days, offset.seconds, offset.microseconds, tz.tzname(None)]
+    key = getattr(tz, "key", None)
+    if type(tz).__module__ == "zoneinfo" and isinstance(key, str):
+        return key
+    raise _Unsupported(tz, [])
+
+
+def _unpack_zone(zone: Any) -> Any:
+    if zone is None:
+        return None
+    if isinstance(zone, str):
+        import zoneinfo  # only results that hold an IANA zone pay for the import
+        return zoneinfo.ZoneInfo(zone)
+    offset = _dt.timedelta(zone[0], zone[1], zone[2])
+    default = _dt.timezone(offset)
+    return default if zone[3] == default.tzname(None) else _dt.timezone(offset, zone[3])
+
+
+def _b64(v: bytes | bytearray) -> str:
+    return base64.b64encode(v).decode()
+
+
+_PACK: dict[type, Callable[[Any], Any]] = {
+    tuple: lambda v: [_TAG + "tuple", _pack_list(list(v))],
+    set: lambda v: [_TAG + "set", _pack_list(list(v))],
+    frozenset: lambda v: [_TAG + "frozenset", _pack_list(list(v))],
+    bytes: lambda v: [_TAG + "bytes", _b64(v)],
+    bytearray: lambda v: [_TAG + "bytearray", _b64(v)],
+    decimal.Decimal: lambda v: [_TAG + "decimal", str(v)],  # str() and Decimal(str) are exact
+    _dt.datetime: _pack_datetime,
+    _dt.date: lambda v: [_TAG + "date", v.isoformat()],
+    _dt.time: _pack_time,
+    _dt.timedelta: lambda v: [_TAG + "timedelta", v.days, v.seconds, v.microseconds],
+    uuid.UUID: lambda v: [_TAG + "uuid", str(v)],
+}
+
+_UNPACK: dict[str, Callable[[list], Any]] = {
+    _TAG + "tuple": lambda v: tuple(map(_unpack, v[1])),
+    _TAG + "map": lambda v: {_unpack(k): _unpack(x) for k, x in v[1]},
+    _TAG + "set": lambda v: set(map(_unpack, v[1])),
+    _TAG + "frozenset": lambda v: frozenset(map(_unpack, v[1])),
+    _TAG + "bytes": lambda v: base64.b64decode(v[1]),
+    _TAG + "bytearray": lambda v: bytearray(base64.b64decode(v[1])),
+    _TAG + "decimal": lambda v: decimal.Decimal(v[1]),
+    _TAG + "datetime": lambda v: _dt.datetime.fromisoformat(v[1]).replace(fold=v[2], tzinfo=_unpack_zone(v[3])),
+    _TAG + "date": lambda v: _dt.date.fromisoformat(v[1]),
+    _TAG + "time": lambda v: _dt.time.fromisoformat(v[1]).replace(fold=v[2], tzinfo=_unpack_zone(v[3])),
+    _TAG + "timedelta": lambda v: _dt.timedelta(v[1], v[2], v[3]),
+    _TAG + "uuid": lambda v: uuid.UUID(v[1]),
+}
+
+
+def _unpack(v: Any) -> Any:
+    t = type(v)
+    if t is str:
+        return v[1:] if v[:1] == _TAG else v
+    if t is list:
+        head = v[0] if v else None
+        if type(head) is str and head[:1] == _TAG and head[1:2] != _TAG:
+            return _UNPACK[head](v)
+        return [_unpack(item) for item in v]
+    if t is dict:
+        return {(k[1:] if k[:1] == _TAG else k): _unpack(x) for k, x in v.items()}
+    return v
 
 
 # A SUCCESS record's signature covers every field a decision reads from it: whether
@@ -839,7 +1194,7 @@ def _verified(secret: bytes, r: Record) -> bool:
 
 def _mac(secret: bytes, message: str) -> str:
     mac = _keyed_hmac(secret).copy()
-    mac.update(message.encode("utf-8", "surrogatepass"))
+    mac.update(message.encode("utf-8", "surrogatepass"))  # any str, lone surrogates included, one way
     return mac.hexdigest()
 
 
@@ -2782,9 +3137,12 @@ class _Core:
     def name_of(self, fn: Callable, info: _ToolInfo) -> str:
         """The name a function's records are kept under: the one it was wrapped under, if any."""
         try:
-            return self.names.get(fn) or info.name
+            name = self.names.get(fn) or info.name
         except TypeError:
-            return info.name
+            name = info.name
+        if type(name) is not str:
+            raise name
+        return name
 
     def policy_for(self, name: str, fn: Callable) -> Policy:
         policy = self.policies.get(name)
@@ -2964,7 +3322,7 @@ class _Core:
                       "instead of the result; give the policy a serializer= to store such values",
                       call.name, record.unstored)
             return BLOCKED
-        loads = _codec(call.policy.serializer)[1] if call.policy.serializer else json.loads
+        loads = _codec(call.policy.serializer)[1] if call.policy.serializer else _load_result
         try:
             return loads(record.result)
         except Exception as e:
@@ -3171,14 +3529,24 @@ def _error_text_of(error: BaseException) -> str:
 def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
     """The stored form of a result, or (None, why it cannot be stored)."""
     try:
-        text = _codec(call.policy.serializer)[0](value) if call.policy.serializer else _json_dumps(value)
-    except Exception as e:
-        return None, f"{_describe(value)} ({type(e).__name__}: {e})"
+        text = _codec(call.policy.serializer)[0](value) if call.policy.serializer else _dump_result(value)
+    except _Unsupported as e:
+        where = "".join(reversed(e.path))
+        inner = f" holding a {_describe(e.value)} at {where}" if e.value is not value else ""
+        return None, _printable(f"{_describe(value)}{inner}, which would not come back as itself (of the same "
+                                f"type and equal)")
+    except Exception as e:  # RecursionError, an int too long for str(), a serializer's own error
+        return None, _printable(f"{_describe(value)} ({type(e).__name__}: {e})")
     if not isinstance(text, str):
         return None, f"{_describe(value)} (the serializer returned {_describe(text)}, not str)"
     if len(text) > MAX_RESULT_BYTES:
         return None, f"{_describe(value)} of {len(text)} characters, over the {MAX_RESULT_BYTES} limit"
     return text, None
+
+
+def _printable(text: str) -> str:
+    """`text` as every store can hold it: no NUL, no lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")[:500]
 
 
 def _preview(call: _Call) -> str:
@@ -3407,9 +3775,17 @@ class Guard:
         """Run `fn(*args, **kwargs)` unless this call already ran; an async fn gives an awaitable.
 
         A duplicate returns BLOCKED, or with replay=True the recorded result.
-        key= (or idempotency_key=) names the call instead of its arguments.
+        key= (or idempotency_key=) names the call instead of its arguments, unless `fn` has a
+        parameter of that name: then it is the tool's, and guard.keyed passes the guard's key.
         """
-        call = self._prepare(fn, args, kwargs)
+        return self._call(self._prepare(fn, args, kwargs))
+
+    def keyed(self, key: str, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """`guard(fn, *args, **kwargs)` with the call named by `key` instead of its arguments.
+        Every keyword reaches `fn`, also one called key or idempotency_key."""
+        return self._call(self._prepare(fn, args, kwargs, key if key is not None else ""))
+
+    def _call(self, call: _Call) -> Any:
         if call.policy.unlimited:
             return call.fn(*call.args, **call.kwargs)
         if call.info.is_async:
@@ -3471,7 +3847,7 @@ class Guard:
             value = await call.fn(*call.args, **call.kwargs)
         return self._core.succeed(step, value)
 
-    def _prepare(self, fn: Callable, args: tuple, kwargs: dict) -> _Call:
+    def _prepare(self, fn: Callable, args: tuple, kwargs: dict, key: str | None = None) -> _Call:
         fn, name = _unwrap(fn)
         while isinstance(fn, functools.partial):
             args, kwargs = fn.args + args, {**fn.keywords, **kwargs}
@@ -3482,11 +3858,7 @@ class Guard:
         call = _Call()
         call.fn, call.info = fn, info
         call.name = name or self._core.name_of(fn, info)
-        call.key = kwargs.pop("idempotency_key", None)
-        if "key" in kwargs and not info.takes_key:
-            if call.key is not None:
-                raise ConfigError("pass key= or idempotency_key=, not both")
-            call.key = kwargs.pop("key")
+        call.key = key if key is not None else _key_from(call.name, info, kwargs)
         call.args, call.kwargs = args, kwargs
         call.policy = policy = self._core.policy_for(call.name, fn)
         if policy.unlimited:
@@ -3497,7 +3869,7 @@ class Guard:
             call.bound = _identity_arguments(call.bound, info.injected, call.name)
         if call.key is None:
             call.arguments = _canonical_arguments(call.bound)
-            call.arguments_text = _dump(call.arguments)
+            call.arguments_text = _arguments_text(call.bound, call.arguments)
             call.argsum = None
             call.id = _fingerprint_text(call.name, call.workflow, call.arguments_text)
         else:
@@ -3547,7 +3919,9 @@ class Guard:
             guarded = {name: self._wrap_tool(tool, name, blocked_return) for name, tool in tools.items()}
             return guarded if type(tools) is dict else type(tools)(guarded)
         if isinstance(tools, (list, tuple)):
-            return type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
+            guarded = type(tools)(self._wrap_tool(tool, None, blocked_return) for tool in tools)
+            _refuse_shared_names(tools, guarded)
+            return guarded
         if _adapter_for(tools) is not None:
             return self._wrap_tool(tools, None, blocked_return)
         raise NotAToolError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
@@ -3740,13 +4114,13 @@ class Guard:
         probe = Guard(MemoryStore(), quiet=True)
         calls: list[int] = []
 
+        @probe.once(name="ledger.check", replay=True)
         def tool(n: int) -> int:
             calls.append(n)
             if n < 0:
                 raise ValueError(n)
             return n * 2
 
-        probe.policy(tool, replay=True)
         results = [probe(tool, 21), probe(tool, n=21)]
         for _ in range(2):
             try:
@@ -3817,6 +4191,34 @@ def _prune_statuses(status: str | Iterable[str] | None) -> tuple[str, ...]:
         raise ConfigError(f"prune: status must be one or more of {', '.join(PRUNABLE)} (a RUNNING call is "
                           f"never pruned), not {status!r}")
     return tuple(sorted(set(wanted)))
+
+
+def _key_from(name: str, info: _ToolInfo, kwargs: dict) -> str | None:
+    """The guard's key=/idempotency_key= keyword, taken out of `kwargs`, unless the tool has a
+    parameter of that name: a tool's own parameters always reach it (guard.keyed passes a key then)."""
+    key = None
+    for spelling in info.key_spellings:
+        if spelling in kwargs:
+            if info.var_keyword:
+                raise ConfigError(
+                    f"{name} takes **{info.var_keyword}, so {spelling}= could be meant for it or for the guard; "
+                    f"pass the guard's key with guard.keyed(key, tool, ...), which leaves every keyword to the tool")
+            if key is not None:
+                raise ConfigError("pass key= or idempotency_key=, not both")
+            key = kwargs.pop(spelling)
+    return key
+
+
+def _refuse_shared_names(tools: Iterable[Any], guarded: Iterable[Any]) -> None:
+    """Two different tools of one list under one name would share records (two wrappers made
+    with functools.wraps around one function, two framework tools with one name)."""
+    first: dict[str, Any] = {}
+    for tool, wrapped in zip(tools, guarded):
+        marker = getattr(wrapped, "__ledger__", None)
+        name = marker[1] if type(marker) is tuple else getattr(wrapped, "name", None)
+        if isinstance(name, str) and first.setdefault(name, tool) is not tool:
+            raise ConfigError(f"wrap_tools: two different tools are both named {name!r}, so they would share "
+                              f"records; pass a dict with a name of its own for each")
 
 
 class _Named:

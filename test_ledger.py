@@ -13,6 +13,7 @@ as under CI, they fail instead of skipping.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -200,7 +201,6 @@ class Counter:
     def __init__(self, result=None, fail=False, sleep=0.0):
         self.calls = []
         self.result, self.fail, self.sleep = result, fail, sleep
-        self.__name__ = self.__qualname__ = "counter"
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
@@ -209,6 +209,11 @@ class Counter:
         if self.fail:
             raise RuntimeError("tool failed")
         return self.result if self.result is not None else {"args": list(args), "kwargs": kwargs}
+
+
+def counter(guard, **behaviour):
+    """A Counter as a tool: an instance whose state changes has no name of its own, so it gets one."""
+    return guard.once(Counter(**behaviour), name="counter")
 
 
 def charge(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
@@ -328,6 +333,19 @@ class Model:
         return dict(self.fields)
 
 
+class FixedZone(dt.tzinfo):
+    """A tzinfo of the user's own, which the ledger cannot rebuild."""
+
+    def utcoffset(self, d):
+        return dt.timedelta(hours=1)
+
+    def dst(self, d):
+        return dt.timedelta(0)
+
+    def tzname(self, d):
+        return "FIX"
+
+
 @pytest.mark.parametrize("make", [
     lambda: decimal.Decimal("1.50"),
     lambda: dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
@@ -348,6 +366,11 @@ def test_decimal_trailing_zeros_do_not_matter():
     assert fp(x=decimal.Decimal("1.50")) == fp(x=decimal.Decimal("1.5"))
 
 
+def test_timedeltas_are_exact_to_the_microsecond():
+    assert fp(x=dt.timedelta(days=1000, microseconds=1)) != fp(x=dt.timedelta(days=1000))
+    assert fp(x=dt.timedelta(hours=36)) == fp(x=dt.timedelta(days=1, seconds=43200))
+
+
 def test_aware_datetimes_compare_in_utc():
     utc = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc)
     paris = utc.astimezone(dt.timezone(dt.timedelta(hours=1)))
@@ -360,6 +383,75 @@ def test_unsupported_argument_raises_a_typeerror_naming_it():
         fp(payload={"items": [1, object()]})
     assert isinstance(err.value, TypeError) and isinstance(err.value, LedgerError)
     assert "payload['items'][1]" in str(err.value) and "key=" in str(err.value)
+
+
+def test_decimal_fingerprint_is_exact():
+    assert fp(x=decimal.Decimal("1234567890123456789012345678901")) != \
+        fp(x=decimal.Decimal("1234567890123456789012345678902"))
+
+
+def test_decimal_fingerprint_ignores_the_threads_decimal_context():
+    amount = decimal.Decimal("1234.5678901")
+    expected = fp(x=amount)
+    with decimal.localcontext(decimal.Context(prec=6, rounding=decimal.ROUND_DOWN, capitals=0)):
+        assert fp(x=amount) == expected
+
+
+def test_decimal_zero_is_one_value_whatever_its_sign_or_exponent():
+    assert fp(x=decimal.Decimal("-0")) == fp(x=decimal.Decimal("0E+5")) == fp(x=decimal.Decimal("0.000"))
+
+
+def test_decimal_with_a_huge_exponent_is_fingerprinted():
+    assert fp(x=decimal.Decimal("1E+999999999")) != fp(x=decimal.Decimal("1E+999999998"))
+    assert fp(x=decimal.Decimal("1E-999999999")) == fp(x=decimal.Decimal("10E-1000000000"))
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False),
+       st.integers(min_value=1, max_value=60), st.sampled_from([decimal.ROUND_DOWN, decimal.ROUND_HALF_EVEN,
+                                                                decimal.ROUND_UP, decimal.ROUND_FLOOR]),
+       st.integers(min_value=0, max_value=1), st.integers(min_value=-1, max_value=1))
+def test_decimal_fingerprint_is_invariant_under_any_context_and_exact(d, prec, rounding, capitals, shift):
+    other = d.scaleb(shift, decimal.Context(prec=decimal.MAX_PREC)) if shift else d * 1
+    expected, other_expected = fp(x=d), fp(x=other)
+    with decimal.localcontext(decimal.Context(prec=prec, rounding=rounding, capitals=capitals, Emax=99, Emin=-99)):
+        assert fp(x=d) == expected and fp(x=other) == other_expected
+    assert (expected == other_expected) == (d == other)
+
+
+def test_a_self_referential_argument_is_a_fingerprint_error_naming_it():
+    loop = [1, {"k": []}]
+    loop[1]["k"].append(loop)
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'items\[1\]\['k'\]\[0\]' contains itself"):
+        fp(items=loop)
+
+
+def test_a_too_deep_argument_is_a_fingerprint_error():
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ledger.FingerprintError, match="argument 'tree.*nested too deeply"):
+        fp(tree=deep)
+
+
+def test_an_int_too_long_for_str_is_a_fingerprint_error_naming_it(g):
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'order_id\[2\]' is a int.*ValueError"):
+        g(charge, [1, 2, 10 ** 5000])
+
+
+def test_a_mock_argument_is_a_fingerprint_error_naming_it():
+    from unittest import mock
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'client\['api'\]' is a unittest.mock.Mock"):
+        fp(client={"api": mock.Mock()})
+
+
+def test_every_fingerprint_failure_stops_the_call_before_the_tool_runs(g):
+    from unittest import mock
+    loop = []
+    loop.append(loop)
+    for bad in (loop, 10 ** 5000, mock.Mock(), mock.MagicMock()):
+        with pytest.raises(ledger.FingerprintError):
+            g(charge, bad)
+    assert CHARGES == [] and g.history() == []
 
 
 # ---------------------------------------------------------------------------
@@ -405,8 +497,63 @@ def test_a_tool_with_its_own_key_parameter_gets_it(g):
     assert CHARGES == [("k1", 1), ("k2", 1), ("k3", 1)]
 
 
+def transfer(amount, idempotency_key="default"):
+    CHARGES.append((amount, idempotency_key))
+    return idempotency_key
+
+
+def test_a_tool_with_its_own_idempotency_key_parameter_always_receives_it(g):
+    assert g(transfer, 5, idempotency_key="caller-1") == "caller-1"
+    assert g(transfer, 5, idempotency_key="caller-2") == "caller-2"   # another value: another call
+    assert g(transfer, 5, idempotency_key="caller-1") is BLOCKED
+    assert g(transfer, 5, key="k") == "default"                        # key= is still the guard's
+    assert g(transfer, 5, key="k") is BLOCKED
+    assert CHARGES == [(5, "caller-1"), (5, "caller-2"), (5, "default")]
+
+
+def test_guard_keyed_names_the_call_and_leaves_every_keyword_to_the_tool(g):
+    def put(key, value, idempotency_key=None):
+        CHARGES.append((key, value, idempotency_key))
+    g.keyed("same", put, key="a", value=1, idempotency_key="x")
+    g.keyed("same", put, key="b", value=2)
+    g.keyed("other", put, key="b", value=2)
+    assert CHARGES == [("a", 1, "x"), ("b", 2, None)]
+    assert g.keyed("k", transfer, 1, idempotency_key="i") == "i"
+
+
+def test_a_tool_taking_any_keyword_refuses_a_key_it_might_have_wanted(g):
+    def create(**fields):
+        CHARGES.append(fields)
+    with pytest.raises(ledger.ConfigError, match="guard.keyed"):
+        g(create, name="x", idempotency_key="from-the-caller")
+    g.keyed("create-x", create, name="x", idempotency_key="from-the-caller")
+    assert CHARGES == [{"name": "x", "idempotency_key": "from-the-caller"}]
+
+
+class PaymentAPI:
+    """The README's payment provider, whose charge takes its own idempotency_key."""
+
+    def __init__(self):
+        self.charges = {}
+
+    def charge(self, amount: float, idempotency_key: str) -> dict:
+        return self.charges.setdefault(idempotency_key, {"id": f"ch_{len(self.charges) + 1}", "amount": amount})
+
+
+def test_the_readme_payment_api_charge_is_guardable(g):
+    payments = PaymentAPI()
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(payments.charge, 99.0, idempotency_key="order-9")
+    charge_card = g.once(payments.charge, name="payments.charge")
+    assert charge_card(99.0, idempotency_key="order-9") == {"id": "ch_1", "amount": 99.0}
+    assert charge_card(99.0, idempotency_key="order-9") is BLOCKED
+    assert charge_card(99.0, idempotency_key="order-10") == {"id": "ch_2", "amount": 99.0}
+    assert g.keyed("refund-9", charge_card, 99.0, idempotency_key="order-11")["id"] == "ch_3"
+    assert len(payments.charges) == 3
+
+
 def test_unfingerprintable_argument_fails_before_the_tool_runs(g):
-    tool = Counter()
+    tool = counter(g)
     with pytest.raises(TypeError, match="argument 'client'"):
         g(tool, client=threading.Lock())
     assert tool.calls == []
@@ -441,23 +588,258 @@ def test_tool_name_is_the_same_run_as_a_script_or_imported(tmp_path):
     assert as_script.stdout == imported.stdout == as_module.stdout == "agent.send\n"
 
 
-def test_two_lambdas_never_share_records(g):
-    runs = []
-    first, second = (lambda x: runs.append(("first", x))), (lambda x: runs.append(("second", x)))
+BILLING_SCRIPT = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, %r)
+import ledger
+
+
+def send_invoice(order_id):
+    with open(os.environ["SENT_LOG"], "a") as log:   # append-only: one line per real send
+        log.write("%%s %%d\\n" %% (order_id, os.getpid()))
+    return "sent"
+
+
+def logged(fn):   # a decorator without functools.wraps
+    def wrapper(*args):
+        return fn(*args)
+    return wrapper
+
+
+class Channel:
+    @classmethod
+    def open(cls):
+        pass
+
+
+def every_name():
+    return [ledger.tool_name(tool) for tool in
+            (send_invoice, logged(send_invoice), lambda order_id: send_invoice(order_id), Channel.open)]
+
+
+def worker(db, names):
+    names.put(every_name())
+    ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
+
+
+if __name__ == "__main__":
+    db = sys.argv[1]
+    names = [every_name()]
+    ledger.Guard(db, quiet=True, secret="s")(send_invoice, 42)
+    for method in ("fork", "spawn", "forkserver"):
+        context = multiprocessing.get_context(method)
+        queue = context.Queue()
+        process = context.Process(target=worker, args=(db, queue))
+        process.start()
+        names.append(queue.get(timeout=60))
+        process.join(60)
+        assert process.exitcode == 0, (method, process.exitcode)
+    print(json.dumps(names))
+"""
+
+
+@pytest.mark.parametrize("launch", ["script", "module"])
+def test_a_tool_has_one_name_in_the_parent_and_in_fork_spawn_and_forkserver_workers(tmp_path, launch):
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "billing.py").write_text(BILLING_SCRIPT % str(HERE))
+    sent = tmp_path / "sent.log"
+    argv = ["shop/billing.py"] if launch == "script" else ["-m", "shop.billing"]
+    done = subprocess.run([sys.executable, *argv, str(tmp_path / "l.db")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "SENT_LOG": str(sent)})
+    assert done.returncode == 0, done.stderr
+    imported = subprocess.run([sys.executable, "-c", "import shop.billing, ledger; "
+                               "print(ledger.tool_name(shop.billing.send_invoice))"],
+                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    names = json.loads(done.stdout)
+    assert names[0][0] == names[0][1].split("(")[1].split(")")[0] == "shop.billing.send_invoice"
+    assert names[0][3] == "shop.billing.Channel.open" and len(set(names[0])) == 4
+    assert names == [names[0]] * 4   # the parent, then fork, spawn and forkserver workers
+    assert imported.stdout == "shop.billing.send_invoice\n"
+    assert len(sent.read_text().splitlines()) == 1   # the parent sent it; no worker sent it again
+
+
+def test_lambdas_are_told_apart_by_their_code(g):
+    first, second = (lambda x: CHARGES.append(("first", x))), (lambda x: CHARGES.append(("second", x)))
     g(first, 1)
     g(second, 1)
-    assert runs == [("first", 1), ("second", 1)]
+    g(first, 1)
+    assert CHARGES == [("first", 1), ("second", 1)]
 
 
-def test_closures_over_different_values_are_different_tools(g):
-    def make(currency):
-        def pay(amount):
-            CHARGES.append((currency, amount))
-        return pay
-    g(make("usd"), 5)
-    g(make("eur"), 5)
-    g(make("usd"), 5)
+def test_a_lambda_has_one_name_whatever_the_hash_seed():
+    code = ("import sys; sys.path.insert(0, %r); import ledger; "
+            "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'} or x in ('a', {'b', 'c'})))"
+            % str(HERE))
+    seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(seen) == 1
+
+
+def test_a_lambda_keeps_its_name_when_code_above_it_moves():
+    first = ledger.tool_name(eval("lambda x: x + 1"))
+    assert ledger.tool_name(eval("\n\nlambda x: x + 1")) == first != ledger.tool_name(eval("lambda x: x + 2"))
+
+
+def make_payer(currency):
+    def pay(amount):
+        CHARGES.append((currency, amount))
+    return pay
+
+
+def test_a_closure_over_data_needs_a_name(g):
+    with pytest.raises(ledger.ConfigError, match="closure over 'currency'.*name="):
+        g(make_payer("usd"), 5)
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g.once(make_payer("usd"))
+    with pytest.raises(ledger.ConfigError, match="dict key"):
+        g.wrap_tools([make_payer("usd")])
+    with pytest.raises(ledger.ConfigError, match="closure over 'currency' .a _thread.lock"):
+        g(make_payer(threading.Lock()), 5)   # no canonical form: two such closures must not collide
+    assert CHARGES == []
+
+
+def test_a_closure_over_data_runs_under_the_name_it_is_given(g):
+    usd, eur = g.once(make_payer("usd"), name="pay.usd"), g.wrap_tools({"pay.eur": make_payer("eur")})["pay.eur"]
+    usd(5), eur(5), usd(5)
     assert CHARGES == [("usd", 5), ("eur", 5)]
+    assert {r["tool"] for r in g.history()} == {"pay.usd", "pay.eur"}
+
+
+def test_a_closure_over_a_start_time_is_refused_not_split_across_workers(g):
+    started = time.time()
+
+    def send_report(day):
+        CHARGES.append((day, started))
+    with pytest.raises(ledger.ConfigError, match="closure over 'started'"):
+        g(send_report, 1)
+
+
+def without_wraps(fn):
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def refund(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
+    CHARGES.append(("refund", order_id))
+    return {"refunded": order_id}
+
+
+def test_a_decorator_without_wraps_names_the_tool_after_what_it_wraps(g):
+    charging, refunding = without_wraps(charge), without_wraps(refund)
+    assert g(charging, 42) == {"charged": 10.0, "order": 42}
+    assert g(refunding, 42) == {"refunded": 42}
+    assert g(without_wraps(charge), 42) is BLOCKED
+    assert "test_ledger.charge" in ledger.tool_name(charging) != ledger.tool_name(refunding)
+
+
+def test_a_decorator_with_wraps_is_the_tool_it_wraps(g):
+    assert ledger.tool_name(functools.wraps(charge)(lambda *a, **k: charge(*a, **k))) == "test_ledger.charge"
+    assert ledger.tool_name(functools.lru_cache(charge)) == "test_ledger.charge"   # an object, not a function
+    cached = functools.lru_cache(refund)
+    assert g(cached, 1) == {"refunded": 1} and g(cached, 1) is BLOCKED
+
+
+def test_two_tools_of_one_list_under_one_name_are_refused(g):
+    as_refund = functools.wraps(charge)(lambda order_id: refund(order_id))
+    with pytest.raises(ledger.ConfigError, match="both named 'test_ledger.charge'.*dict"):
+        g.wrap_tools([charge, as_refund])
+    assert len(g.wrap_tools([charge, charge])) == 2
+    assert CHARGES == []
+
+
+def test_a_nested_function_that_calls_itself_has_a_stable_name(g):
+    def countdown(n):
+        return countdown(n - 1) if n else "done"
+    assert ledger.tool_name(countdown).startswith("test_ledger.test_a_nested_function")
+    assert g(countdown, 3) == "done" and g(countdown, 3) is BLOCKED
+
+
+class Mailer:
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, to):
+        CHARGES.append((self.sender, to))
+
+    @classmethod
+    def create(cls, sender):
+        CHARGES.append((cls.__name__, sender))
+
+
+class SupportMailer(Mailer):
+    pass
+
+
+def test_methods_of_instances_whose_state_can_change_need_a_name(g):
+    with pytest.raises(ledger.ConfigError, match="Mailer.send is bound to a test_ledger.Mailer instance.*name="):
+        g(Mailer("billing").send, "ada")
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g.once(Mailer("billing").send)
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(Counter(), 1)
+    assert CHARGES == []
+
+
+def test_methods_of_two_configured_instances_never_share_records(g):
+    billing, support = Mailer("billing"), Mailer("support")
+    tools = g.wrap_tools({"mail.billing": billing.send, "mail.support": support.send})
+    tools["mail.billing"]("ada"), tools["mail.support"]("ada"), tools["mail.billing"]("ada")
+    assert CHARGES == [("billing", "ada"), ("support", "ada")]
+
+
+def test_a_classmethod_is_told_apart_by_the_class_it_is_called_on(g):
+    g(Mailer.create, "x")
+    g(SupportMailer.create, "x")
+    g(SupportMailer.create, "x")
+    assert CHARGES == [("Mailer", "x"), ("SupportMailer", "x")]
+    assert ledger.tool_name(Mailer.create) == "test_ledger.Mailer.create"
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    name: str
+
+    def deploy(self, version):
+        CHARGES.append((self.name, version))
+
+    def __call__(self, version):
+        CHARGES.append(("called", self.name, version))
+
+
+class Currency(enum.Enum):
+    USD = "usd"
+    EUR = "eur"
+
+    def pay(self, amount):
+        CHARGES.append((self.value, amount))
+
+
+def test_methods_of_immutable_values_are_told_apart_by_their_value(g):
+    g(Region("eu").deploy, 1), g(Region("us").deploy, 1), g(Region("eu").deploy, 1)
+    g(Currency.USD.pay, 5), g(Currency.EUR.pay, 5), g(Currency.USD.pay, 5)
+    g(Region("eu"), 2), g(Region("us"), 2), g(Region("eu"), 2)
+    assert CHARGES == [("eu", 1), ("us", 1), ("usd", 5), ("eur", 5), ("called", "eu", 2), ("called", "us", 2)]
+
+
+def test_a_frozen_dataclass_holding_something_mutable_needs_a_name(g):
+    @dataclasses.dataclass(frozen=True)
+    class Batch:
+        items: list
+
+        def submit(self):
+            pass
+    with pytest.raises(ledger.ConfigError, match="name="):
+        g(Batch([1]).submit)
+
+
+def test_an_explicit_name_always_wins(g):
+    mutable = Counter()
+    named = g.once(mutable, name="my.counter")
+    named(1), named(1)
+    assert len(mutable.calls) == 1 and [r["tool"] for r in g.history()] == ["my.counter"]
 
 
 def test_partials_bind_their_arguments_into_the_call(g):
@@ -495,6 +877,7 @@ def test_a_failed_tool_raises_unchanged_and_the_next_call_runs_again(g):
     boom = ValueError("declined")
     tries = []
 
+    @g.once(name="pay")
     def pay(order_id):
         tries.append(order_id)
         if len(tries) == 1:
@@ -534,10 +917,10 @@ def test_a_result_that_is_not_json_is_recorded_as_done_and_replays_blocked(g, ca
     g._core.quiet = False
     made = []
 
+    @g.once(name="make_lock", replay=True)
     def make_lock(name):
         made.append(name)
         return threading.Lock()
-    g.policy(make_lock, replay=True)
     first = g(make_lock, "a")
     assert hasattr(first, "acquire")
     assert g(make_lock, "a") is BLOCKED
@@ -550,7 +933,7 @@ def test_a_result_that_is_not_json_is_recorded_as_done_and_replays_blocked(g, ca
 def test_a_result_over_the_size_limit_is_not_stored(g, monkeypatch):
     monkeypatch.setattr(ledger, "MAX_RESULT_BYTES", 100)
     g.policy(charge, replay=True)
-    big = Counter(result="x" * 200)
+    big = counter(g, result="x" * 200)
     g.policy(big, replay=True)
     assert g(big, 1) == "x" * 200
     assert g(big, 1) is BLOCKED and len(big.calls) == 1
@@ -565,10 +948,145 @@ def test_a_serializer_stores_what_json_cannot(g):
         @staticmethod
         def loads(text):
             return set(json.loads(text))
-    tool = Counter(result={3, 1, 2})
+    tool = counter(g, result={3, 1, 2})
     g.policy(tool, replay=True, serializer=Codec)
     assert g(tool) == {1, 2, 3}
     assert g(tool) == {1, 2, 3} and len(tool.calls) == 1
+
+
+def same(a, b):
+    """Equal and of the same type all the way down (== alone takes (1,) for [1]'s twin and 1 for True)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            any(same(k, j) and same(v, b[j]) for j in b if j == k) for k, v in a.items())
+    if isinstance(a, (dt.datetime, dt.time)):
+        return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold and a.tzname() == b.tzname()
+    if isinstance(a, float) and a != a:
+        return b != b
+    if isinstance(a, (set, frozenset)):
+        return a == b and sorted(map(repr, a)) == sorted(map(repr, b))
+    return a == b and repr(a) == repr(b)
+
+
+RESULTS_THAT_KEEP_THEIR_TYPE = {
+    "tuple": ("text", {"artifact": (1, 2)}),
+    "int keys": {1: "one", 2: {3: [4]}},
+    "bool, None, float and tuple keys": {True: 1, None: 2, 1.5: 3, (1, "a"): 4, "s": 5},
+    "sets": [{1, 2}, frozenset({"a", (1, 2)})],
+    "bytes": [b"\x00\xff", bytearray(b"ab")],
+    "decimal": decimal.Decimal("1234567890123456789012345678901.50"),
+    "datetimes": [dt.datetime(2026, 3, 29, 2, 30, fold=1), dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+                  dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=-3), "BRT")),
+                  dt.datetime(2026, 7, 1, 9, tzinfo=__import__("zoneinfo").ZoneInfo("Europe/Paris")),
+                  dt.date(2026, 1, 2), dt.time(1, 2, 3, 4), dt.timedelta(days=10**6, microseconds=1)],
+    "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "exact floats": [0.1 + 0.2, 1e-310, -0.0, float("inf"), 2.0 ** 60],
+    "strings that look like tags": ["\x00tuple", ["\x00tuple", [1]], {"\x00map": []}, "~", "\x00\x00"],
+    "lone surrogates and NULs": {"name": "caf\udce9.txt", "nul": "a\x00b", "\ud800": ["\x00"]},
+}
+
+
+@pytest.mark.parametrize("result", RESULTS_THAT_KEEP_THEIR_TYPE.values(), ids=RESULTS_THAT_KEEP_THEIR_TYPE)
+def test_replayed_results_come_back_equal_and_of_the_same_type(store, result):
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+
+    @guard.once(name="produce", replay=True)
+    def produce(n):
+        runs.append(n)
+        return result
+    assert guard(produce, 1) is result
+    again = guard(produce, 1)
+    assert same(again, result) and runs == [1]
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    | st.dictionaries(st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+                      | st.tuples(st.integers(), st.text(max_size=2)), children, max_size=4),
+    max_leaves=20))
+def test_results_round_trip_exactly(value):
+    text = ledger._dump_result(value)
+    assert text.isascii() and "\x00" not in text
+    assert same(ledger._load_result(text), value)
+
+
+def test_plain_json_results_are_stored_as_plain_json(g):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    assert json.loads(g.history()[0]["result"]) == {"charged": 10.0, "order": 1}
+
+
+def test_records_written_as_plain_json_before_typed_results_still_replay(g):
+    g.policy(charge, replay=True)
+    g(charge, 1)
+    [record] = g.store.records()
+    old = record.evolve(result='{"charged":10.0,"order":1,"note":"d\u00e9j\u00e0 vu","raw":"ü"}')
+    old.sig = ledger._sign(g._core.secret, old)
+    assert g.store.swap(old, record.epoch, record.owner)
+    assert g(charge, 1) == {"charged": 10.0, "order": 1, "note": "déjà vu", "raw": "ü"}
+    assert len(CHARGES) == 1
+
+
+class Level(enum.IntEnum):
+    HIGH = 1
+
+
+@pytest.mark.parametrize("result", [Level.HIGH, Pair(1, "x"), collections.OrderedDict(a=1), {"k": Color.RED},
+                                    [1, object()], 10 ** 5000, dt.datetime(2026, 1, 1, tzinfo=FixedZone())],
+                         ids=["intenum", "namedtuple", "ordereddict", "enum inside", "object inside", "huge int",
+                              "unknown tzinfo"])
+def test_a_result_that_would_come_back_altered_is_refused_and_its_caller_still_gets_it(g, caplog, result):
+    g._core.quiet = False
+    runs = []
+
+    @g.once(name="produce", replay=True)
+    def produce():
+        runs.append(1)
+        return result
+    assert g(produce) is result
+    assert g(produce) is BLOCKED and runs == [1]
+    [record] = g.history()
+    assert record["status"] == "SUCCESS" and record["result"] is None and record["unstored"]
+    assert "serializer" in caplog.text
+
+
+def test_a_refused_result_names_where_the_altered_value_sits(g):
+    def produce():
+        return {"rows": [1, (2, Level.HIGH)]}
+    g(produce)
+    assert "['rows'][1]" in g.history()[0]["unstored"] and "Level" in g.history()[0]["unstored"]
+
+
+def test_a_shared_result_comes_back_as_the_same_type(store):
+    guard = Guard(store, quiet=True, secret="s")
+    runs = []
+    started = threading.Event()
+
+    @guard.once(name="lookup", replay=True, wait=30)
+    def lookup(q):
+        runs.append(q)
+        started.set()
+        time.sleep(0.3)
+        return (q, {1: (2, 3)})
+    leader = threading.Thread(target=guard, args=(lookup, "q"))
+    leader.start()
+    started.wait(10)
+    shared = guard.execute(lookup, "q")
+    leader.join()
+    assert shared.source != "executed" and same(shared.value, ("q", {1: (2, 3)})) and runs == ["q"]
+
+
+def test_signing_accepts_any_text():
+    record = Record(id="x", tool="t\udc80", workflow="w", caller=None, status="SUCCESS", owner="o", epoch=1,
+                    lease_until=0.0, run_key="k\ud800", result="\udce9\x00", unstored="\udfff")
+    assert ledger._sign(b"s", record) != ledger._sign(b"s", record.evolve(result="\udce8\x00"))
 
 
 def test_blocked_return_replaces_blocked_in_wrapped_tools(g):
@@ -1114,7 +1632,7 @@ def test_counters_are_exact_under_concurrency(store):
 
 def test_replay_waiters_share_the_running_leaders_result(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(result="answer", sleep=0.2)
+    tool = counter(guard, result="answer", sleep=0.2)
     guard.policy(tool, replay=True)
     results, threads = [], []
     for _ in range(10):
@@ -1137,7 +1655,7 @@ class CountingStore(SQLiteStore):
 
 def test_in_process_waiters_are_woken_by_notification_not_polling(tmp_path):
     guard = Guard(CountingStore(tmp_path / "l.db"), quiet=True, secret="s")
-    tool = Counter(result="done", sleep=0.5)
+    tool = counter(guard, result="done", sleep=0.5)
     guard.policy(tool, replay=True)
     leader = threading.Thread(target=guard, args=(tool,))
     leader.start()
@@ -1156,7 +1674,7 @@ def test_in_process_waiters_are_woken_by_notification_not_polling(tmp_path):
 
 def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(fail=True, sleep=0.2)
+    tool = counter(guard, fail=True, sleep=0.2)
     guard.policy(tool, replay=True)
     errors = []
 
@@ -1173,13 +1691,13 @@ def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
     [t.join() for t in [leader] + waiters]
     assert sorted(errors, key=lambda e: e.__name__) == [ledger.LeaderFailed] * 3 + [RuntimeError]
     assert len(tool.calls) == 1
-    tool.fail = False
+    tool.__wrapped__.fail = False
     assert guard(tool, 1) is not BLOCKED and len(tool.calls) == 2
 
 
 def test_a_bounded_wait_that_runs_out_raises(store):
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(sleep=0.5)
+    tool = counter(guard, sleep=0.5)
     guard.policy(tool, replay=True, wait=0.1)
     leader = threading.Thread(target=guard, args=(tool,))
     leader.start()
@@ -1275,6 +1793,7 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
 
 
 def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
+    @g.once(name="tool")
     def tool():
         record = g.store.records()[0]
         g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1, status="SUCCESS",
@@ -1462,6 +1981,7 @@ def test_fail_open_must_be_a_bool(g, bad):
 def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g):
     keys = []
 
+    @g.once(name="tool")
     def tool(fail):
         keys.append(current_key())
         if fail[0]:
@@ -1629,6 +2149,7 @@ def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
 def test_async_tools_are_guarded_and_duplicates_blocked(g):
     runs = []
 
+    @g.once(name="fetch")
     async def fetch(url):
         runs.append(url)
         return url.upper()
@@ -1667,7 +2188,7 @@ def test_a_sync_tool_guarded_inside_a_running_loop_works(g):
 
 
 def test_async_waiters_in_one_loop_are_woken_by_a_leader_in_another_thread(g):
-    tool = Counter(result="r", sleep=0.3)
+    tool = counter(g, result="r", sleep=0.3)
     g.policy(tool, replay=True)
     leader = threading.Thread(target=g, args=(tool,))
     leader.start()
@@ -1684,7 +2205,7 @@ def _async_view(tool):
     """The same tool name, awaited: an async tool sharing a sync leader's record."""
     async def view():
         return tool()
-    return ledger._Named(view, ledger.tool_name(tool))
+    return ledger._Named(view, ledger._unwrap(tool)[1])
 
 
 def test_workflow_scopes_are_private_to_each_thread(g):
@@ -3077,6 +3598,7 @@ def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_o
     guard = Guard(server_store, quiet=True, secret="s")
     killed = []
 
+    @guard.once(name="tool")
     def tool():
         killed.append(kill_connections(server_store))
         return "done"
@@ -3166,6 +3688,7 @@ def test_postgres_survives_a_restart_between_claim_and_completion():
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="tool")
     def tool():
         runs.append(1)
         proxy.cut()   # every connection drops, and the server refuses new ones for a while
@@ -3212,6 +3735,7 @@ def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="tool")
     def tool():
         runs.append(1)
         private_redis.kill()   # SIGKILL: only what the append-only file holds comes back
@@ -3317,6 +3841,7 @@ def test_redis_gives_a_ttl_record_a_server_expiry_only_while_it_is_not_running()
     def expiry_ms():
         return store._client.pttl(store._key(store.records()[0].id))
 
+    @guard.once(name="tool")
     def tool():
         running.append(expiry_ms())
         return 1
@@ -3334,7 +3859,7 @@ def test_a_redis_record_that_expired_on_the_server_runs_again(monkeypatch):
     monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
     store = redis_store()
     guard = Guard(store, quiet=True, secret="s")
-    tool = Counter(result="fresh")
+    tool = counter(guard, result="fresh")
     guard.policy(tool, ttl=0.2, replay=True)
     assert guard(tool) == "fresh" and guard(tool) == "fresh" and len(tool.calls) == 1
     key = store._key(store.records()[0].id)
@@ -3456,7 +3981,7 @@ def test_stats_count_attempts_executions_blocks_and_savings(g):
     g.policy(charge, cost=0.5)
     for _ in range(3):
         g(charge, 1)
-    failing = Counter(fail=True)
+    failing = counter(g, fail=True)
     with pytest.raises(RuntimeError):
         g(failing)
     stats = g.stats()
@@ -3522,7 +4047,7 @@ def test_callbacks_fire_and_a_raising_callback_changes_nothing(g):
     assert g(charge, 1)["order"] == 1
     g(charge, 1)
     with pytest.raises(RuntimeError):
-        g(Counter(fail=True))
+        g(counter(g, fail=True))
     assert [e[0] for e in events] == ["success", "block", "fail"]
 
 
@@ -3860,7 +4385,7 @@ def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
         seen.append(config["run_id"])
         return {"done": True}
 
-    [guarded] = g.wrap_tools([node], blocked_return={})
+    guarded = g.wrap_tools({"node": node}, blocked_return={})["node"]
     assert guarded({"order": 1}, config={"run_id": object()}) == {"done": True}
     assert guarded({"order": 1}, config={"run_id": object()}) == {}
     assert guarded({"order": 2}, config={"run_id": 3}) == {"done": True}
@@ -4040,6 +4565,24 @@ def test_langchain_async_tool_runs_once_and_its_injected_call_id_is_not_fingerpr
 
     assert asyncio.run(twice()) == ["refunded 9", "already done"]
     assert runs == [("refund", 9)]
+
+
+def test_langchain_content_and_artifact_tool_replays_its_tuple(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool(response_format="content_and_artifact")
+    def search(query: str) -> tuple:
+        """Search the orders."""
+        runs.append(query)
+        return f"found {query}", {"ids": (1, 2)}
+
+    g.policy(search, replay=True)
+    [tool] = g.wrap_tools([search])
+    first = tool.invoke(tool_call("search", 1, query="x"))
+    again = tool.invoke(tool_call("search", 2, query="x"))
+    assert (again.content, again.artifact) == (first.content, first.artifact) == ("found x", {"ids": (1, 2)})
+    assert runs == ["x"]
 
 
 def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
@@ -4331,9 +4874,9 @@ def test_langgraph_plain_node_function_runs_once_per_state(g):
         charged.append(order["order_id"])
         return {"receipt": f"ch_{order['order_id']}"}
 
-    g.policy(charge, replay=True)
+    g.policy("charge", replay=True)
     graph = graph_module.StateGraph(Order)
-    graph.add_node("charge", g.wrap_tools([charge])[0])
+    graph.add_node("charge", g.wrap_tools({"charge": charge})["charge"])
     graph.add_edge(graph_module.START, "charge")
     app = graph.compile()
     assert [app.invoke({"order_id": n})["receipt"] for n in (1, 1, 2)] == ["ch_1", "ch_1", "ch_2"]

@@ -474,11 +474,11 @@ def thread_wake_floor(threads: int) -> dict:
 def cross_worker(url: str, keys: list[str], distinct: int, tool_ms: float, barrier, results) -> None:
     g = ledger.Guard(ledger.open_store(url), quiet=True, secret="benchmark")
 
+    @g.once(name="bench.cross", replay=True)  # a closure over tool_ms: it needs a name of its own
     def cross_search(query: str) -> dict:
         time.sleep(tool_ms / 1e3)
         return {"end": time.time()}
 
-    g.policy(cross_search, replay=True)
     executed, delays = {}, []
     for key in keys:
         barrier.wait()  # all processes call each key at once: one runs it, the others wait for it
