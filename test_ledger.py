@@ -1150,20 +1150,50 @@ def test_as_caller_is_recorded_but_not_fingerprinted(g):
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
 
+def pragma(store: SQLiteStore, name: str):
+    return store._run(f"PRAGMA {name}", (), ledger._fetch_one)[0]
+
+
 def test_sqlite_uses_wal_and_normal_sync_by_default_and_full_when_durable(tmp_path):
     plain, durable = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db", durable=True)
-    assert plain._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert plain._conn().execute("PRAGMA synchronous").fetchone()[0] == 1
-    assert durable._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert pragma(plain, "journal_mode") == "wal"
+    assert pragma(plain, "synchronous") == 1
+    assert pragma(durable, "synchronous") == 2
 
 
 def test_sqlite_gives_each_thread_its_own_connection(tmp_path):
     store = SQLiteStore(tmp_path / "a.db")
     other = []
-    t = threading.Thread(target=lambda: other.append(store._conn()))
+    t = threading.Thread(target=lambda: (store.get("x"), other.append(store._connection().conn)))
     t.start()
     t.join()
-    assert other[0] is not store._conn()
+    assert other[0] is not None and other[0] is not store._connection().conn
+
+
+def _open_connections(store: SQLiteStore) -> list:
+    return [slot.conn for slot in store._connections if slot.conn is not None]
+
+
+def test_closing_a_guard_closes_every_threads_connection_and_they_reopen(tmp_path):
+    guard = Guard(str(tmp_path / "l.db"), quiet=True, secret="s")
+    path, done = str(tmp_path / "runs"), threading.Event()
+
+    def worker(n):   # a thread that lives on after its call, as in a pool
+        guard(log_run, path, str(n))
+        done.wait(30)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    [t.start() for t in threads]
+    wait_for(lambda: len(runs_of(path)) == 3, what="the three calls")
+    wait_for(lambda: len(_open_connections(guard.store)) == 4, what="four threads' connections")
+    opened = _open_connections(guard.store)
+    guard.close()
+    assert _open_connections(guard.store) == []
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
+    done.set()
+    [t.join() for t in threads]
+    assert guard(log_run, path, "after-close") == f"after-close-{os.getpid()}" and len(runs_of(path)) == 4
 
 
 def test_sqlite_records_the_schema_version(tmp_path):
@@ -1213,6 +1243,45 @@ def test_sqlite_is_safe_after_fork(tmp_path):
     assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
     child.join()
     assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
+
+
+def _jobs_in_a_forked_worker(guard, path, jobs, started, go_on):
+    for job in jobs:
+        guard(log_run, path, f"job-{job}", key=f"job-{job}")
+        if job == jobs[0]:
+            started.set()
+            go_on.wait(30)
+
+
+def _jobs_in_a_forked_worker_with_its_own_guard(db, path, jobs, started, go_on):
+    _jobs_in_a_forked_worker(Guard(db, quiet=True, secret="s"), path, jobs, started, go_on)
+
+
+@pytest.mark.parametrize("own_guard", [False, True], ids=["parents-guard", "own-guard"])
+@pytest.mark.parametrize("parent_keeps_using_it", [False, True], ids=["parent-closes", "parent-keeps-using"])
+def test_forked_workers_lose_no_record_while_an_operator_reads_the_file(tmp_path, own_guard, parent_keeps_using_it):
+    db, path, jobs = str(tmp_path / "l.db"), str(tmp_path / "runs"), list(range(10))
+    guard = Guard(db, quiet=True, secret="s")
+    guard(log_run, path, "warm-up", key="warm-up")   # the parent has used the ledger before it forks
+    for round in range(2):   # a second round of workers finds every job done
+        started, go_on = FORK.Event(), FORK.Event()
+        target = _jobs_in_a_forked_worker_with_its_own_guard if own_guard else _jobs_in_a_forked_worker
+        worker = forked(target, db if own_guard else guard, path, jobs, started, go_on)
+        worker.start()
+        assert started.wait(30)
+        if parent_keeps_using_it:
+            guard(log_run, path, f"parent-{round}", key=f"parent-{round}")
+        else:
+            guard.close()
+        assert run_cli("show", "--db", db).returncode == 0   # an operator opens and closes the file
+        go_on.set()
+        worker.join(60)
+        assert worker.exitcode == 0
+    calls = 1 + len(jobs) + (2 if parent_keeps_using_it else 0)
+    keys = [line.split()[1] for line in runs_of(path)]
+    assert (len(keys), len(set(keys))) == (calls, calls), "every call runs exactly once"
+    records = SQLiteStore(db).records()
+    assert sorted(r.run_key for r in records) == sorted(keys) and {r.status for r in records} == {"SUCCESS"}
 
 
 def test_store_urls_open_the_right_backend(tmp_path):
