@@ -687,7 +687,9 @@ class Store:
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
     delete(id, epoch=None)    remove it (only at that epoch, if given)
-    add_counts({id: (attempts, blocked)})  increment counters of existing records
+    add_counts({id: (attempts, blocked)})  increment counters of existing records; may
+                              return the ids it skipped because another session
+                              holds them locked (the engine writes them later)
     records(workflow=None, tool=None)      a list, oldest first
     clear(workflow=None)      delete records (of one workflow); how many
     wait(id, timeout)         sleep up to timeout, waking early if id may have
@@ -714,7 +716,7 @@ class Store:
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
 
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> Iterable[str] | None:
         raise NotImplementedError
 
     def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
@@ -837,6 +839,7 @@ class _Connection:
 _SQLITE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 _INHERITED: list[sqlite3.Connection] = []   # kept, never closed, in a child: see _after_fork_in_child
 _rowcount = operator.attrgetter("rowcount")
+_SQLITE_BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)  # SQLite's own
 
 
 class SQLiteStore(Store):
@@ -882,6 +885,7 @@ class SQLiteStore(Store):
             self._migrate(conn)  # first, so that a file that is no ledger is left as it was
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            conn.execute("PRAGMA busy_timeout = 0")   # _run waits for other processes' locks itself
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open ledger database {self.path!r}: {e}. If the file is not a ledger "
                              f"database or is corrupt, move it aside and a new one is created") from None
@@ -943,20 +947,33 @@ class SQLiteStore(Store):
     def _run(self, sql: str, params: Iterable = (), fetch: Callable[[sqlite3.Cursor], Any] = _rowcount,
              many: bool = False) -> Any:
         """Run one statement on this thread's connection (opened if need be) and
-        fetch its result while the connection is still sure to be open."""
-        slot = self._connection()
-        with slot.lock:
-            try:
-                conn = slot.conn
-                if conn is None:
-                    conn = slot.conn = self._open()
-                if many:
-                    with conn:
-                        conn.execute("BEGIN IMMEDIATE")
-                        return fetch(conn.executemany(sql, params))
-                return fetch(conn.execute(sql, params))
-            except sqlite3.Error as e:
-                raise StoreError(f"ledger database {self.path!r}: {e}") from e
+        fetch its result while the connection is still sure to be open.
+
+        While another process holds the write lock it tries again for up to `timeout`
+        seconds, sleeping without the connection's lock, so that close() and fork()
+        never wait for more than one attempt."""
+        slot, delays = self._connection(), iter(_SQLITE_BUSY_DELAYS)
+        deadline = None
+        while True:
+            with slot.lock:
+                try:
+                    conn = slot.conn
+                    if conn is None:
+                        conn = slot.conn = self._open()
+                    if many:
+                        with conn:
+                            conn.execute("BEGIN IMMEDIATE")
+                            return fetch(conn.executemany(sql, params))
+                    return fetch(conn.execute(sql, params))
+                except sqlite3.Error as e:
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise StoreError(f"ledger database {self.path!r}: {e}") from e
+                    now = time.monotonic()
+                    deadline = deadline or now + self.timeout
+                    if now >= deadline:
+                        raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
+                                         f"lock for {self.timeout:g}s)") from e
+            time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
 
     def get(self, id: str) -> Record | None:
         row = self._run(_SQL_GET, (id,), _fetch_one)
@@ -1408,12 +1425,14 @@ class PostgresStore(_ServerStore):
             "finish": f"WITH done AS ({swap} RETURNING id) SELECT pg_notify(%s, id) FROM done",
             "delete": f"DELETE FROM {t} WHERE id = %s",
             "delete_at": f"DELETE FROM {t} WHERE id = %s AND epoch = %s",
-            # Rows are locked in id order, so two concurrent flushes cannot deadlock.
+            # Rows are locked in id order, so two concurrent flushes cannot deadlock; a row
+            # another session holds locked is skipped, not waited for, and its id returned.
             "add_counts": f"WITH v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS v(id, a, b)), "
                           f"locked AS MATERIALIZED (SELECT t.id FROM {t} t JOIN v ON t.id = v.id "
-                          f"ORDER BY t.id FOR UPDATE OF t) "
-                          f"UPDATE {t} t SET attempts = t.attempts + v.a, blocked = t.blocked + v.b "
-                          f"FROM v JOIN locked ON locked.id = v.id WHERE t.id = v.id",
+                          f"ORDER BY t.id FOR UPDATE OF t SKIP LOCKED), "
+                          f"done AS (UPDATE {t} t SET attempts = t.attempts + v.a, blocked = t.blocked + v.b "
+                          f"FROM v JOIN locked ON locked.id = v.id WHERE t.id = v.id RETURNING t.id) "
+                          f"SELECT v.id FROM v JOIN {t} t ON t.id = v.id WHERE v.id NOT IN (SELECT id FROM done)",
             "records": f"SELECT {columns} FROM {t}",
             "clear": f"DELETE FROM {t}",
         }
@@ -1475,9 +1494,11 @@ class PostgresStore(_ServerStore):
             return self._run(self._sql["delete"], (id,)) == 1
         return self._run(self._sql["delete_at"], (id, epoch)) == 1
 
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> list[str]:
         ids = sorted(counts)
-        self._run(self._sql["add_counts"], (ids, [counts[i][0] for i in ids], [counts[i][1] for i in ids]))
+        skipped = self._run(self._sql["add_counts"], (ids, [counts[i][0] for i in ids], [counts[i][1] for i in ids]),
+                            rows=True)
+        return [id for id, in skipped]
 
     def _records(self, workflow: str | None, tool: str | None) -> list[Record]:
         where = [(name, value) for name, value in (("workflow", workflow), ("tool", tool)) if value is not None]
@@ -1817,7 +1838,8 @@ def check_store(store: Store) -> None:
 
         def count() -> None:
             barrier.wait()
-            store.add_counts({second.id: (1, 1)})
+            while store.add_counts({second.id: (1, 1)}):   # skipped while another holds it: try again
+                time.sleep(0.001)
 
         for target in (take_over, count):
             threads = [threading.Thread(target=target, args=(i,) if target is take_over else ())
@@ -2248,16 +2270,22 @@ class _Core:
 
     def _write_counts(self, pending: dict[str, list[int]], quietly: bool) -> None:
         try:
-            self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
+            skipped = self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
         except LedgerError as e:
-            with self.lock:
-                for id, (a, b) in pending.items():
-                    slot = self.pending.setdefault(id, [0, 0])
-                    slot[0] += a
-                    slot[1] += b
+            self._keep_pending(pending)
             if not quietly:
                 raise
             log.warning("counters not written yet: %s", e)
+        else:
+            if skipped:
+                self._keep_pending({id: pending[id] for id in skipped})
+
+    def _keep_pending(self, pending: dict[str, list[int]]) -> None:
+        with self.lock:
+            for id, (a, b) in pending.items():
+                slot = self.pending.setdefault(id, [0, 0])
+                slot[0] += a
+                slot[1] += b
 
     def forget_pending(self) -> None:
         self.pending = {}

@@ -980,6 +980,109 @@ def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
     assert g.store.records()[0].result == '"theirs"' and g.stats()["fenced"] == 1
 
 
+# A store that stops answering (a file write-locked by another process, a row
+# locked by another session's open transaction, a server that no longer answers)
+# must hold up nothing but its own calls.
+
+@contextlib.contextmanager
+def sqlite_write_locked(path):
+    """Another process holds the write lock of the SQLite file at `path` until the block ends."""
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+@contextlib.contextmanager
+def stuck(kind, tmp_path):
+    """(a store that is about to stop answering, a healthy store, the id of a record that
+    the stuck store cannot write, a context manager that makes it stop answering)."""
+    if kind == "sqlite-file-write-locked":
+        bad = SQLiteStore(tmp_path / "stuck.db")
+        yield bad, SQLiteStore(tmp_path / "healthy.db"), None, lambda: sqlite_write_locked(bad.path)
+    elif kind == "postgres-row-locked":   # an unrelated row of the very store the healthy calls use
+        pg = postgres_store()
+        bad_id = "locked-row"
+        pg.insert(scratch_record(bad_id))
+        yield pg, pg, bad_id, lambda: writes_stalled(pg, bad_id)
+    else:
+        need_redis()
+        parts = urllib.parse.urlsplit(REDIS_URL)
+        proxy = TcpProxy((parts.hostname, parts.port or 6379))
+        try:
+            yield (redis_store(url=with_address(REDIS_URL, proxy.port)), SQLiteStore(tmp_path / "healthy.db"),
+                   None, proxy.frozen)
+        finally:
+            proxy.cut()
+
+
+STUCK = ["sqlite-file-write-locked", "postgres-row-locked", "redis-not-answering"]
+
+_EXITING = """
+import sys, ledger
+guard = ledger.Guard(sys.argv[1], quiet=True, secret="s")
+guard.store
+guard._core.count(sys.argv[2], 1, 0)   # a counter buffered for the stuck store
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("kind", STUCK)
+def test_a_stuck_store_holds_up_no_lease_fork_stats_or_exit_elsewhere(kind, tmp_path):
+    with stuck(kind, tmp_path) as (bad, healthy, bad_id, stop_answering):
+        bad_guard = Guard(bad, quiet=True, secret="s")
+        bad_guard.policy(log_run, lease=0.3)
+        bad_runs, path = str(tmp_path / "bad-runs"), str(tmp_path / "runs")
+        bad_guard(log_run, bad_runs, "counted")
+        bad_guard(log_run, bad_runs, "counted")   # a counter now waits to be flushed to the stuck store
+        bad_id = bad_id or bad.records()[0].id
+        bad_guard._core.count(bad_id, 1, 0)
+        exiting = subprocess.Popen([sys.executable, "-c", _EXITING, bad.url if kind != "sqlite-file-write-locked"
+                                    else bad.path, bad_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+        assert exiting.stdout.readline() == "ready\n"
+        # A call running on the store that is about to get stuck, whose renewals will hang.
+        stuck_call = threading.Thread(target=bad_guard, args=(log_run, bad_runs, "stuck", 2.5), daemon=True)
+        if kind != "postgres-row-locked":   # (there it would be a call on the locked row itself)
+            stuck_call.start()
+            wait_for(lambda: len(runs_of(bad_runs)) == 2, what="the call on the stuck store to start")
+        with stop_answering():
+            leader, contender = Guard(healthy, quiet=True, secret="s"), Guard(healthy, quiet=True, secret="s")
+            for guard in (leader, contender):
+                guard.policy(log_run, lease=0.3)
+            long_call = threading.Thread(target=leader, args=(log_run, path, "long", 2.0), kwargs={"key": "job"})
+            long_call.start()
+            wait_for(lambda: runs_of(path), what="the long call to start")
+            seen, timings = set(), {}
+            while long_call.is_alive():   # 2 s: ~7 renewals of a 0.3 s lease
+                seen.add(contender(log_run, path, "long", 0, key="job"))
+                time.sleep(0.03)
+            started = time.monotonic()
+            assert leader.stats()["executed"] >= 1
+            timings["stats"] = time.monotonic() - started
+            started = time.monotonic()
+            child = forked(os._exit, 0)
+            child.start()
+            child.join(30)
+            timings["fork"] = time.monotonic() - started
+            started = time.monotonic()
+            exiting.stdin.close()
+            exiting.wait(30)
+            timings["exit"] = time.monotonic() - started
+        if stuck_call.is_alive():
+            stuck_call.join(30)
+    assert len(runs_of(path)) == 1 and seen == {BLOCKED}, "the healthy call kept its lease and ran once"
+    assert timings["stats"] < 1.0 and timings["fork"] < 2.0, timings
+    assert timings["exit"] < ledger.EXIT_FLUSH_WAIT + 2.0, timings
+
+
 class FlakyStore(SQLiteStore):
     """A real SQLite store whose writes fail on demand."""
 
@@ -1259,10 +1362,14 @@ def _jobs_in_a_forked_worker_with_its_own_guard(db, path, jobs, started, go_on):
 
 @pytest.mark.parametrize("own_guard", [False, True], ids=["parents-guard", "own-guard"])
 @pytest.mark.parametrize("parent_keeps_using_it", [False, True], ids=["parent-closes", "parent-keeps-using"])
-def test_forked_workers_lose_no_record_while_an_operator_reads_the_file(tmp_path, own_guard, parent_keeps_using_it):
+@pytest.mark.parametrize("used_before", [True, False], ids=["used-before-fork", "unused-before-fork"])
+def test_forked_workers_lose_no_record_while_an_operator_reads_the_file(tmp_path, own_guard, parent_keeps_using_it,
+                                                                          used_before):
     db, path, jobs = str(tmp_path / "l.db"), str(tmp_path / "runs"), list(range(10))
     guard = Guard(db, quiet=True, secret="s")
-    guard(log_run, path, "warm-up", key="warm-up")   # the parent has used the ledger before it forks
+    guard(log_run, path, "warm-up", key="warm-up")
+    if not used_before:   # the parent made the file, then closed it: no connection is open when it forks
+        guard.close()
     for round in range(2):   # a second round of workers finds every job done
         started, go_on = FORK.Event(), FORK.Event()
         target = _jobs_in_a_forked_worker_with_its_own_guard if own_guard else _jobs_in_a_forked_worker
@@ -1591,6 +1698,8 @@ class TcpProxy:
         self.target, self.port, self.cuts = target, free_port(), 0
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.restore()
 
     def restore(self):
@@ -1606,6 +1715,15 @@ class TcpProxy:
             s.close()
         self.cuts += 1
 
+    @contextlib.contextmanager
+    def frozen(self):
+        """Forward nothing (in either direction) until the block ends: a server that stopped answering."""
+        self.flowing.clear()
+        try:
+            yield
+        finally:
+            self.flowing.set()
+
     def _accept(self, listener):
         while True:
             try:
@@ -1618,10 +1736,10 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pump(source, sink):
+    def _pump(self, source, sink):
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                self.flowing.wait()
                 sink.sendall(data)
         for s in (source, sink):
             with contextlib.suppress(OSError):
