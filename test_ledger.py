@@ -970,6 +970,120 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
     assert guard(log_run, path, "long", 0, key="long-job") == mine and len(runs_of(path)) == 2
 
 
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_a_leader_whose_renewals_cannot_reach_the_store_is_fenced_off_and_its_caller_still_gets_its_value(
+        kind, tmp_path, caplog):
+    need_postgres() if kind == "postgres" else need_redis()
+    url = POSTGRES_URL if kind == "postgres" else REDIS_URL
+    parts = urllib.parse.urlsplit(url)
+    proxy = TcpProxy((parts.hostname, parts.port or (5432 if kind == "postgres" else 6379)))
+    user = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
+    through_proxy = STORES[kind](url=with_address(url, proxy.port, user))
+    direct = (ledger.PostgresStore(url, table=through_proxy.table) if kind == "postgres"
+              else ledger.RedisStore(url, prefix=through_proxy.prefix))
+    path, results = str(tmp_path / "runs"), []
+    leader, contender = Guard(through_proxy, secret="s"), Guard(direct, quiet=True, secret="s")
+    for guard in (leader, contender):
+        guard.policy(log_run, lease=0.5, replay=True)
+    try:
+        running = threading.Thread(target=lambda: results.append(leader(log_run, path, "v", 2.0, key="job")))
+        running.start()
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        with proxy.frozen():   # the leader's store stops answering it: its renewals hang
+            wait_for(lambda: direct.get(direct.records()[0].id).stale(direct.now()), what="its lease to run out")
+            mine = contender(log_run, path, "v", 0, key="job")   # takes the call over and runs it
+        running.join(30)
+        fenced = leader.stats()["fenced"]
+    finally:
+        proxy.cut()
+    runs = runs_of(path)
+    assert len(runs) == 2 and runs[0].split()[1] == runs[1].split()[1], "both runs carry the same current_key()"
+    assert results == [f"v-{os.getpid()}"] and mine == results[0], "the leader's caller still gets its own value"
+    assert fenced == 1 and "took the call over" in caplog.text
+    assert json.loads(direct.records()[0].result) == mine and direct.records()[0].epoch == 2
+
+
+# Clocks: leases and ttl windows are judged on the store's clock (Store.now()),
+# which a step of one worker's wall clock does not move. A worker's wall clock is
+# stepped as NTP would step it: time.time() jumps, the monotonic clocks do not.
+# (faketime cannot do it here: with its monotonic clocks left alone, its sleeps fail.)
+
+_GUARDED_CALL = """
+import json, sys, time
+step, real_time, real_time_ns = float(sys.argv[1]), time.time, time.time_ns
+time.time = lambda: real_time() + step
+time.time_ns = lambda: real_time_ns() + int(step * 1e9)
+import ledger, test_ledger
+spec, tool, policy, args = sys.argv[2], getattr(test_ledger, sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+guard = ledger.Guard(spec, quiet=True, secret="s")
+guard.policy(tool, **policy)
+print(repr(guard(tool, *args, key="job")), flush=True)
+"""
+
+
+def spec_of(store) -> str:
+    return store.path if isinstance(store, SQLiteStore) else store.url
+
+
+def call_with_wall_clock_stepped(step: float, store, tool, policy: dict, *args) -> subprocess.Popen:
+    """A worker process whose wall clock is `step` seconds off, making one guarded call."""
+    return subprocess.Popen([sys.executable, "-c", _GUARDED_CALL, str(step), spec_of(store), tool.__name__,
+                             json.dumps(policy), json.dumps(args)],
+                            env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=HERE, stdout=subprocess.PIPE, text=True)
+
+
+def log_run_until(path: str, release: str) -> str:
+    """A tool whose runs are counted across processes, and that runs until `release` exists."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {current_key()}\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return f"released-{os.getpid()}"
+
+
+def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    leader = Guard(shared_store, quiet=True, secret="s")
+    leader.policy(log_run_until, lease=2.0)
+    running = threading.Thread(target=leader, args=(log_run_until, path, release), kwargs={"key": "job"})
+    running.start()
+    try:
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run_until, {"lease": 2.0}, path, release)
+        wait_for(lambda: ahead.poll() is not None or len(runs_of(path)) > 1, timeout=60, what="the other worker")
+    finally:
+        pathlib.Path(release).touch()
+        running.join(30)
+    assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
+def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    behind = call_with_wall_clock_stepped(-3600, shared_store, log_run_until, {"lease": 1.0}, path, release)
+    try:
+        wait_for(lambda: runs_of(path), timeout=30, what="the leader to start")
+        guard = Guard(shared_store, quiet=True, secret="s")
+        guard.policy(log_run_until, lease=1.0)
+        seen, until = set(), time.monotonic() + 2.5   # renewals every 1/3 s
+        while time.monotonic() < until:
+            seen.add(guard(log_run_until, path, release, key="job"))
+            time.sleep(0.05)
+    finally:
+        pathlib.Path(release).touch()
+    assert behind.communicate(timeout=30)[0].startswith("'released-")
+    assert seen == {BLOCKED} and len(runs_of(path)) == 1
+
+
+def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, ttl=600)
+    assert guard(log_run, path, "v", key="job") == f"v-{os.getpid()}"
+    ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run, {"ttl": 600}, path, "v")
+    assert ahead.communicate(timeout=60)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
 def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
     def tool():
         record = g.store.records()[0]
