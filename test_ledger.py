@@ -1426,6 +1426,61 @@ def test_sqlite_refuses_a_database_from_a_newer_version(tmp_path):
         SQLiteStore(tmp_path / "a.db")
 
 
+def as_schema_1(path) -> None:
+    """Turn a ledger file into what ledger.py wrote before the lease clock (schema 1)."""
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE clock")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
+def test_a_schema_1_file_keeps_its_records_and_their_leases(tmp_path):
+    path, runs = tmp_path / "old.db", str(tmp_path / "runs")
+    guard = Guard(str(path), quiet=True, secret="s")
+    guard(log_run, runs, "done")
+    wall = time.time()   # schema 1 kept leases in wall time
+    live, stale = (scratch_record(id).evolve(lease_until=wall + delta) for id, delta in (("live", 60), ("stale", -1)))
+    guard.store.insert(live)
+    guard.store.insert(stale)
+    guard.close()
+    as_schema_1(path)
+    before = sorted(r.as_dict().items() for r in records_of_file(path))
+    assert run_cli("show", "--db", path).returncode == 0   # a read-only command opens it too
+    store = SQLiteStore(path)
+    assert pragma(store, "user_version") == ledger.SCHEMA_VERSION
+    assert sorted(r.as_dict().items() for r in store.records()) == before
+    now = store.now()
+    assert not store.get("live").stale(now) and store.get("stale").stale(now)
+    assert Guard(store, quiet=True, secret="s")(log_run, runs, "done") is BLOCKED and len(runs_of(runs)) == 1
+
+
+def records_of_file(path) -> list[Record]:
+    conn = sqlite3.connect(path)
+    try:
+        return [Record(*row) for row in conn.execute(f"SELECT {', '.join(ledger.RECORD_FIELDS)} FROM records")]
+    finally:
+        conn.close()
+
+
+def test_after_a_reboot_running_calls_are_expired_and_ttl_windows_carry_over(tmp_path):
+    path = tmp_path / "l.db"
+    store = SQLiteStore(path)
+    now = store.now()
+    store.insert(scratch_record("running").evolve(lease_until=now + 3600))
+    store.insert(scratch_record("cached", expires=now + 600).evolve(status="SUCCESS", lease_until=now))
+    store.close()
+    conn = sqlite3.connect(path)   # as if the file was last used in an earlier boot
+    conn.execute("UPDATE clock SET boot = 'an-earlier-boot'")
+    conn.commit()
+    conn.close()
+    rebooted = SQLiteStore(path)
+    now = rebooted.now()
+    assert rebooted.get("running").stale(now), "its process is gone"
+    assert 590 < rebooted.get("cached").expires - now <= 600, "the ttl window goes on, bridged by wall time"
+    assert rebooted._run("SELECT boot FROM clock", (), ledger._fetch_all) == [(ledger._boot_id(),)]
+
+
 def test_a_missing_directory_fails_before_the_tool_runs(tmp_path):
     guard = Guard(str(tmp_path / "nope" / "l.db"))
     with pytest.raises(ledger.StoreError, match="does not exist"):
