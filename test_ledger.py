@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -1082,6 +1083,127 @@ def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tm
     assert guard(log_run, path, "v", key="job") == f"v-{os.getpid()}"
     ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run, {"ttl": 600}, path, "v")
     assert ahead.communicate(timeout=60)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
+# The combined stress test: every fault above at once. Several processes x
+# threads (forked ones using the parent's guard while the parent goes on using
+# it, spawned ones their own, one of them with its wall clock an hour ahead)
+# work through the same calls while random leaders are SIGKILLed, `ledger show`
+# reads the store from another process, and an unrelated SQLite file stays
+# write-locked under every worker's counters. Each run of a call is a line in an
+# append-only file; a call may run again only after its leader was killed.
+# Run it alone with `python -m pytest -m stress`.
+
+SPAWN = multiprocessing.get_context("spawn")
+STRESS_CALLS, STRESS_LEASE, STRESS_DEADLINE, STRESS_KILLS = 150, 1.0, 40.0, 10
+
+
+def stress_tool(path: str, label: str) -> str:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {label} {current_key()}\n")
+    time.sleep(0.2 + random.random() * 0.6)   # long enough to be killed in the middle
+    return label
+
+
+def _stress_threads(guard, path, side, threads=3):
+    side_guard = Guard(side, quiet=True, secret="s")   # an unrelated store, write-locked all along
+    side_guard.store
+    side_guard._core.count("unrelated", 1, 0)
+    guard.policy(stress_tool, lease=STRESS_LEASE)
+    labels = [f"call-{n}" for n in range(STRESS_CALLS)]
+
+    def work():
+        left = list(labels)
+        deadline = time.monotonic() + STRESS_DEADLINE
+        while left and time.monotonic() < deadline:
+            random.shuffle(left)
+            for label in list(left):
+                outcome = guard.execute(stress_tool, path, label, key=label)
+                if outcome.record is not None and outcome.record.status == "SUCCESS":
+                    left.remove(label)
+            time.sleep(0.01)
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    [t.start() for t in workers]
+    return workers
+
+
+def _stress_forked(guard, path, side):
+    [t.join() for t in _stress_threads(guard, path, side)]
+
+
+def _stress_spawned(spec, path, side, step):
+    if step:   # this worker's wall clock is `step` seconds off
+        real = time.time
+        time.time = lambda: real() + step
+    [t.join() for t in _stress_threads(Guard(spec, quiet=True, secret="s"), path, side)]
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind", PERSISTENT)
+def test_stress_every_call_runs_once_but_for_reruns_after_a_killed_leader(kind, tmp_path):
+    store = STORES[kind](tmp_path)
+    spec, path, side = spec_of(store), str(tmp_path / "runs"), str(tmp_path / "unrelated.db")
+    SQLiteStore(side).close()
+    parent = Guard(store, quiet=True, secret="s")
+    parent(stress_tool, path, "warm-up", key="warm-up")   # the parent has used the store before it forks
+    processes, killed, shows, started = [], set(), [], time.monotonic()
+
+    def start(n):
+        if n % 2:
+            process = SPAWN.Process(target=_stress_spawned, args=(spec, path, side, 3600.0 if n == 1 else 0.0),
+                                    daemon=True)
+        else:
+            process = FORK.Process(target=_stress_forked, args=(parent, path, side), daemon=True)
+        process.start()
+        processes.append(process)
+
+    def leaders_now():
+        lines = runs_of(path)[-5:]
+        alive = {p.pid for p in processes if p.is_alive()}
+        return [int(line.split()[0]) for line in lines if int(line.split()[0]) in alive]
+
+    def by_label():
+        return {json.loads(r.args)["key"]: r for r in store.records()}
+
+    def done():
+        records = by_label()
+        return len(records) == STRESS_CALLS + 1 and all(r.status == "SUCCESS" for r in records.values())
+
+    with sqlite_write_locked(side):
+        for n in range(4):
+            start(n)
+        own = _stress_threads(parent, path, side, threads=2)   # the parent keeps using its guard meanwhile
+        while not done() and time.monotonic() - started < STRESS_DEADLINE:
+            time.sleep(0.3)
+            if len(shows) < 2 * len(killed) + 1:
+                shows.append(run_cli("show", "--db", spec).returncode)
+            leaders = leaders_now()
+            if leaders and len(killed) < STRESS_KILLS:
+                victim = random.choice(leaders)
+                os.kill(victim, signal.SIGKILL)
+                killed.add(victim)
+                start(len(processes))
+        [t.join(STRESS_DEADLINE) for t in own]
+        for process in processes:
+            process.join(STRESS_DEADLINE)
+            if process.is_alive():
+                process.kill()
+    elapsed = time.monotonic() - started
+    assert done(), f"not every call finished within {STRESS_DEADLINE}s"
+    runs: dict[str, list[tuple[int, str]]] = {}
+    for line in runs_of(path):
+        pid, label, key = line.split()
+        runs.setdefault(label, []).append((int(pid), key))
+    assert sorted(runs) == sorted([f"call-{n}" for n in range(STRESS_CALLS)] + ["warm-up"])
+    records = by_label()
+    for label, its_runs in runs.items():
+        assert all(pid in killed for pid, _ in its_runs[:-1]), f"{label} ran again without a killed leader"
+        assert len({key for _, key in its_runs}) == 1, f"{label}: every run has the same current_key()"
+        assert records[label].executed == len(its_runs)
+    assert set(shows) == {0}
+    reruns = sum(len(r) - 1 for r in runs.values())
+    print(f"\nstress {kind}: {len(processes)} processes x 3 threads + 2 in the parent, {len(killed)} leaders "
+          f"killed, {reruns} re-runs after a kill, {len(shows)} `ledger show`, {elapsed:.1f}s", file=sys.stderr)
 
 
 def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
