@@ -806,7 +806,10 @@ class MemoryStore(Store):
         return self._secret
 
 
-SCHEMA_VERSION = 2   # 2: SQLite keeps its lease clock in a table `clock` (server tables are as in 1)
+# 2: leases and ttl windows are on the store's clock (SQLite keeps its base in a table
+# `clock`; server tables are unchanged, but are marked 2 so that no worker that still
+# judges leases by its own wall clock joins them).
+SCHEMA_VERSION = 2
 _SQL_COLUMNS = ", ".join(RECORD_FIELDS)
 # A record's id is a hash of its tool and workflow, so a swap never changes these
 # three; leaving them out of the UPDATE spares SQLite rewriting the primary key
@@ -1456,6 +1459,8 @@ class PostgresStore(_ServerStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"table {self.table} in PostgreSQL at {self.where} was written by a newer "
                              f"ledger.py (schema {version}); upgrade ledger.py")
+        if version < SCHEMA_VERSION:
+            self._run(f"COMMENT ON TABLE {self._quoted} IS '{_PG_SCHEMA_COMMENT}{SCHEMA_VERSION}'")
 
     def _create(self) -> None:
         columns = ", ".join(f"{f} {_PG_TYPES[_sqlite_type(f)]}" for f in RECORD_FIELDS)
@@ -1589,8 +1594,10 @@ return {removed, #ids}
 """
 
 _REDIS_SCHEMA = """
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+if version >= tonumber(ARGV[1]) then return version end
+redis.call('SET', KEYS[1], ARGV[1])
+return tonumber(ARGV[1])
 """
 
 REDIS_EXPIRY_GRACE = 60.0   # seconds a ttl'd record outlives its expiry on the server

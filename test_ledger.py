@@ -1924,6 +1924,39 @@ def test_redis_refuses_records_from_a_newer_version():
         ledger.RedisStore(REDIS_URL, prefix=store.prefix)
 
 
+def mark_schema(store, version: int) -> None:
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            admin.execute(f'COMMENT ON TABLE "{store.table}" IS \'ledger.py records, schema {version}\'')
+    else:
+        import redis
+        with redis.Redis.from_url(REDIS_URL) as admin:
+            admin.set(store.prefix + "schema", version)
+
+
+def schema_of(store) -> int:
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (store.table,)).fetchone()[0]
+        return int(comment.rsplit(" ", 1)[1])
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        return int(admin.get(store.prefix + "schema"))
+
+
+def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_workers_stay_out(server_store):
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard(charge, 1)
+    before = [r.as_dict() for r in server_store.records()]
+    mark_schema(server_store, 1)
+    reopened = (ledger.PostgresStore(POSTGRES_URL, table=server_store.table)
+                if isinstance(server_store, ledger.PostgresStore)
+                else ledger.RedisStore(REDIS_URL, prefix=server_store.prefix))
+    assert schema_of(server_store) == ledger.SCHEMA_VERSION
+    assert [r.as_dict() for r in reopened.records()] == before
+    assert Guard(reopened, quiet=True, secret="s")(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
 def test_driver_errors_become_store_errors(server_store):
     server_store.insert(scratch_record())
     if isinstance(server_store, ledger.PostgresStore):
