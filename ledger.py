@@ -1917,6 +1917,8 @@ class _Renewer:
                 runs = list(self.runs.values())
                 wake = min(r.renew_at for r in runs)
                 if wake > now:
+                    # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
+                    # so it never sleeps longer than that.
                     self.cond.wait(min(wake - now, FLUSH_INTERVAL))
                     continue
             for run in runs:
