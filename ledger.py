@@ -1937,6 +1937,7 @@ class _Heartbeat:
         self.renewers: dict[str, _Renewer] = {}
         self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
+        self.flush_now, self.flushed = threading.Event(), threading.Event()
 
     def renewer(self, store: Store) -> _Renewer:
         renewer = self.renewers.get(store.url)
@@ -1954,9 +1955,28 @@ class _Heartbeat:
 
     def _flush_loop(self) -> None:
         while True:
-            time.sleep(FLUSH_INTERVAL)
+            self.flush_now.wait(FLUSH_INTERVAL)
+            asked = self.flush_now.is_set()
+            self.flush_now.clear()
             for core in list(self.cores):
-                core.flush(quietly=True)
+                try:
+                    core.flush(quietly=True)
+                except Exception:  # the thread must outlive any one store's fault
+                    log.exception("ledger counters: unexpected error; continuing")
+            if asked:
+                self.flushed.set()
+
+    def flush_at_exit(self) -> None:
+        """Have the counter thread write every buffered counter, waiting for it only so long:
+        a store that does not answer must not hold up the exit (and no thread can be
+        started at exit)."""
+        if self.thread is None:
+            return   # no guard has opened a store: nothing is buffered
+        self.flushed.clear()
+        self.flush_now.set()
+        if not self.flushed.wait(EXIT_FLUSH_WAIT):
+            log.warning("buffered call counters not written within %.0fs at exit; they are lost (the "
+                        "records themselves are complete)", EXIT_FLUSH_WAIT)
 
 
 _HEARTBEAT = _Heartbeat()
@@ -2093,17 +2113,7 @@ def _flush_all(quietly: bool = False, url: str | None = None) -> None:
             core.flush(quietly=quietly)
 
 
-def _flush_at_exit() -> None:
-    """Write buffered counters at exit, but never wait long for a stuck store."""
-    flusher = threading.Thread(target=_flush_all, kwargs={"quietly": True}, name="ledger-exit", daemon=True)
-    flusher.start()
-    flusher.join(EXIT_FLUSH_WAIT)
-    if flusher.is_alive():
-        log.warning("buffered call counters not written within %.0fs at exit; they are lost (the "
-                    "records themselves are complete)", EXIT_FLUSH_WAIT)
-
-
-atexit.register(_flush_at_exit)
+atexit.register(lambda: _HEARTBEAT.flush_at_exit())
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
