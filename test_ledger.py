@@ -1539,6 +1539,32 @@ def test_closing_a_guard_closes_every_threads_connection_and_they_reopen(tmp_pat
     assert guard(log_run, path, "after-close") == f"after-close-{os.getpid()}" and len(runs_of(path)) == 4
 
 
+def test_a_statement_waiting_for_another_process_holds_up_neither_close_nor_fork(tmp_path):
+    store, errors = SQLiteStore(tmp_path / "l.db", timeout=2.0), []
+
+    def write():
+        try:
+            store.insert(scratch_record("r1"))
+        except ledger.StoreError as e:
+            errors.append(str(e))
+    with sqlite_write_locked(store.path):
+        writer = threading.Thread(target=write)
+        started = time.monotonic()
+        writer.start()
+        time.sleep(0.2)   # the insert is now waiting for the lock
+        store.close()
+        closed = time.monotonic() - started
+        child = forked(os._exit, 0)
+        child.start()
+        child.join(10)
+        forked_at = time.monotonic() - started
+        writer.join(10)
+        failed_at = time.monotonic() - started
+    assert closed < 0.5 and forked_at < 1.0, (closed, forked_at)
+    assert 2.0 <= failed_at < 4.0 and errors and "held its write lock for 2s" in errors[0]
+    assert store.get("r1") is None and store.insert(scratch_record("r1")) is True
+
+
 def test_sqlite_records_the_schema_version(tmp_path):
     SQLiteStore(tmp_path / "a.db")
     assert sqlite3.connect(tmp_path / "a.db").execute("PRAGMA user_version").fetchone()[0] == ledger.SCHEMA_VERSION
@@ -1959,6 +1985,12 @@ def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_worker
     assert schema_of(server_store) == ledger.SCHEMA_VERSION
     assert [r.as_dict() for r in reopened.records()] == before
     assert Guard(reopened, quiet=True, secret="s")(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
+def test_every_postgres_statement_has_a_time_limit():
+    store = postgres_store()
+    limits = [store._run(f"SHOW {name}", rows=True)[0][0] for name in ("statement_timeout", "lock_timeout")]
+    assert limits == [f"{ledger.PG_STATEMENT_TIMEOUT:g}s", f"{ledger.PG_LOCK_TIMEOUT:g}s"]
 
 
 def test_driver_errors_become_store_errors(server_store):
