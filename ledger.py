@@ -862,7 +862,8 @@ class Record:
         return dict(zip(RECORD_FIELDS, _record_values(self)))
 
     def stale(self, now: float | None = None) -> bool:
-        """RUNNING whose lease ran out: its owner died or was paused."""
+        """RUNNING whose lease ran out: its owner died or was paused. `now` is on the
+        store's lease clock (Store.now()); without it, wall time, which is near it."""
         return self.status == Status.RUNNING and self.lease_until <= (now or time.time())
 
 
@@ -1235,7 +1236,9 @@ class Store:
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
     delete(id, epoch=None)    remove it (only at that epoch, if given)
-    add_counts({id: (attempts, blocked)})  increment counters of existing records
+    add_counts({id: (attempts, blocked)})  increment counters of existing records; may
+                              return the ids it skipped because another session
+                              holds them locked (the engine writes them later)
     records(workflow=None, tool=None)      a list, oldest first
     clear(workflow=None)      delete records (of one workflow); how many
     prune(before, now, statuses, workflow=None, dry_run=False, batch=PRUNE_BATCH)
@@ -1248,6 +1251,10 @@ class Store:
     wait(id, timeout)         sleep up to timeout, waking early if id may have
                               changed (an optimisation; sleeping is correct)
     secret()                  the HMAC key when none is configured
+    now()                     the lease clock: seconds on a clock that every process
+                              using the store shares, for leases and ttl windows
+                              (lease_until, expires); created, updated and started
+                              are wall-clock times, for people
     close()
     """
 
@@ -1268,7 +1275,7 @@ class Store:
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
 
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> Iterable[str] | None:
         raise NotImplementedError
 
     def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
@@ -1292,6 +1299,9 @@ class Store:
     def close(self) -> None:
         pass
 
+    def now(self) -> float:
+        return time.time()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
@@ -1304,6 +1314,10 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._secret = secrets.token_bytes(32)
         self.url = f":memory:{id(self):x}"
+        self._base = time.time() - time.monotonic()   # one process: its monotonic clock, shown near wall time
+
+    def now(self) -> float:
+        return time.monotonic() + self._base
 
     def get(self, id: str) -> Record | None:
         return self._rows.get(id)
@@ -1379,7 +1393,10 @@ def _tally(counts: dict[tuple[str, str], int], status: str, tool: str, n: int = 
     counts[(status, tool)] = counts.get((status, tool), 0) + n
 
 
-SCHEMA_VERSION = 2   # 2: the indexes prune selects by
+# 2: the indexes prune selects by. 3: leases and ttl windows are on the store's clock
+# (SQLite keeps its base in a table `clock`; server tables are unchanged, but are marked
+# 3 so that no worker that still judges leases by its own wall clock joins them).
+SCHEMA_VERSION = 3
 _SQL_COLUMNS = ", ".join(RECORD_FIELDS)
 # A record's id is a hash of its tool and workflow, so a swap never changes these
 # three; leaving them out of the UPDATE spares SQLite rewriting the primary key
@@ -1411,12 +1428,36 @@ def _sql_prune_passes(before: float, now: float, statuses: tuple[str, ...], work
              [before, now, *params])]
 
 
+class _Connection:
+    """One thread's connection to a SQLite ledger. `lock` is held while a statement
+    runs, so that close() and fork() can wait for it and then close the connection;
+    its thread opens a new one on its next statement."""
+
+    __slots__ = ("lock", "conn", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+
+# SQLite must not be used across fork(): a connection open in the parent, and
+# SQLite's per-process bookkeeping of the locks it holds on a file, would make the
+# child's own connections take no real locks, so another process could delete the
+# WAL under it. So no ledger connection is open at the moment of a fork: the
+# before-fork hook waits for running statements and closes every connection.
+_SQLITE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_INHERITED: list[sqlite3.Connection] = []   # kept, never closed, in a child: see _after_fork_in_child
+_rowcount = operator.attrgetter("rowcount")
+_SQLITE_BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)  # SQLite's own
+
+
 class SQLiteStore(Store):
     """Records in one SQLite file (WAL), shared by every thread and process on a machine.
 
     `durable=True` syncs every commit to disk (survives power loss); the default
     (synchronous=NORMAL) survives a crash of any process. `create=False` opens
-    only an existing ledger database (as the read-only commands do).
+    only an existing ledger database (as the read-only commands do). `timeout` is
+    how long one statement waits for another process's write lock.
     """
 
     def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0,
@@ -1427,19 +1468,19 @@ class SQLiteStore(Store):
         self.timeout = timeout
         self.create = create
         self._local = threading.local()
-        self._pid = os.getpid()
-        self._conn()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()   # every thread's
+        self._connections_lock = threading.Lock()
+        self._base: float | None = None   # see now()
+        _SQLITE_STORES.add(self)
+        self._run(_SQL_GET, ("",), _fetch_one)   # open now: a bad path fails at once
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._pid == os.getpid():
-            return conn
-        if self._pid != os.getpid():
-            # A connection must not cross fork(); the child abandons the parent's.
-            self._local = threading.local()
-            self._pid = os.getpid()
-        conn = self._local.conn = self._open()
-        return conn
+    def _connection(self) -> _Connection:
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Connection()
+            with self._connections_lock:
+                self._connections.add(slot)
+        return slot
 
     def _open(self) -> sqlite3.Connection:
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -1456,6 +1497,7 @@ class SQLiteStore(Store):
             self.legacy = _carry_over_ledger_once(conn, self.path, self.create)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            conn.execute("PRAGMA busy_timeout = 0")   # _run waits for other processes' locks itself
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open ledger database {self.path!r}: {e}. "
                              f"{_sqlite_advice(self.path, e)}") from None
@@ -1465,54 +1507,106 @@ class SQLiteStore(Store):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
-        if version == SCHEMA_VERSION:
-            return
         if version == 0 and not self.create:
             raise StoreError(_not_a_ledger(conn, self.path))
-        columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Every step is idempotent, so this creates a new file and upgrades an older one alike.
-            conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
-            conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
-            for name, definition in _SQL_PRUNE_INDEXES:
-                conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        if version < SCHEMA_VERSION:
+            with _immediate(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have done it
+                if version == 0:
+                    columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
+                    conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
+                # Each step is idempotent, so one pass upgrades a file of any older schema.
+                for name, definition in _SQL_PRUNE_INDEXES:
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
+                conn.execute("CREATE TABLE IF NOT EXISTS clock (boot TEXT NOT NULL, base REAL NOT NULL, "
+                             "skew REAL NOT NULL)")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._base = self._clock_base(conn)
 
-    def _run(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
-        try:
-            return self._conn().execute(sql, params)
-        except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
+    # The lease clock (see now()) is the machine's CLOCK_BOOTTIME, which every process
+    # on it shares and no wall-clock step moves, plus a base kept in the file for the
+    # current boot. A new boot (a new /proc/sys/kernel/random/boot_id) gets a base that
+    # continues the old clock by the wall time that passed, and every call still
+    # RUNNING from the old boot is expired at once: its process is gone. A file's
+    # first base makes the clock read wall time, so schema-1 records keep their meaning.
+
+    def _clock_base(self, conn: sqlite3.Connection) -> float | None:
+        boot = _boot_id()
+        if boot is None:
+            return None   # no boot id or CLOCK_BOOTTIME here: now() is the wall clock
+        row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
+        if row is not None and row[0] == boot:
+            return row[1]
+        with _immediate(conn):
+            row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
+            if row is not None and row[0] == boot:
+                return row[1]
+            skew = row[2] if row is not None else 0.0   # the old clock's lead over wall time
+            wall, up = time.time(), time.clock_gettime(_BOOTTIME)
+            base = wall + skew - up
+            conn.execute("DELETE FROM clock")
+            conn.execute("INSERT INTO clock (boot, base, skew) VALUES (?, ?, ?)", (boot, base, skew))
+            if row is not None:
+                now = up + base
+                conn.execute("UPDATE records SET lease_until = ? WHERE status = ? AND lease_until > ?",
+                             (now, Status.RUNNING.value, now))
+        return base
+
+    def now(self) -> float:
+        """The lease clock: seconds since boot plus this file's base (or wall time where there is no boot id)."""
+        base = self._base
+        return time.time() if base is None else time.clock_gettime(_BOOTTIME) + base
+
+    def _run(self, sql: str, params: Iterable = (), fetch: Callable[[sqlite3.Cursor], Any] = _rowcount,
+             many: bool = False) -> Any:
+        """Run one statement on this thread's connection (opened if need be) and
+        fetch its result while the connection is still sure to be open.
+
+        While another process holds the write lock it tries again for up to `timeout`
+        seconds, sleeping without the connection's lock, so that close() and fork()
+        never wait for more than one attempt."""
+        slot, delays = self._connection(), iter(_SQLITE_BUSY_DELAYS)
+        deadline = None
+        while True:
+            with slot.lock:
+                try:
+                    conn = slot.conn
+                    if conn is None:
+                        conn = slot.conn = self._open()
+                    if many:
+                        with conn:
+                            conn.execute("BEGIN IMMEDIATE")
+                            return fetch(conn.executemany(sql, params))
+                    return fetch(conn.execute(sql, params))
+                except sqlite3.Error as e:
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
+                    now = time.monotonic()
+                    deadline = deadline or now + self.timeout
+                    if now >= deadline:
+                        raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
+                                         f"lock for {self.timeout:g}s)") from e
+            time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
 
     def get(self, id: str) -> Record | None:
-        row = self._run(_SQL_GET, (id,)).fetchone()
+        row = self._run(_SQL_GET, (id,), _fetch_one)
         return Record(*row) if row else None
 
     def insert(self, record: Record) -> bool:
-        return self._run(_SQL_INSERT, _record_values(record)).rowcount == 1
+        return self._run(_SQL_INSERT, _record_values(record)) == 1
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
-        return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)).rowcount == 1
+        return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)) == 1
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
         if epoch is None:
-            return self._run("DELETE FROM records WHERE id = ?", (id,)).rowcount == 1
-        return self._run("DELETE FROM records WHERE id = ? AND epoch = ?", (id, epoch)).rowcount == 1
+            return self._run("DELETE FROM records WHERE id = ?", (id,)) == 1
+        return self._run("DELETE FROM records WHERE id = ? AND epoch = ?", (id, epoch)) == 1
 
     def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
-        conn = self._conn()
-        try:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
-                                 [(a, b, id) for id, (a, b) in counts.items()])
-        except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
+        self._run("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
+                  [(a, b, id) for id, (a, b) in counts.items()], many=True)
 
     def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
         sql, params = f"SELECT {_SQL_COLUMNS} FROM records WHERE 1", []
@@ -1520,12 +1614,12 @@ class SQLiteStore(Store):
             sql, params = sql + " AND workflow = ?", params + [workflow]
         if tool is not None:
             sql, params = sql + " AND tool = ?", params + [tool]
-        return [Record(*row) for row in self._run(sql + " ORDER BY created", params)]
+        return [Record(*row) for row in self._run(sql + " ORDER BY created", params, _fetch_all)]
 
     def clear(self, workflow: str | None = None) -> int:
         if workflow is None:
-            return self._run("DELETE FROM records").rowcount
-        return self._run("DELETE FROM records WHERE workflow = ?", (workflow,)).rowcount
+            return self._run("DELETE FROM records")
+        return self._run("DELETE FROM records WHERE workflow = ?", (workflow,))
 
     def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
               dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
@@ -1559,10 +1653,78 @@ class SQLiteStore(Store):
         return _key_file(self.path + ".key")
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._pid == os.getpid():
-            conn.close()
+        """Close every thread's connection (each reopens on its next statement)."""
+        with self._connections_lock:
+            for slot in list(self._connections):
+                with slot.lock:
+                    _close_connection(slot)
+
+    # -- fork: see _SQLITE_STORES --------------------------------------------
+
+    def _hold_for_fork(self, held: list[threading.Lock]) -> None:
+        """Wait (boundedly) for this store's running statements and close its connections,
+        holding their locks (and the lock on new ones) until the fork is done."""
+        self._connections_lock.acquire()
+        held.append(self._connections_lock)
+        for slot in list(self._connections):
+            # A statement waits at most `timeout` for a write lock, then fails.
+            if slot.lock.acquire(timeout=self.timeout + 1.0):
+                held.append(slot.lock)
+                _close_connection(slot)
+            else:
+                log.warning("fork(): a statement on %s is still running after %.0fs; the child leaves "
+                            "that connection alone", self.path, self.timeout + 1.0)
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: connections still open (see _hold_for_fork) belong to the parent."""
+        _INHERITED.extend(slot.conn for slot in self._connections if slot.conn is not None)
         self._local = threading.local()
+        self._connections = weakref.WeakSet()
+        self._connections_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction, taken at once (so two processes never both read, then write)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot's id (Linux), or None where there is none or no CLOCK_BOOTTIME."""
+    if _BOOTTIME is None:
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _fetch_one(cursor: sqlite3.Cursor) -> Any:
+    return cursor.fetchone()
+
+
+def _fetch_all(cursor: sqlite3.Cursor) -> list:
+    return cursor.fetchall()
+
+
+def _close_connection(slot: _Connection) -> None:
+    conn, slot.conn = slot.conn, None
+    if conn is not None:
+        try:
+            conn.close()
+        except sqlite3.Error as e:
+            log.warning("closing a ledger database connection: %s", e)
 
 
 def _create_private_file(path: str) -> None:
@@ -1843,14 +2005,42 @@ class _ServerStore(Store):
     effect before the break is neither lost nor applied twice. Counters are not
     retried: a failed add_counts stays buffered in the engine for its next flush.
 
-    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, _prune, add_counts
-    and _listen(deliver, stopped), which relays "record left RUNNING" messages.
+    The lease clock is the server's: each process measures the server clock's lead
+    over its own monotonic clock (to within half a round trip), again every
+    CLOCK_RESYNC seconds, so a step of a worker's wall clock moves no lease.
+
+    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, _prune, add_counts,
+    _server_time() (the server's clock, in seconds) and _listen(deliver, stopped),
+    which relays "record left RUNNING" messages.
     """
 
     where = "?"
 
     def __init__(self) -> None:
         self._wakeups = _Wakeups(self._listen, f"ledger-wakeups {self.where}")
+        self._clock_lead, self._clock_due = 0.0, -math.inf
+
+    def now(self) -> float:
+        mono = time.monotonic()
+        if mono >= self._clock_due:
+            self._sync_clock()
+            mono = time.monotonic()
+        return mono + self._clock_lead
+
+    def _sync_clock(self) -> None:
+        """Measure the server clock's lead over this process's monotonic clock. The first
+        measurement must succeed; a later failure keeps the last one and tries again soon."""
+        before = time.monotonic()
+        try:
+            server = self._again(self._server_time)
+        except StoreError as e:
+            if self._clock_due == -math.inf:
+                raise
+            log.warning("%s: could not read the server's clock (%s); using the last reading", self.where, e)
+            self._clock_due = time.monotonic() + 1.0
+            return
+        after = time.monotonic()
+        self._clock_lead, self._clock_due = server - (before + after) / 2, after + CLOCK_RESYNC
 
     def get(self, id: str) -> Record | None:
         return self._again(self._get, id)
@@ -1918,6 +2108,12 @@ class _ServerStore(Store):
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         raise NotImplementedError
+
+    def _server_time(self) -> float:
+        raise NotImplementedError
+
+
+CLOCK_RESYNC = 10.0   # seconds between measurements of a server's clock
 
 
 class _Wakeups:
@@ -1993,6 +2189,9 @@ _PG_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,30}"   # so that "schema.table" fits a NOTI
 _PG_TYPES = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text"}
 _PG_DEFAULTS = {"connect_timeout": "10", "application_name": "ledger.py",
                 "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3"}
+# Every statement has a bounded time: one stuck behind another session's row lock
+# fails (and is retried by its caller) instead of stopping a lease renewal for good.
+PG_STATEMENT_TIMEOUT, PG_LOCK_TIMEOUT = 10.0, 5.0
 _PG_IDLE_CONNECTIONS = 8
 _PG_SCHEMA_COMMENT = "ledger.py records, schema "
 
@@ -2021,7 +2220,9 @@ class PostgresStore(_ServerStore):
             raise ConfigError("cannot parse the PostgreSQL URL or DSN: use postgresql://user[:password]@host"
                               "[:port]/database, for example postgresql://app@db.internal:5432/agents") from None
         self._password = params.get("password")
-        self._params = {**_PG_DEFAULTS, **params}
+        timeouts = (f"-c statement_timeout={int(PG_STATEMENT_TIMEOUT * 1000)} "
+                    f"-c lock_timeout={int(PG_LOCK_TIMEOUT * 1000)}")
+        self._params = {**_PG_DEFAULTS, **params, "options": f"{timeouts} {params.get('options', '')}".strip()}
         host = params.get("host") or os.environ.get("PGHOST") or "localhost"
         port = params.get("port") or os.environ.get("PGPORT") or "5432"
         self.where = f"{host}:{port}"
@@ -2033,6 +2234,7 @@ class PostgresStore(_ServerStore):
         self._statements()
         super().__init__()
         self._migrate()
+        self._sync_clock()
 
     # -- connections -------------------------------------------------------
 
@@ -2100,12 +2302,14 @@ class PostgresStore(_ServerStore):
             "finish": f"WITH done AS ({swap} RETURNING id) SELECT pg_notify(%s, id) FROM done",
             "delete": f"DELETE FROM {t} WHERE id = %s",
             "delete_at": f"DELETE FROM {t} WHERE id = %s AND epoch = %s",
-            # Rows are locked in id order, so two concurrent flushes cannot deadlock.
+            # Rows are locked in id order, so two concurrent flushes cannot deadlock; a row
+            # another session holds locked is skipped, not waited for, and its id returned.
             "add_counts": f"WITH v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS v(id, a, b)), "
                           f"locked AS MATERIALIZED (SELECT t.id FROM {t} t JOIN v ON t.id = v.id "
-                          f"ORDER BY t.id FOR UPDATE OF t) "
-                          f"UPDATE {t} t SET attempts = t.attempts + v.a, blocked = t.blocked + v.b "
-                          f"FROM v JOIN locked ON locked.id = v.id WHERE t.id = v.id",
+                          f"ORDER BY t.id FOR UPDATE OF t SKIP LOCKED), "
+                          f"done AS (UPDATE {t} t SET attempts = t.attempts + v.a, blocked = t.blocked + v.b "
+                          f"FROM v JOIN locked ON locked.id = v.id WHERE t.id = v.id RETURNING t.id) "
+                          f"SELECT v.id FROM v JOIN {t} t ON t.id = v.id WHERE v.id NOT IN (SELECT id FROM done)",
             "records": f"SELECT {columns} FROM {t}",
             "clear": f"DELETE FROM {t}",
         }
@@ -2129,6 +2333,8 @@ class PostgresStore(_ServerStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"table {self.table} in PostgreSQL at {self.where} was written by a newer "
                              f"ledger.py (schema {version}); upgrade ledger.py")
+        if version < SCHEMA_VERSION:
+            self._run(f"COMMENT ON TABLE {self._quoted} IS '{_PG_SCHEMA_COMMENT}{SCHEMA_VERSION}'")
 
     def _create(self) -> None:
         columns = ", ".join(f"{f} {_PG_TYPES[_sqlite_type(f)]}" for f in RECORD_FIELDS)
@@ -2170,9 +2376,11 @@ class PostgresStore(_ServerStore):
             return self._run(self._sql["delete"], (id,)) == 1
         return self._run(self._sql["delete_at"], (id, epoch)) == 1
 
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> list[str]:
         ids = sorted(counts)
-        self._run(self._sql["add_counts"], (ids, [counts[i][0] for i in ids], [counts[i][1] for i in ids]))
+        skipped = self._run(self._sql["add_counts"], (ids, [counts[i][0] for i in ids], [counts[i][1] for i in ids]),
+                            rows=True)
+        return [id for id, in skipped]
 
     def _records(self, workflow: str | None, tool: str | None) -> list[Record]:
         where = [(name, value) for name, value in (("workflow", workflow), ("tool", tool)) if value is not None]
@@ -2205,6 +2413,9 @@ class PostgresStore(_ServerStore):
             while rows := self._run(sql, params + params, rows=True):
                 for status, tool in rows:
                     _tally(counts, status, tool)
+
+    def _server_time(self) -> float:
+        return self._run("SELECT extract(epoch FROM clock_timestamp())::float8", rows=True)[0][0]
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         conn = self._connect()
@@ -2343,8 +2554,10 @@ return result
 """
 
 _REDIS_SCHEMA = """
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+if version >= tonumber(ARGV[1]) then return version end
+redis.call('SET', KEYS[1], ARGV[1])
+return tonumber(ARGV[1])
 """
 
 REDIS_EXPIRY_GRACE = 60.0   # seconds a ttl'd record outlives its expiry on the server
@@ -2390,6 +2603,7 @@ class RedisStore(_ServerStore):
         self._fields = {f: _REDIS_KINDS[_sqlite_type(f)] for f in RECORD_FIELDS}
         super().__init__()
         self._migrate()
+        self._sync_clock()
 
     def _call(self, operation: Callable, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -2415,6 +2629,7 @@ class RedisStore(_ServerStore):
                              f"(schema {version}); upgrade ledger.py")
         if version < 2:
             self._again(self._index_finished_records)
+        if version < SCHEMA_VERSION:   # 3 changes no key: the mark keeps workers of schema 1 out
             self._call(self._client.set, self.prefix + "schema", SCHEMA_VERSION)
 
     def _index_finished_records(self) -> None:
@@ -2453,11 +2668,10 @@ class RedisStore(_ServerStore):
     def _encode(value: Any) -> str:
         return repr(value) if isinstance(value, float) else str(value)
 
-    @staticmethod
-    def _expiry(record: Record) -> str:
+    def _expiry(self, record: Record) -> str:
         if record.expires is None:
             return ""
-        return str(max(1, int((record.expires - time.time() + REDIS_EXPIRY_GRACE) * 1000)))
+        return str(max(1, int((record.expires - self.now() + REDIS_EXPIRY_GRACE) * 1000)))
 
     # -- the Store interface ---------------------------------------------------
 
@@ -2544,6 +2758,10 @@ class RedisStore(_ServerStore):
                     offset += kept
                     if seen < batch:
                         break
+
+    def _server_time(self) -> float:
+        seconds, microseconds = self._call(self._client.time)
+        return seconds + microseconds / 1e6
 
     def _listen(self, deliver: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -2647,7 +2865,8 @@ def check_store(store: Store) -> None:
 
         def count() -> None:
             barrier.wait()
-            store.add_counts({second.id: (1, 1)})
+            while store.add_counts({second.id: (1, 1)}):   # skipped while another holds it: try again
+                time.sleep(0.001)
 
         for target in (take_over, count):
             threads = [threading.Thread(target=target, args=(i,) if target is take_over else ())
@@ -2715,74 +2934,111 @@ def _check_prune(store: Store, scratch: Callable[..., Record], expect: Callable[
 
 
 # ---------------------------------------------------------------------------
-# Engine: leases and their heartbeat. One daemon thread per process renews the
-# lease of every running call (so a tool may run far longer than its lease)
-# and flushes buffered counters once a second.
+# Engine: leases and their heartbeat. Each store has a daemon thread per process
+# that renews the lease of every call running on it (so a tool may run far
+# longer than its lease), and one more thread flushes buffered counters once a
+# second: a slow or stuck store delays neither another store's renewals nor its
+# own renewals behind counters.
 # ---------------------------------------------------------------------------
 
 FLUSH_INTERVAL = 1.0
+EXIT_FLUSH_WAIT = 5.0   # longest an exiting process waits to write buffered counters
 POLL_FIRST, POLL_MAX = 0.001, 0.02
 COMPLETION_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
-class _Heartbeat:
-    def __init__(self) -> None:
+class _Renewer:
+    """Renews the leases of one store's running calls, on a thread that exits when none is left."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.cond = threading.Condition()
         self.runs: dict[int, _Run] = {}
-        self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
-        # Held while the heartbeat is inside a store: fork() waits for it, because a
-        # child forked while this thread holds a driver's internal lock (SQLite's
-        # mutexes) would deadlock on its first database call.
-        self.io = threading.Lock()
 
-    # add and discard run on every new call, so they take the lock only when the
-    # thread must be started or woken early; the loop reads a snapshot of runs.
     def add(self, run: _Run) -> None:
-        self.runs[id(run)] = run
-        thread = self.thread
-        if thread is None or not thread.is_alive() or run.renew_at < time.time() + FLUSH_INTERVAL:
-            with self.cond:
-                self._ensure_thread()
+        with self.cond:
+            self.runs[id(run)] = run
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+            elif run.renew_at < time.monotonic() + FLUSH_INTERVAL:
                 self.cond.notify()
 
     def discard(self, run: _Run) -> None:
         self.runs.pop(id(run), None)
 
-    def watch(self, core: _Core) -> None:
-        with self.cond:
-            self.cores.add(core)
-            self._ensure_thread()
-
-    def _ensure_thread(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._loop, name="ledger-heartbeat", daemon=True)
-            self.thread.start()
-
     def _loop(self) -> None:
-        next_flush = time.time() + FLUSH_INTERVAL
         while True:
             with self.cond:
-                now = time.time()
+                if not self.runs:
+                    self.thread = None
+                    return
+                now = time.monotonic()
                 runs = list(self.runs.values())
-                wake = min([next_flush] + [r.renew_at for r in runs])
+                wake = min(r.renew_at for r in runs)
                 if wake > now:
-                    self.cond.wait(wake - now)
+                    # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
+                    # so it never sleeps longer than that.
+                    self.cond.wait(min(wake - now, FLUSH_INTERVAL))
                     continue
-                due = [r for r in runs if r.renew_at <= now]
-                cores = list(self.cores) if now >= next_flush else []
-            try:
-                with self.io:
-                    for run in due:
+            for run in runs:
+                if run.renew_at <= now:
+                    try:
                         run.renew()
-                    for core in cores:
-                        core.flush(quietly=True)
-                    if cores:
-                        _TELEMETRY.look_on_call = True
-            except Exception:  # the heartbeat must outlive any one store's fault
-                log.exception("ledger heartbeat: unexpected error; continuing")
-            if cores:
-                next_flush = time.time() + FLUSH_INTERVAL
+                    except Exception:  # renewals must outlive any one fault
+                        log.exception("ledger heartbeat: unexpected error; continuing")
+
+
+class _Heartbeat:
+    """This process's renewers (one per store) and its counter flushes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.renewers: dict[str, _Renewer] = {}
+        self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+        self.flush_now, self.flushed = threading.Event(), threading.Event()
+
+    def renewer(self, store: Store) -> _Renewer:
+        renewer = self.renewers.get(store.url)
+        if renewer is None:
+            with self.lock:
+                renewer = self.renewers.setdefault(store.url, _Renewer(f"ledger-heartbeat {store.url}"))
+        return renewer
+
+    def watch(self, core: _Core) -> None:
+        with self.lock:
+            self.cores.add(core)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, name="ledger-counters", daemon=True)
+                self.thread.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self.flush_now.wait(FLUSH_INTERVAL)
+            asked = self.flush_now.is_set()
+            self.flush_now.clear()
+            for core in list(self.cores):
+                try:
+                    core.flush(quietly=True)
+                except Exception:  # the thread must outlive any one store's fault
+                    log.exception("ledger counters: unexpected error; continuing")
+            _TELEMETRY.look_on_call = True   # once a second, look again whether a provider was set
+            if asked:
+                self.flushed.set()
+
+    def flush_at_exit(self) -> None:
+        """Have the counter thread write every buffered counter, waiting for it only so long:
+        a store that does not answer must not hold up the exit (and no thread can be
+        started at exit)."""
+        if self.thread is None:
+            return   # no guard has opened a store: nothing is buffered
+        self.flushed.clear()
+        self.flush_now.set()
+        if not self.flushed.wait(EXIT_FLUSH_WAIT):
+            log.warning("buffered call counters not written within %.0fs at exit; they are lost (the "
+                        "records themselves are complete)", EXIT_FLUSH_WAIT)
 
 
 _HEARTBEAT = _Heartbeat()
@@ -2885,27 +3141,43 @@ async def _drive_async(steps: Iterator) -> Any:
         return stop.value
 
 
+_FORK_HELD: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    for store in list(_SQLITE_STORES):
+        store._hold_for_fork(_FORK_HELD)
+
+
+def _after_fork_in_parent() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop().release()
+
+
 def _after_fork_in_child() -> None:
     global _HEARTBEAT
+    _after_fork_in_parent()
+    for store in list(_SQLITE_STORES):
+        store._forget_inherited()
     _unique_token.__init__()
     cores = list(_HEARTBEAT.cores)
-    _HEARTBEAT = _Heartbeat()
+    _HEARTBEAT = _Heartbeat()   # the parent's runs and threads are not the child's
     _FLIGHTS.clear()
     for core in cores:
         core.forget_pending()
-        _HEARTBEAT.cores.add(core)
+        _HEARTBEAT.watch(core)
 
 
-def _flush_all(quietly: bool = False) -> None:
-    """Write every guard's buffered counters, so readers see this process's counts."""
+def _flush_all(quietly: bool = False, url: str | None = None) -> None:
+    """Write the buffered counters of every guard (on the store at `url`), so readers see this process's counts."""
     for core in list(_HEARTBEAT.cores):
-        core.flush(quietly=quietly)
+        if url is None or (core._store is not None and core._store.url == url):
+            core.flush(quietly=quietly)
 
 
-atexit.register(_flush_all, quietly=True)
+atexit.register(lambda: _HEARTBEAT.flush_at_exit())
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=lambda: _HEARTBEAT.io.acquire(),
-                        after_in_parent=lambda: _HEARTBEAT.io.release(),
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
 
 
@@ -2975,13 +3247,14 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "token", "outer", "__weakref__")
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
+                 "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
         self.lock = threading.Lock()
         self.done = self.lost = False
-        self.renew_at = record.started + call.policy.lease / 3
+        self.renew_at = time.monotonic() + call.policy.lease / 3   # on this process's clock, as the renewer's
 
     @property
     def key(self) -> str:
@@ -3004,23 +3277,23 @@ class _Run:
         with self.lock:
             if self.done or self.lost:
                 return
-            now = time.time()
-            renewed = self.record.evolve(lease_until=now + self.call.policy.lease, updated=now)
+            store, lease, started = self.core.store, self.call.policy.lease, time.monotonic()
             try:
-                won = self.core.store.swap(renewed, self.record.epoch, self.record.owner)
+                renewed = self.record.evolve(lease_until=store.now() + lease, updated=time.time())
+                won = store.swap(renewed, self.record.epoch, self.record.owner)
             except Exception as e:
                 log.warning("lease of %s could not be renewed: %s", self.call.name, e)
-                self.renew_at = now + min(1.0, self.call.policy.lease / 10)
+                self.renew_at = time.monotonic() + min(1.0, lease / 10)
                 return
             if won:
                 self.record = renewed
-                self.renew_at = now + self.call.policy.lease / 3
+                self.renew_at = started + lease / 3
             else:
                 self.lost = True
                 self.core.warn("%s (call %s): lease lost while running; another worker took it over",
                                self.call.name, self.call.id)
         if self.lost:
-            _HEARTBEAT.discard(self)
+            self.renewer.discard(self)
 
 
 class _Unguarded:
@@ -3113,16 +3386,22 @@ class _Core:
 
     def _write_counts(self, pending: dict[str, list[int]], quietly: bool) -> None:
         try:
-            self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
+            skipped = self._store.add_counts({id: (a, b) for id, (a, b) in pending.items()})
         except LedgerError as e:
-            with self.lock:
-                for id, (a, b) in pending.items():
-                    slot = self.pending.setdefault(id, [0, 0])
-                    slot[0] += a
-                    slot[1] += b
+            self._keep_pending(pending)
             if not quietly:
                 raise
             log.warning("counters not written yet: %s", e)
+        else:
+            if skipped:
+                self._keep_pending({id: pending[id] for id in skipped})
+
+    def _keep_pending(self, pending: dict[str, list[int]]) -> None:
+        with self.lock:
+            for id, (a, b) in pending.items():
+                slot = self.pending.setdefault(id, [0, 0])
+                slot[0] += a
+                slot[1] += b
 
     def forget_pending(self) -> None:
         self.pending = {}
@@ -3170,7 +3449,7 @@ class _Core:
         waited_epoch = deadline = landed = None
         delay, lost_races = POLL_FIRST, 0
         while True:
-            now = time.time()
+            now = store.now()
             record = landed or store.get(call.id)
             landed = None
             if record is None and store.legacy and not force:
@@ -3278,8 +3557,8 @@ class _Core:
 
     def claim(self, call: _Call, prev: Record | None, now: float,
               new_run: bool = False, new_window: bool = False) -> _Run:
-        """The RUNNING record this process would write to claim the call."""
-        policy = call.policy
+        """The RUNNING record this process would write to claim the call (`now` on the store's clock)."""
+        policy, wall = call.policy, time.time()
         if prev is None or new_run:
             once = policy.max == 1 and policy.ttl is None and prev is None
             run_key = call.id if once else f"{call.id}.{_unique_token()}"
@@ -3290,7 +3569,7 @@ class _Core:
             status=Status.RUNNING.value, owner=_unique_token(),
             epoch=prev.epoch + 1 if prev else 1, lease_until=now + policy.lease, run_key=run_key,
             runs=0 if prev is None or new_window else prev.runs,
-            created=prev.created if prev else now, updated=now, started=now,
+            created=prev.created if prev else wall, updated=wall, started=wall,
             attempts=prev.attempts if prev else 0, executed=prev.executed + 1 if prev else 1,
             blocked=prev.blocked if prev else 0, argsum=call.argsum, args=_preview(call),
             cost=policy.cost)
@@ -3299,7 +3578,8 @@ class _Core:
     def started(self, run: _Run) -> _Run:
         self.count(run.call.id, 1, 0)
         _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
-        _HEARTBEAT.add(run)
+        run.renewer = _HEARTBEAT.renewer(self.store)
+        run.renewer.add(run)
         return run
 
     def duplicate(self, call: _Call, record: Record, source: str) -> Outcome:
@@ -3366,7 +3646,7 @@ class _Core:
     def success_record(self, run: _Run, value: Any, unstored: str | None = None) -> Record:
         """The signed SUCCESS record of a run that returned `value` (or, given `unstored`,
         of one whose result is not kept, for that reason)."""
-        call, now = run.call, time.time()
+        call, now, clock = run.call, time.time(), self.store.now()
         result = None
         if unstored is None:
             result, unstored = _encode(call, value)
@@ -3375,8 +3655,8 @@ class _Core:
                           "duplicates get BLOCKED; give the policy a serializer= to store such values",
                           call.name, _describe(value), unstored)
         record = run.record.evolve(
-            status=Status.SUCCESS.value, updated=now, lease_until=now, duration=now - run.record.started,
-            expires=now + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
+            status=Status.SUCCESS.value, updated=now, lease_until=clock, duration=now - run.record.started,
+            expires=clock + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
             result=result, unstored=unstored)
         record.sig = _sign(self.secret, record)
         return record
@@ -3406,7 +3686,7 @@ class _Core:
                 run.done = True
             self.release(run)
             return
-        record = run.record.evolve(status=Status.FAILED.value, updated=now, lease_until=now,
+        record = run.record.evolve(status=Status.FAILED.value, updated=now, lease_until=self.store.now(),
                                    duration=now - run.record.started,
                                    error=f"{type(error).__name__}: {_error_text_of(error)}"[:2000])
         try:
@@ -3445,7 +3725,7 @@ class _Core:
     def release(self, run: _Run, stored: Record | None = None) -> None:
         """Stop renewing the run's lease and wake its in-process duplicates, handing them
         the record it stored (None: they read the store)."""
-        _HEARTBEAT.discard(run)
+        run.renewer.discard(run)
         flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
         if flight is not None:
             flight.land(stored)
@@ -4083,26 +4363,26 @@ class Guard:
         age = older_than.total_seconds() if isinstance(older_than, _dt.timedelta) else older_than
         if isinstance(age, bool) or not isinstance(age, (int, float)) or not age >= 0:
             raise ConfigError(f"prune: older_than must be seconds >= 0 or a timedelta, not {older_than!r}")
-        now = time.time()
-        counts = self.store.prune(now - age, now, statuses, workflow=wf, dry_run=dry_run)
+        # Age is wall time since the call finished (`updated`); ttl windows end on the lease clock.
+        counts = self.store.prune(time.time() - age, self.store.now(), statuses, workflow=wf, dry_run=dry_run)
         rows = [{"status": st, "tool": tool, "count": n} for (st, tool), n in sorted(counts.items())]
         return {"removed": sum(counts.values()), "dry_run": dry_run, "counts": rows}
 
     def history(self, tool: Callable | str | None = None, wf: str | None = None) -> list[dict[str, Any]]:
         """Every record (of one tool, one workflow) as a dict, oldest first."""
-        _flush_all()
+        _flush_all(url=self.store.url)
         return [_HistoryRow(r.as_dict()) for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
         """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
         duplicate_rate (blocked / attempts), saved_usd and saved_seconds (what duplicates
         avoided), fenced (this process)."""
-        _flush_all()
-        return {**_totals(self.store.records(workflow=wf)), "fenced": self._core.fenced}
+        _flush_all(url=self.store.url)
+        return {**_totals(self.store.records(workflow=wf), self.store.now()), "fenced": self._core.fenced}
 
     def log(self, wf: str | None = None, file: Any = None) -> str:
         """A per-tool summary, written to stderr (or `file`) and returned."""
-        _flush_all()
+        _flush_all(url=self.store.url)
         lines = [_summary_line(tool, rows) for tool, rows in _by_tool(self.store.records(workflow=wf)).items()]
         text = "\n".join(lines) if lines else "(no calls recorded)"
         print(text, file=file or sys.stderr)
@@ -4132,7 +4412,7 @@ class Guard:
         return True
 
     def close(self) -> None:
-        """Flush counters and close the store."""
+        """Flush counters and close the store (every thread's connection to it)."""
         self._core.flush()
         if self._core._store is not None:
             self._core._store.close()
@@ -4809,7 +5089,7 @@ def _scope(wf: str | None) -> str:
 def _cmd_show(args: Any) -> int:
     with _opened(args) as guard:
         records = _snapshot(guard, args.wf, args.tool)
-    now = time.time()
+        now = guard.store.now()
     if args.status:
         records = [r for r in records if _state(r, now) == args.status]
     if args.limit:
@@ -5062,7 +5342,7 @@ def _cmd_tail(args: Any) -> int:
         first = True
         try:
             while True:
-                now = time.time()
+                now = guard.store.now()
                 events, removed = _changes(seen, _snapshot(guard, args.wf), now)
                 if first:  # of what was there before, only the latest few
                     events, removed, first = events[-args.last:] if args.last > 0 else [], 0, False
@@ -5233,9 +5513,9 @@ def _demo_crash(demo: Guard, path: str, workflow: str, paint: _Paint) -> None:
     first = invoice(order_id=1042)
     record = _snapshot(demo, workflow, "send_invoice")[0]
     print(f"   retry at once      {paint('yellow', repr(first))}: the worker may be alive, its lease runs "
-          f"{max(0.0, record.lease_until - time.time()):.1f}s more")
-    while not record.stale():
-        time.sleep(max(0.02, record.lease_until - time.time()))
+          f"{max(0.0, record.lease_until - demo.store.now()):.1f}s more")
+    while not record.stale(demo.store.now()):
+        time.sleep(max(0.02, record.lease_until - demo.store.now()))
         record = _snapshot(demo, workflow, "send_invoice")[0]
     second = invoice(order_id=1042)
     same = "the same key" if keys and keys[0] == key else "a NEW key"
@@ -5314,8 +5594,8 @@ class _Dashboard:
 
     def state(self) -> dict[str, Any]:
         records = _snapshot(self.guard, self.workflow)
-        now = time.time()
-        totals = _totals(records, now)
+        now, clock = time.time(), self.guard.store.now()
+        totals = _totals(records, clock)
         with self.lock:
             point = (round(now, 3), totals["executed"], totals["blocked"])
             if not self.samples or now - self.samples[-1][0] >= 1 or self.samples[-1][1:] != point[1:]:
@@ -5325,9 +5605,9 @@ class _Dashboard:
         return {
             "db": self.guard.store.url, "workflow": self.workflow, "now": now,
             "totals": totals, "series": series,
-            "tools": {tool: {**_totals(rows, now), "priced": any(r.cost is not None for r in rows)}
+            "tools": {tool: {**_totals(rows, clock), "priced": any(r.cost is not None for r in rows)}
                       for tool, rows in _by_tool(records).items()},
-            "records": [_record_view(r, now) for r in reversed(recent)],
+            "records": [_record_view(r, clock) for r in reversed(recent)],
         }
 
 

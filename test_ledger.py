@@ -30,6 +30,7 @@ import multiprocessing
 import operator
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -1792,6 +1793,244 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
     assert guard(log_run, path, "long", 0, key="long-job") == mine and len(runs_of(path)) == 2
 
 
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_a_leader_whose_renewals_cannot_reach_the_store_is_fenced_off_and_its_caller_still_gets_its_value(
+        kind, tmp_path, caplog):
+    need_postgres() if kind == "postgres" else need_redis()
+    url = POSTGRES_URL if kind == "postgres" else REDIS_URL
+    parts = urllib.parse.urlsplit(url)
+    proxy = TcpProxy((parts.hostname, parts.port or (5432 if kind == "postgres" else 6379)))
+    user = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
+    through_proxy = STORES[kind](url=with_address(url, proxy.port, user))
+    direct = (ledger.PostgresStore(url, table=through_proxy.table) if kind == "postgres"
+              else ledger.RedisStore(url, prefix=through_proxy.prefix))
+    path, results = str(tmp_path / "runs"), []
+    leader, contender = Guard(through_proxy, secret="s"), Guard(direct, quiet=True, secret="s")
+    for guard in (leader, contender):
+        guard.policy(log_run, lease=0.5, replay=True)
+    try:
+        running = threading.Thread(target=lambda: results.append(leader(log_run, path, "v", 2.0, key="job")))
+        running.start()
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        with proxy.frozen():   # the leader's store stops answering it: its renewals hang
+            wait_for(lambda: direct.get(direct.records()[0].id).stale(direct.now()), what="its lease to run out")
+            mine = contender(log_run, path, "v", 0, key="job")   # takes the call over and runs it
+        running.join(30)
+        fenced = leader.stats()["fenced"]
+    finally:
+        proxy.cut()
+    runs = runs_of(path)
+    assert len(runs) == 2 and runs[0].split()[1] == runs[1].split()[1], "both runs carry the same current_key()"
+    assert results == [f"v-{os.getpid()}"] and mine == results[0], "the leader's caller still gets its own value"
+    assert fenced == 1 and "took the call over" in caplog.text
+    assert json.loads(direct.records()[0].result) == mine and direct.records()[0].epoch == 2
+
+
+# Clocks: leases and ttl windows are judged on the store's clock (Store.now()),
+# which a step of one worker's wall clock does not move. A worker's wall clock is
+# stepped as NTP would step it: time.time() jumps, the monotonic clocks do not.
+# (faketime cannot do it here: with its monotonic clocks left alone, its sleeps fail.)
+
+_GUARDED_CALL = """
+import json, sys, time
+step, real_time, real_time_ns = float(sys.argv[1]), time.time, time.time_ns
+time.time = lambda: real_time() + step
+time.time_ns = lambda: real_time_ns() + int(step * 1e9)
+import ledger, test_ledger
+spec, tool, policy, args = sys.argv[2], getattr(test_ledger, sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+guard = ledger.Guard(spec, quiet=True, secret="s")
+guard.policy(tool, **policy)
+print(repr(guard(tool, *args, key="job")), flush=True)
+"""
+
+
+def spec_of(store) -> str:
+    return store.path if isinstance(store, SQLiteStore) else store.url
+
+
+def call_with_wall_clock_stepped(step: float, store, tool, policy: dict, *args) -> subprocess.Popen:
+    """A worker process whose wall clock is `step` seconds off, making one guarded call."""
+    return subprocess.Popen([sys.executable, "-c", _GUARDED_CALL, str(step), spec_of(store), tool.__name__,
+                             json.dumps(policy), json.dumps(args)],
+                            env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=HERE, stdout=subprocess.PIPE, text=True)
+
+
+def log_run_until(path: str, release: str) -> str:
+    """A tool whose runs are counted across processes, and that runs until `release` exists."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {current_key()}\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return f"released-{os.getpid()}"
+
+
+def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    leader = Guard(shared_store, quiet=True, secret="s")
+    leader.policy(log_run_until, lease=2.0)
+    running = threading.Thread(target=leader, args=(log_run_until, path, release), kwargs={"key": "job"})
+    running.start()
+    try:
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run_until, {"lease": 2.0}, path, release)
+        wait_for(lambda: ahead.poll() is not None or len(runs_of(path)) > 1, timeout=60, what="the other worker")
+    finally:
+        pathlib.Path(release).touch()
+        running.join(30)
+    assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
+def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    behind = call_with_wall_clock_stepped(-3600, shared_store, log_run_until, {"lease": 1.0}, path, release)
+    try:
+        wait_for(lambda: runs_of(path), timeout=30, what="the leader to start")
+        guard = Guard(shared_store, quiet=True, secret="s")
+        guard.policy(log_run_until, lease=1.0)
+        seen, until = set(), time.monotonic() + 2.5   # renewals every 1/3 s
+        while time.monotonic() < until:
+            seen.add(guard(log_run_until, path, release, key="job"))
+            time.sleep(0.05)
+    finally:
+        pathlib.Path(release).touch()
+    assert behind.communicate(timeout=30)[0].startswith("'released-")
+    assert seen == {BLOCKED} and len(runs_of(path)) == 1
+
+
+def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy(log_run, ttl=600)
+    assert guard(log_run, path, "v", key="job") == f"v-{os.getpid()}"
+    ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run, {"ttl": 600}, path, "v")
+    assert ahead.communicate(timeout=60)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
+# The combined stress test: every fault above at once. Several processes x
+# threads (forked ones using the parent's guard while the parent goes on using
+# it, spawned and forkserver ones their own, one with its wall clock an hour ahead)
+# work through the same calls while random leaders are SIGKILLed, `ledger show`
+# reads the store from another process, and an unrelated SQLite file stays
+# write-locked under every worker's counters. Each run of a call is a line in an
+# append-only file; a call may run again only after its leader was killed.
+# Run it alone with `python -m pytest -m stress`.
+
+SPAWN, FORKSERVER = multiprocessing.get_context("spawn"), multiprocessing.get_context("forkserver")
+STRESS_CALLS, STRESS_LEASE, STRESS_DEADLINE, STRESS_KILLS = 150, 1.0, 40.0, 10
+
+
+def stress_tool(path: str, label: str) -> str:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {label} {current_key()}\n")
+    time.sleep(0.2 + random.random() * 0.6)   # long enough to be killed in the middle
+    return label
+
+
+def _stress_threads(guard, path, side, threads=3):
+    side_guard = Guard(side, quiet=True, secret="s")   # an unrelated store, write-locked all along
+    side_guard.store
+    side_guard._core.count("unrelated", 1, 0)
+    guard.policy(stress_tool, lease=STRESS_LEASE)
+    labels = [f"call-{n}" for n in range(STRESS_CALLS)]
+
+    def work():
+        left = list(labels)
+        deadline = time.monotonic() + STRESS_DEADLINE
+        while left and time.monotonic() < deadline:
+            random.shuffle(left)
+            for label in list(left):
+                outcome = guard.execute(stress_tool, path, label, key=label)
+                if outcome.record is not None and outcome.record.status == "SUCCESS":
+                    left.remove(label)
+            time.sleep(0.01)
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    [t.start() for t in workers]
+    return workers
+
+
+def _stress_forked(guard, path, side):
+    [t.join() for t in _stress_threads(guard, path, side)]
+
+
+def _stress_started(spec, path, side, step):
+    if step:   # this worker's wall clock is `step` seconds off
+        real = time.time
+        time.time = lambda: real() + step
+    [t.join() for t in _stress_threads(Guard(spec, quiet=True, secret="s"), path, side)]
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("kind", PERSISTENT)
+def test_stress_every_call_runs_once_but_for_reruns_after_a_killed_leader(kind, tmp_path):
+    store = STORES[kind](tmp_path)
+    spec, path, side = spec_of(store), str(tmp_path / "runs"), str(tmp_path / "unrelated.db")
+    SQLiteStore(side).close()
+    parent = Guard(store, quiet=True, secret="s")
+    parent(stress_tool, path, "warm-up", key="warm-up")   # the parent has used the store before it forks
+    processes, killed, shows, started = [], set(), [], time.monotonic()
+
+    def start(n):
+        if n % 3:   # spawn and forkserver: a guard of their own; the first spawned one an hour ahead
+            context = SPAWN if n % 3 == 1 else FORKSERVER
+            process = context.Process(target=_stress_started, args=(spec, path, side, 3600.0 if n == 1 else 0.0),
+                                      daemon=True)
+        else:
+            process = FORK.Process(target=_stress_forked, args=(parent, path, side), daemon=True)
+        process.start()
+        processes.append(process)
+
+    def leaders_now():
+        lines = runs_of(path)[-5:]
+        alive = {p.pid for p in processes if p.is_alive()}
+        return [int(line.split()[0]) for line in lines if int(line.split()[0]) in alive]
+
+    def by_label():
+        return {json.loads(r.args)["key"]: r for r in store.records()}
+
+    def done():
+        records = by_label()
+        return len(records) == STRESS_CALLS + 1 and all(r.status == "SUCCESS" for r in records.values())
+
+    with sqlite_write_locked(side):
+        for n in range(5):
+            start(n)
+        own = _stress_threads(parent, path, side, threads=2)   # the parent keeps using its guard meanwhile
+        while not done() and time.monotonic() - started < STRESS_DEADLINE:
+            time.sleep(0.3)
+            if len(shows) < 2 * len(killed) + 1:
+                shows.append(run_cli("show", "--db", spec).returncode)
+            leaders = leaders_now()
+            if leaders and len(killed) < STRESS_KILLS:
+                victim = random.choice(leaders)
+                os.kill(victim, signal.SIGKILL)
+                killed.add(victim)
+                start(len(processes))
+        [t.join(STRESS_DEADLINE) for t in own]
+        for process in processes:
+            process.join(STRESS_DEADLINE)
+            if process.is_alive():
+                process.kill()
+    elapsed = time.monotonic() - started
+    assert done(), f"not every call finished within {STRESS_DEADLINE}s"
+    runs: dict[str, list[tuple[int, str]]] = {}
+    for line in runs_of(path):
+        pid, label, key = line.split()
+        runs.setdefault(label, []).append((int(pid), key))
+    assert sorted(runs) == sorted([f"call-{n}" for n in range(STRESS_CALLS)] + ["warm-up"])
+    records = by_label()
+    for label, its_runs in runs.items():
+        assert all(pid in killed for pid, _ in its_runs[:-1]), f"{label} ran again without a killed leader"
+        assert len({key for _, key in its_runs}) == 1, f"{label}: every run has the same current_key()"
+        assert records[label].executed == len(its_runs)
+    assert set(shows) == {0}
+    reruns = sum(len(r) - 1 for r in runs.values())
+    ahead = sum(pid == processes[1].pid for its_runs in runs.values() for pid, _ in its_runs)
+    print(f"\nstress {kind}: {len(processes)} processes x 3 threads + 2 in the parent, {len(killed)} leaders "
+          f"killed, {reruns} re-runs after a kill, {ahead} runs by the worker an hour ahead, {len(shows)} "
+          f"`ledger show`, {elapsed:.1f}s", file=sys.stderr)
+
+
 def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
     @g.once(name="tool")
     def tool():
@@ -1801,6 +2040,109 @@ def test_a_leader_whose_record_was_taken_over_cannot_overwrite_it(g):
         return "mine"
     assert g(tool) == "mine"
     assert g.store.records()[0].result == '"theirs"' and g.stats()["fenced"] == 1
+
+
+# A store that stops answering (a file write-locked by another process, a row
+# locked by another session's open transaction, a server that no longer answers)
+# must hold up nothing but its own calls.
+
+@contextlib.contextmanager
+def sqlite_write_locked(path):
+    """Another process holds the write lock of the SQLite file at `path` until the block ends."""
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+@contextlib.contextmanager
+def stuck(kind, tmp_path):
+    """(a store that is about to stop answering, a healthy store, the id of a record that
+    the stuck store cannot write, a context manager that makes it stop answering)."""
+    if kind == "sqlite-file-write-locked":
+        bad = SQLiteStore(tmp_path / "stuck.db")
+        yield bad, SQLiteStore(tmp_path / "healthy.db"), None, lambda: sqlite_write_locked(bad.path)
+    elif kind == "postgres-row-locked":   # an unrelated row of the very store the healthy calls use
+        pg = postgres_store()
+        bad_id = "locked-row"
+        pg.insert(scratch_record(bad_id))
+        yield pg, pg, bad_id, lambda: writes_stalled(pg, bad_id)
+    else:
+        need_redis()
+        parts = urllib.parse.urlsplit(REDIS_URL)
+        proxy = TcpProxy((parts.hostname, parts.port or 6379))
+        try:
+            yield (redis_store(url=with_address(REDIS_URL, proxy.port)), SQLiteStore(tmp_path / "healthy.db"),
+                   None, proxy.frozen)
+        finally:
+            proxy.cut()
+
+
+STUCK = ["sqlite-file-write-locked", "postgres-row-locked", "redis-not-answering"]
+
+_EXITING = """
+import sys, ledger
+guard = ledger.Guard(sys.argv[1], quiet=True, secret="s")
+guard.store
+guard._core.count(sys.argv[2], 1, 0)   # a counter buffered for the stuck store
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("kind", STUCK)
+def test_a_stuck_store_holds_up_no_lease_fork_stats_or_exit_elsewhere(kind, tmp_path):
+    with stuck(kind, tmp_path) as (bad, healthy, bad_id, stop_answering):
+        bad_guard = Guard(bad, quiet=True, secret="s")
+        bad_guard.policy(log_run, lease=0.3)
+        bad_runs, path = str(tmp_path / "bad-runs"), str(tmp_path / "runs")
+        bad_guard(log_run, bad_runs, "counted")
+        bad_guard(log_run, bad_runs, "counted")   # a counter now waits to be flushed to the stuck store
+        bad_id = bad_id or bad.records()[0].id
+        bad_guard._core.count(bad_id, 1, 0)
+        exiting = subprocess.Popen([sys.executable, "-c", _EXITING, bad.url if kind != "sqlite-file-write-locked"
+                                    else bad.path, bad_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+        assert exiting.stdout.readline() == "ready\n"
+        # A call running on the store that is about to get stuck, whose renewals will hang.
+        stuck_call = threading.Thread(target=bad_guard, args=(log_run, bad_runs, "stuck", 2.5), daemon=True)
+        if kind != "postgres-row-locked":   # (there it would be a call on the locked row itself)
+            stuck_call.start()
+            wait_for(lambda: len(runs_of(bad_runs)) == 2, what="the call on the stuck store to start")
+        with stop_answering():
+            leader, contender = Guard(healthy, quiet=True, secret="s"), Guard(healthy, quiet=True, secret="s")
+            for guard in (leader, contender):
+                guard.policy(log_run, lease=0.3)
+            long_call = threading.Thread(target=leader, args=(log_run, path, "long", 2.0), kwargs={"key": "job"})
+            long_call.start()
+            wait_for(lambda: runs_of(path), what="the long call to start")
+            seen, timings = set(), {}
+            while long_call.is_alive():   # 2 s: ~7 renewals of a 0.3 s lease
+                seen.add(contender(log_run, path, "long", 0, key="job"))
+                time.sleep(0.03)
+            started = time.monotonic()
+            assert leader.stats()["executed"] >= 1
+            timings["stats"] = time.monotonic() - started
+            started = time.monotonic()
+            child = forked(os._exit, 0)
+            child.start()
+            child.join(30)
+            timings["fork"] = time.monotonic() - started
+            started = time.monotonic()
+            exiting.stdin.close()
+            exiting.wait(30)
+            timings["exit"] = time.monotonic() - started
+        if stuck_call.is_alive():
+            stuck_call.join(30)
+    assert len(runs_of(path)) == 1 and seen == {BLOCKED}, "the healthy call kept its lease and ran once"
+    assert timings["stats"] < 1.0 and timings["fork"] < 2.0, timings
+    assert timings["exit"] < ledger.EXIT_FLUSH_WAIT + 2.0, timings
 
 
 class FlakyStore(SQLiteStore):
@@ -2522,20 +2864,77 @@ def test_a_with_block_restores_the_scope_it_found_whatever_statements_ran_inside
 # Stores: SQLite specifics.
 # ---------------------------------------------------------------------------
 
+def pragma(store: SQLiteStore, name: str):
+    return store._run(f"PRAGMA {name}", (), ledger._fetch_one)[0]
+
+
 def test_sqlite_uses_wal_and_normal_sync_by_default_and_full_when_durable(tmp_path):
     plain, durable = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db", durable=True)
-    assert plain._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert plain._conn().execute("PRAGMA synchronous").fetchone()[0] == 1
-    assert durable._conn().execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert pragma(plain, "journal_mode") == "wal"
+    assert pragma(plain, "synchronous") == 1
+    assert pragma(durable, "synchronous") == 2
 
 
 def test_sqlite_gives_each_thread_its_own_connection(tmp_path):
     store = SQLiteStore(tmp_path / "a.db")
     other = []
-    t = threading.Thread(target=lambda: other.append(store._conn()))
+    t = threading.Thread(target=lambda: (store.get("x"), other.append(store._connection().conn)))
     t.start()
     t.join()
-    assert other[0] is not store._conn()
+    assert other[0] is not None and other[0] is not store._connection().conn
+
+
+def _open_connections(store: SQLiteStore) -> list:
+    return [slot.conn for slot in store._connections if slot.conn is not None]
+
+
+def test_closing_a_guard_closes_every_threads_connection_and_they_reopen(tmp_path):
+    guard = Guard(str(tmp_path / "l.db"), quiet=True, secret="s")
+    path, done = str(tmp_path / "runs"), threading.Event()
+
+    def worker(n):   # a thread that lives on after its call, as in a pool
+        guard(log_run, path, str(n))
+        done.wait(30)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    [t.start() for t in threads]
+    wait_for(lambda: len(runs_of(path)) == 3, what="the three calls")
+    # this thread's, the three workers' and perhaps the counter thread's
+    wait_for(lambda: len(_open_connections(guard.store)) >= 4, what="the threads' connections")
+    opened = _open_connections(guard.store)
+    guard.close()
+    assert _open_connections(guard.store) == []
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
+    done.set()
+    [t.join() for t in threads]
+    assert guard(log_run, path, "after-close") == f"after-close-{os.getpid()}" and len(runs_of(path)) == 4
+
+
+def test_a_statement_waiting_for_another_process_holds_up_neither_close_nor_fork(tmp_path):
+    store, errors = SQLiteStore(tmp_path / "l.db", timeout=2.0), []
+
+    def write():
+        try:
+            store.insert(scratch_record("r1"))
+        except ledger.StoreError as e:
+            errors.append(str(e))
+    with sqlite_write_locked(store.path):
+        writer = threading.Thread(target=write)
+        started = time.monotonic()
+        writer.start()
+        time.sleep(0.2)   # the insert is now waiting for the lock
+        store.close()
+        closed = time.monotonic() - started
+        child = forked(os._exit, 0)
+        child.start()
+        child.join(10)
+        forked_at = time.monotonic() - started
+        writer.join(10)
+        failed_at = time.monotonic() - started
+    assert closed < 0.5 and forked_at < 1.0, (closed, forked_at)
+    assert 2.0 <= failed_at < 4.0 and errors and "held its write lock for 2s" in errors[0]
+    assert store.get("r1") is None and store.insert(scratch_record("r1")) is True
 
 
 def test_sqlite_records_the_schema_version(tmp_path):
@@ -2568,6 +2967,17 @@ def old_ledger_file(path: pathlib.Path, records: list[Record]) -> None:
     conn.close()
 
 
+def as_schema_1(path) -> None:
+    """Turn a ledger file into what ledger.py wrote before the lease clock (schema 1)."""
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE clock")
+    for index in ("records_finished", "records_expiring"):   # schema 1 had no prune indexes either
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
 def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) -> Record:
     fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
                   lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
@@ -2589,8 +2999,8 @@ def test_sqlite_upgrades_a_schema_1_file_in_place_keeping_every_record(tmp_path,
 
 
 def test_sqlite_prune_selects_through_its_indexes_never_a_full_scan(tmp_path):
-    store = SQLiteStore(tmp_path / "a.db")
-    conn = store._conn()
+    SQLiteStore(tmp_path / "a.db").close()
+    conn = sqlite3.connect(tmp_path / "a.db")
     for statuses, workflow in [(ledger.PRUNABLE, None), (("FAILED",), None), (ledger.PRUNABLE, "w")]:
         for (where, params), index in zip(ledger._sql_prune_passes(1.0, 2.0, statuses, workflow, "?"),
                                           ["records_expiring", "records_finished"]):
@@ -2644,6 +3054,52 @@ def test_sqlite_prunes_a_million_records_in_batches_without_loading_them(tmp_pat
     by_status = dict(sqlite3.connect(path).execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
     assert by_status == {"RUNNING": 100_000, "SUCCESS": 300_000}
     assert peak < 20e6   # a batch at a time, not a million records
+
+
+def test_a_schema_1_file_keeps_its_records_and_their_leases(tmp_path):
+    path, runs = tmp_path / "old.db", str(tmp_path / "runs")
+    guard = Guard(str(path), quiet=True, secret="s")
+    guard(log_run, runs, "done")
+    wall = time.time()   # schema 1 kept leases in wall time
+    live, stale = (scratch_record(id).evolve(lease_until=wall + delta) for id, delta in (("live", 60), ("stale", -1)))
+    guard.store.insert(live)
+    guard.store.insert(stale)
+    guard.close()
+    as_schema_1(path)
+    before = sorted(r.as_dict().items() for r in records_of_file(path))
+    assert run_cli("show", "--db", path).returncode == 0   # a read-only command opens it too
+    store = SQLiteStore(path)
+    assert pragma(store, "user_version") == ledger.SCHEMA_VERSION
+    assert sorted(r.as_dict().items() for r in store.records()) == before
+    now = store.now()
+    assert not store.get("live").stale(now) and store.get("stale").stale(now)
+    assert Guard(store, quiet=True, secret="s")(log_run, runs, "done") is BLOCKED and len(runs_of(runs)) == 1
+
+
+def records_of_file(path) -> list[Record]:
+    conn = sqlite3.connect(path)
+    try:
+        return [Record(*row) for row in conn.execute(f"SELECT {', '.join(ledger.RECORD_FIELDS)} FROM records")]
+    finally:
+        conn.close()
+
+
+def test_after_a_reboot_running_calls_are_expired_and_ttl_windows_carry_over(tmp_path):
+    path = tmp_path / "l.db"
+    store = SQLiteStore(path)
+    now = store.now()
+    store.insert(scratch_record("running").evolve(lease_until=now + 3600))
+    store.insert(scratch_record("cached", expires=now + 600).evolve(status="SUCCESS", lease_until=now))
+    store.close()
+    conn = sqlite3.connect(path)   # as if the file was last used in an earlier boot
+    conn.execute("UPDATE clock SET boot = 'an-earlier-boot'")
+    conn.commit()
+    conn.close()
+    rebooted = SQLiteStore(path)
+    now = rebooted.now()
+    assert rebooted.get("running").stale(now), "its process is gone"
+    assert 590 < rebooted.get("cached").expires - now <= 600, "the ttl window goes on, bridged by wall time"
+    assert rebooted._run("SELECT boot FROM clock", (), ledger._fetch_all) == [(ledger._boot_id(),)]
 
 
 def test_a_missing_directory_fails_before_the_tool_runs(tmp_path):
@@ -2839,6 +3295,49 @@ def test_sqlite_is_safe_after_fork(tmp_path):
     assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
     child.join()
     assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
+
+
+def _jobs_in_a_forked_worker(guard, path, jobs, started, go_on):
+    for job in jobs:
+        guard(log_run, path, f"job-{job}", key=f"job-{job}")
+        if job == jobs[0]:
+            started.set()
+            go_on.wait(30)
+
+
+def _jobs_in_a_forked_worker_with_its_own_guard(db, path, jobs, started, go_on):
+    _jobs_in_a_forked_worker(Guard(db, quiet=True, secret="s"), path, jobs, started, go_on)
+
+
+@pytest.mark.parametrize("own_guard", [False, True], ids=["parents-guard", "own-guard"])
+@pytest.mark.parametrize("parent_keeps_using_it", [False, True], ids=["parent-closes", "parent-keeps-using"])
+@pytest.mark.parametrize("used_before", [True, False], ids=["used-before-fork", "unused-before-fork"])
+def test_forked_workers_lose_no_record_while_an_operator_reads_the_file(tmp_path, own_guard, parent_keeps_using_it,
+                                                                          used_before):
+    db, path, jobs = str(tmp_path / "l.db"), str(tmp_path / "runs"), list(range(10))
+    guard = Guard(db, quiet=True, secret="s")
+    guard(log_run, path, "warm-up", key="warm-up")
+    if not used_before:   # the parent made the file, then closed it: no connection is open when it forks
+        guard.close()
+    for round in range(2):   # a second round of workers finds every job done
+        started, go_on = FORK.Event(), FORK.Event()
+        target = _jobs_in_a_forked_worker_with_its_own_guard if own_guard else _jobs_in_a_forked_worker
+        worker = forked(target, db if own_guard else guard, path, jobs, started, go_on)
+        worker.start()
+        assert started.wait(30)
+        if parent_keeps_using_it:
+            guard(log_run, path, f"parent-{round}", key=f"parent-{round}")
+        else:
+            guard.close()
+        assert run_cli("show", "--db", db).returncode == 0   # an operator opens and closes the file
+        go_on.set()
+        worker.join(60)
+        assert worker.exitcode == 0
+    calls = 1 + len(jobs) + (2 if parent_keeps_using_it else 0)
+    keys = [line.split()[1] for line in runs_of(path)]
+    assert (len(keys), len(set(keys))) == (calls, calls), "every call runs exactly once"
+    records = SQLiteStore(db).records()
+    assert sorted(r.run_key for r in records) == sorted(keys) and {r.status for r in records} == {"SUCCESS"}
 
 
 def test_store_urls_open_the_right_backend(tmp_path):
@@ -3577,6 +4076,45 @@ def test_redis_prune_forgets_the_workflows_and_index_entries_it_emptied():
         assert sorted(k.decode() for k in admin.scan_iter(match=store.prefix + "*")) == [store.prefix + "schema"]
 
 
+def mark_schema(store, version: int) -> None:
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            admin.execute(f'COMMENT ON TABLE "{store.table}" IS \'ledger.py records, schema {version}\'')
+    else:
+        import redis
+        with redis.Redis.from_url(REDIS_URL) as admin:
+            admin.set(store.prefix + "schema", version)
+
+
+def schema_of(store) -> int:
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (store.table,)).fetchone()[0]
+        return int(comment.rsplit(" ", 1)[1])
+    import redis
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        return int(admin.get(store.prefix + "schema"))
+
+
+def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_workers_stay_out(server_store):
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard(charge, 1)
+    before = [r.as_dict() for r in server_store.records()]
+    mark_schema(server_store, 1)
+    reopened = (ledger.PostgresStore(POSTGRES_URL, table=server_store.table)
+                if isinstance(server_store, ledger.PostgresStore)
+                else ledger.RedisStore(REDIS_URL, prefix=server_store.prefix))
+    assert schema_of(server_store) == ledger.SCHEMA_VERSION
+    assert [r.as_dict() for r in reopened.records()] == before
+    assert Guard(reopened, quiet=True, secret="s")(charge, 1) is BLOCKED and len(CHARGES) == 1
+
+
+def test_every_postgres_statement_has_a_time_limit():
+    store = postgres_store()
+    limits = [store._run(f"SHOW {name}", rows=True)[0][0] for name in ("statement_timeout", "lock_timeout")]
+    assert limits == [f"{ledger.PG_STATEMENT_TIMEOUT:g}s", f"{ledger.PG_LOCK_TIMEOUT:g}s"]
+
+
 def test_driver_errors_become_store_errors(server_store):
     server_store.insert(scratch_record())
     if isinstance(server_store, ledger.PostgresStore):
@@ -3643,6 +4181,8 @@ class TcpProxy:
         self.target, self.port, self.cuts = target, free_port(), 0
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.restore()
 
     def restore(self):
@@ -3658,6 +4198,15 @@ class TcpProxy:
             s.close()
         self.cuts += 1
 
+    @contextlib.contextmanager
+    def frozen(self):
+        """Forward nothing (in either direction) until the block ends: a server that stopped answering."""
+        self.flowing.clear()
+        try:
+            yield
+        finally:
+            self.flowing.set()
+
     def _accept(self, listener):
         while True:
             try:
@@ -3670,10 +4219,10 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pump(source, sink):
+    def _pump(self, source, sink):
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                self.flowing.wait()
                 sink.sendall(data)
         for s in (source, sink):
             with contextlib.suppress(OSError):
