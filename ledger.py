@@ -2541,7 +2541,7 @@ class Guard:
     def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
-            return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
+            return adapt(self, tool, name or _framework_name(tool), blocked_return)
         if not callable(tool):
             raise ConfigError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
                               f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
@@ -2779,6 +2779,86 @@ def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_retur
     return server
 
 
+def _adapt_pydantic_ai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """Pydantic AI Tool: guard its function, which the tool's function schema calls with the
+    RunContext (if it takes one) and the validated arguments. The schema holds the function
+    it calls, so it is copied with the guarded one."""
+    guarded = copy.copy(tool)
+    guarded.function = guard._wrap(tool.function, name, blocked_return)
+    guarded.function_schema = dataclasses.replace(tool.function_schema, function=guarded.function)
+    return guarded
+
+
+def _adapt_pydantic_ai_toolset(guard: Guard, toolset: Any, name: str | None, blocked_return: Any) -> Any:
+    """Pydantic AI FunctionToolset: a copy whose tools (its public `tools` dict) are guarded."""
+    guarded = copy.copy(toolset)
+    guarded.tools = {key: _adapt_pydantic_ai_tool(guard, tool, tool.name, blocked_return)
+                     for key, tool in toolset.tools.items()}
+    return guarded
+
+
+def _adapt_llama_index_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """LlamaIndex FunctionTool: a new FunctionTool over the guarded user function(s), with the
+    same metadata (name, description, schema), callbacks and partial parameters. The callbacks
+    have no public getter; `_callback` and `_async_callback` are read to carry them over."""
+    bridges = ("sync_to_async.", "async_to_sync.")  # what LlamaIndex adds for the kind not given
+    given = {kind: fn for kind, fn in (("fn", tool.fn), ("async_fn", tool.async_fn))
+             if not getattr(fn, "__qualname__", "").startswith(bridges)}
+    return type(tool)(**{kind: guard._wrap(fn, name, blocked_return) for kind, fn in given.items()},
+                      metadata=tool.metadata, callback=tool._callback, async_callback=tool._async_callback,
+                      partial_params=tool.partial_params)
+
+
+def _adapt_llama_index_spec(guard: Guard, spec: Any, name: str | None, blocked_return: Any) -> Any:
+    """LlamaIndex ToolSpec: a copy whose spec functions are guarded, so its to_tool_list() and
+    to_tool_list_async() build guarded tools under the same names."""
+    guarded = copy.copy(spec)
+    for entry in spec.spec_functions:
+        for fn_name in (entry,) if isinstance(entry, str) else entry:
+            setattr(guarded, fn_name, guard._wrap(getattr(spec, fn_name), entry if isinstance(entry, str)
+                                                  else entry[0], blocked_return))
+    return guarded
+
+
+def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """smolagents Tool: guard forward, which Tool.__call__ calls with the arguments. @tool's
+    forward carries a signature with `self` (for exporting its source); the function it wraps
+    is the one the arguments bind to."""
+    guarded = copy.copy(tool)
+    forward = tool.forward
+    guarded.forward = guard._wrap(getattr(forward, "__wrapped__", forward), name, blocked_return)
+    return guarded
+
+
+def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """AutoGen FunctionTool: guard the function run() calls (`_func`: FunctionTool has no public
+    way to swap it; the schema, built from its signature at construction, is kept)."""
+    guarded = copy.copy(tool)
+    guarded._func = guard._wrap(tool._func, name, blocked_return)
+    return guarded
+
+
+def _adapt_adk_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """Google ADK FunctionTool: guard its public `func`, which run_async calls with the
+    arguments and the ToolContext; the declaration, built at construction, is kept."""
+    guarded = copy.copy(tool)
+    guarded.func = guard._wrap(tool.func, name, blocked_return)
+    return guarded
+
+
+def _adapt_crewai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """CrewAI Tool (from @tool): guard func. Any other BaseTool: guard _run (and _arun if it
+    has its own), which run, arun and to_structured_tool call."""
+    if "func" in type(tool).model_fields:
+        return tool.model_copy(update={"func": guard._wrap(tool.func, name, blocked_return)})
+    guarded = tool.model_copy()
+    base = sys.modules["crewai.tools.base_tool"].BaseTool
+    for attr in ("_run", "_arun"):
+        if getattr(type(tool), attr) is not getattr(base, attr):
+            object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
+    return guarded
+
+
 _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("langchain_core.tools", "BaseTool", _adapt_langchain),
     ("agents.tool", "FunctionTool", _adapt_function_tool),
@@ -2786,6 +2866,14 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("mcp.server.fastmcp.tools.base", "Tool", _adapt_mcp_tool),
     ("mcp.server.mcpserver.server", "MCPServer", _adapt_mcp_server),
     ("mcp.server.fastmcp.server", "FastMCP", _adapt_mcp_server),
+    ("pydantic_ai.tools", "Tool", _adapt_pydantic_ai_tool),
+    ("pydantic_ai.toolsets.function", "FunctionToolset", _adapt_pydantic_ai_toolset),
+    ("llama_index.core.tools.function_tool", "FunctionTool", _adapt_llama_index_tool),
+    ("llama_index.core.tools.tool_spec.base", "BaseToolSpec", _adapt_llama_index_spec),
+    ("smolagents.tools", "Tool", _adapt_smolagents_tool),
+    ("autogen_core.tools._function_tool", "FunctionTool", _adapt_autogen_tool),
+    ("google.adk.tools.function_tool", "FunctionTool", _adapt_adk_tool),
+    ("crewai.tools.base_tool", "BaseTool", _adapt_crewai_tool),
 )
 
 
@@ -2799,7 +2887,10 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
 
 def _framework_name(tool: Any) -> str | None:
     """The name a framework tool is known by, which is also the name of its records."""
-    return tool.name if _adapter_for(tool) is not None else None
+    if _adapter_for(tool) is None:
+        return None
+    metadata = getattr(tool, "metadata", None)  # LlamaIndex keeps a tool's name in its metadata
+    return getattr(tool, "name", None) or getattr(metadata, "name", None)
 
 
 def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
