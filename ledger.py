@@ -70,10 +70,10 @@ import urllib.parse
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 __all__ = [
-    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
+    "guard", "Guard", "Ignore", "Identity", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
     "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
@@ -408,51 +408,157 @@ def _definition_digest(fn: Callable, code: Any) -> str:
     return hashlib.sha256(_dump(parts).encode()).hexdigest()[:10]
 
 
-class _PassedOn:
-    """Annotation of a parameter that is passed to the tool but is not part of the call's identity."""
+class Ignore:
+    """`Annotated[T, ledger.Ignore]`: the parameter reaches the tool but is not part of the
+    call's identity (two calls that differ only in it are the same call)."""
 
 
-# A framework fills these in at each call (a run's config, store, stream writer,
-# runtime, callback manager, request context); they differ between retries of
-# one call, so they are passed on but never fingerprinted. Types are matched by
-# class name along the MRO, only in the frameworks' own modules.
-_INJECTED_TYPES = frozenset({"RunnableConfig", "BaseStore", "Runtime", "ToolRuntime", "InjectedToolArg",
-                             "BaseRunManager", "BaseCallbackManager", "Context", "RunContextWrapper"})
-_INJECTED_MODULES = frozenset({"langchain_core", "langgraph", "mcp", "agents"})
+class Identity:
+    """`Annotated[T, ledger.Identity]`: the parameter is part of the call's identity even where
+    a framework injects it. `Annotated[T, ledger.Identity(lambda v: v.user_id)]` counts only
+    what the function returns, which must be a plain value (str, number, dict, dataclass, ...)."""
+
+    __slots__ = ("extract",)
+
+    def __init__(self, extract: Callable[[Any], Any]):
+        if not callable(extract):
+            raise ConfigError(f"ledger.Identity takes a function value -> identity, not {_describe(extract)}")
+        self.extract = extract
+
+    def __repr__(self) -> str:
+        return f"ledger.Identity({self.extract!r})"
+
+
+def _itself(value: Any) -> Any:
+    return value
+
+
+def _context_of(value: Any) -> Any:
+    """A run's user context (LangGraph Runtime / ToolRuntime, Agents SDK RunContextWrapper)."""
+    return getattr(value, "context", None)
+
+
+def _mcp_caller(context: Any) -> Any:
+    """The authenticated principal of an MCP request (None without auth): who calls, not which
+    request. The SDK keeps it in a context variable its auth middleware sets."""
+    auth = sys.modules.get("mcp.server.auth.middleware.auth_context")
+    token = auth.get_access_token() if auth is not None else None
+    if token is None:
+        return None
+    return [token.client_id, getattr(token, "subject", None), (getattr(token, "claims", None) or {}).get("iss")]
+
+
+# Values a framework injects into a tool, by type: (module prefix, class name, extractor).
+# extractor None: per-invocation noise (a call id, callbacks, a run's config, a store, a
+# stream writer) that differs between retries of one call, passed on, never fingerprinted.
+# Otherwise extractor(value) is what in the value identifies the caller (a run's user
+# context, a value the application injects such as a user_id); it is fingerprinted under
+# the parameter's name. A parameter's annotation is matched along each class's MRO, most
+# derived class first, then row by row, so a specific row (InjectedToolCallId) wins over
+# its base's (InjectedToolArg). Add a framework by adding rows.
+_INJECTED: list[tuple[str, str, Callable[[Any], Any] | None]] = [
+    ("langchain_core", "InjectedToolCallId", None),
+    ("langgraph", "InjectedState", None),
+    ("langgraph", "InjectedStore", None),
+    ("langgraph", "ToolRuntime", _context_of),
+    ("langchain_core", "InjectedToolArg", _itself),
+    ("langchain_core", "RunnableConfig", None),
+    ("langchain_core", "BaseRunManager", None),
+    ("langchain_core", "BaseCallbackManager", None),
+    ("langchain_core", "CallbackManagerForToolRun", None),
+    ("langchain_core", "AsyncCallbackManagerForToolRun", None),
+    ("langgraph", "BaseStore", None),
+    ("langgraph", "StreamWriter", None),
+    ("langgraph", "Runtime", _context_of),
+    ("mcp", "Context", _mcp_caller),
+    ("agents", "RunContextWrapper", _context_of),
+]
 # LangChain passes its callback manager as `run_manager` to a tool's _run, annotated or not.
-_INJECTED_NAMES = frozenset({"run_manager"})
-# Names recognised in annotations that stay strings (they could not be resolved).
-_INJECTED_WORDS = frozenset({"RunnableConfig", "StreamWriter", "BaseStore", "ToolRuntime", "InjectedState",
-                             "InjectedStore", "InjectedToolCallId", "InjectedToolArg",
-                             "CallbackManagerForToolRun", "AsyncCallbackManagerForToolRun"})
+_INJECTED_NAMES: dict[str, Callable[[Any], Any] | None] = {"run_manager": None}
+_NOT_INJECTED = object()
 
 
-def _injected_parameters(fn: Callable) -> frozenset[str]:
-    """Names of the parameters of `fn` that a framework injects (see _INJECTED_TYPES)."""
+def _injected_parameters(fn: Callable) -> dict[str, Callable[[Any], Any] | None]:
+    """{parameter: extractor} for the parameters of `fn` that are injected or marked (see _INJECTED)."""
     try:
         names = inspect.signature(fn).parameters.keys()
     except (TypeError, ValueError):
-        return frozenset()
+        return {}
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # one unresolvable annotation: resolve the others one by one
+        hints = {name: _resolved(fn, hint) for name, hint in (getattr(fn, "__annotations__", None) or {}).items()}
+    injected = {}
+    for name in names:
+        extract = _injection(hints[name]) if name in hints else _NOT_INJECTED
+        if extract is _NOT_INJECTED:
+            extract = _INJECTED_NAMES.get(name, _NOT_INJECTED)
+        if extract is not _NOT_INJECTED:
+            injected[name] = extract
+    return injected
+
+
+def _resolved(fn: Callable, hint: Any) -> Any:
+    """An annotation postponed as a string, evaluated as typing.get_type_hints would; else the string."""
+    if not isinstance(hint, str):
+        return hint
+    try:
+        return eval(hint, getattr(fn, "__globals__", {}))  # noqa: S307 - the tool's own annotation
     except Exception:
-        hints = getattr(fn, "__annotations__", None)
-    hints = hints if isinstance(hints, dict) else {}
-    return frozenset(name for name in names
-                     if name in _INJECTED_NAMES or (name in hints and _is_injected(hints[name])))
+        return hint
 
 
-def _is_injected(hint: Any) -> bool:
-    if isinstance(hint, str):
-        return not _INJECTED_WORDS.isdisjoint(re.findall(r"\w+", hint))
-    for part in (hint, typing.get_origin(hint), *typing.get_args(hint)):
-        if part is _PassedOn:
-            return True
+def _injection(hint: Any) -> Any:
+    """A parameter's extractor from its annotation: a ledger marker first, then the table;
+    _NOT_INJECTED for an ordinary argument."""
+    if isinstance(hint, str):  # unresolvable: recognise the names in it
+        words = set(re.findall(r"\w+", hint))
+        if re.search(r"\bIdentity\s*\(", hint):
+            raise ConfigError(f"the annotation {hint!r} could not be evaluated, so its ledger.Identity(...) "
+                              f"cannot be applied: define the names it uses at module level")
+        if "Ignore" in words or "Identity" in words:
+            return None if "Ignore" in words else _itself
+        return next((extract for _, cls_name, extract in _INJECTED if cls_name in words), _NOT_INJECTED)
+    parts = (hint, typing.get_origin(hint), *typing.get_args(hint))
+    for part in parts:
+        if part is Ignore:
+            return None
+        if part is Identity:
+            return _itself
+        if isinstance(part, Identity):
+            return part.extract
+    for part in parts:
         cls = part if isinstance(part, type) else type(part)
-        if any(c.__name__ in _INJECTED_TYPES and c.__module__.partition(".")[0] in _INJECTED_MODULES
-               for c in getattr(cls, "__mro__", ())):
-            return True
-    return False
+        for base in getattr(cls, "__mro__", ()):
+            for module, cls_name, extract in _INJECTED:
+                if base.__name__ == cls_name and base.__module__.partition(".")[0] == module:
+                    return extract
+    return _NOT_INJECTED
+
+
+def _identity_arguments(bound: Mapping[str, Any], injected: Mapping[str, Callable[[Any], Any] | None],
+                        tool: str) -> dict[str, Any]:
+    """The bound arguments as the call's identity: injected noise left out, and an injected
+    value that identifies the caller replaced by its identifying part, checked here so that
+    the error names the parameter and the fix."""
+    identity = {}
+    for name, value in bound.items():
+        if name not in injected:
+            identity[name] = value
+        elif injected[name] is not None:
+            identity[name] = part = injected[name](value)
+            try:
+                _canonical_arguments({name: part})
+            except FingerprintError as e:
+                raise FingerprintError(
+                    f"{tool}: parameter {name!r} is injected by the framework and identifies the caller, but "
+                    f"what identifies the caller in it ({_describe(part)}) has no canonical form "
+                    f"({str(e).partition('. ')[0]}). "
+                    f"Make it a plain value (a dataclass, pydantic model or dict of str and numbers), or "
+                    f"annotate the parameter Annotated[..., ledger.Identity(lambda v: v.context.user_id)] to "
+                    f"count only what identifies the caller, or Annotated[..., ledger.Ignore] to leave it out"
+                ) from None
+    return identity
 
 
 def _canonical_arguments(bound: Mapping[str, Any]) -> dict:
@@ -2489,7 +2595,7 @@ class Guard:
         call.workflow, call.caller = self._workflow(), self._caller()
         call.bound = info.bind(args, kwargs)
         if info.injected:
-            call.bound = {name: value for name, value in call.bound.items() if name not in info.injected}
+            call.bound = _identity_arguments(call.bound, info.injected, call.name)
         if call.key is None:
             call.arguments = _canonical_arguments(call.bound)
             call.arguments_text = _dump(call.arguments)
@@ -2523,8 +2629,9 @@ class Guard:
         an MCP tool; or a single framework tool; or an MCP server (FastMCP / MCPServer), whose
         registered tools are guarded in place. Framework tools keep their name (also the
         name of their records), description and argument schema. Arguments a framework
-        injects (a run's config, a tool call id, state, a request context) are passed on but
-        not fingerprinted.
+        injects are passed on; per-invocation ones (a run's config, a tool call id, state,
+        callbacks) are not fingerprinted, and what in them identifies the caller (a run's
+        user context, an injected user_id) is (see _INJECTED, ledger.Ignore, ledger.Identity).
         blocked_return: what a blocked duplicate returns instead of BLOCKED, e.g. a message
         for the model such as {"status": "already done"}.
         """
@@ -2741,9 +2848,10 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
     invoker = tool.on_invoke_tool
     impl = getattr(invoker, "_invoke_tool_impl", None) or invoker
 
-    async def invoke(context: _PassedOn, text: _PassedOn, /, **arguments: Any) -> Any:
+    async def invoke(context: Any, text: Any, /, **arguments: Any) -> Any:
         return await impl(context, text)
 
+    invoke.__annotations__ = {"context": _agents_context_rule(impl), "text": Ignore}
     guarded = guard._wrap(invoke, name, blocked_return)
 
     async def on_invoke_tool(context: Any, text: str) -> Any:
@@ -2761,6 +2869,23 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
         invoker._invoke_tool_impl = on_invoke_tool
         return dataclasses.replace(tool, on_invoke_tool=invoker)
     return dataclasses.replace(tool, on_invoke_tool=on_invoke_tool)
+
+
+def _agents_context_rule(impl: Callable) -> Any:
+    """How the run context counts toward a FunctionTool call's identity, as an annotation: as
+    the user's function's own context parameter says (a RunContextWrapper: its .context), and
+    not at all if the function takes no context. The SDK marks its invoker with the user's
+    function; a FunctionTool built by hand has no mark, and its run's .context counts."""
+    original = getattr(impl, "__agents_function_tool_wrapped_callable__", None)
+    if original is None:
+        return Annotated[Any, Identity(_context_of)]
+    injected = _injected_parameters(original)
+    try:
+        first = next(iter(inspect.signature(original).parameters), None)
+    except (TypeError, ValueError):
+        first = None
+    extract = injected.get(first, None) if first is not None else None
+    return Ignore if extract is None else Annotated[Any, Identity(extract)]
 
 
 def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:

@@ -32,6 +32,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 import uuid
 from typing import Annotated, NamedTuple, TypedDict
@@ -2016,11 +2017,81 @@ def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
     assert len(seen) == 2
 
 
+def test_a_parameter_marked_ignore_reaches_the_tool_but_not_the_identity(g):
+    seen = []
+
+    def notify(order_id: int, trace: Annotated[str, ledger.Ignore]) -> str:
+        seen.append(trace)
+        return "sent"
+
+    assert [g(notify, 1, trace=t) for t in ("a", "b")] == ["sent", BLOCKED]
+    assert seen == ["a"]
+
+
+def test_a_parameter_marked_identity_counts_even_where_a_framework_injects_it(g):
+    global lc_runnables
+    lc_runnables = framework("langchain_core.runnables")
+    seen = []
+
+    def node(state: dict, config: Annotated[lc_runnables.RunnableConfig, ledger.Identity(lambda c: c["tags"])]):
+        seen.append(config["tags"])
+        return {"done": True}
+
+    results = [g(node, {"n": 1}, config={"tags": tags, "run_id": object()}) for tags in (["a"], ["b"], ["a"])]
+    assert results == [{"done": True}, {"done": True}, BLOCKED]
+    assert seen == [["a"], ["b"]]
+
+
+def test_an_identity_marker_in_an_annotation_that_cannot_be_evaluated_is_a_config_error(g):
+    class Local:
+        pass
+
+    def tool(order_id: int, who: Annotated[Local, ledger.Identity(lambda v: v.name)]) -> str:
+        return "ran"
+
+    with pytest.raises(ledger.ConfigError, match="define the names it uses at module level"):
+        g(tool, 1, Local())
+
+
+def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool_runs(g):
+    global oa_agents
+    agents = oa_agents = framework("agents")
+    ran = []
+
+    def refund(ctx: oa_agents.RunContextWrapper, order_id: int) -> str:
+        ran.append(order_id)
+        return "refunded"
+
+    with pytest.raises(ledger.FingerprintError, match=r"parameter 'ctx' is injected.*ledger\.Identity"):
+        g(refund, agents.RunContextWrapper(context=threading.Lock()), 1)
+    assert ran == []
+
+
+def test_injected_rules_match_the_most_specific_class_first():
+    tools = framework("langchain_core.tools")
+    prebuilt = framework("langgraph.prebuilt")
+
+    def tool(a: Annotated[str, tools.InjectedToolArg], b: Annotated[str, tools.InjectedToolCallId],
+             c: Annotated[dict, prebuilt.InjectedState], d: prebuilt.ToolRuntime, e: int, run_manager=None):
+        pass
+
+    rules = ledger._injected_parameters(tool)
+    assert rules.keys() == {"a", "b", "c", "d", "run_manager"}
+    assert (rules["a"]("alice"), rules["b"], rules["c"], rules["run_manager"]) == ("alice", None, None, None)
+    assert rules["d"](types.SimpleNamespace(context={"user": "bob"})) == {"user": "bob"}
+
+
 # LangChain ---------------------------------------------------------------
 
 # This file postpones annotations, so the types a framework resolves in a tool's
 # signature must be module globals: framework modules are bound to these names.
-lc_tools = lg_prebuilt = McpContext = None
+lc_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
+
+
+@dataclasses.dataclass
+class Customer:
+    """A run's user context, as frameworks inject it."""
+    user_id: str
 
 
 def langchain_tools():
@@ -2117,6 +2188,24 @@ def test_langchain_tool_with_sync_and_async_bodies_is_one_tool(g):
     assert runs == [("async", "a"), ("sync", "b")]
 
 
+def test_langchain_injected_tool_arg_identifies_the_caller(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool
+    def refund(order_id: int, user_id: Annotated[str, lc_tools.InjectedToolArg]) -> str:
+        """Refund an order."""
+        runs.append((user_id, order_id))
+        return f"refunded {order_id} for {user_id}"
+
+    [tool] = g.wrap_tools([refund], blocked_return="already done")
+    assert "user_id" not in tool.tool_call_schema.model_json_schema()["properties"]
+    replies = [tool.invoke(tool_call("refund", n, order_id=7, user_id=user)).content
+               for n, user in enumerate(["alice", "bob", "alice"])]
+    assert replies == ["refunded 7 for alice", "refunded 7 for bob", "already done"]
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
 def test_policy_can_name_a_framework_tool_by_its_object(g):
     _, runs, send_invoice, _, _ = langchain_tools()
     g.policy(send_invoice, replay=True)
@@ -2152,6 +2241,34 @@ def test_langgraph_toolnode_runs_guarded_tools_once_with_injected_state(g):
         replies = [m.content for m in app.invoke({"messages": [message] * n})["messages"] if m.type == "tool"]
         assert sorted(replies) == (["already sent", "sent"] if n == 1 else ["already sent"] * 2)
     assert sent == [(7, 1)]
+
+
+def test_langgraph_tool_runtime_context_identifies_the_caller(g):
+    global lg_prebuilt
+    prebuilt = lg_prebuilt = framework("langgraph.prebuilt")
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    runs = []
+
+    @tool
+    def refund(order_id: int, runtime: lg_prebuilt.ToolRuntime) -> str:
+        """Refund an order."""
+        runs.append((runtime.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    graph = StateGraph(MessagesState, context_schema=Customer)
+    graph.add_node("tools", prebuilt.ToolNode(g.wrap_tools([refund], blocked_return="already done")))
+    graph.add_edge(START, "tools")
+    graph.add_edge("tools", END)
+    app = graph.compile()
+    replies = []
+    for n, user in enumerate(["alice", "bob", "alice"]):
+        message = AIMessage("", tool_calls=[tool_call("refund", n, order_id=7)])
+        state = app.invoke({"messages": [message]}, context=Customer(user))
+        replies += [m.content for m in state["messages"] if m.type == "tool"]
+    assert replies == ["refunded 7", "refunded 7", "already done"]
+    assert runs == [("alice", 7), ("bob", 7)]
 
 
 class Order(TypedDict):
@@ -2249,6 +2366,47 @@ def test_function_tool_runs_once_under_an_agent_run(g, tmp_path):
                                                                       tracing_disabled=True)))
     outputs = [item.output for item in result.new_items if item.type == "tool_call_output_item"]
     assert sorted(outputs) == ["already done", "refunded 3.0 on order 1"] and example.REFUNDS == [1]
+
+
+def run_agent(g, tools, script, context=None):
+    """One Runner.run of an agent with these tools, driven by the example's scripted model."""
+    framework("agents")
+    sys.path.insert(0, str(HERE / "examples"))
+    try:
+        import openai_agents_sdk as example
+    finally:
+        sys.path.remove(str(HERE / "examples"))
+    from agents import Agent, RunConfig, Runner
+    agent = Agent(name="a", tools=tools)
+    result = asyncio.run(Runner.run(agent, "go", context=context, run_config=RunConfig(
+        model=example.ScriptedModel(script), tracing_disabled=True)))
+    return [item.output for item in result.new_items if item.type == "tool_call_output_item"]
+
+
+def test_function_tool_run_context_identifies_the_caller(g):
+    global oa_agents
+    agents = oa_agents = framework("agents")
+    runs = []
+
+    @agents.function_tool
+    def refund(ctx: oa_agents.RunContextWrapper[Customer], order_id: int) -> str:
+        """Refund an order."""
+        runs.append((ctx.context.user_id, order_id))
+        return f"refunded {order_id} for {ctx.context.user_id}"
+
+    tools = g.wrap_tools([refund], blocked_return="already done")
+    script = [[("refund", {"order_id": 7})], "done"]
+    outputs = [run_agent(g, tools, list(script), Customer(user)) for user in ("alice", "bob", "alice")]
+    assert outputs == [["refunded 7 for alice"], ["refunded 7 for bob"], ["already done"]]
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
+def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_run_context(g):
+    agents, runs, refund, _ = agents_tools()
+    tools = g.wrap_tools([refund], blocked_return="already done")
+    script = [[("refund", {"order_id": 7, "amount": 1.0})], "done"]
+    outputs = [run_agent(g, tools, list(script), Customer(user)) for user in ("alice", "bob")]
+    assert outputs == [["refunded 7"], ["already done"]] and runs == [7]
 
 
 # MCP ---------------------------------------------------------------------
