@@ -48,6 +48,7 @@ import datetime as _dt
 import decimal
 import enum
 import functools
+import gc
 import hashlib
 import hmac
 import importlib
@@ -448,6 +449,39 @@ def _mcp_caller(context: Any) -> Any:
     return [token.client_id, getattr(token, "subject", None), (getattr(token, "claims", None) or {}).get("iss")]
 
 
+_SKIPPED = object()
+
+
+def _deps_of(context: Any) -> Any:
+    """A Pydantic AI RunContext's deps, which identify the caller (a user id, an account) but
+    often also hold clients and connections, which do not: the deps without the values that
+    have no canonical form, picked field by field from dataclasses, pydantic models and dicts.
+    Deps that have no such fields and no canonical form get the identity error and its fixes."""
+    return _plain_part(getattr(context, "deps", None), top=True)
+
+
+def _plain_part(value: Any, top: bool = False) -> Any:
+    try:
+        canonical(value)
+        return value
+    except (_Unsupported, ValueError):
+        pass
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(getattr(type(value), "model_fields", None), dict):
+        fields = {name: getattr(value, name) for name in type(value).model_fields}
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+    else:
+        return value if top else _SKIPPED
+    return {str(name): part for name, field in fields.items() if (part := _plain_part(field)) is not _SKIPPED}
+
+
+def _adk_caller(context: Any) -> Any:
+    """Google ADK ToolContext: who calls (the app and the user), not which session or invocation."""
+    return [context.session.app_name, context.user_id]
+
+
 # Values a framework injects into a tool, by type: (module prefix, class name, extractor).
 # extractor None: per-invocation noise (a call id, callbacks, a run's config, a store, a
 # stream writer) that differs between retries of one call, passed on, never fingerprinted.
@@ -472,6 +506,10 @@ _INJECTED: list[tuple[str, str, Callable[[Any], Any] | None]] = [
     ("langgraph", "Runtime", _context_of),
     ("mcp", "Context", _mcp_caller),
     ("agents", "RunContextWrapper", _context_of),
+    ("pydantic_ai", "RunContext", _deps_of),
+    ("workflows", "Context", None),  # LlamaIndex's workflow Context (llama_index.core.workflow)
+    ("autogen_core", "CancellationToken", None),
+    ("google", "ReadonlyContext", _adk_caller),  # ADK's ToolContext and CallbackContext
 ]
 # LangChain passes its callback manager as `run_manager` to a tool's _run, annotated or not.
 _INJECTED_NAMES: dict[str, Callable[[Any], Any] | None] = {"run_manager": None}
@@ -2616,6 +2654,9 @@ class Guard:
         def decorate(fn: Callable) -> Callable:
             if policy:
                 self.policy(name or fn, **policy)
+            if _adapter_for(fn) is not None:  # above a decorator that made a framework tool object
+                return self._wrap_tool(fn, name, BLOCKED)
+            _refuse_if_registered(fn)
             return self._wrap(fn, name, BLOCKED)
         return decorate(fn) if fn is not None else decorate
 
@@ -3008,6 +3049,26 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
         if cls is not None and isinstance(tool, cls):
             return adapt
     return None
+
+
+# Frameworks whose tool decorators register the function and hand back the function
+# itself (Pydantic AI's @agent.tool, @agent.tool_plain, @toolset.tool): @guard.once above
+# one of them would guard a function the framework no longer calls.
+_REGISTERING_FRAMEWORKS = ("pydantic_ai",)
+
+
+def _refuse_if_registered(fn: Callable) -> None:
+    """ConfigError if a framework tool object already holds `fn` (found among the objects that
+    refer to it, a heap scan paid once per decorated function, and only where such a framework
+    is loaded)."""
+    if not any(module in sys.modules for module in _REGISTERING_FRAMEWORKS):
+        return
+    holder = next((ref for ref in gc.get_referrers(fn) if _adapter_for(ref) is not None), None)
+    if holder is not None:
+        raise ConfigError(
+            f"@guard.once is above the decorator that registered {getattr(fn, '__name__', fn)!r} as a "
+            f"{type(holder).__module__}.{type(holder).__qualname__}, which already holds the unguarded "
+            f"function: put @guard.once below it (next to the def), or pass the toolset to guard.wrap_tools")
 
 
 def _framework_name(tool: Any) -> str | None:

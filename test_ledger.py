@@ -1989,7 +1989,8 @@ def test_wrap_tools_imports_no_framework(tmp_path):
             "g = ledger.Guard(':memory:')\n"
             "tools = g.wrap_tools({'add': lambda a, b: a + b})\n"
             "assert tools['add'](a=1, b=2) == 3\n"
-            "print(sorted(m for m in ('langchain_core', 'langgraph', 'agents', 'mcp') if m in sys.modules))")
+            "print(sorted(m for m in ('langchain_core', 'langgraph', 'agents', 'mcp', 'pydantic_ai', 'llama_index',\n"
+            "                         'smolagents', 'autogen_core', 'google.adk', 'crewai') if m in sys.modules))")
     done = run_python(code, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -2492,6 +2493,114 @@ def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
     assert "file_ticket" in done.stderr  # guard.log() went to stderr
 
 
+# More agent frameworks: each framework's own tool objects, both orders of
+# @guard.once and the framework's decorator, duplicates blocked and replayed
+# through the framework's own agent loop (a scripted model from examples/), and
+# two users told apart by what the framework injects.
+
+def example_module(name: str, package: str):
+    """An example's module (its tools and scripted model), imported afresh, or skip/fail without `package`."""
+    framework(package)
+    sys.path.insert(0, str(HERE / "examples"))
+    try:
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(HERE / "examples"))
+
+
+# Pydantic AI --------------------------------------------------------------
+
+def test_pydantic_ai_tool_and_toolset_keep_name_description_and_schema(g):
+    pydantic_ai = framework("pydantic_ai")
+
+    def refund(order_id: int, amount: float = 0.0) -> str:
+        """Refund an order."""
+        return "refunded"
+
+    tool = pydantic_ai.Tool(refund, name="refund_order")
+    toolset = pydantic_ai.FunctionToolset([refund])
+    guarded_tool, guarded_toolset = g.wrap_tools([tool, toolset])
+    assert type(guarded_tool) is type(tool) and guarded_tool.tool_def == tool.tool_def
+    assert type(guarded_toolset) is type(toolset) and guarded_toolset.tools.keys() == toolset.tools.keys()
+    assert guarded_toolset.tools["refund"].tool_def == toolset.tools["refund"].tool_def
+    assert toolset.tools["refund"].function is refund  # the original is left as it was
+
+
+def pydantic_ai_run(example, toolsets, deps, calls):
+    """The tool results of one agent run whose model asks for `calls` in one turn, sorted."""
+    agent = example.Agent(example.scripted_model([calls, "done"]), deps_type=example.Deps, toolsets=toolsets)
+    return sorted(example.tool_results(agent.run_sync("go", deps=deps)))
+
+
+def test_pydantic_ai_duplicates_are_blocked_per_user_through_the_agent(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    gateway = example.SmsGateway()
+    ada, bob = example.Deps("ada", gateway), example.Deps("bob", example.SmsGateway())
+    guarded = g.wrap_tools(example.toolset, blocked_return="already done")
+    call = ("text_customer", {"message": "hi"})
+    assert pydantic_ai_run(example, [guarded], ada, [call, call]) == ["already done", "texted"]
+    assert pydantic_ai_run(example, [guarded], ada, [call]) == ["already done"]
+    assert pydantic_ai_run(example, [guarded], bob, [call]) == ["texted"]
+    assert gateway.sent == ["ada: hi"] and bob.gateway.sent == ["bob: hi"]
+
+
+def test_pydantic_ai_duplicates_are_replayed_through_the_agent(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    deps = example.Deps("ada", example.SmsGateway())
+    g.policy("text_customer", replay=True)
+    call = ("text_customer", {"message": "hi"})
+    assert pydantic_ai_run(example, [g.wrap_tools(example.toolset)], deps, [call, call]) == ["texted", "texted"]
+    assert deps.gateway.sent == ["ada: hi"]
+
+
+PaRunContext = None  # bound to pydantic_ai.RunContext: this file postpones annotations
+
+
+def test_pydantic_ai_deps_without_plain_fields_fail_before_the_tool_runs(g):
+    global PaRunContext
+    pydantic_ai = framework("pydantic_ai")
+    PaRunContext = pydantic_ai.RunContext
+    from pydantic_ai.models.test import TestModel
+    runs = []
+
+    def ping(ctx: PaRunContext, host: str) -> str:
+        runs.append(host)
+        return "pong"
+
+    agent = pydantic_ai.Agent(TestModel(), tools=g.wrap_tools([pydantic_ai.Tool(ping, takes_ctx=True)]))
+    with pytest.raises(ledger.FingerprintError, match="parameter 'ctx' .* ledger.Identity"):
+        agent.run_sync("go", deps=object())
+    assert runs == []
+
+
+def test_pydantic_ai_once_below_the_agent_decorator_guards_the_tool(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    agent = example.Agent(example.scripted_model([[("notify", {"to": "ada"})] * 2, "done"]))
+    sent = []
+
+    @agent.tool_plain
+    @g.once(replay=True)
+    def notify(to: str) -> str:
+        """Notify someone."""
+        sent.append(to)
+        return "notified"
+
+    assert example.tool_results(agent.run_sync("go")) == ["notified", "notified"] and sent == ["ada"]
+
+
+def test_pydantic_ai_once_above_the_agent_decorator_is_refused_at_decoration(g):
+    pydantic_ai = framework("pydantic_ai")
+    from pydantic_ai.models.test import TestModel
+    agent = pydantic_ai.Agent(TestModel())
+    with pytest.raises(ledger.ConfigError, match="put @guard.once below it"):
+        @g.once
+        @agent.tool_plain
+        def notify(to: str) -> str:
+            """Notify someone."""
+            return "notified"
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2503,6 +2612,8 @@ EXAMPLES = {
     "openai_agents_sdk.py": ("agents", ["refunds that ran: [42, 43]", "executed 2, blocked 2"]),
     "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+    "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
+                                             "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
 
 
