@@ -2601,6 +2601,106 @@ def test_pydantic_ai_once_above_the_agent_decorator_is_refused_at_decoration(g):
             return "notified"
 
 
+# LlamaIndex ---------------------------------------------------------------
+
+def llama_index_run(example, tools, calls):
+    """The sorted tool results of a FunctionAgent run whose model asks for `calls` in one turn."""
+    agent = example.FunctionAgent(tools=tools, llm=example.scripted_llm([calls, "done"]))
+    return sorted(asyncio.run(example.run(agent, "go")))
+
+
+def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+
+    def quote(item: str, quantity: int = 1) -> str:
+        """Quote a price."""
+        return "42"
+
+    tools = [example.FunctionTool.from_defaults(example.refund),
+             example.FunctionTool.from_defaults(quote, name="get_quote")]
+    for before, after in zip(tools, g.wrap_tools(tools)):
+        assert type(after) is type(before) and after is not before
+        assert after.metadata.name == before.metadata.name
+        assert after.metadata.description == before.metadata.description
+        assert after.metadata.get_parameters_dict() == before.metadata.get_parameters_dict()
+        assert (after.requires_context, after.ctx_param_name) == (before.requires_context, before.ctx_param_name)
+
+
+def test_llama_index_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert llama_index_run(example, tools, [call, call]) == ["already done", "refunded 2.0 on order 1"]
+    assert llama_index_run(example, tools, [call]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_llama_index_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert llama_index_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+def test_llama_index_sync_tool_is_one_tool_for_call_and_acall(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str) -> str:
+        """Notify someone."""
+        runs.append(to)
+        return "sent"
+
+    [tool] = g.wrap_tools([tools.FunctionTool.from_defaults(notify)], blocked_return="already done")
+    assert tool.call(to="a").content == "sent"
+    assert asyncio.run(tool.acall(to="a")).content == "already done"
+    assert runs == ["a"]
+
+
+def test_llama_index_tool_spec_is_guarded_under_its_function_names(g):
+    tool_spec = framework("llama_index.core.tools.tool_spec.base")
+    runs = []
+
+    class Billing(tool_spec.BaseToolSpec):
+        spec_functions = ["charge"]
+
+        def charge(self, customer: str, cents: int) -> str:
+            """Charge a customer."""
+            runs.append((customer, cents))
+            return "charged"
+
+    spec = Billing()
+    guarded = g.wrap_tools(spec, blocked_return="already done")
+    assert type(guarded) is Billing
+    [before], [after] = spec.to_tool_list(), guarded.to_tool_list()
+    assert after.metadata.get_parameters_dict() == before.metadata.get_parameters_dict()
+    assert (after.metadata.name, after.metadata.description) == (before.metadata.name, before.metadata.description)
+    assert [after.call(customer="a", cents=5).content for _ in range(2)] == ["charged", "already done"]
+    assert runs == [("a", 5)] and {h["tool"] for h in g.history()} == {"charge"}
+
+
+def test_llama_index_once_in_either_order_guards_the_tool(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str) -> str:
+        """Notify someone."""
+        runs.append(to)
+        return "sent"
+
+    below = tools.FunctionTool.from_defaults(g.once(notify, name="notify"))
+    above = g.once(tools.FunctionTool.from_defaults(notify, name="notify"))
+    assert isinstance(above, tools.FunctionTool) and above.metadata.name == below.metadata.name == "notify"
+    assert below.metadata.get_parameters_dict() == above.metadata.get_parameters_dict()
+    assert below.call(to="a").content == "sent"
+    assert above.call(to="a").raw_output is BLOCKED
+    assert runs == ["a"]
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2612,6 +2712,7 @@ EXAMPLES = {
     "openai_agents_sdk.py": ("agents", ["refunds that ran: [42, 43]", "executed 2, blocked 2"]),
     "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+    "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
                                              "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
