@@ -2701,6 +2701,96 @@ def test_llama_index_once_in_either_order_guards_the_tool(g):
     assert runs == ["a"]
 
 
+# smolagents ---------------------------------------------------------------
+
+def smolagents_run(example, tools, calls):
+    """The sorted tool results of a ToolCallingAgent run whose model asks for `calls` in one step."""
+    agent = example.ToolCallingAgent(tools=tools, model=example.ScriptedModel([calls, "done"]), verbosity_level=0)
+    agent.run("go")
+    return sorted(example.tool_results(agent))
+
+
+def smolagents_search_tool(runs: list):
+    smolagents = framework("smolagents")
+
+    class Search(smolagents.Tool):
+        name = "search"
+        description = "Search the orders."
+        inputs = {"query": {"type": "string", "description": "What to look for."}}
+        output_type = "string"
+
+        def forward(self, query: str) -> str:
+            runs.append(query)
+            return "found " + query
+
+    return Search()
+
+
+def test_smolagents_tools_keep_name_description_and_inputs(g):
+    example = example_module("smolagents_agent", "smolagents")
+    tools = [example.refund, smolagents_search_tool([])]
+    for before, after in zip(tools, g.wrap_tools(tools)):
+        assert type(after) is type(before) and after is not before
+        assert (after.name, after.description, after.inputs, after.output_type) == \
+               (before.name, before.description, before.inputs, before.output_type)
+    assert example.refund(order_id=1, amount=1.0) == "refunded 1.0 on order 1"  # the original stays unguarded
+
+
+def test_smolagents_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("smolagents_agent", "smolagents")
+    runs = []
+    tools = g.wrap_tools([example.refund, smolagents_search_tool(runs)], blocked_return="already done")
+    refund, search = ("refund", {"order_id": 1, "amount": 2.0}), ("search", {"query": "x"})
+    assert smolagents_run(example, tools, [refund, refund, search]) == \
+           ["already done", "found x", "refunded 2.0 on order 1"]
+    assert smolagents_run(example, tools, [search]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"] and runs == ["x"]
+
+
+def test_smolagents_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("smolagents_agent", "smolagents")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.refund])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert smolagents_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+@pytest.mark.filterwarnings("ignore:Function .* has decorators other than @tool")  # smolagents' source export
+def test_smolagents_once_in_either_order_guards_the_tool(g):
+    smolagents = framework("smolagents")
+    runs = []
+
+    @g.once
+    @smolagents.tool
+    def notify(to: str) -> str:
+        """Notify someone.
+
+        Args:
+            to: Who to notify.
+        """
+        runs.append(to)
+        return "sent"
+
+    @smolagents.tool
+    @g.once(name="notify")
+    def notify_below(to: str) -> str:
+        """Notify someone.
+
+        Args:
+            to: Who to notify.
+        """
+        runs.append(to)
+        return "sent"
+
+    assert isinstance(notify, smolagents.Tool) and notify.name == "notify" and notify_below.name == "notify_below"
+    assert notify.inputs == notify_below.inputs
+    assert [notify(to="a"), notify_below(to="a"), notify(to="b")] == ["sent", BLOCKED, "sent"]
+    assert runs == ["a", "b"]
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2713,6 +2803,7 @@ EXAMPLES = {
     "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
                                              "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
