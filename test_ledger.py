@@ -2791,6 +2791,62 @@ def test_smolagents_once_in_either_order_guards_the_tool(g):
     assert runs == ["a", "b"]
 
 
+# AutoGen ------------------------------------------------------------------
+
+def autogen_run(example, tools, calls):
+    """The sorted tool results of an AssistantAgent run whose model asks for `calls` in one turn."""
+    agent = example.AssistantAgent("a", model_client=example.scripted_client([calls, "done"]), tools=tools)
+    return sorted(asyncio.run(example.run(agent, "go")))
+
+
+def test_autogen_function_tool_keeps_name_description_and_schema(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    tool = example.FunctionTool(example.refund, description="Refund an order.", name="refund_order")
+    [guarded] = g.wrap_tools([tool])
+    assert type(guarded) is type(tool) and guarded is not tool
+    assert (guarded.name, guarded.description, guarded.schema) == (tool.name, tool.description, tool.schema)
+
+
+def test_autogen_cancellation_token_is_passed_on_but_not_fingerprinted(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    [tool] = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")], blocked_return="already done")
+    arguments = {"order_id": 1, "amount": 2.0}
+    results = [asyncio.run(tool.run_json(arguments, example.CancellationToken())) for _ in range(2)]
+    assert results == ["refunded 2.0 on order 1", "already done"] and example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_autogen_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    tools = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert autogen_run(example, tools, [call, call]) == ["already done", "refunded 2.0 on order 1"]
+    assert autogen_run(example, tools, [call]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_autogen_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert autogen_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+def test_autogen_once_in_either_order_guards_the_tool(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    above = g.once(example.FunctionTool(example.refund, description="Refund."))
+    below = example.FunctionTool(g.once(example.refund), description="Refund.")
+    assert isinstance(above, example.FunctionTool) and above.schema == below.schema
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert autogen_run(example, [above], [call]) == ["refunded 2.0 on order 1"]
+    assert autogen_run(example, [below], [call]) == [str(BLOCKED)]
+    assert autogen_run(example, [g.once(example.refund)], [call]) == [str(BLOCKED)]  # a plain function as a tool
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2804,6 +2860,7 @@ EXAMPLES = {
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
                                              "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
