@@ -2847,6 +2847,53 @@ def test_autogen_once_in_either_order_guards_the_tool(g):
     assert example.REFUNDS == ["order 1: 2.0"]
 
 
+# Google ADK ---------------------------------------------------------------
+
+def adk_run(example, tools, calls, user):
+    """The sorted tool results of an LlmAgent run for `user` whose model asks for `calls` in one turn."""
+    return sorted(asyncio.run(example.run(tools, [calls, "done"], user)))
+
+
+def test_adk_function_tool_keeps_name_description_and_declaration(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tool = example.FunctionTool(example.refund)
+    [guarded] = g.wrap_tools([tool])
+    assert type(guarded) is type(tool) and guarded is not tool and guarded.name == tool.name
+    assert guarded.description == tool.description
+    assert guarded._get_declaration() == tool._get_declaration()  # what the model is shown
+
+
+def test_adk_duplicates_are_blocked_per_user_through_the_agent(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tools = g.wrap_tools([example.FunctionTool(example.refund)], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, tools, [call, call], "ada") == ["already done", "refunded 2.0 on order 1"]
+    assert adk_run(example, tools, [call], "ada") == ["already done"]  # a new session of the same user
+    assert adk_run(example, tools, [call], "bob") == ["refunded 2.0 on order 1"]
+    assert example.REFUNDS == ["ada: order 1, 2.0", "bob: order 1, 2.0"]
+
+
+def test_adk_duplicates_are_replayed_through_the_agent(g):
+    example = example_module("google_adk_agent", "google.adk")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool(example.refund)])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, tools, [call, call], "ada") == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["ada: order 1, 2.0"]
+
+
+def test_adk_once_in_either_order_guards_the_tool(g):
+    example = example_module("google_adk_agent", "google.adk")
+    above = g.once(example.FunctionTool(example.refund), replay=True)
+    below = g.once(example.refund, replay=True)  # ADK makes a FunctionTool of a plain function itself
+    assert isinstance(above, example.FunctionTool)
+    assert above._get_declaration() == example.FunctionTool(below)._get_declaration()
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for tool in (above, below):
+        assert adk_run(example, [tool], [call, call], "ada") == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["ada: order 1, 2.0"]  # one function, guarded either way, is one tool
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2861,6 +2908,8 @@ EXAMPLES = {
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "google_adk_agent.py": ("google.adk", ["refunds that ran: ['ada: order 42, 30.0', 'bob: order 42, 30.0']",
+                                            "executed 2, blocked 4"]),
     "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
                                              "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
