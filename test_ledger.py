@@ -2894,6 +2894,113 @@ def test_adk_once_in_either_order_guards_the_tool(g):
     assert example.REFUNDS == ["ada: order 1, 2.0"]  # one function, guarded either way, is one tool
 
 
+# CrewAI -------------------------------------------------------------------
+# CrewAI pins versions of mcp, openai and pydantic that the frameworks above
+# cannot share, so it has an environment of its own (.ci/run makes it): where
+# crewai is not installed and LEDGER_TEST_CREWAI_PYTHON names that environment's
+# interpreter, one test runs the crewai tests there (and the crewai example runs
+# there too); elsewhere they run here.
+
+CREWAI_PYTHON = os.environ.get("LEDGER_TEST_CREWAI_PYTHON")
+CREWAI_ELSEWHERE = bool(CREWAI_PYTHON) and not has_module("crewai")
+
+
+def crewai(module: str):
+    """A crewai module, imported with its telemetry off (as the example does): the tests stay offline."""
+    need(module, has_module("crewai"), "CrewAI needs an environment of its own: pip install -e '.[test,crewai]' "
+         "in a virtualenv and run the tests there, or set LEDGER_TEST_CREWAI_PYTHON to its python (as .ci/run does)")
+    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    return importlib.import_module(module)
+
+
+def crewai_example():
+    crewai("crewai")
+    return example_module("crewai_crew", "crewai")
+
+
+def crewai_search_tool(runs: list):
+    tools = crewai("crewai.tools")
+
+    class Search(tools.BaseTool):
+        name: str = "search"
+        description: str = "Search the orders."
+
+        def _run(self, query: str) -> str:
+            runs.append(query)
+            return "found " + query
+
+    return Search()
+
+
+if CREWAI_ELSEWHERE:
+    def test_the_crewai_tests_pass_in_their_own_environment(tmp_path):
+        wanted = len(re.findall(r"^    def test_crewai_", (HERE / "test_ledger.py").read_text(), re.M))
+        env = {**os.environ, "PYTHONPATH": str(HERE), "LEDGER_TEST_REQUIRE_ALL": "1"}
+        done = subprocess.run([CREWAI_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_crewai_",
+                               str(HERE / "test_ledger.py")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert re.search(rf"^{wanted} passed, \d+ deselected", done.stdout, re.M), done.stdout[-3000:]
+else:
+    def test_crewai_tools_keep_name_description_and_schema(g):
+        example = crewai_example()
+        tools = [example.refund, crewai_search_tool([])]
+        for before, after in zip(tools, g.wrap_tools(tools)):
+            assert type(after) is type(before) and after is not before
+            assert (after.name, after.description) == (before.name, before.description)
+            assert after.args_schema.model_json_schema() == before.args_schema.model_json_schema()
+
+    def test_crewai_duplicates_are_blocked_through_the_crew(g):
+        example = crewai_example()
+        runs = []
+        tools = g.wrap_tools([example.refund, crewai_search_tool(runs)], blocked_return="already done")
+        script = [("refund", {"order_id": 1, "amount": 2.0}), ("search", {"query": "x"}), "done"]
+        assert example.run(tools, script) == ["refunded 2.0 on order 1", "found x"]
+        assert example.run(tools, script) == ["already done", "already done"]  # the crew run again
+        assert example.REFUNDS == ["order 1: 2.0"] and runs == ["x"]
+
+    def test_crewai_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+        example = crewai_example()
+        g.policy("refund", replay=True)
+        tools = g.wrap_tools([example.refund])
+        script = [("refund", {"order_id": 1, "amount": 2.0}), "done"]
+        for user in ("ada", "bob", "ada"):
+            with g.workflow(f"user-{user}"):
+                assert example.run(tools, script) == ["refunded 2.0 on order 1"]
+        assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+    def test_crewai_once_in_either_order_guards_the_tool(g):
+        tools = crewai("crewai.tools")
+        runs = []
+
+        @g.once
+        @tools.tool("notify")
+        def notify(to: str) -> str:
+            """Notify someone."""
+            runs.append(to)
+            return "sent"
+
+        @tools.tool("notify")
+        @g.once(name="notify")
+        def notify_below(to: str) -> str:
+            """Notify someone."""
+            runs.append(to)
+            return "sent"
+
+        assert isinstance(notify, tools.BaseTool) and type(notify) is type(notify_below)
+        assert notify.args_schema.model_json_schema() == notify_below.args_schema.model_json_schema()
+        assert [notify.run(to="a"), notify_below.run(to="a"), notify_below.run(to="b")] == ["sent", BLOCKED, "sent"]
+        assert runs == ["a", "b"]
+
+    def test_crewai_basetool_subclass_is_guarded_through_run_and_structured_tool(g):
+        runs = []
+        [search] = g.wrap_tools([crewai_search_tool(runs)], blocked_return="already done")
+        assert search.run(query="x") == "found x"
+        assert search.to_structured_tool().invoke({"query": "x"}) == "already done"
+        assert runs == ["x"]
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -2910,6 +3017,8 @@ EXAMPLES = {
     "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "google_adk_agent.py": ("google.adk", ["refunds that ran: ['ada: order 42, 30.0', 'bob: order 42, 30.0']",
                                             "executed 2, blocked 4"]),
+    "crewai_crew.py": ("crewai", ["crew run 2: tool results ['already done: this refund ran before']",
+                                  "refunds that ran: ['order 42: 30.0']", "executed 1, blocked 1"]),
     "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
                                              "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
@@ -2923,11 +3032,14 @@ def test_every_example_is_tested():
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     package, expected = EXAMPLES[name]
-    if package:
+    python = sys.executable
+    if package == "crewai" and CREWAI_ELSEWHERE:
+        python = CREWAI_PYTHON
+    elif package:
         framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("LEDGER_DB", None)
-    done = subprocess.run([sys.executable, str(HERE / "examples" / name)], cwd=tmp_path, env=env,
+    done = subprocess.run([python, str(HERE / "examples" / name)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for line in expected:
