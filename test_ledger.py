@@ -3035,6 +3035,8 @@ def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     python = sys.executable
     if package == "crewai" and CREWAI_ELSEWHERE:
         python = CREWAI_PYTHON
+    elif package == "crewai":
+        crewai("crewai")
     elif package:
         framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
@@ -3088,7 +3090,8 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langgraph", "agents", "mcp"):
+    for package in ("langchain_core", "langgraph", "agents", "mcp", "pydantic_ai", "llama_index", "smolagents",
+                    "autogen_agentchat", "autogen_core", "google.adk"):
         if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
