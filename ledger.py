@@ -62,8 +62,10 @@ import os
 import pathlib
 import re
 import secrets
+import site
 import sqlite3
 import sys
+import sysconfig
 import threading
 import time
 import typing
@@ -75,7 +77,7 @@ from typing import Annotated, Any
 
 __all__ = [
     "guard", "Guard", "Ignore", "Identity", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
-    "Policy", "Outcome", "BLOCKED", "current_key", "check_store", "main",
+    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
 ]
@@ -439,10 +441,10 @@ def _context_of(value: Any) -> Any:
     return getattr(value, "context", None)
 
 
-def _mcp_caller(context: Any) -> Any:
+def _mcp_caller(auth_module: str, context: Any) -> Any:
     """The authenticated principal of an MCP request (None without auth): who calls, not which
-    request. The SDK keeps it in a context variable its auth middleware sets."""
-    auth = sys.modules.get("mcp.server.auth.middleware.auth_context")
+    request. The SDKs keep the request's access token where get_access_token() finds it."""
+    auth = sys.modules.get(auth_module)
     token = auth.get_access_token() if auth is not None else None
     if token is None:
         return None
@@ -504,7 +506,8 @@ _INJECTED: list[tuple[str, str, Callable[[Any], Any] | None]] = [
     ("langgraph", "BaseStore", None),
     ("langgraph", "StreamWriter", None),
     ("langgraph", "Runtime", _context_of),
-    ("mcp", "Context", _mcp_caller),
+    ("mcp", "Context", functools.partial(_mcp_caller, "mcp.server.auth.middleware.auth_context")),
+    ("fastmcp", "Context", functools.partial(_mcp_caller, "fastmcp.server.dependencies")),
     ("agents", "RunContextWrapper", _context_of),
     ("pydantic_ai", "RunContext", _deps_of),
     ("workflows", "Context", None),  # LlamaIndex's workflow Context (llama_index.core.workflow)
@@ -706,6 +709,9 @@ class _Blocked:
     def __repr__(self) -> str:
         return "BLOCKED"
 
+    def __str__(self) -> str:  # what a framework that stringifies a tool's result shows the model
+        return BLOCKED_MESSAGE
+
     def __bool__(self) -> bool:
         return False
 
@@ -714,6 +720,11 @@ class _Blocked:
 
 
 BLOCKED = _Blocked()
+# What a blocked duplicate returns through a framework tool (wrap_tools, once) unless
+# blocked_return= says otherwise: a message the model reads, where BLOCKED would be
+# shown as the bare word or rejected by the framework's output checks.
+BLOCKED_MESSAGE = "already done: an identical call ran before, so this one was not run again"
+_UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<default>"})()
 
 RECOVER_MODES = ("retry", "block")
 
@@ -1106,12 +1117,13 @@ def _key_file(path: str) -> bytes:
                      f"or set LEDGER_SECRET")
 
 
-def _require(module: str, extra: str, what: str) -> Any:
-    """Import an optional driver, or say in one line which extra installs it."""
+def _require(module: str, package: str, what: str) -> Any:
+    """Import an optional driver, or say in one line what installs it (the driver itself: a
+    user who copied ledger.py has no extras to install)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{what} needs the {module} package: pip install 'ledger-py[{extra}]'") from None
+        raise ConfigError(f"{what} needs the {module} package: pip install '{package}'") from None
 
 
 class _Dropped(StoreError):
@@ -1278,7 +1290,7 @@ class PostgresStore(_ServerStore):
     """
 
     def __init__(self, dsn: str, *, table: str = "ledger"):
-        self._pg = _require("psycopg", "postgres", "PostgresStore")
+        self._pg = _require("psycopg", "psycopg[binary]", "PostgresStore")
         if not re.fullmatch(rf"(?:{_PG_NAME}\.)?{_PG_NAME}", table):
             raise ConfigError(f"PostgresStore table must be a name like 'ledger' or 'myschema.ledger' "
                               f"(letters, digits, _), not {table!r}")
@@ -2649,32 +2661,39 @@ class Guard:
 
     # -- wrapping ----------------------------------------------------------
 
-    def once(self, fn: Callable | None = None, /, *, name: str | None = None, **policy: Any) -> Any:
-        """Decorator: `@guard.once` or `@guard.once(replay=True, ttl=60, name="crm.lookup")`."""
-        def decorate(fn: Callable) -> Callable:
+    def once(self, fn: Callable | None = None, /, *, name: str | None = None, blocked_return: Any = _UNSET,
+             **policy: Any) -> Any:
+        """Decorator: `@guard.once` or `@guard.once(replay=True, ttl=60, name="crm.lookup")`.
+
+        Stacks with a framework's decorator in either order: above one that returns a tool
+        object (LangChain @tool, Agents SDK @function_tool) it returns that tool guarded;
+        above one that registers the function and returns it (MCP @server.tool()) it guards
+        the registered tool in place too. blocked_return: as for wrap_tools."""
+        def decorate(fn: Callable) -> Any:
+            tool_name = name or _framework_name(fn) or _registered_name(fn)
             if policy:
-                self.policy(name or fn, **policy)
-            if _adapter_for(fn) is not None:  # above a decorator that made a framework tool object
-                return self._wrap_tool(fn, name, BLOCKED)
-            _refuse_if_registered(fn)
-            return self._wrap(fn, name, BLOCKED)
+                self.policy(tool_name or fn, **policy)
+            return self._wrap_tool(fn, tool_name, blocked_return, "guard.once")
         return decorate(fn) if fn is not None else decorate
 
-    def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED) -> Any:
+    def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
         """Guard a whole toolset and hand back the same kind of thing, so the framework and
         the model see no difference.
 
         tools: a dict {name: tool} (keys are the names records are kept under) or a list or
         tuple of tools, where a tool is a plain function (sync or async, e.g. a LangGraph
         node), a LangChain or LangGraph tool (BaseTool), an OpenAI Agents SDK FunctionTool or
-        an MCP tool; or a single framework tool; or an MCP server (FastMCP / MCPServer), whose
-        registered tools are guarded in place. Framework tools keep their name (also the
-        name of their records), description and argument schema. Arguments a framework
-        injects are passed on; per-invocation ones (a run's config, a tool call id, state,
-        callbacks) are not fingerprinted, and what in them identifies the caller (a run's
-        user context, an injected user_id) is (see _INJECTED, ledger.Ignore, ledger.Identity).
-        blocked_return: what a blocked duplicate returns instead of BLOCKED, e.g. a message
-        for the model such as {"status": "already done"}.
+        an MCP tool; or a single framework tool; or an MCP server (mcp's FastMCP / MCPServer,
+        standalone fastmcp's FastMCP), whose registered tools are guarded in place. A function
+        an MCP server registered (@server.tool() returns it) is guarded in the server too.
+        Framework tools keep their name (also the name of their records), description and
+        argument schema. Arguments a framework injects are passed on; per-invocation ones (a
+        run's config, a tool call id, state, callbacks) are not fingerprinted, and what in them
+        identifies the caller (a run's user context, an injected user_id) is (see _INJECTED,
+        ledger.Ignore, ledger.Identity). Anything else is a ConfigError naming its type.
+        blocked_return: what a blocked duplicate returns. Default: BLOCKED from a plain
+        function; through a framework tool, a message the model can read (BLOCKED_MESSAGE;
+        for MCP a text result, marked isError where the tool declares an output schema).
         """
         if isinstance(tools, Mapping):
             guarded = {name: self._wrap_tool(tool, name, blocked_return) for name, tool in tools.items()}
@@ -2686,16 +2705,26 @@ class Guard:
         raise ConfigError(f"wrap_tools takes a dict or a list of tools, a framework tool or an MCP server, "
                           f"not {_describe(tools)}")
 
-    def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any) -> Any:
+    def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any, caller: str = "wrap_tools") -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
             return adapt(self, tool, name or _framework_name(tool), blocked_return)
-        if not callable(tool):
-            raise ConfigError(f"wrap_tools: {name or _describe(tool)} is not a function or a known framework "
-                              f"tool (LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool)")
+        if not _is_plain_callable(tool):
+            raise ConfigError(
+                f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
+                f"is not a function or a framework tool ledger knows "
+                f"(LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool or server, Pydantic AI Tool or "
+                f"FunctionToolset, LlamaIndex FunctionTool or ToolSpec, smolagents Tool, AutoGen FunctionTool, "
+                f"Google ADK FunctionTool, CrewAI BaseTool). Guard the function "
+                f"the tool calls, or pass a function that calls it")
+        name = name or _registered_name(tool)
+        for registered, guard_in_place in _registrations(tool):
+            guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
+        if blocked_return is _UNSET:
+            blocked_return = BLOCKED
         inner, inner_name = _unwrap(fn)
         name = name or inner_name or self._core.name_of(inner, _info(inner))
         self._core.tools.setdefault(name, inner)
@@ -2868,7 +2897,11 @@ def _unwrap(fn: Any) -> tuple[Callable, str | None]:
 
 def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """StructuredTool / Tool: guard func and coroutine. Any other BaseTool: guard _run (and
-    _arun if it has its own), which is what BaseTool.run and arun call."""
+    _arun if it has its own), which is what BaseTool.run and arun call. A blocked duplicate
+    is BLOCKED_MESSAGE, as (content, artifact) for a content_and_artifact tool."""
+    if blocked_return is _UNSET:
+        artifact = getattr(tool, "response_format", None) == "content_and_artifact"
+        blocked_return = (BLOCKED_MESSAGE, None) if artifact else BLOCKED_MESSAGE
     fields = type(tool).model_fields
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
@@ -2883,9 +2916,9 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
 
 def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """OpenAI Agents SDK FunctionTool: guard on_invoke_tool(context, json_arguments), with the
-    parsed arguments as the call's identity. The SDK's invoker turns a tool's exception into a
-    message for the model; the guard goes inside it (its _invoke_tool_impl, where present),
-    so a tool that raised stays retryable."""
+    parsed arguments (and what the run context says of the caller) as the call's identity. The
+    SDK's invoker turns a tool's exception into a message for the model; the guard goes inside
+    it (its _invoke_tool_impl, where present), so a tool that raised stays retryable."""
     invoker = tool.on_invoke_tool
     impl = getattr(invoker, "_invoke_tool_impl", None) or invoker
 
@@ -2893,7 +2926,7 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
         return await impl(context, text)
 
     invoke.__annotations__ = {"context": _agents_context_rule(impl), "text": Ignore}
-    guarded = guard._wrap(invoke, name, blocked_return)
+    guarded = guard._wrap(invoke, name, BLOCKED_MESSAGE if blocked_return is _UNSET else blocked_return)
 
     async def on_invoke_tool(context: Any, text: str) -> Any:
         try:
@@ -2929,30 +2962,73 @@ def _agents_context_rule(impl: Callable) -> Any:
     return Ignore if extract is None else Annotated[Any, Identity(extract)]
 
 
+def _mcp_blocked(tool: Any, blocked_return: Any) -> Any:
+    """What a blocked duplicate of an MCP tool returns: BLOCKED_MESSAGE, as the tool's own text
+    result where its output is text; otherwise as a text result marked isError, the one result
+    MCP does not check against the tool's output schema (a duplicate has no output to check)."""
+    if blocked_return is not _UNSET:
+        return blocked_return
+    schema = getattr(tool, "output_schema", None)
+    wrapped = schema is not None and (schema.get("x-fastmcp-wrap-result")
+                                      or getattr(getattr(tool, "fn_metadata", None), "wrap_output", False))
+    if schema is None or (wrapped and schema["properties"]["result"].get("type") == "string"):
+        return BLOCKED_MESSAGE
+    types = importlib.import_module("mcp.types")  # mcp is loaded: the tool is one of its servers'
+    return types.CallToolResult(content=[types.TextContent(type="text", text=BLOCKED_MESSAGE)], is_error=True)
+
+
 def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
-    """An MCP server's registered tool: guard fn, which Tool.run calls with the validated
-    arguments and the request context (annotated Context, so not fingerprinted)."""
-    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked_return)})
+    """A registered MCP tool (mcp's or standalone fastmcp's): guard fn, which the tool runs with
+    the validated arguments and the request context (a Context, so passed on)."""
+    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, _mcp_blocked(tool, blocked_return))})
+
+
+def _guard_mcp_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
+    """A function @server.tool() registered and returned: guard the server's tool in place."""
+    if getattr(tool.fn, "__ledger__", None) is None:
+        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool, blocked_return))
+
+
+def _mcp_registry(server: Any) -> dict:
+    """The dict of an MCP server's registered tools. Neither SDK offers a public way to replace
+    a registered tool, so this reads a private attribute: mcp 1.x and 2.x keep the tool
+    manager's _tools (name -> Tool); standalone fastmcp its local provider's _components
+    ("tool:name@version" -> FunctionTool, beside resources and prompts)."""
+    manager = getattr(server, "_tool_manager", None)
+    if manager is not None:
+        return manager._tools
+    return server.local_provider._components
 
 
 def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_return: Any) -> Any:
-    """FastMCP / MCPServer: guard every tool registered so far, in place; the server comes back.
-    The registry is the tool manager's dict, the same in mcp 1.x and 2.x; the SDK offers no
-    public way to replace a registered tool."""
-    registry = server._tool_manager._tools
+    """An MCP server: guard every tool registered so far, in place; the server comes back."""
+    registry = _mcp_registry(server)
     for key, tool in list(registry.items()):
-        registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
+        if _adapter_for(tool) is _adapt_mcp_tool:
+            registry[key] = _adapt_mcp_tool(guard, tool, tool.name, blocked_return)
     return server
 
 
+def _readable(blocked_return: Any) -> Any:
+    """What a framework tool's blocked duplicate returns: BLOCKED_MESSAGE unless chosen."""
+    return BLOCKED_MESSAGE if blocked_return is _UNSET else blocked_return
+
+
 def _adapt_pydantic_ai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
-    """Pydantic AI Tool: guard its function, which the tool's function schema calls with the
-    RunContext (if it takes one) and the validated arguments. The schema holds the function
-    it calls, so it is copied with the guarded one."""
+    """Pydantic AI Tool: a copy, guarded as below."""
     guarded = copy.copy(tool)
-    guarded.function = guard._wrap(tool.function, name, blocked_return)
-    guarded.function_schema = dataclasses.replace(tool.function_schema, function=guarded.function)
+    _guard_pydantic_ai_tool_in_place(guard, guarded, name, blocked_return)
     return guarded
+
+
+def _guard_pydantic_ai_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
+    """Pydantic AI Tool (also one @agent.tool or @toolset.tool registered and returned): guard
+    its function, which the tool's function schema calls with the RunContext (if it takes
+    one) and the validated arguments. The schema holds the function it calls, so it gets a
+    copy with the guarded one."""
+    if getattr(tool.function, "__ledger__", None) is None:
+        tool.function = guard._wrap(tool.function, name or tool.name, _readable(blocked_return))
+        tool.function_schema = dataclasses.replace(tool.function_schema, function=tool.function)
 
 
 def _adapt_pydantic_ai_toolset(guard: Guard, toolset: Any, name: str | None, blocked_return: Any) -> Any:
@@ -2967,6 +3043,7 @@ def _adapt_llama_index_tool(guard: Guard, tool: Any, name: str, blocked_return: 
     """LlamaIndex FunctionTool: a new FunctionTool over the guarded user function(s), with the
     same metadata (name, description, schema), callbacks and partial parameters. The callbacks
     have no public getter; `_callback` and `_async_callback` are read to carry them over."""
+    blocked_return = _readable(blocked_return)
     bridges = ("sync_to_async.", "async_to_sync.")  # what LlamaIndex adds for the kind not given
     given = {kind: fn for kind, fn in (("fn", tool.fn), ("async_fn", tool.async_fn))
              if not getattr(fn, "__qualname__", "").startswith(bridges)}
@@ -2978,6 +3055,7 @@ def _adapt_llama_index_tool(guard: Guard, tool: Any, name: str, blocked_return: 
 def _adapt_llama_index_spec(guard: Guard, spec: Any, name: str | None, blocked_return: Any) -> Any:
     """LlamaIndex ToolSpec: a copy whose spec functions are guarded, so its to_tool_list() and
     to_tool_list_async() build guarded tools under the same names."""
+    blocked_return = _readable(blocked_return)
     guarded = copy.copy(spec)
     for entry in spec.spec_functions:
         for fn_name in (entry,) if isinstance(entry, str) else entry:
@@ -2990,6 +3068,7 @@ def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: A
     """smolagents Tool: guard forward, which Tool.__call__ calls with the arguments. @tool's
     forward carries a signature with `self` (for exporting its source); the function it wraps
     is the one the arguments bind to."""
+    blocked_return = _readable(blocked_return)
     guarded = copy.copy(tool)
     forward = tool.forward
     guarded.forward = guard._wrap(getattr(forward, "__wrapped__", forward), name, blocked_return)
@@ -2999,6 +3078,7 @@ def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: A
 def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """AutoGen FunctionTool: guard the function run() calls (`_func`: FunctionTool has no public
     way to swap it; the schema, built from its signature at construction, is kept)."""
+    blocked_return = _readable(blocked_return)
     guarded = copy.copy(tool)
     guarded._func = guard._wrap(tool._func, name, blocked_return)
     return guarded
@@ -3007,6 +3087,7 @@ def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any)
 def _adapt_adk_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """Google ADK FunctionTool: guard its public `func`, which run_async calls with the
     arguments and the ToolContext; the declaration, built at construction, is kept."""
+    blocked_return = _readable(blocked_return)
     guarded = copy.copy(tool)
     guarded.func = guard._wrap(tool.func, name, blocked_return)
     return guarded
@@ -3015,6 +3096,7 @@ def _adapt_adk_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> 
 def _adapt_crewai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """CrewAI Tool (from @tool): guard func. Any other BaseTool: guard _run (and _arun if it
     has its own), which run, arun and to_structured_tool call."""
+    blocked_return = _readable(blocked_return)
     if "func" in type(tool).model_fields:
         return tool.model_copy(update={"func": guard._wrap(tool.func, name, blocked_return)})
     guarded = tool.model_copy()
@@ -3025,11 +3107,13 @@ def _adapt_crewai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) 
     return guarded
 
 
+# (module, class name, adapter): framework objects wrap_tools and once take.
 _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("langchain_core.tools", "BaseTool", _adapt_langchain),
     ("agents.tool", "FunctionTool", _adapt_function_tool),
     ("mcp.server.mcpserver.tools.base", "Tool", _adapt_mcp_tool),
     ("mcp.server.fastmcp.tools.base", "Tool", _adapt_mcp_tool),
+    ("fastmcp.tools.function_tool", "FunctionTool", _adapt_mcp_tool),
     ("mcp.server.mcpserver.server", "MCPServer", _adapt_mcp_server),
     ("mcp.server.fastmcp.server", "FastMCP", _adapt_mcp_server),
     ("pydantic_ai.tools", "Tool", _adapt_pydantic_ai_tool),
@@ -3040,6 +3124,18 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("autogen_core.tools._function_tool", "FunctionTool", _adapt_autogen_tool),
     ("google.adk.tools.function_tool", "FunctionTool", _adapt_adk_tool),
     ("crewai.tools.base_tool", "BaseTool", _adapt_crewai_tool),
+    ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),
+)
+
+# (module, class name, guard in place): framework objects that hold a function a framework
+# decorator registered and handed back unchanged, so that guarding the function alone would
+# leave the registered tool unguarded. The object keeps the function as an attribute (`fn`
+# for MCP, `function` for Pydantic AI's @agent.tool / @agent.tool_plain / @toolset.tool).
+_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None]], ...] = (
+    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place),
+    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place),
+    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place),
+    ("pydantic_ai.tools", "Tool", _guard_pydantic_ai_tool_in_place),
 )
 
 
@@ -3051,32 +3147,59 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     return None
 
 
-# Frameworks whose tool decorators register the function and hand back the function
-# itself (Pydantic AI's @agent.tool, @agent.tool_plain, @toolset.tool): @guard.once above
-# one of them would guard a function the framework no longer calls.
-_REGISTERING_FRAMEWORKS = ("pydantic_ai",)
+def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
+    """(framework object, guard in place) for each registration of `fn` (see _REGISTRATIONS).
+    Found through the garbage collector's referrers, only when such a framework is loaded:
+    the object holds `fn` as one of its attributes."""
+    kinds = [(cls, guard_in_place) for module, cls_name, guard_in_place in _REGISTRATIONS
+             if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
+    if not kinds:
+        return []
+    found = []
+    for holder in gc.get_referrers(fn):
+        # a pydantic model refers to fn from its attribute dict; a dataclass (Pydantic AI's
+        # Tool) may refer to it itself, its attributes kept inline
+        owners = gc.get_referrers(holder) if type(holder) is dict else [holder]
+        for owner in owners:
+            attributes = getattr(owner, "__dict__", None) or {}
+            if (owner is holder or attributes is holder) and any(value is fn for value in attributes.values()):
+                found += [(owner, guard_in_place) for cls, guard_in_place in kinds if isinstance(owner, cls)][:1]
+    return found
 
 
-def _refuse_if_registered(fn: Callable) -> None:
-    """ConfigError if a framework tool object already holds `fn` (found among the objects that
-    refer to it, a heap scan paid once per decorated function, and only where such a framework
-    is loaded)."""
-    if not any(module in sys.modules for module in _REGISTERING_FRAMEWORKS):
-        return
-    holder = next((ref for ref in gc.get_referrers(fn) if _adapter_for(ref) is not None), None)
-    if holder is not None:
-        raise ConfigError(
-            f"@guard.once is above the decorator that registered {getattr(fn, '__name__', fn)!r} as a "
-            f"{type(holder).__module__}.{type(holder).__qualname__}, which already holds the unguarded "
-            f"function: put @guard.once below it (next to the def), or pass the toolset to guard.wrap_tools")
+def _registered_name(fn: Any) -> str | None:
+    """The name a framework registered `fn` under, which is also the name of its records."""
+    return next((getattr(owner, "name", None) for owner, _ in _registrations(fn)), None)
 
 
 def _framework_name(tool: Any) -> str | None:
     """The name a framework tool is known by, which is also the name of its records."""
-    if _adapter_for(tool) is None:
+    adapt = _adapter_for(tool)
+    if adapt is None or adapt is _adapt_mcp_server:
         return None
     metadata = getattr(tool, "metadata", None)  # LlamaIndex keeps a tool's name in its metadata
     return getattr(tool, "name", None) or getattr(metadata, "name", None)
+
+
+def _is_plain_callable(fn: Any) -> bool:
+    """A function, method, builtin or partial (possibly guarded already), or a callable object
+    of the user's own class; not an object of an installed package ledger has no adapter for,
+    whose call would bypass the framework's own tool machinery."""
+    if inspect.isroutine(fn) or isinstance(fn, functools.partial) or type(fn) is _Named:
+        return True
+    if not callable(fn):
+        return False
+    module = sys.modules.get((fn if isinstance(fn, type) else type(fn)).__module__)
+    path = getattr(module, "__file__", None) or ""
+    return not any(path.startswith(root) for root in _library_roots())
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    """Where installed packages and the standard library live."""
+    paths = sysconfig.get_paths()
+    return tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+                 | {os.path.join(p, "") for p in site.getsitepackages()})
 
 
 def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:

@@ -1,9 +1,12 @@
 """The specification of ledger.py, grouped by the section of ledger.py each part covers.
 
-Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server or a
-Chromium browser skip where there is none (set LEDGER_TEST_POSTGRES,
-LEDGER_TEST_REDIS, LEDGER_TEST_CHROMIUM to enable them); with
-LEDGER_TEST_REQUIRE_ALL=1, as under CI, they fail instead of skipping.
+Run with `python -m pytest`. Tests that need a PostgreSQL or Redis server use the
+local ones (postgresql://postgres@127.0.0.1:5432/test, redis://127.0.0.1:6379/15)
+when they answer, or the servers LEDGER_TEST_POSTGRES and LEDGER_TEST_REDIS name
+(set empty: none); the browser tests use chromium (or LEDGER_TEST_CHROMIUM). Tests
+whose server, browser or framework package is missing skip, and the run ends with
+a line saying which skipped and why (conftest.py); with LEDGER_TEST_REQUIRE_ALL=1,
+as under CI, they fail instead of skipping.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import multiprocessing
+import operator
 import os
 import pathlib
 import re
@@ -71,8 +75,26 @@ def sqlite_store(tmp_path: pathlib.Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "ledger.db")
 
 
-POSTGRES_URL = os.environ.get("LEDGER_TEST_POSTGRES")
-REDIS_URL = os.environ.get("LEDGER_TEST_REDIS")
+def server_url(variable: str, local: str) -> str | None:
+    """The server a test uses: $variable where it is set (set empty: none), else the local
+    server at `local` if it answers within a second."""
+    if variable in os.environ:
+        return os.environ[variable] or None
+    try:
+        if local.startswith("postgresql:"):
+            import psycopg
+            psycopg.connect(local, connect_timeout=1).close()
+        else:
+            import redis
+            with redis.Redis.from_url(local, socket_connect_timeout=1, socket_timeout=1) as client:
+                client.ping()
+    except Exception:  # no driver, nothing listening, no such database: the tests that need it skip
+        return None
+    return local
+
+
+POSTGRES_URL = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 SERVER_SCRATCH: list = []   # how to remove what a test left on a shared server
 
 
@@ -86,12 +108,14 @@ def scratch_name() -> str:
 
 def need_postgres() -> None:
     need("PostgreSQL", bool(POSTGRES_URL) and has_module("psycopg"),
-         "set LEDGER_TEST_POSTGRES=postgresql://postgres@127.0.0.1:5432/test and pip install '.[postgres]'")
+         "none answered at 127.0.0.1:5432 (user postgres, database test) and LEDGER_TEST_POSTGRES is not set; "
+         "start one or set LEDGER_TEST_POSTGRES=postgresql://..., and pip install 'psycopg[binary]'")
 
 
 def need_redis() -> None:
     need("Redis", bool(REDIS_URL) and has_module("redis"),
-         "set LEDGER_TEST_REDIS=redis://127.0.0.1:6379/15 and pip install '.[redis]'")
+         "none answered at 127.0.0.1:6379 and LEDGER_TEST_REDIS is not set; "
+         "start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
 
 
 def postgres_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.PostgresStore:
@@ -1366,13 +1390,13 @@ def test_redis_urls_open_a_redis_store_under_the_prefix_they_name(monkeypatch):
         ledger.open_store(f"rediss://127.0.0.1:{port}/0")
 
 
-@pytest.mark.parametrize("module, extra, url", [("psycopg", "postgres", "postgresql://db/agents"),
-                                                ("redis", "redis", "redis://cache:6379/0")])
-def test_a_missing_driver_names_the_extra_to_install(monkeypatch, module, extra, url):
+@pytest.mark.parametrize("module, package, url", [("psycopg", "psycopg[binary]", "postgresql://db/agents"),
+                                                  ("redis", "redis", "redis://cache:6379/0")])
+def test_a_missing_driver_names_the_package_that_installs_it(monkeypatch, module, package, url):
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ledger.ConfigError) as err:
         ledger.open_store(url)
-    assert f"pip install 'ledger-py[{extra}]'" in str(err.value) and "\n" not in str(err.value)
+    assert f"pip install '{package}'" in str(err.value) and "\n" not in str(err.value)
 
 
 def error_text(error: BaseException) -> str:
@@ -1989,18 +2013,34 @@ def test_wrap_tools_imports_no_framework(tmp_path):
             "g = ledger.Guard(':memory:')\n"
             "tools = g.wrap_tools({'add': lambda a, b: a + b})\n"
             "assert tools['add'](a=1, b=2) == 3\n"
-            "print(sorted(m for m in ('langchain_core', 'langgraph', 'agents', 'mcp', 'pydantic_ai', 'llama_index',\n"
-            "                         'smolagents', 'autogen_core', 'google.adk', 'crewai') if m in sys.modules))")
+            "print(sorted(m for m in ('langchain_core', 'langchain', 'langgraph', 'agents', 'mcp', 'fastmcp',\n"
+            "                         'pydantic_ai', 'llama_index', 'smolagents', 'autogen_core', 'google.adk',\n"
+            "                         'crewai') if m in sys.modules))")
     done = run_python(code, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 
-def test_wrap_tools_rejects_what_is_not_a_tool(g):
-    with pytest.raises(ledger.ConfigError, match="not a function or a known framework tool"):
+def test_wrap_tools_rejects_what_is_not_a_tool_naming_its_type(g):
+    with pytest.raises(ledger.ConfigError, match=r"wrap_tools: x: a builtins\.int is not a function or a framework tool"):
         g.wrap_tools({"x": 42})
     with pytest.raises(ledger.ConfigError, match="wrap_tools takes"):
         g.wrap_tools(42)
+
+
+def test_a_callable_object_of_an_installed_package_is_refused_at_wrap_time(g):
+    # an itemgetter stands for any library's callable object ledger has no adapter for (an
+    # unknown framework's tool): calling it directly would bypass that framework's machinery
+    with pytest.raises(ledger.ConfigError, match=r"guard\.once: a operator\.itemgetter is not a function"):
+        g.once(operator.itemgetter(0))
+    with pytest.raises(ledger.ConfigError, match=r"search: a operator\.itemgetter is not"):
+        g.wrap_tools({"search": operator.itemgetter("q")})
+
+
+def test_a_callable_object_of_the_users_own_class_is_a_tool(g):
+    counter = Counter(result="ok")
+    [guarded] = g.wrap_tools([counter])
+    assert [guarded(1), guarded(1)] == ["ok", BLOCKED] and len(counter.calls) == 1
 
 
 def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
@@ -2086,7 +2126,7 @@ def test_injected_rules_match_the_most_specific_class_first():
 
 # This file postpones annotations, so the types a framework resolves in a tool's
 # signature must be module globals: framework modules are bound to these names.
-lc_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
+lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
 
 
 @dataclasses.dataclass
@@ -2163,8 +2203,8 @@ def test_langchain_basetool_subclass_is_guarded_sync_and_async(g):
     _, runs, _, _, search = langchain_tools()
     [tool] = g.wrap_tools([search])
     assert tool.invoke({"query": "x"}) == "found x"
-    assert tool.invoke({"query": "x"}) is BLOCKED
-    assert asyncio.run(tool.ainvoke({"query": "x"})) is BLOCKED
+    assert tool.invoke({"query": "x"}) == ledger.BLOCKED_MESSAGE
+    assert asyncio.run(tool.ainvoke({"query": "x"})) == ledger.BLOCKED_MESSAGE
     assert runs == [("search", "x")]
 
 
@@ -2184,13 +2224,14 @@ def test_langchain_tool_with_sync_and_async_bodies_is_one_tool(g):
     guarded = g.wrap_tools(both)
     assert isinstance(guarded, tools.StructuredTool) and guarded.name == "notify"
     assert asyncio.run(guarded.ainvoke({"to": "a"})) == "sent"
-    assert guarded.invoke({"to": "a"}) is BLOCKED
+    assert guarded.invoke({"to": "a"}) == ledger.BLOCKED_MESSAGE
     assert guarded.invoke({"to": "b"}) == "sent"
     assert runs == [("async", "a"), ("sync", "b")]
 
 
 def test_langchain_injected_tool_arg_identifies_the_caller(g):
-    tools = framework("langchain_core.tools")
+    global lc_tools
+    tools = lc_tools = framework("langchain_core.tools")
     runs = []
 
     @tools.tool
@@ -2207,12 +2248,142 @@ def test_langchain_injected_tool_arg_identifies_the_caller(g):
     assert runs == [("alice", 7), ("bob", 7)]
 
 
+def test_once_above_a_langchain_tool_returns_that_tool_guarded(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @g.once
+    @tools.tool
+    def send_invoice(customer: str, amount: float) -> str:
+        """Email an invoice to a customer."""
+        runs.append(customer)
+        return "sent"
+
+    assert isinstance(send_invoice, tools.StructuredTool)
+    assert send_invoice.name == "send_invoice" and send_invoice.description == "Email an invoice to a customer."
+    assert send_invoice.tool_call_schema.model_json_schema() == \
+        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
+    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
+               for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+
+
+def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
+    tools = framework("langchain_core.tools")
+    runs = []
+
+    @tools.tool
+    @g.once
+    def send_invoice(customer: str, amount: float) -> str:
+        """Email an invoice to a customer."""
+        runs.append(customer)
+        return "sent"
+
+    assert send_invoice.tool_call_schema.model_json_schema() == \
+        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
+    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
+               for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+
+
+def test_once_blocked_return_is_what_a_langchain_duplicate_returns(g):
+    tools = framework("langchain_core.tools")
+
+    @g.once(blocked_return="invoice already sent")
+    @tools.tool
+    def send_invoice(customer: str) -> str:
+        """Email an invoice to a customer."""
+        return "sent"
+
+    assert [send_invoice.invoke({"customer": "acme"}) for _ in range(2)] == ["sent", "invoice already sent"]
+
+
+def test_a_content_and_artifact_tools_blocked_duplicate_is_a_content_artifact_pair(g):
+    tools = framework("langchain_core.tools")
+
+    @g.once
+    @tools.tool(response_format="content_and_artifact")
+    def search(query: str) -> tuple[str, list]:
+        """Search the orders."""
+        return f"found {query}", [1, 2]
+
+    messages = [search.invoke(tool_call("search", n, query="x")) for n in (1, 2)]
+    assert [(m.content, m.artifact) for m in messages] == [("found x", [1, 2]), (ledger.BLOCKED_MESSAGE, None)]
+
+
 def test_policy_can_name_a_framework_tool_by_its_object(g):
     _, runs, send_invoice, _, _ = langchain_tools()
     g.policy(send_invoice, replay=True)
     [tool] = g.wrap_tools([send_invoice])
     assert [tool.invoke({"customer": "a", "amount": 1}) for _ in range(2)] == ["sent 1.0", "sent 1.0"]
     assert len(runs) == 1 and g.history(tool=send_invoice)[0]["blocked"] == 1
+
+
+def run_langchain_agent(tools, turns, **invoke_options):
+    """One run of LangChain's agent loop (create_agent) with a scripted model; the tools' replies."""
+    agents = framework("langchain.agents")
+    from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+
+    class ScriptedModel(FakeMessagesListChatModel):
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+    schema = {"context_schema": Customer} if "context" in invoke_options else {}
+    agent = agents.create_agent(ScriptedModel(responses=turns), tools, **schema)
+    state = agent.invoke({"messages": [("user", "go")]}, **invoke_options)
+    return [m.content for m in state["messages"] if m.type == "tool"]
+
+
+def refund_turns(*calls):
+    from langchain_core.messages import AIMessage
+    return [AIMessage("", tool_calls=[tool_call("refund", n, **args) for n, args in enumerate(calls)]),
+            AIMessage("Done.")]
+
+
+def langchain_refund_tool(runs):
+    from langchain_core.tools import tool
+
+    @tool
+    def refund(order_id: int) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    return refund
+
+
+def test_langchain_agent_loop_blocks_a_duplicate_tool_call(g):
+    runs = []
+    tools = g.wrap_tools([langchain_refund_tool(runs)])
+    replies = run_langchain_agent(tools, refund_turns({"order_id": 7}, {"order_id": 7}))
+    assert sorted(replies) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
+
+
+def test_langchain_agent_loop_replays_a_duplicate_tool_call(g):
+    runs = []
+    refund = langchain_refund_tool(runs)
+    g.policy(refund, replay=True)
+    tools = g.wrap_tools([refund])
+    replies = [run_langchain_agent(tools, refund_turns({"order_id": 7})) for _ in range(2)]
+    assert replies == [["refunded 7"], ["refunded 7"]] and runs == [7]
+
+
+def test_langchain_agent_loop_serves_two_users_through_the_runtime_context(g):
+    global lc_runtime_tools
+    lc_runtime_tools = framework("langchain.tools")
+    runs = []
+
+    @g.once
+    @lc_runtime_tools.tool
+    def refund(order_id: int, runtime: lc_runtime_tools.ToolRuntime) -> str:
+        """Refund an order."""
+        runs.append((runtime.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    replies = [run_langchain_agent([refund], refund_turns({"order_id": 7}), context=Customer(user))
+               for user in ("alice", "bob", "alice")]
+    assert replies == [["refunded 7"], ["refunded 7"], [ledger.BLOCKED_MESSAGE]]
+    assert runs == [("alice", 7), ("bob", 7)]
 
 
 # LangGraph ---------------------------------------------------------------
@@ -2370,7 +2541,8 @@ def test_function_tool_runs_once_under_an_agent_run(g, tmp_path):
 
 
 def run_agent(g, tools, script, context=None):
-    """One Runner.run of an agent with these tools, driven by the example's scripted model."""
+    """One Runner.run of an agent with these tools, driven by the example's scripted model:
+    the tool outputs as the model reads them."""
     framework("agents")
     sys.path.insert(0, str(HERE / "examples"))
     try:
@@ -2381,7 +2553,7 @@ def run_agent(g, tools, script, context=None):
     agent = Agent(name="a", tools=tools)
     result = asyncio.run(Runner.run(agent, "go", context=context, run_config=RunConfig(
         model=example.ScriptedModel(script), tracing_disabled=True)))
-    return [item.output for item in result.new_items if item.type == "tool_call_output_item"]
+    return [item.raw_item["output"] for item in result.new_items if item.type == "tool_call_output_item"]
 
 
 def test_function_tool_run_context_identifies_the_caller(g):
@@ -2410,9 +2582,56 @@ def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_ru
     assert outputs == [["refunded 7"], ["already done"]] and runs == [7]
 
 
+def test_once_above_a_function_tool_returns_that_tool_guarded(g):
+    agents = framework("agents")
+    runs = []
+
+    @g.once
+    @agents.function_tool
+    def refund(order_id: int) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    assert isinstance(refund, agents.FunctionTool) and refund.name == "refund"
+    outputs = run_agent(g, [refund], [[("refund", {"order_id": 7})] * 2, "done"])
+    assert sorted(outputs) == sorted(["refunded 7", ledger.BLOCKED_MESSAGE]) and runs == [7]
+
+
+def test_once_below_a_function_tool_guards_it_and_keeps_its_schema(g):
+    global oa_agents
+    agents = oa_agents = framework("agents")
+    runs = []
+
+    @agents.function_tool
+    @g.once
+    def refund(ctx: oa_agents.RunContextWrapper[Customer], order_id: int) -> str:
+        """Refund an order."""
+        runs.append((ctx.context.user_id, order_id))
+        return f"refunded {order_id}"
+
+    unguarded = agents.function_tool(refund.on_invoke_tool._invoke_tool_impl
+                                     .__agents_function_tool_wrapped_callable__.__wrapped__)
+    assert (refund.name, refund.description, refund.params_json_schema) == \
+           (unguarded.name, unguarded.description, unguarded.params_json_schema)
+    script = [[("refund", {"order_id": 7})] * 2, "done"]
+    outputs = [run_agent(g, [refund], list(script), Customer(user)) for user in ("alice", "bob")]
+    assert [sorted(o) for o in outputs] == [sorted(["refunded 7", ledger.BLOCKED_MESSAGE])] * 2
+    assert runs == [("alice", 7), ("bob", 7)]
+
+
+def test_function_tool_duplicate_is_replayed_under_an_agent_run(g):
+    agents, runs, refund, _ = agents_tools()
+    g.policy(refund, replay=True)
+    tools = g.wrap_tools([refund])
+    outputs = [run_agent(g, tools, [[("refund", {"order_id": 7, "amount": 1.0})], "done"]) for _ in range(2)]
+    assert outputs == [["refunded 7"], ["refunded 7"]] and runs == [7]
+
+
 # MCP ---------------------------------------------------------------------
 
-def mcp_server():
+def mcp_package():
+    """The `mcp` package's server class, request context class and in-memory client."""
     global McpContext
     try:
         framework("mcp.server.mcpserver")
@@ -2428,6 +2647,11 @@ def mcp_server():
         def connect(server):
             return create_connected_server_and_client_session(server._mcp_server)
     McpContext = Context
+    return Server, Context, connect
+
+
+def mcp_server():
+    Server, _, connect = mcp_package()
     server = Server("test")
     runs = []
 
@@ -2471,6 +2695,183 @@ def test_mcp_duplicate_calls_run_once_with_the_request_context_passed_on(g):
     assert texts == ["opened fire", "already done", "closed 1", "already done", "opened flood"]
     assert runs == [("fire", True), 1, ("flood", True)]
     assert {h["tool"] for h in g.history()} == {"file_ticket", "close_ticket"}
+
+
+class McpFlavor(NamedTuple):
+    """An MCP server package as its users write servers: how a tool is registered (mcp's
+    @server.tool(), fastmcp's @mcp.tool) and how an in-memory client calls it."""
+    server: object
+    register: object   # the decorator that registers a function as a tool
+    context: type      # the request context class a tool may take
+    call: object       # call(calls) -> [(is_error, text)]
+
+
+def mcp_flavor(name: str) -> McpFlavor:
+    if name == "fastmcp":
+        fastmcp = framework("fastmcp")
+        server = fastmcp.FastMCP("test")
+
+        async def calls_on(client, calls):
+            return [(r.is_error, r.content[0].text) for r in
+                    [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
+        return McpFlavor(server, server.tool, fastmcp.Context,
+                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), calls_on, calls)))
+    Server, context, connect = mcp_package()
+    server = Server("test")
+
+    async def calls_on(client, calls):
+        return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
+                for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
+    return McpFlavor(server, server.tool(), context,
+                     lambda calls: asyncio.run(with_client(connect(server), calls_on, calls)))
+
+
+async def with_client(client, use, calls):
+    async with client as session:
+        return await use(session, calls)
+
+
+MCP_FLAVORS = ["mcp", "fastmcp"]
+
+
+def authenticated_as(client_id: str):
+    """Make the MCP requests of this thread's next client come from `client_id`, the way the
+    SDK's auth middleware does after it checked a bearer token."""
+    from mcp.server.auth.middleware.auth_context import auth_context_var
+    from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+    from mcp.server.auth.provider import AccessToken
+    auth_context_var.set(AuthenticatedUser(AccessToken(token="t", client_id=client_id, scopes=[])))
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_above_an_mcp_tool_decorator_guards_the_registered_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @g.once
+    @mcp.register
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    assert mcp.call([("file_ticket", {"title": "fire"})] * 2) == [(False, "opened fire"),
+                                                                 (False, ledger.BLOCKED_MESSAGE)]
+    assert file_ticket(title="fire") is BLOCKED and runs == ["fire"]  # a direct call shares the records
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_below_an_mcp_tool_decorator_guards_the_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    @g.once(blocked_return="already filed")
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    assert mcp.call([("file_ticket", {"title": "fire"})] * 2) == [(False, "opened fire"), (False, "already filed")]
+    assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_wrap_tools_of_a_function_an_mcp_server_registered_guards_the_servers_tool(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    [guarded] = g.wrap_tools([file_ticket])
+    assert mcp.call([("file_ticket", {"title": "fire"})]) == [(False, "opened fire")]
+    assert guarded(title="fire") is BLOCKED and runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_wrap_tools_guards_an_mcp_server_in_place_with_the_same_tools(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    def file_ticket(title: str, priority: int = 2) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    def listed():
+        tools = asyncio.run(mcp.server.list_tools())
+        return [t.to_mcp_tool() if hasattr(t, "to_mcp_tool") else t for t in tools]  # fastmcp lists its own
+
+    before = listed()
+    assert g.wrap_tools(mcp.server) is mcp.server
+    assert listed() == before
+    assert mcp.call([("file_ticket", {"title": "fire"}), ("file_ticket", {"title": "fire", "priority": 2})]) == \
+           [(False, "opened fire"), (False, ledger.BLOCKED_MESSAGE)]
+    assert runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_an_mcp_blocked_duplicate_is_text_or_an_error_result_as_the_output_schema_allows(g, flavor):
+    mcp = mcp_flavor(flavor)
+
+    @mcp.register
+    def count_tickets(queue: str) -> int:
+        """Count the open tickets."""
+        return 3
+
+    @mcp.register
+    def ticket(number: int) -> dict[str, int]:
+        """Look a ticket up."""
+        return {"number": number}
+
+    @mcp.register
+    def close_ticket(number: int) -> str:
+        """Close a ticket."""
+        return "closed"
+
+    g.wrap_tools(mcp.server)
+    results = mcp.call([("count_tickets", {"queue": "q"})] * 2 + [("ticket", {"number": 1})] * 2 +
+                       [("close_ticket", {"number": 1})] * 2)
+    assert results[1::2] == [(True, ledger.BLOCKED_MESSAGE), (True, ledger.BLOCKED_MESSAGE),
+                             (False, ledger.BLOCKED_MESSAGE)]
+    assert not any(is_error for is_error, _ in results[0::2])
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_an_mcp_duplicate_is_replayed_through_the_client(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @g.once(replay=True)
+    @mcp.register
+    def lookup(customer: str) -> str:
+        """Look a customer up."""
+        runs.append(customer)
+        return f"customer {customer}"
+
+    assert mcp.call([("lookup", {"customer": "acme"})] * 2) == [(False, "customer acme")] * 2
+    assert runs == ["acme"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_mcp_authenticated_callers_are_told_apart(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+    global McpContext
+    McpContext = mcp.context
+
+    @g.once
+    @mcp.register
+    def refund(order_id: int, ctx: McpContext) -> str:
+        """Refund an order."""
+        runs.append(order_id)
+        return f"refunded {order_id}"
+
+    results = []
+    for user in ("alice", "bob", "alice"):
+        authenticated_as(user)
+        results += mcp.call([("refund", {"order_id": 7})])
+    assert results == [(False, "refunded 7"), (False, "refunded 7"), (False, ledger.BLOCKED_MESSAGE)]
+    assert runs == [7, 7]
 
 
 def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
@@ -2589,16 +2990,31 @@ def test_pydantic_ai_once_below_the_agent_decorator_guards_the_tool(g):
     assert example.tool_results(agent.run_sync("go")) == ["notified", "notified"] and sent == ["ada"]
 
 
-def test_pydantic_ai_once_above_the_agent_decorator_is_refused_at_decoration(g):
-    pydantic_ai = framework("pydantic_ai")
-    from pydantic_ai.models.test import TestModel
-    agent = pydantic_ai.Agent(TestModel())
-    with pytest.raises(ledger.ConfigError, match="put @guard.once below it"):
-        @g.once
-        @agent.tool_plain
-        def notify(to: str) -> str:
-            """Notify someone."""
-            return "notified"
+def test_pydantic_ai_once_above_the_agent_decorator_guards_the_registered_tool(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    agent = example.Agent(example.scripted_model([[("notify", {"to": "ada"})] * 2, "done"]))
+    sent = []
+
+    @g.once
+    @agent.tool_plain
+    def notify(to: str) -> str:
+        """Notify someone."""
+        sent.append(to)
+        return "notified"
+
+    assert sorted(example.tool_results(agent.run_sync("go"))) == [ledger.BLOCKED_MESSAGE, "notified"]
+    assert notify(to="ada") is BLOCKED and sent == ["ada"]  # the function and the agent's tool: one record
+
+
+def test_pydantic_ai_once_above_a_context_tool_counts_the_deps(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    guarded = g.once(example.text_customer)  # registered by @toolset.tool in the example
+    assert guarded is not example.text_customer
+    calls = [("text_customer", {"message": "hi"})] * 2
+    ada, bob = example.Deps("ada", example.SmsGateway()), example.Deps("bob", example.SmsGateway())
+    assert pydantic_ai_run(example, [example.toolset], ada, calls) == [ledger.BLOCKED_MESSAGE, "texted"]
+    assert pydantic_ai_run(example, [example.toolset], bob, calls) == [ledger.BLOCKED_MESSAGE, "texted"]
+    assert (ada.gateway.sent, bob.gateway.sent) == (["ada: hi"], ["bob: hi"])
 
 
 # LlamaIndex ---------------------------------------------------------------
@@ -2697,7 +3113,7 @@ def test_llama_index_once_in_either_order_guards_the_tool(g):
     assert isinstance(above, tools.FunctionTool) and above.metadata.name == below.metadata.name == "notify"
     assert below.metadata.get_parameters_dict() == above.metadata.get_parameters_dict()
     assert below.call(to="a").content == "sent"
-    assert above.call(to="a").raw_output is BLOCKED
+    assert above.call(to="a").content == ledger.BLOCKED_MESSAGE  # a framework tool's default
     assert runs == ["a"]
 
 
@@ -3011,6 +3427,9 @@ EXAMPLES = {
                                          "confirmations sent: ['order 7, receipt ch_7']"]),
     "openai_agents_sdk.py": ("agents", ["refunds that ran: [42, 43]", "executed 2, blocked 2"]),
     "mcp_server.py": ("mcp", ["tickets filed: ['printer on fire']", "-> already done", "1 ticket(s) match"]),
+    "fastmcp_server.py": ("fastmcp", ["refunds that ran: ['order 7 for alice', 'order 7 for bob']",
+                                      "alice: refund({'order_id': 7}) -> already done",
+                                      "executed 3, blocked 2"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
@@ -3090,9 +3509,9 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langgraph", "agents", "mcp", "pydantic_ai", "llama_index", "smolagents",
-                    "autogen_agentchat", "autogen_core", "google.adk"):
-        if any(f"from {package}" in code or f"import {package}" in code for _, code in blocks):
+    for package in ("langchain_core", "langchain", "langgraph", "agents", "mcp", "fastmcp", "pydantic_ai",
+                    "llama_index", "smolagents", "autogen_agentchat", "autogen_core", "google.adk"):
+        if any(re.search(rf"\b(from|import) {package}\b", code) for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("LEDGER_DB", None)
