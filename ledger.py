@@ -3077,10 +3077,20 @@ def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: A
 
 def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """AutoGen FunctionTool: guard the function run() calls (`_func`: FunctionTool has no public
-    way to swap it; the schema, built from its signature at construction, is kept)."""
-    blocked_return = _readable(blocked_return)
+    way to swap it; the schema, built from its signature at construction, is kept). run()
+    hands a sync function to loop.run_in_executor, which leaves context variables (a
+    guard.workflow scope) behind; so a sync function is handed over as an async one that runs
+    it in a thread with the caller's context, as asyncio.to_thread does."""
     guarded = copy.copy(tool)
-    guarded._func = guard._wrap(tool._func, name, blocked_return)
+    fn = guard._wrap(tool._func, name, _readable(blocked_return))
+    if not _is_async(fn):
+        in_thread = fn
+
+        async def fn(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(in_thread, *args, **kwargs)
+
+        functools.update_wrapper(fn, in_thread)
+    guarded._func = fn
     return guarded
 
 

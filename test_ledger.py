@@ -2975,6 +2975,40 @@ def test_pydantic_ai_deps_without_plain_fields_fail_before_the_tool_runs(g):
     assert runs == []
 
 
+@dataclasses.dataclass
+class Account:
+    region: str
+    client: object  # a connection: no canonical form
+
+
+@dataclasses.dataclass
+class AppDeps:
+    user_id: int
+    account: Account
+    http: object
+
+
+@settings(max_examples=40, deadline=None)
+@given(users=st.tuples(st.integers(0, 2), st.integers(0, 2)), regions=st.tuples(st.sampled_from("ab"),
+                                                                                 st.sampled_from("ab")))
+def test_pydantic_ai_deps_count_by_their_plain_fields_at_any_depth(users, regions):
+    global PaRunContext
+    pydantic_ai = framework("pydantic_ai")
+    from pydantic_ai.models.test import TestModel
+    from pydantic_ai.usage import RunUsage
+    PaRunContext = pydantic_ai.RunContext
+    guard, runs = Guard(MemoryStore(), quiet=True), []
+
+    def charge(ctx: PaRunContext, cents: int) -> str:
+        runs.append(ctx.deps.user_id)
+        return "charged"
+
+    for user, region in zip(users, regions):  # every call with clients of its own
+        deps = AppDeps(user, Account(region, object()), object())
+        guard(charge, pydantic_ai.RunContext(deps=deps, model=TestModel(), usage=RunUsage()), cents=5)
+    assert len(runs) == (1 if (users[0], regions[0]) == (users[1], regions[1]) else 2)
+
+
 def test_pydantic_ai_once_below_the_agent_decorator_guards_the_tool(g):
     example = example_module("pydantic_ai_agent", "pydantic_ai")
     agent = example.Agent(example.scripted_model([[("notify", {"to": "ada"})] * 2, "done"]))
@@ -3075,6 +3109,28 @@ def test_llama_index_sync_tool_is_one_tool_for_call_and_acall(g):
     assert tool.call(to="a").content == "sent"
     assert asyncio.run(tool.acall(to="a")).content == "already done"
     assert runs == ["a"]
+
+
+def test_llama_index_tool_with_sync_and_async_functions_and_partial_params_is_one_tool(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str, channel: str) -> str:
+        """Notify someone."""
+        runs.append(("sync", to, channel))
+        return "sent"
+
+    async def anotify(to: str, channel: str) -> str:
+        runs.append(("async", to, channel))
+        return "sent"
+
+    tool = tools.FunctionTool.from_defaults(fn=notify, async_fn=anotify, partial_params={"channel": "sms"})
+    [guarded] = g.wrap_tools([tool], blocked_return="already done")
+    assert guarded.metadata.get_parameters_dict() == tool.metadata.get_parameters_dict()
+    assert asyncio.run(guarded.acall(to="a")).content == "sent"
+    assert guarded.call(to="a").content == "already done"
+    assert guarded.call(to="b").content == "sent"
+    assert runs == [("async", "a", "sms"), ("sync", "b", "sms")]
 
 
 def test_llama_index_tool_spec_is_guarded_under_its_function_names(g):
@@ -3229,6 +3285,22 @@ def test_autogen_cancellation_token_is_passed_on_but_not_fingerprinted(g):
     arguments = {"order_id": 1, "amount": 2.0}
     results = [asyncio.run(tool.run_json(arguments, example.CancellationToken())) for _ in range(2)]
     assert results == ["refunded 2.0 on order 1", "already done"] and example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_autogen_sync_function_tool_is_guarded_in_its_executor_thread(g):
+    tools = framework("autogen_core.tools")
+    from autogen_core import CancellationToken
+    runs = []
+
+    def notify(to: str) -> str:
+        runs.append(to)
+        return "sent"
+
+    [tool] = g.wrap_tools([tools.FunctionTool(notify, description="Notify someone.")])
+    with g.workflow("user-ada"):  # the scope reaches the thread AutoGen runs a sync tool in
+        results = [asyncio.run(tool.run_json({"to": "x"}, CancellationToken())) for _ in range(2)]
+    assert results == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["x"]
+    assert {h["workflow"] for h in g.history()} == {"user-ada"}
 
 
 def test_autogen_duplicates_are_blocked_through_the_agent(g):
