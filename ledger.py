@@ -76,8 +76,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 __all__ = [
-    "guard", "Guard", "Ignore", "Identity", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
-    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "current_key", "check_store", "main",
+    "guard", "Guard", "Store", "MemoryStore", "SQLiteStore", "PostgresStore", "RedisStore", "Record", "Status",
+    "Policy", "Outcome", "BLOCKED", "BLOCKED_MESSAGE", "Ignore", "Identity", "current_key", "check_store", "main",
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError",
 ]
@@ -587,7 +587,11 @@ def _identity_arguments(bound: Mapping[str, Any], injected: Mapping[str, Callabl
         if name not in injected:
             identity[name] = value
         elif injected[name] is not None:
-            identity[name] = part = injected[name](value)
+            try:
+                identity[name] = part = injected[name](value)
+            except Exception as e:
+                raise FingerprintError(f"{tool}: what identifies the caller in parameter {name!r} could not be "
+                                       f"taken from {_describe(value)}: {type(e).__name__}: {e}") from e
             try:
                 _canonical_arguments({name: part})
             except FingerprintError as e:
@@ -724,7 +728,16 @@ BLOCKED = _Blocked()
 # blocked_return= says otherwise: a message the model reads, where BLOCKED would be
 # shown as the bare word or rejected by the framework's output checks.
 BLOCKED_MESSAGE = "already done: an identical call ran before, so this one was not run again"
-_UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<default>"})()
+
+
+class _Unset:
+    """blocked_return's default: BLOCKED from a plain function, BLOCKED_MESSAGE through a framework."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
 
 RECOVER_MODES = ("retry", "block")
 
@@ -2670,10 +2683,9 @@ class Guard:
         above one that registers the function and returns it (MCP @server.tool()) it guards
         the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
-            tool_name = name or _framework_name(fn) or _registered_name(fn)
-            if policy:
-                self.policy(tool_name or fn, **policy)
-            return self._wrap_tool(fn, tool_name, blocked_return, "guard.once")
+            if policy:  # under the name the records will have
+                self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
+            return self._wrap_tool(fn, name, blocked_return, "guard.once")
         return decorate(fn) if fn is not None else decorate
 
     def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
@@ -2712,13 +2724,11 @@ class Guard:
         if not _is_plain_callable(tool):
             raise ConfigError(
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
-                f"is not a function or a framework tool ledger knows "
-                f"(LangChain BaseTool, OpenAI Agents FunctionTool, MCP tool or server, Pydantic AI Tool or "
-                f"FunctionToolset, LlamaIndex FunctionTool or ToolSpec, smolagents Tool, AutoGen FunctionTool, "
-                f"Google ADK FunctionTool, CrewAI BaseTool). Guard the function "
-                f"the tool calls, or pass a function that calls it")
-        name = name or _registered_name(tool)
-        for registered, guard_in_place in _registrations(tool):
+                f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
+                f"Guard the function the tool calls, or pass a function that calls it")
+        registrations = _registrations(tool)
+        name = name or next((owner.name for owner, _ in registrations), None)
+        for registered, guard_in_place in registrations:
             guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
@@ -3149,6 +3159,10 @@ _REGISTRATIONS: tuple[tuple[str, str, Callable[..., None]], ...] = (
 )
 
 
+def _known_framework_classes() -> str:
+    return ", ".join(dict.fromkeys(f"{module.partition('.')[0]} {cls_name}" for module, cls_name, _ in _ADAPTERS))
+
+
 def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     for module, cls_name, adapt in _ADAPTERS:
         cls = getattr(sys.modules.get(module), cls_name, None)
@@ -3159,8 +3173,10 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
 
 def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
     """(framework object, guard in place) for each registration of `fn` (see _REGISTRATIONS).
-    Found through the garbage collector's referrers, only when such a framework is loaded:
-    the object holds `fn` as one of its attributes."""
+    Found through the garbage collector's referrers (a scan of the heap, once per wrap, and
+    only when such a framework is loaded): the object holds `fn` as one of its attributes (in
+    its __dict__, a pydantic model's; or inline, a dataclass's). No framework offers a lookup
+    from a function to its tool."""
     kinds = [(cls, guard_in_place) for module, cls_name, guard_in_place in _REGISTRATIONS
              if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
     if not kinds:
@@ -3179,7 +3195,7 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
 
 def _registered_name(fn: Any) -> str | None:
     """The name a framework registered `fn` under, which is also the name of its records."""
-    return next((getattr(owner, "name", None) for owner, _ in _registrations(fn)), None)
+    return next((owner.name for owner, _ in _registrations(fn)), None)
 
 
 def _framework_name(tool: Any) -> str | None:

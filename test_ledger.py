@@ -2022,7 +2022,8 @@ def test_wrap_tools_imports_no_framework(tmp_path):
 
 
 def test_wrap_tools_rejects_what_is_not_a_tool_naming_its_type(g):
-    with pytest.raises(ledger.ConfigError, match=r"wrap_tools: x: a builtins\.int is not a function or a framework tool"):
+    with pytest.raises(ledger.ConfigError,
+                       match=r"wrap_tools: x: a builtins\.int is not a function or a framework object"):
         g.wrap_tools({"x": 42})
     with pytest.raises(ledger.ConfigError, match="wrap_tools takes"):
         g.wrap_tools(42)
@@ -2083,6 +2084,18 @@ def test_a_parameter_marked_identity_counts_even_where_a_framework_injects_it(g)
     assert seen == [["a"], ["b"]]
 
 
+def test_an_identity_function_that_fails_is_a_fingerprint_error_before_the_tool_runs(g):
+    ran = []
+
+    def refund(customer: Annotated[dict, ledger.Identity(lambda c: c["user_id"])], order_id: int) -> str:
+        ran.append(order_id)
+        return "refunded"
+
+    with pytest.raises(ledger.FingerprintError, match=r"parameter 'customer' could not be taken.*KeyError"):
+        g(refund, {"name": "alice"}, 1)
+    assert ran == []
+
+
 def test_an_identity_marker_in_an_annotation_that_cannot_be_evaluated_is_a_config_error(g):
     class Local:
         pass
@@ -2108,6 +2121,28 @@ def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool
     assert ran == []
 
 
+@settings(max_examples=60, deadline=None)
+@given(users=st.lists(st.text(max_size=8), min_size=2, max_size=2, unique=True),
+       call_ids=st.lists(st.text(min_size=1, max_size=8), min_size=2, max_size=2, unique=True))
+def test_the_caller_a_run_context_names_counts_and_its_call_id_does_not(users, call_ids):
+    global oa_agents
+    oa_agents = framework("agents")
+    from agents.tool_context import ToolContext
+
+    def refund(ctx: oa_agents.RunContextWrapper, order_id: int) -> str:
+        return "refunded"
+
+    probe = Guard(MemoryStore(), quiet=True)
+
+    def identity(user, call_id):
+        context = ToolContext(Customer(user), tool_name="refund", tool_call_id=call_id, tool_arguments="{}")
+        return probe._prepare(refund, (context, 7), {}).id
+
+    alice, bob = users
+    assert identity(alice, call_ids[0]) == identity(alice, call_ids[1])  # a retry of alice's call
+    assert identity(alice, call_ids[0]) != identity(bob, call_ids[0])    # bob's own call
+
+
 def test_injected_rules_match_the_most_specific_class_first():
     tools = framework("langchain_core.tools")
     prebuilt = framework("langgraph.prebuilt")
@@ -2126,7 +2161,7 @@ def test_injected_rules_match_the_most_specific_class_first():
 
 # This file postpones annotations, so the types a framework resolves in a tool's
 # signature must be module globals: framework modules are bound to these names.
-lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = oa_agents = McpContext = None
+lc_tools = lc_runtime_tools = lc_runnables = lg_prebuilt = lg_runtime = oa_agents = McpContext = None
 
 
 @dataclasses.dataclass
@@ -2441,6 +2476,25 @@ def test_langgraph_tool_runtime_context_identifies_the_caller(g):
         replies += [m.content for m in state["messages"] if m.type == "tool"]
     assert replies == ["refunded 7", "refunded 7", "already done"]
     assert runs == [("alice", 7), ("bob", 7)]
+
+
+def test_langgraph_node_runtime_context_identifies_the_caller(g):
+    global lg_runtime
+    graph_module = framework("langgraph.graph")
+    lg_runtime = framework("langgraph.runtime")
+    charged = []
+
+    def charge(order: Order, runtime: lg_runtime.Runtime[Customer]) -> dict:
+        charged.append((runtime.context.user_id, order["order_id"]))
+        return {"receipt": f"ch_{order['order_id']}"}
+
+    graph = graph_module.StateGraph(Order, context_schema=Customer)
+    graph.add_node("charge", g.wrap_tools([charge], blocked_return={})[0])
+    graph.add_edge(graph_module.START, "charge")
+    app = graph.compile()
+    for user in ("alice", "bob", "alice"):
+        app.invoke({"order_id": 7}, context=Customer(user))
+    assert charged == [("alice", 7), ("bob", 7)]
 
 
 class Order(TypedDict):
