@@ -3075,13 +3075,15 @@ def _adapt_llama_index_spec(guard: Guard, spec: Any, name: str | None, blocked_r
 
 
 def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
-    """smolagents Tool: guard forward, which Tool.__call__ calls with the arguments. @tool's
-    forward carries a signature with `self` (for exporting its source); the function it wraps
-    is the one the arguments bind to."""
+    """smolagents Tool: guard forward, which Tool.__call__ calls with the arguments. The forward
+    of a @tool tool is a function whose signature starts with `self` (for exporting its
+    source); the user's function it wraps is the one the arguments bind to."""
     blocked_return = _readable(blocked_return)
     guarded = copy.copy(tool)
     forward = tool.forward
-    guarded.forward = guard._wrap(getattr(forward, "__wrapped__", forward), name, blocked_return)
+    if not inspect.ismethod(forward) and next(iter(inspect.signature(forward).parameters), None) == "self":
+        forward = forward.__wrapped__
+    guarded.forward = guard._wrap(forward, name, blocked_return)
     return guarded
 
 

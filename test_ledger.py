@@ -3262,6 +3262,33 @@ def test_smolagents_tools_keep_name_description_and_inputs(g):
     assert example.refund(order_id=1, amount=1.0) == "refunded 1.0 on order 1"  # the original stays unguarded
 
 
+def test_smolagents_tool_subclass_with_a_decorated_forward_keeps_its_decorator(g):
+    smolagents = framework("smolagents")
+    runs, seen = [], []
+
+    def logged(method):
+        @functools.wraps(method)
+        def logging_forward(self, *args, **kwargs):
+            seen.append(kwargs)
+            return method(self, *args, **kwargs)
+        return logging_forward
+
+    class Notify(smolagents.Tool):
+        name = "notify"
+        description = "Notify someone."
+        inputs = {"to": {"type": "string", "description": "Who."}}
+        output_type = "string"
+
+        @logged
+        def forward(self, to: str) -> str:
+            runs.append(to)
+            return "sent"
+
+    [tool] = g.wrap_tools([Notify()], blocked_return="already done")
+    assert [tool(to="a"), tool(to="a")] == ["sent", "already done"]
+    assert runs == ["a"] and seen == [{"to": "a"}]
+
+
 def test_smolagents_duplicates_are_blocked_through_the_agent(g):
     example = example_module("smolagents_agent", "smolagents")
     runs = []
