@@ -2680,8 +2680,8 @@ class Guard:
 
         Stacks with a framework's decorator in either order: above one that returns a tool
         object (LangChain @tool, Agents SDK @function_tool) it returns that tool guarded;
-        above one that registers the function and returns it (MCP @server.tool()) it guards
-        the registered tool in place too. blocked_return: as for wrap_tools."""
+        above one that registers the function and returns it (MCP @server.tool(), Pydantic AI
+        @agent.tool) it guards the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
             if policy:  # under the name the records will have
                 self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
@@ -2726,15 +2726,14 @@ class Guard:
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
                 f"is not a function or a framework object ledger knows ({_known_framework_classes()}). "
                 f"Guard the function the tool calls, or pass a function that calls it")
-        registrations = _registrations(tool)
+        registrations = [(owner, guard_in_place) for owner, guard_in_place, _ in _registrations(tool)
+                         if guard_in_place is not None]
         name = name or next((owner.name for owner, _ in registrations), None)
         for registered, guard_in_place in registrations:
             guard_in_place(self, registered, name, blocked_return)
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
-        if blocked_return is _UNSET:
-            blocked_return = BLOCKED
         inner, inner_name = _unwrap(fn)
         name = name or inner_name or self._core.name_of(inner, _info(inner))
         self._core.tools.setdefault(name, inner)
@@ -2746,11 +2745,15 @@ class Guard:
         if _is_async(inner):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = await guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         else:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 value = guard._call_named(inner, name, args, kwargs)
-                return blocked_return if value is BLOCKED else value
+                if value is not BLOCKED:
+                    return value
+                return _blocked_default(wrapper) if blocked_return is _UNSET else blocked_return
         functools.update_wrapper(wrapper, inner)
         wrapper.__ledger__ = (inner, name)
         return wrapper
@@ -2910,8 +2913,7 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
     _arun if it has its own), which is what BaseTool.run and arun call. A blocked duplicate
     is BLOCKED_MESSAGE, as (content, artifact) for a content_and_artifact tool."""
     if blocked_return is _UNSET:
-        artifact = getattr(tool, "response_format", None) == "content_and_artifact"
-        blocked_return = (BLOCKED_MESSAGE, None) if artifact else BLOCKED_MESSAGE
+        blocked_return = _langchain_blocked(tool)
     fields = type(tool).model_fields
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
@@ -2922,6 +2924,13 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
         if getattr(type(tool), attr) is not getattr(base, attr):
             object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
     return guarded
+
+
+def _langchain_blocked(tool: Any) -> Any:
+    """A LangChain tool's blocked duplicate: BLOCKED_MESSAGE, as (content, artifact) where the
+    tool returns that pair."""
+    return (BLOCKED_MESSAGE, None) if getattr(tool, "response_format", None) == "content_and_artifact" \
+        else BLOCKED_MESSAGE
 
 
 def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
@@ -2957,27 +2966,25 @@ def _adapt_function_tool(guard: Guard, tool: Any, name: str, blocked_return: Any
 
 def _agents_context_rule(impl: Callable) -> Any:
     """How the run context counts toward a FunctionTool call's identity, as an annotation: as
-    the user's function's own context parameter says (a RunContextWrapper: its .context), and
-    not at all if the function takes no context. The SDK marks its invoker with the user's
-    function; a FunctionTool built by hand has no mark, and its run's .context counts."""
+    the first parameter of the user's function says (a RunContextWrapper: its .context; see
+    _INJECTED, Ignore, Identity). The SDK marks its invoker with the user's function, which
+    may take no context (then the context does not count); an invoker written by hand is the
+    user's function and always gets the context, whose .context counts unless annotated."""
     original = getattr(impl, "__agents_function_tool_wrapped_callable__", None)
-    if original is None:
-        return Annotated[Any, Identity(_context_of)]
-    injected = _injected_parameters(original)
+    fn = original or impl
     try:
-        first = next(iter(inspect.signature(original).parameters), None)
+        first = next(iter(inspect.signature(fn).parameters), None)
     except (TypeError, ValueError):
         first = None
-    extract = injected.get(first, None) if first is not None else None
+    injected = _injected_parameters(fn)
+    extract = injected[first] if first in injected else (None if original is not None else _context_of)
     return Ignore if extract is None else Annotated[Any, Identity(extract)]
 
 
-def _mcp_blocked(tool: Any, blocked_return: Any) -> Any:
-    """What a blocked duplicate of an MCP tool returns: BLOCKED_MESSAGE, as the tool's own text
-    result where its output is text; otherwise as a text result marked isError, the one result
-    MCP does not check against the tool's output schema (a duplicate has no output to check)."""
-    if blocked_return is not _UNSET:
-        return blocked_return
+def _mcp_blocked(tool: Any) -> Any:
+    """An MCP tool's blocked duplicate: BLOCKED_MESSAGE, as the tool's own text result where
+    its output is text; otherwise as a text result marked isError, the one result MCP does not
+    check against the tool's output schema (a duplicate has no output of its own to check)."""
     schema = getattr(tool, "output_schema", None)
     wrapped = schema is not None and (schema.get("x-fastmcp-wrap-result")
                                       or getattr(getattr(tool, "fn_metadata", None), "wrap_output", False))
@@ -2990,13 +2997,15 @@ def _mcp_blocked(tool: Any, blocked_return: Any) -> Any:
 def _adapt_mcp_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """A registered MCP tool (mcp's or standalone fastmcp's): guard fn, which the tool runs with
     the validated arguments and the request context (a Context, so passed on)."""
-    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, _mcp_blocked(tool, blocked_return))})
+    blocked = _mcp_blocked(tool) if blocked_return is _UNSET else blocked_return
+    return tool.model_copy(update={"fn": guard._wrap(tool.fn, name, blocked)})
 
 
 def _guard_mcp_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
     """A function @server.tool() registered and returned: guard the server's tool in place."""
     if getattr(tool.fn, "__ledger__", None) is None:
-        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool, blocked_return))
+        tool.fn = guard._wrap(tool.fn, name or tool.name, _mcp_blocked(tool) if blocked_return is _UNSET
+                              else blocked_return)
 
 
 def _mcp_registry(server: Any) -> dict:
@@ -3022,6 +3031,11 @@ def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_retur
 def _readable(blocked_return: Any) -> Any:
     """What a framework tool's blocked duplicate returns: BLOCKED_MESSAGE unless chosen."""
     return BLOCKED_MESSAGE if blocked_return is _UNSET else blocked_return
+
+
+def _blocked_message(tool: Any) -> str:
+    """The blocked default of a framework whose tools return text or any JSON value."""
+    return BLOCKED_MESSAGE
 
 
 def _adapt_pydantic_ai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
@@ -3149,15 +3163,24 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),
 )
 
-# (module, class name, guard in place): framework objects that hold a function a framework
-# decorator registered and handed back unchanged, so that guarding the function alone would
-# leave the registered tool unguarded. The object keeps the function as an attribute (`fn`
-# for MCP, `function` for Pydantic AI's @agent.tool / @agent.tool_plain / @toolset.tool).
-_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None]], ...] = (
-    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place),
-    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place),
-    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place),
-    ("pydantic_ai.tools", "Tool", _guard_pydantic_ai_tool_in_place),
+# (module, class name, guard in place, blocked default): framework tool objects that hold a
+# function in one of their attributes. Where a framework decorator registers the function
+# and hands it back unchanged (MCP's @server.tool(), Pydantic AI's @agent.tool and
+# @toolset.tool), guarding the function alone would leave the registered tool unguarded:
+# `guard in place` guards it (None: the decorator returns the tool object, which wrap_tools
+# and once take themselves). Where @guard.once sits below the
+# decorator, the tool holds the guard's own wrapper, whose blocked duplicate then returns
+# `blocked default(tool)`, looked up on the first one.
+_REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any], Any]], ...] = (
+    ("mcp.server.mcpserver.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place, _mcp_blocked),
+    ("langchain_core.tools", "BaseTool", None, _langchain_blocked),
+    ("pydantic_ai.tools", "Tool", _guard_pydantic_ai_tool_in_place, _blocked_message),
+    ("llama_index.core.tools.function_tool", "FunctionTool", None, _blocked_message),
+    ("autogen_core.tools._function_tool", "FunctionTool", None, _blocked_message),
+    ("google.adk.tools.function_tool", "FunctionTool", None, _blocked_message),
+    ("crewai.tools.base_tool", "BaseTool", None, _blocked_message),
 )
 
 
@@ -3173,13 +3196,13 @@ def _adapter_for(tool: Any) -> Callable[..., Any] | None:
     return None
 
 
-def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
-    """(framework object, guard in place) for each registration of `fn` (see _REGISTRATIONS).
-    Found through the garbage collector's referrers (a scan of the heap, once per wrap, and
-    only when such a framework is loaded): the object holds `fn` as one of its attributes (in
-    its __dict__, a pydantic model's; or inline, a dataclass's). No framework offers a lookup
-    from a function to its tool."""
-    kinds = [(cls, guard_in_place) for module, cls_name, guard_in_place in _REGISTRATIONS
+def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None] | None, Callable[[Any], Any]]]:
+    """(tool object, guard in place, blocked default) for each framework tool holding `fn`
+    (see _REGISTRATIONS). Found through the garbage collector's referrers (a scan of the heap,
+    only when such a framework is loaded, once per wrap or per guarded function): the tool
+    holds `fn` as one of its attributes (in its __dict__, as a pydantic model does; or inline,
+    as a dataclass may). No framework offers a lookup from a function to its tool."""
+    kinds = [(cls, guard_in_place, blocked) for module, cls_name, guard_in_place, blocked in _REGISTRATIONS
              if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
     if not kinds:
         return []
@@ -3191,13 +3214,25 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None]]]:
         for owner in owners:
             attributes = getattr(owner, "__dict__", None) or {}
             if (owner is holder or attributes is holder) and any(value is fn for value in attributes.values()):
-                found += [(owner, guard_in_place) for cls, guard_in_place in kinds if isinstance(owner, cls)][:1]
+                found += [(owner, guard_in_place, blocked) for cls, guard_in_place, blocked in kinds
+                          if isinstance(owner, cls)][:1]
     return found
 
 
 def _registered_name(fn: Any) -> str | None:
     """The name a framework registered `fn` under, which is also the name of its records."""
-    return next((owner.name for owner, _ in _registrations(fn)), None)
+    return next((owner.name for owner, guard_in_place, _ in _registrations(fn) if guard_in_place), None)
+
+
+def _blocked_default(wrapper: Callable) -> Any:
+    """What a guarded function's blocked duplicate returns when no blocked_return was given:
+    BLOCKED, or, where a framework tool holds the function (@guard.once below its decorator),
+    what that framework's tools return. Looked up on the first blocked duplicate, then kept."""
+    value = wrapper.__dict__.get("__ledger_blocked__", _UNSET)
+    if value is _UNSET:
+        value = next((blocked(owner) for owner, _, blocked in _registrations(wrapper)), BLOCKED)
+        wrapper.__ledger_blocked__ = value
+    return value
 
 
 def _framework_name(tool: Any) -> str | None:

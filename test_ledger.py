@@ -75,26 +75,27 @@ def sqlite_store(tmp_path: pathlib.Path) -> SQLiteStore:
     return SQLiteStore(tmp_path / "ledger.db")
 
 
-def server_url(variable: str, local: str) -> str | None:
-    """The server a test uses: $variable where it is set (set empty: none), else the local
-    server at `local` if it answers within a second."""
+def server_url(variable: str, local: str) -> tuple[str | None, str]:
+    """The server a test uses, or None and why: $variable where it is set (set empty: none),
+    else the local server at `local` if it answers within a few seconds."""
     if variable in os.environ:
-        return os.environ[variable] or None
+        return os.environ[variable] or None, f"{variable} is set empty"
     try:
         if local.startswith("postgresql:"):
             import psycopg
-            psycopg.connect(local, connect_timeout=1).close()
+            psycopg.connect(local, connect_timeout=3).close()
         else:
             import redis
-            with redis.Redis.from_url(local, socket_connect_timeout=1, socket_timeout=1) as client:
+            with redis.Redis.from_url(local, socket_connect_timeout=3, socket_timeout=3) as client:
                 client.ping()
-    except Exception:  # no driver, nothing listening, no such database: the tests that need it skip
-        return None
-    return local
+    except Exception as e:  # no driver, nothing listening, no such database: the tests that need it skip
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return None, f"{local} did not answer ({reason}) and {variable} is not set"
+    return local, ""
 
 
-POSTGRES_URL = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
+POSTGRES_URL, POSTGRES_MISSING = server_url("LEDGER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL, REDIS_MISSING = server_url("LEDGER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 SERVER_SCRATCH: list = []   # how to remove what a test left on a shared server
 
 
@@ -108,14 +109,13 @@ def scratch_name() -> str:
 
 def need_postgres() -> None:
     need("PostgreSQL", bool(POSTGRES_URL) and has_module("psycopg"),
-         "none answered at 127.0.0.1:5432 (user postgres, database test) and LEDGER_TEST_POSTGRES is not set; "
-         "start one or set LEDGER_TEST_POSTGRES=postgresql://..., and pip install 'psycopg[binary]'")
+         f"{POSTGRES_MISSING}; start one or set LEDGER_TEST_POSTGRES=postgresql://..., "
+         f"and pip install 'psycopg[binary]'")
 
 
 def need_redis() -> None:
     need("Redis", bool(REDIS_URL) and has_module("redis"),
-         "none answered at 127.0.0.1:6379 and LEDGER_TEST_REDIS is not set; "
-         "start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
+         f"{REDIS_MISSING}; start one or set LEDGER_TEST_REDIS=redis://..., and pip install redis")
 
 
 def postgres_store(tmp_path: pathlib.Path | None = None, url: str | None = None) -> ledger.PostgresStore:
@@ -2321,6 +2321,19 @@ def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
     assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
 
 
+def test_once_below_a_content_and_artifact_tool_blocks_with_a_content_artifact_pair(g):
+    tools = framework("langchain_core.tools")
+
+    @tools.tool(response_format="content_and_artifact")
+    @g.once
+    def search(query: str) -> tuple[str, list]:
+        """Search the orders."""
+        return f"found {query}", [1, 2]
+
+    messages = [search.invoke(tool_call("search", n, query="x")) for n in (1, 2)]
+    assert [(m.content, m.artifact) for m in messages] == [("found x", [1, 2]), (ledger.BLOCKED_MESSAGE, None)]
+
+
 def test_once_blocked_return_is_what_a_langchain_duplicate_returns(g):
     tools = framework("langchain_core.tools")
 
@@ -2628,6 +2641,29 @@ def test_function_tool_run_context_identifies_the_caller(g):
     assert runs == [("alice", 7), ("bob", 7)]
 
 
+def test_a_hand_built_function_tools_run_context_counts_unless_its_invoker_says_otherwise(g):
+    agents = framework("agents")
+    runs = []
+
+    async def refund(ctx, arguments: str) -> str:
+        runs.append(ctx.context.user_id)
+        return "refunded"
+
+    async def notify(ctx: Annotated[object, ledger.Ignore], arguments: str) -> str:
+        runs.append("notify")
+        return "notified"
+
+    schema = {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"],
+              "additionalProperties": False}
+    tools = g.wrap_tools([agents.FunctionTool(name=name, description=name, params_json_schema=schema,
+                                              on_invoke_tool=invoke) for name, invoke in
+                          [("refund", refund), ("notify", notify)]])
+    script = [[("refund", {"order_id": 7}), ("notify", {"order_id": 7})], "done"]
+    outputs = [run_agent(g, tools, list(script), Customer(user)) for user in ("alice", "bob")]
+    assert outputs == [["refunded", "notified"], ["refunded", ledger.BLOCKED_MESSAGE]]
+    assert sorted(runs) == ["alice", "bob", "notify"]  # the SDK runs one turn's calls concurrently
+
+
 def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_run_context(g):
     agents, runs, refund, _ = agents_tools()
     tools = g.wrap_tools([refund], blocked_return="already done")
@@ -2764,20 +2800,22 @@ def mcp_flavor(name: str) -> McpFlavor:
     if name == "fastmcp":
         fastmcp = framework("fastmcp")
         server = fastmcp.FastMCP("test")
-
-        async def calls_on(client, calls):
-            return [(r.is_error, r.content[0].text) for r in
-                    [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
         return McpFlavor(server, server.tool, fastmcp.Context,
-                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), calls_on, calls)))
+                         lambda calls: asyncio.run(with_client(fastmcp.Client(server), fastmcp_calls, calls)))
     Server, context, connect = mcp_package()
     server = Server("test")
-
-    async def calls_on(client, calls):
-        return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
-                for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
     return McpFlavor(server, server.tool(), context,
-                     lambda calls: asyncio.run(with_client(connect(server), calls_on, calls)))
+                     lambda calls: asyncio.run(with_client(connect(server), mcp_calls, calls)))
+
+
+async def fastmcp_calls(client, calls):
+    return [(r.is_error, r.content[0].text) for r in
+            [await client.call_tool(tool, arguments, raise_on_error=False) for tool, arguments in calls]]
+
+
+async def mcp_calls(client, calls):
+    return [(r.is_error if "is_error" in type(r).model_fields else r.isError, r.content[0].text)  # 2.x, 1.x
+            for r in [await client.call_tool(tool, arguments) for tool, arguments in calls]]
 
 
 async def with_client(client, use, calls):
@@ -2829,6 +2867,21 @@ def test_once_below_an_mcp_tool_decorator_guards_the_tool(g, flavor):
 
 
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_once_below_an_mcp_tool_with_a_typed_output_blocks_with_an_error_result_the_client_reads(g, flavor):
+    mcp, runs = mcp_flavor(flavor), []
+
+    @mcp.register
+    @g.once
+    def ticket(number: int) -> dict[str, int]:
+        """Look a ticket up."""
+        runs.append(number)
+        return {"number": number}
+
+    first, again = mcp.call([("ticket", {"number": 1})] * 2)
+    assert first[0] is False and again == (True, ledger.BLOCKED_MESSAGE) and runs == [1]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
 def test_wrap_tools_of_a_function_an_mcp_server_registered_guards_the_servers_tool(g, flavor):
     mcp, runs = mcp_flavor(flavor), []
 
@@ -2841,6 +2894,23 @@ def test_wrap_tools_of_a_function_an_mcp_server_registered_guards_the_servers_to
     [guarded] = g.wrap_tools([file_ticket])
     assert mcp.call([("file_ticket", {"title": "fire"})]) == [(False, "opened fire")]
     assert guarded(title="fire") is BLOCKED and runs == ["fire"]
+
+
+@pytest.mark.parametrize("flavor", MCP_FLAVORS)
+def test_a_function_two_mcp_servers_registered_is_guarded_in_both(g, flavor):
+    first, second, runs = mcp_flavor(flavor), mcp_flavor(flavor), []
+
+    def file_ticket(title: str) -> str:
+        """Open a ticket."""
+        runs.append(title)
+        return f"opened {title}"
+
+    first.register(file_ticket)
+    second.register(file_ticket)
+    g.once(file_ticket)
+    assert first.call([("file_ticket", {"title": "fire"})]) == [(False, "opened fire")]
+    assert second.call([("file_ticket", {"title": "fire"})]) == [(False, ledger.BLOCKED_MESSAGE)]
+    assert runs == ["fire"]
 
 
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
@@ -3411,8 +3481,8 @@ def test_autogen_once_in_either_order_guards_the_tool(g):
     assert isinstance(above, example.FunctionTool) and above.schema == below.schema
     call = ("refund", {"order_id": 1, "amount": 2.0})
     assert autogen_run(example, [above], [call]) == ["refunded 2.0 on order 1"]
-    assert autogen_run(example, [below], [call]) == [str(BLOCKED)]
-    assert autogen_run(example, [g.once(example.refund)], [call]) == [str(BLOCKED)]  # a plain function as a tool
+    assert autogen_run(example, [below], [call]) == [ledger.BLOCKED_MESSAGE]
+    assert autogen_run(example, [g.once(example.refund)], [call]) == [ledger.BLOCKED_MESSAGE]  # a plain function
     assert example.REFUNDS == ["order 1: 2.0"]
 
 
@@ -3461,6 +3531,13 @@ def test_adk_once_in_either_order_guards_the_tool(g):
     for tool in (above, below):
         assert adk_run(example, [tool], [call, call], "ada") == ["refunded 2.0 on order 1"] * 2
     assert example.REFUNDS == ["ada: order 1, 2.0"]  # one function, guarded either way, is one tool
+
+
+def test_adk_once_below_returns_a_blocked_message_the_model_can_read(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tool = example.FunctionTool(g.once(example.refund))
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, [tool], [call, call], "ada") == [ledger.BLOCKED_MESSAGE, "refunded 2.0 on order 1"]
 
 
 # CrewAI -------------------------------------------------------------------
@@ -3559,7 +3636,8 @@ else:
 
         assert isinstance(notify, tools.BaseTool) and type(notify) is type(notify_below)
         assert notify.args_schema.model_json_schema() == notify_below.args_schema.model_json_schema()
-        assert [notify.run(to="a"), notify_below.run(to="a"), notify_below.run(to="b")] == ["sent", BLOCKED, "sent"]
+        assert [notify.run(to="a"), notify_below.run(to="a"), notify_below.run(to="b")] == \
+               ["sent", ledger.BLOCKED_MESSAGE, "sent"]
         assert runs == ["a", "b"]
 
     def test_crewai_basetool_subclass_is_guarded_through_run_and_structured_tool(g):
