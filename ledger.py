@@ -3120,6 +3120,13 @@ def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any)
     return guarded
 
 
+def _adapt_autogen_workbench(guard: Guard, workbench: Any, name: str | None, blocked_return: Any) -> Any:
+    """AutoGen StaticWorkbench: a new one over its tools, guarded, with the same overrides of
+    their names and descriptions (`_tools` and `_tool_overrides`: it has no public getters)."""
+    return type(workbench)([guard._wrap_tool(tool, None, blocked_return) for tool in workbench._tools],
+                           tool_overrides=workbench._tool_overrides)
+
+
 def _adapt_adk_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """Google ADK FunctionTool: guard its public `func`, which run_async calls with the
     arguments and the ToolContext; the declaration, built at construction, is kept."""
@@ -3158,6 +3165,7 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("llama_index.core.tools.tool_spec.base", "BaseToolSpec", _adapt_llama_index_spec),
     ("smolagents.tools", "Tool", _adapt_smolagents_tool),
     ("autogen_core.tools._function_tool", "FunctionTool", _adapt_autogen_tool),
+    ("autogen_core.tools._static_workbench", "StaticWorkbench", _adapt_autogen_workbench),
     ("google.adk.tools.function_tool", "FunctionTool", _adapt_adk_tool),
     ("crewai.tools.base_tool", "BaseTool", _adapt_crewai_tool),
     ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),

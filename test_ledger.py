@@ -3474,6 +3474,19 @@ def test_autogen_duplicates_are_replayed_and_users_scoped_by_workflow(g):
     assert example.REFUNDS == ["order 1: 2.0"] * 2
 
 
+def test_autogen_static_workbench_is_guarded_with_its_overrides(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    from autogen_core.tools import StaticWorkbench, ToolOverride
+    tool = example.FunctionTool(example.refund, description="Refund.")
+    workbench = StaticWorkbench([tool], tool_overrides={"refund": ToolOverride(name="refund_order")})
+    guarded = g.wrap_tools(workbench, blocked_return="already done")
+    assert type(guarded) is StaticWorkbench and asyncio.run(guarded.list_tools()) == asyncio.run(workbench.list_tools())
+    agent = example.AssistantAgent("a", workbench=guarded, model_client=example.scripted_client(
+        [[("refund_order", {"order_id": 1, "amount": 2.0})] * 2, "done"]))
+    assert sorted(asyncio.run(example.run(agent, "go"))) == ["already done", "refunded 2.0 on order 1"]
+    assert example.REFUNDS == ["order 1: 2.0"] and {h["tool"] for h in g.history()} == {"refund"}
+
+
 def test_autogen_once_in_either_order_guards_the_tool(g):
     example = example_module("autogen_agent", "autogen_agentchat")
     above = g.once(example.FunctionTool(example.refund, description="Refund."))
