@@ -594,6 +594,39 @@ def _mcp_caller(auth_module: str, context: Any) -> Any:
     return [token.client_id, getattr(token, "subject", None), (getattr(token, "claims", None) or {}).get("iss")]
 
 
+_SKIPPED = object()
+
+
+def _deps_of(context: Any) -> Any:
+    """A Pydantic AI RunContext's deps, which identify the caller (a user id, an account) but
+    often also hold clients and connections, which do not: the deps without the values that
+    have no canonical form, picked field by field from dataclasses, pydantic models and dicts.
+    Deps that have no such fields and no canonical form get the identity error and its fixes."""
+    return _plain_part(getattr(context, "deps", None), top=True)
+
+
+def _plain_part(value: Any, top: bool = False) -> Any:
+    try:
+        canonical(value)
+        return value
+    except (_Unsupported, ValueError):
+        pass
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(getattr(type(value), "model_fields", None), dict):
+        fields = {name: getattr(value, name) for name in type(value).model_fields}
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+    else:
+        return value if top else _SKIPPED
+    return {str(name): part for name, field in fields.items() if (part := _plain_part(field)) is not _SKIPPED}
+
+
+def _adk_caller(context: Any) -> Any:
+    """Google ADK ToolContext: who calls (the app and the user), not which session or invocation."""
+    return [context.session.app_name, context.user_id]
+
+
 # Values a framework injects into a tool, by type: (module prefix, class name, extractor).
 # extractor None: per-invocation noise (a call id, callbacks, a run's config, a store, a
 # stream writer) that differs between retries of one call, passed on, never fingerprinted.
@@ -619,6 +652,10 @@ _INJECTED: list[tuple[str, str, Callable[[Any], Any] | None]] = [
     ("mcp", "Context", functools.partial(_mcp_caller, "mcp.server.auth.middleware.auth_context")),
     ("fastmcp", "Context", functools.partial(_mcp_caller, "fastmcp.server.dependencies")),
     ("agents", "RunContextWrapper", _context_of),
+    ("pydantic_ai", "RunContext", _deps_of),
+    ("workflows", "Context", None),  # LlamaIndex's workflow Context (llama_index.core.workflow)
+    ("autogen_core", "CancellationToken", None),
+    ("google", "ReadonlyContext", _adk_caller),  # ADK's ToolContext and CallbackContext
 ]
 # LangChain passes its callback manager as `run_manager` to a tool's _run, annotated or not.
 _INJECTED_NAMES: dict[str, Callable[[Any], Any] | None] = {"run_manager": None}
@@ -4168,8 +4205,8 @@ class Guard:
 
         Stacks with a framework's decorator in either order: above one that returns a tool
         object (LangChain @tool, Agents SDK @function_tool) it returns that tool guarded;
-        above one that registers the function and returns it (MCP @server.tool()) it guards
-        the registered tool in place too. blocked_return: as for wrap_tools."""
+        above one that registers the function and returns it (MCP @server.tool(), Pydantic AI
+        @agent.tool) it guards the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
             if policy:  # under the name the records will have
                 self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
@@ -4210,7 +4247,7 @@ class Guard:
     def _wrap_tool(self, tool: Any, name: str | None, blocked_return: Any, caller: str = "wrap_tools") -> Any:
         adapt = _adapter_for(tool)
         if adapt is not None:
-            return adapt(self, tool, name or getattr(tool, "name", None), blocked_return)
+            return adapt(self, tool, name or _framework_name(tool), blocked_return)
         if not _is_plain_callable(tool):
             raise NotAToolError(
                 f"{caller}: {name + ': ' if name else ''}a {type(tool).__module__}.{type(tool).__qualname__} "
@@ -4645,6 +4682,128 @@ def _adapt_mcp_server(guard: Guard, server: Any, name: str | None, blocked_retur
     return server
 
 
+def _readable(blocked_return: Any) -> Any:
+    """What a framework tool's blocked duplicate returns: BLOCKED_MESSAGE unless chosen."""
+    return BLOCKED_MESSAGE if blocked_return is _UNSET else blocked_return
+
+
+def _blocked_message(tool: Any) -> str:
+    """The blocked default of a framework whose tools return text or any JSON value."""
+    return BLOCKED_MESSAGE
+
+
+def _adapt_pydantic_ai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """Pydantic AI Tool: a copy, guarded as below."""
+    guarded = copy.copy(tool)
+    _guard_pydantic_ai_tool_in_place(guard, guarded, name, blocked_return)
+    return guarded
+
+
+def _guard_pydantic_ai_tool_in_place(guard: Guard, tool: Any, name: str | None, blocked_return: Any) -> None:
+    """Pydantic AI Tool (also one @agent.tool or @toolset.tool registered and returned): guard
+    its function, which the tool's function schema calls with the RunContext (if it takes
+    one) and the validated arguments. The schema holds the function it calls, so it gets a
+    copy with the guarded one."""
+    if getattr(tool.function, "__ledger__", None) is None:
+        tool.function = guard._wrap(tool.function, name or tool.name, _readable(blocked_return))
+        tool.function_schema = dataclasses.replace(tool.function_schema, function=tool.function)
+
+
+def _adapt_pydantic_ai_toolset(guard: Guard, toolset: Any, name: str | None, blocked_return: Any) -> Any:
+    """Pydantic AI FunctionToolset: a copy whose tools (its public `tools` dict) are guarded."""
+    guarded = copy.copy(toolset)
+    guarded.tools = {key: _adapt_pydantic_ai_tool(guard, tool, tool.name, blocked_return)
+                     for key, tool in toolset.tools.items()}
+    return guarded
+
+
+def _adapt_llama_index_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """LlamaIndex FunctionTool: a new FunctionTool over the guarded user function(s), with the
+    same metadata (name, description, schema), callbacks and partial parameters. The callbacks
+    have no public getter; `_callback` and `_async_callback` are read to carry them over."""
+    blocked_return = _readable(blocked_return)
+    bridges = ("sync_to_async.", "async_to_sync.")  # what LlamaIndex adds for the kind not given
+    given = {kind: fn for kind, fn in (("fn", tool.fn), ("async_fn", tool.async_fn))
+             if not getattr(fn, "__qualname__", "").startswith(bridges)}
+    return type(tool)(**{kind: guard._wrap(fn, name, blocked_return) for kind, fn in given.items()},
+                      metadata=tool.metadata, callback=tool._callback, async_callback=tool._async_callback,
+                      partial_params=tool.partial_params)
+
+
+def _adapt_llama_index_spec(guard: Guard, spec: Any, name: str | None, blocked_return: Any) -> Any:
+    """LlamaIndex ToolSpec: a copy whose spec functions are guarded, so its to_tool_list() and
+    to_tool_list_async() build guarded tools under the same names."""
+    blocked_return = _readable(blocked_return)
+    guarded = copy.copy(spec)
+    for entry in spec.spec_functions:
+        for fn_name in (entry,) if isinstance(entry, str) else entry:
+            setattr(guarded, fn_name, guard._wrap(getattr(spec, fn_name), entry if isinstance(entry, str)
+                                                  else entry[0], blocked_return))
+    return guarded
+
+
+def _adapt_smolagents_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """smolagents Tool: guard forward, which Tool.__call__ calls with the arguments. The forward
+    of a @tool tool is a function whose signature starts with `self` (for exporting its
+    source); the user's function it wraps is the one the arguments bind to."""
+    blocked_return = _readable(blocked_return)
+    guarded = copy.copy(tool)
+    forward = tool.forward
+    if not inspect.ismethod(forward) and next(iter(inspect.signature(forward).parameters), None) == "self":
+        forward = forward.__wrapped__
+    guarded.forward = guard._wrap(forward, name, blocked_return)
+    return guarded
+
+
+def _adapt_autogen_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """AutoGen FunctionTool: guard the function run() calls (`_func`: FunctionTool has no public
+    way to swap it; the schema, built from its signature at construction, is kept). run()
+    hands a sync function to loop.run_in_executor, which leaves context variables (a
+    guard.workflow scope) behind; so a sync function is handed over as an async one that runs
+    it in a thread with the caller's context, as asyncio.to_thread does."""
+    guarded = copy.copy(tool)
+    fn = guard._wrap(tool._func, name, _readable(blocked_return))
+    if not _is_async(fn):
+        in_thread = fn
+
+        async def fn(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(in_thread, *args, **kwargs)
+
+        functools.update_wrapper(fn, in_thread)
+    guarded._func = fn
+    return guarded
+
+
+def _adapt_autogen_workbench(guard: Guard, workbench: Any, name: str | None, blocked_return: Any) -> Any:
+    """AutoGen StaticWorkbench: a new one over its tools, guarded, with the same overrides of
+    their names and descriptions (`_tools` and `_tool_overrides`: it has no public getters)."""
+    return type(workbench)([guard._wrap_tool(tool, None, blocked_return) for tool in workbench._tools],
+                           tool_overrides=workbench._tool_overrides)
+
+
+def _adapt_adk_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """Google ADK FunctionTool: guard its public `func`, which run_async calls with the
+    arguments and the ToolContext; the declaration, built at construction, is kept."""
+    blocked_return = _readable(blocked_return)
+    guarded = copy.copy(tool)
+    guarded.func = guard._wrap(tool.func, name, blocked_return)
+    return guarded
+
+
+def _adapt_crewai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
+    """CrewAI Tool (from @tool): guard func. Any other BaseTool: guard _run (and _arun if it
+    has its own), which run, arun and to_structured_tool call."""
+    blocked_return = _readable(blocked_return)
+    if "func" in type(tool).model_fields:
+        return tool.model_copy(update={"func": guard._wrap(tool.func, name, blocked_return)})
+    guarded = tool.model_copy()
+    base = sys.modules["crewai.tools.base_tool"].BaseTool
+    for attr in ("_run", "_arun"):
+        if getattr(type(tool), attr) is not getattr(base, attr):
+            object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
+    return guarded
+
+
 # (module, class name, adapter): framework objects wrap_tools and once take.
 _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("langchain_core.tools", "BaseTool", _adapt_langchain),
@@ -4654,14 +4813,24 @@ _ADAPTERS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("fastmcp.tools.function_tool", "FunctionTool", _adapt_mcp_tool),
     ("mcp.server.mcpserver.server", "MCPServer", _adapt_mcp_server),
     ("mcp.server.fastmcp.server", "FastMCP", _adapt_mcp_server),
+    ("pydantic_ai.tools", "Tool", _adapt_pydantic_ai_tool),
+    ("pydantic_ai.toolsets.function", "FunctionToolset", _adapt_pydantic_ai_toolset),
+    ("llama_index.core.tools.function_tool", "FunctionTool", _adapt_llama_index_tool),
+    ("llama_index.core.tools.tool_spec.base", "BaseToolSpec", _adapt_llama_index_spec),
+    ("smolagents.tools", "Tool", _adapt_smolagents_tool),
+    ("autogen_core.tools._function_tool", "FunctionTool", _adapt_autogen_tool),
+    ("autogen_core.tools._static_workbench", "StaticWorkbench", _adapt_autogen_workbench),
+    ("google.adk.tools.function_tool", "FunctionTool", _adapt_adk_tool),
+    ("crewai.tools.base_tool", "BaseTool", _adapt_crewai_tool),
     ("fastmcp.server.server", "FastMCP", _adapt_mcp_server),
 )
 
 # (module, class name, guard in place, blocked default): framework tool objects that hold a
 # function in one of their attributes. Where a framework decorator registers the function
-# and hands it back unchanged (MCP's @server.tool()), guarding the function alone would leave
-# the registered tool unguarded: `guard in place` guards it (None: the decorator returns the
-# tool object, which wrap_tools and once take themselves). Where @guard.once sits below the
+# and hands it back unchanged (MCP's @server.tool(), Pydantic AI's @agent.tool and
+# @toolset.tool), guarding the function alone would leave the registered tool unguarded:
+# `guard in place` guards it (None: the decorator returns the tool object, which wrap_tools
+# and once take themselves). Where @guard.once sits below the
 # decorator, the tool holds the guard's own wrapper, whose blocked duplicate then returns
 # `blocked default(tool)`, looked up on the first one.
 _REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any], Any]], ...] = (
@@ -4669,6 +4838,11 @@ _REGISTRATIONS: tuple[tuple[str, str, Callable[..., None] | None, Callable[[Any]
     ("mcp.server.fastmcp.tools.base", "Tool", _guard_mcp_tool_in_place, _mcp_blocked),
     ("fastmcp.tools.function_tool", "FunctionTool", _guard_mcp_tool_in_place, _mcp_blocked),
     ("langchain_core.tools", "BaseTool", None, _langchain_blocked),
+    ("pydantic_ai.tools", "Tool", _guard_pydantic_ai_tool_in_place, _blocked_message),
+    ("llama_index.core.tools.function_tool", "FunctionTool", None, _blocked_message),
+    ("autogen_core.tools._function_tool", "FunctionTool", None, _blocked_message),
+    ("google.adk.tools.function_tool", "FunctionTool", None, _blocked_message),
+    ("crewai.tools.base_tool", "BaseTool", None, _blocked_message),
 )
 
 
@@ -4688,18 +4862,20 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None] | None, Calla
     """(tool object, guard in place, blocked default) for each framework tool holding `fn`
     (see _REGISTRATIONS). Found through the garbage collector's referrers (a scan of the heap,
     only when such a framework is loaded, once per wrap or per guarded function): the tool
-    holds `fn` in its attribute dict (a pydantic model's __dict__). No framework offers a
-    lookup from a function to its tool."""
+    holds `fn` as one of its attributes (in its __dict__, as a pydantic model does; or inline,
+    as a dataclass may). No framework offers a lookup from a function to its tool."""
     kinds = [(cls, guard_in_place, blocked) for module, cls_name, guard_in_place, blocked in _REGISTRATIONS
              if (cls := getattr(sys.modules.get(module), cls_name, None)) is not None]
     if not kinds:
         return []
     found = []
     for holder in gc.get_referrers(fn):
-        if type(holder) is not dict:
-            continue
-        for owner in gc.get_referrers(holder):
-            if getattr(owner, "__dict__", None) is holder:
+        # a pydantic model refers to fn from its attribute dict; a dataclass (Pydantic AI's
+        # Tool) may refer to it itself, its attributes kept inline
+        owners = gc.get_referrers(holder) if type(holder) is dict else [holder]
+        for owner in owners:
+            attributes = getattr(owner, "__dict__", None) or {}
+            if (owner is holder or attributes is holder) and any(value is fn for value in attributes.values()):
                 found += [(owner, guard_in_place, blocked) for cls, guard_in_place, blocked in kinds
                           if isinstance(owner, cls)][:1]
     return found
@@ -4724,7 +4900,10 @@ def _blocked_default(wrapper: Callable) -> Any:
 def _framework_name(tool: Any) -> str | None:
     """The name a framework tool is known by, which is also the name of its records."""
     adapt = _adapter_for(tool)
-    return tool.name if adapt is not None and adapt is not _adapt_mcp_server else None
+    if adapt is None or adapt is _adapt_mcp_server:
+        return None
+    metadata = getattr(tool, "metadata", None)  # LlamaIndex keeps a tool's name in its metadata
+    return getattr(tool, "name", None) or getattr(metadata, "name", None)
 
 
 def _is_plain_callable(fn: Any) -> bool:

@@ -4896,8 +4896,9 @@ def test_wrap_tools_imports_no_framework(tmp_path):
             "g = ledger.Guard(':memory:')\n"
             "tools = g.wrap_tools({'add': lambda a, b: a + b})\n"
             "assert tools['add'](a=1, b=2) == 3\n"
-            "print(sorted(m for m in ('langchain_core', 'langchain', 'langgraph', 'agents', 'mcp', 'fastmcp') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('langchain_core', 'langchain', 'langgraph', 'agents', 'mcp', 'fastmcp',\n"
+            "                         'pydantic_ai', 'llama_index', 'smolagents', 'autogen_core', 'google.adk',\n"
+            "                         'crewai') if m in sys.modules))")
     done = run_python(code, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -5918,6 +5919,649 @@ def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
     assert "file_ticket" in done.stderr  # guard.log() went to stderr
 
 
+# More agent frameworks: each framework's own tool objects, both orders of
+# @guard.once and the framework's decorator, duplicates blocked and replayed
+# through the framework's own agent loop (a scripted model from examples/), and
+# two users told apart by what the framework injects.
+
+def example_module(name: str, package: str):
+    """An example's module (its tools and scripted model), imported afresh, or skip/fail without `package`."""
+    framework(package)
+    sys.path.insert(0, str(HERE / "examples"))
+    try:
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(HERE / "examples"))
+
+
+# Pydantic AI --------------------------------------------------------------
+
+def test_pydantic_ai_tool_and_toolset_keep_name_description_and_schema(g):
+    pydantic_ai = framework("pydantic_ai")
+
+    def refund(order_id: int, amount: float = 0.0) -> str:
+        """Refund an order."""
+        return "refunded"
+
+    tool = pydantic_ai.Tool(refund, name="refund_order")
+    toolset = pydantic_ai.FunctionToolset([refund])
+    guarded_tool, guarded_toolset = g.wrap_tools([tool, toolset])
+    assert type(guarded_tool) is type(tool) and guarded_tool.tool_def == tool.tool_def
+    assert type(guarded_toolset) is type(toolset) and guarded_toolset.tools.keys() == toolset.tools.keys()
+    assert guarded_toolset.tools["refund"].tool_def == toolset.tools["refund"].tool_def
+    assert toolset.tools["refund"].function is refund  # the original is left as it was
+
+
+def pydantic_ai_run(example, toolsets, deps, calls):
+    """The tool results of one agent run whose model asks for `calls` in one turn, sorted."""
+    agent = example.Agent(example.scripted_model([calls, "done"]), deps_type=example.Deps, toolsets=toolsets)
+    return sorted(example.tool_results(agent.run_sync("go", deps=deps)))
+
+
+def test_pydantic_ai_duplicates_are_blocked_per_user_through_the_agent(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    gateway = example.SmsGateway()
+    ada, bob = example.Deps("ada", gateway), example.Deps("bob", example.SmsGateway())
+    guarded = g.wrap_tools(example.toolset, blocked_return="already done")
+    call = ("text_customer", {"message": "hi"})
+    assert pydantic_ai_run(example, [guarded], ada, [call, call]) == ["already done", "texted"]
+    assert pydantic_ai_run(example, [guarded], ada, [call]) == ["already done"]
+    assert pydantic_ai_run(example, [guarded], bob, [call]) == ["texted"]
+    assert gateway.sent == ["ada: hi"] and bob.gateway.sent == ["bob: hi"]
+
+
+def test_pydantic_ai_duplicates_are_replayed_through_the_agent(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    deps = example.Deps("ada", example.SmsGateway())
+    g.policy("text_customer", replay=True)
+    call = ("text_customer", {"message": "hi"})
+    assert pydantic_ai_run(example, [g.wrap_tools(example.toolset)], deps, [call, call]) == ["texted", "texted"]
+    assert deps.gateway.sent == ["ada: hi"]
+
+
+PaRunContext = None  # bound to pydantic_ai.RunContext: this file postpones annotations
+
+
+def test_pydantic_ai_deps_without_plain_fields_fail_before_the_tool_runs(g):
+    global PaRunContext
+    pydantic_ai = framework("pydantic_ai")
+    PaRunContext = pydantic_ai.RunContext
+    from pydantic_ai.models.test import TestModel
+    runs = []
+
+    def ping(ctx: PaRunContext, host: str) -> str:
+        runs.append(host)
+        return "pong"
+
+    agent = pydantic_ai.Agent(TestModel(), tools=g.wrap_tools([pydantic_ai.Tool(ping, takes_ctx=True)]))
+    with pytest.raises(ledger.FingerprintError, match="parameter 'ctx' .* ledger.Identity"):
+        agent.run_sync("go", deps=object())
+    assert runs == []
+
+
+@dataclasses.dataclass
+class Account:
+    region: str
+    client: object  # a connection: no canonical form
+
+
+@dataclasses.dataclass
+class AppDeps:
+    user_id: int
+    account: Account
+    http: object
+
+
+@settings(max_examples=40, deadline=None)
+@given(users=st.tuples(st.integers(0, 2), st.integers(0, 2)), regions=st.tuples(st.sampled_from("ab"),
+                                                                                 st.sampled_from("ab")))
+def test_pydantic_ai_deps_count_by_their_plain_fields_at_any_depth(users, regions):
+    global PaRunContext
+    pydantic_ai = framework("pydantic_ai")
+    from pydantic_ai.models.test import TestModel
+    from pydantic_ai.usage import RunUsage
+    PaRunContext = pydantic_ai.RunContext
+    guard, runs = Guard(MemoryStore(), quiet=True), []
+
+    def charge(ctx: PaRunContext, cents: int) -> str:
+        runs.append(ctx.deps.user_id)
+        return "charged"
+
+    for user, region in zip(users, regions):  # every call with clients of its own
+        deps = AppDeps(user, Account(region, object()), object())
+        guard(charge, pydantic_ai.RunContext(deps=deps, model=TestModel(), usage=RunUsage()), cents=5)
+    assert len(runs) == (1 if (users[0], regions[0]) == (users[1], regions[1]) else 2)
+
+
+def test_pydantic_ai_once_below_the_agent_decorator_guards_the_tool(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    agent = example.Agent(example.scripted_model([[("notify", {"to": "ada"})] * 2, "done"]))
+    sent = []
+
+    @agent.tool_plain
+    @g.once(replay=True)
+    def notify(to: str) -> str:
+        """Notify someone."""
+        sent.append(to)
+        return "notified"
+
+    assert example.tool_results(agent.run_sync("go")) == ["notified", "notified"] and sent == ["ada"]
+
+
+def test_pydantic_ai_once_above_the_agent_decorator_guards_the_registered_tool(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    agent = example.Agent(example.scripted_model([[("notify", {"to": "ada"})] * 2, "done"]))
+    sent = []
+
+    @g.once
+    @agent.tool_plain
+    def notify(to: str) -> str:
+        """Notify someone."""
+        sent.append(to)
+        return "notified"
+
+    assert sorted(example.tool_results(agent.run_sync("go"))) == [ledger.BLOCKED_MESSAGE, "notified"]
+    assert notify(to="ada") is BLOCKED and sent == ["ada"]  # the function and the agent's tool: one record
+
+
+def test_pydantic_ai_once_above_a_context_tool_counts_the_deps(g):
+    example = example_module("pydantic_ai_agent", "pydantic_ai")
+    guarded = g.once(example.text_customer)  # registered by @toolset.tool in the example
+    assert guarded is not example.text_customer
+    calls = [("text_customer", {"message": "hi"})] * 2
+    ada, bob = example.Deps("ada", example.SmsGateway()), example.Deps("bob", example.SmsGateway())
+    assert pydantic_ai_run(example, [example.toolset], ada, calls) == [ledger.BLOCKED_MESSAGE, "texted"]
+    assert pydantic_ai_run(example, [example.toolset], bob, calls) == [ledger.BLOCKED_MESSAGE, "texted"]
+    assert (ada.gateway.sent, bob.gateway.sent) == (["ada: hi"], ["bob: hi"])
+
+
+# LlamaIndex ---------------------------------------------------------------
+
+def llama_index_run(example, tools, calls):
+    """The sorted tool results of a FunctionAgent run whose model asks for `calls` in one turn."""
+    agent = example.FunctionAgent(tools=tools, llm=example.scripted_llm([calls, "done"]))
+    return sorted(asyncio.run(example.run(agent, "go")))
+
+
+def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+
+    def quote(item: str, quantity: int = 1) -> str:
+        """Quote a price."""
+        return "42"
+
+    tools = [example.FunctionTool.from_defaults(example.refund),
+             example.FunctionTool.from_defaults(quote, name="get_quote")]
+    for before, after in zip(tools, g.wrap_tools(tools)):
+        assert type(after) is type(before) and after is not before
+        assert after.metadata.name == before.metadata.name
+        assert after.metadata.description == before.metadata.description
+        assert after.metadata.get_parameters_dict() == before.metadata.get_parameters_dict()
+        assert (after.requires_context, after.ctx_param_name) == (before.requires_context, before.ctx_param_name)
+
+
+def test_llama_index_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert llama_index_run(example, tools, [call, call]) == ["already done", "refunded 2.0 on order 1"]
+    assert llama_index_run(example, tools, [call]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_llama_index_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("llama_index_agent", "llama_index.core")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert llama_index_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+def test_llama_index_sync_tool_is_one_tool_for_call_and_acall(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str) -> str:
+        """Notify someone."""
+        runs.append(to)
+        return "sent"
+
+    [tool] = g.wrap_tools([tools.FunctionTool.from_defaults(notify)], blocked_return="already done")
+    assert tool.call(to="a").content == "sent"
+    assert asyncio.run(tool.acall(to="a")).content == "already done"
+    assert runs == ["a"]
+
+
+def test_llama_index_tool_with_sync_and_async_functions_and_partial_params_is_one_tool(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str, channel: str) -> str:
+        """Notify someone."""
+        runs.append(("sync", to, channel))
+        return "sent"
+
+    async def anotify(to: str, channel: str) -> str:
+        runs.append(("async", to, channel))
+        return "sent"
+
+    tool = tools.FunctionTool.from_defaults(fn=notify, async_fn=anotify, partial_params={"channel": "sms"})
+    [guarded] = g.wrap_tools([tool], blocked_return="already done")
+    assert guarded.metadata.get_parameters_dict() == tool.metadata.get_parameters_dict()
+    assert asyncio.run(guarded.acall(to="a")).content == "sent"
+    assert guarded.call(to="a").content == "already done"
+    assert guarded.call(to="b").content == "sent"
+    assert runs == [("async", "a", "sms"), ("sync", "b", "sms")]
+
+
+def test_llama_index_tool_spec_is_guarded_under_its_function_names(g):
+    tool_spec = framework("llama_index.core.tools.tool_spec.base")
+    runs = []
+
+    class Billing(tool_spec.BaseToolSpec):
+        spec_functions = ["charge"]
+
+        def charge(self, customer: str, cents: int) -> str:
+            """Charge a customer."""
+            runs.append((customer, cents))
+            return "charged"
+
+    spec = Billing()
+    guarded = g.wrap_tools(spec, blocked_return="already done")
+    assert type(guarded) is Billing
+    [before], [after] = spec.to_tool_list(), guarded.to_tool_list()
+    assert after.metadata.get_parameters_dict() == before.metadata.get_parameters_dict()
+    assert (after.metadata.name, after.metadata.description) == (before.metadata.name, before.metadata.description)
+    assert [after.call(customer="a", cents=5).content for _ in range(2)] == ["charged", "already done"]
+    assert runs == [("a", 5)] and {h["tool"] for h in g.history()} == {"charge"}
+
+
+def test_llama_index_once_in_either_order_guards_the_tool(g):
+    tools = framework("llama_index.core.tools")
+    runs = []
+
+    def notify(to: str) -> str:
+        """Notify someone."""
+        runs.append(to)
+        return "sent"
+
+    below = tools.FunctionTool.from_defaults(g.once(notify, name="notify"))
+    above = g.once(tools.FunctionTool.from_defaults(notify, name="notify"))
+    assert isinstance(above, tools.FunctionTool) and above.metadata.name == below.metadata.name == "notify"
+    assert below.metadata.get_parameters_dict() == above.metadata.get_parameters_dict()
+    assert below.call(to="a").content == "sent"
+    assert above.call(to="a").content == ledger.BLOCKED_MESSAGE  # a framework tool's default
+    assert runs == ["a"]
+
+
+# smolagents ---------------------------------------------------------------
+
+def smolagents_run(example, tools, calls):
+    """The sorted tool results of a ToolCallingAgent run whose model asks for `calls` in one step."""
+    agent = example.ToolCallingAgent(tools=tools, model=example.ScriptedModel([calls, "done"]), verbosity_level=0)
+    agent.run("go")
+    return sorted(example.tool_results(agent))
+
+
+def smolagents_search_tool(runs: list):
+    smolagents = framework("smolagents")
+
+    class Search(smolagents.Tool):
+        name = "search"
+        description = "Search the orders."
+        inputs = {"query": {"type": "string", "description": "What to look for."}}
+        output_type = "string"
+
+        def forward(self, query: str) -> str:
+            runs.append(query)
+            return "found " + query
+
+    return Search()
+
+
+def test_smolagents_tools_keep_name_description_and_inputs(g):
+    example = example_module("smolagents_agent", "smolagents")
+    tools = [example.refund, smolagents_search_tool([])]
+    for before, after in zip(tools, g.wrap_tools(tools)):
+        assert type(after) is type(before) and after is not before
+        assert (after.name, after.description, after.inputs, after.output_type) == \
+               (before.name, before.description, before.inputs, before.output_type)
+    assert example.refund(order_id=1, amount=1.0) == "refunded 1.0 on order 1"  # the original stays unguarded
+
+
+def test_smolagents_tool_subclass_with_a_decorated_forward_keeps_its_decorator(g):
+    smolagents = framework("smolagents")
+    runs, seen = [], []
+
+    def logged(method):
+        @functools.wraps(method)
+        def logging_forward(self, *args, **kwargs):
+            seen.append(kwargs)
+            return method(self, *args, **kwargs)
+        return logging_forward
+
+    class Notify(smolagents.Tool):
+        name = "notify"
+        description = "Notify someone."
+        inputs = {"to": {"type": "string", "description": "Who."}}
+        output_type = "string"
+
+        @logged
+        def forward(self, to: str) -> str:
+            runs.append(to)
+            return "sent"
+
+    [tool] = g.wrap_tools([Notify()], blocked_return="already done")
+    assert [tool(to="a"), tool(to="a")] == ["sent", "already done"]
+    assert runs == ["a"] and seen == [{"to": "a"}]
+
+
+def test_smolagents_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("smolagents_agent", "smolagents")
+    runs = []
+    tools = g.wrap_tools([example.refund, smolagents_search_tool(runs)], blocked_return="already done")
+    refund, search = ("refund", {"order_id": 1, "amount": 2.0}), ("search", {"query": "x"})
+    assert smolagents_run(example, tools, [refund, refund, search]) == \
+           ["already done", "found x", "refunded 2.0 on order 1"]
+    assert smolagents_run(example, tools, [search]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"] and runs == ["x"]
+
+
+def test_smolagents_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("smolagents_agent", "smolagents")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.refund])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert smolagents_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+@pytest.mark.filterwarnings("ignore:Function .* has decorators other than @tool")  # smolagents' source export
+def test_smolagents_once_in_either_order_guards_the_tool(g):
+    smolagents = framework("smolagents")
+    runs = []
+
+    @g.once
+    @smolagents.tool
+    def notify(to: str) -> str:
+        """Notify someone.
+
+        Args:
+            to: Who to notify.
+        """
+        runs.append(to)
+        return "sent"
+
+    @smolagents.tool
+    @g.once(name="notify")
+    def notify_below(to: str) -> str:
+        """Notify someone.
+
+        Args:
+            to: Who to notify.
+        """
+        runs.append(to)
+        return "sent"
+
+    assert isinstance(notify, smolagents.Tool) and notify.name == "notify" and notify_below.name == "notify_below"
+    assert notify.inputs == notify_below.inputs
+    assert [notify(to="a"), notify_below(to="a"), notify(to="b")] == ["sent", BLOCKED, "sent"]
+    assert runs == ["a", "b"]
+
+
+# AutoGen ------------------------------------------------------------------
+
+def autogen_run(example, tools, calls):
+    """The sorted tool results of an AssistantAgent run whose model asks for `calls` in one turn."""
+    agent = example.AssistantAgent("a", model_client=example.scripted_client([calls, "done"]), tools=tools)
+    return sorted(asyncio.run(example.run(agent, "go")))
+
+
+def test_autogen_function_tool_keeps_name_description_and_schema(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    tool = example.FunctionTool(example.refund, description="Refund an order.", name="refund_order")
+    [guarded] = g.wrap_tools([tool])
+    assert type(guarded) is type(tool) and guarded is not tool
+    assert (guarded.name, guarded.description, guarded.schema) == (tool.name, tool.description, tool.schema)
+
+
+def test_autogen_cancellation_token_is_passed_on_but_not_fingerprinted(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    [tool] = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")], blocked_return="already done")
+    arguments = {"order_id": 1, "amount": 2.0}
+    results = [asyncio.run(tool.run_json(arguments, example.CancellationToken())) for _ in range(2)]
+    assert results == ["refunded 2.0 on order 1", "already done"] and example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_autogen_sync_function_tool_is_guarded_in_its_executor_thread(g):
+    tools = framework("autogen_core.tools")
+    from autogen_core import CancellationToken
+    runs = []
+
+    def notify(to: str) -> str:
+        runs.append(to)
+        return "sent"
+
+    [tool] = g.wrap_tools([tools.FunctionTool(notify, description="Notify someone.")])
+    with g.workflow("user-ada"):  # the scope reaches the thread AutoGen runs a sync tool in
+        results = [asyncio.run(tool.run_json({"to": "x"}, CancellationToken())) for _ in range(2)]
+    assert results == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["x"]
+    assert {h["workflow"] for h in g.history()} == {"user-ada"}
+
+
+def test_autogen_duplicates_are_blocked_through_the_agent(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    tools = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert autogen_run(example, tools, [call, call]) == ["already done", "refunded 2.0 on order 1"]
+    assert autogen_run(example, tools, [call]) == ["already done"]
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
+def test_autogen_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool(example.refund, description="Refund.")])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for user in ("ada", "bob"):
+        with g.workflow(f"user-{user}"):
+            assert autogen_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+
+def test_autogen_static_workbench_is_guarded_with_its_overrides(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    from autogen_core.tools import StaticWorkbench, ToolOverride
+    tool = example.FunctionTool(example.refund, description="Refund.")
+    workbench = StaticWorkbench([tool], tool_overrides={"refund": ToolOverride(name="refund_order")})
+    guarded = g.wrap_tools(workbench, blocked_return="already done")
+    assert type(guarded) is StaticWorkbench and asyncio.run(guarded.list_tools()) == asyncio.run(workbench.list_tools())
+    agent = example.AssistantAgent("a", workbench=guarded, model_client=example.scripted_client(
+        [[("refund_order", {"order_id": 1, "amount": 2.0})] * 2, "done"]))
+    assert sorted(asyncio.run(example.run(agent, "go"))) == ["already done", "refunded 2.0 on order 1"]
+    assert example.REFUNDS == ["order 1: 2.0"] and {h["tool"] for h in g.history()} == {"refund"}
+
+
+def test_autogen_once_in_either_order_guards_the_tool(g):
+    example = example_module("autogen_agent", "autogen_agentchat")
+    above = g.once(example.FunctionTool(example.refund, description="Refund."))
+    below = example.FunctionTool(g.once(example.refund), description="Refund.")
+    assert isinstance(above, example.FunctionTool) and above.schema == below.schema
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert autogen_run(example, [above], [call]) == ["refunded 2.0 on order 1"]
+    assert autogen_run(example, [below], [call]) == [ledger.BLOCKED_MESSAGE]
+    assert autogen_run(example, [g.once(example.refund)], [call]) == [ledger.BLOCKED_MESSAGE]  # a plain function
+    assert example.REFUNDS == ["order 1: 2.0"]
+
+
+# Google ADK ---------------------------------------------------------------
+
+def adk_run(example, tools, calls, user):
+    """The sorted tool results of an LlmAgent run for `user` whose model asks for `calls` in one turn."""
+    return sorted(asyncio.run(example.run(tools, [calls, "done"], user)))
+
+
+def test_adk_function_tool_keeps_name_description_and_declaration(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tool = example.FunctionTool(example.refund)
+    [guarded] = g.wrap_tools([tool])
+    assert type(guarded) is type(tool) and guarded is not tool and guarded.name == tool.name
+    assert guarded.description == tool.description
+    assert guarded._get_declaration() == tool._get_declaration()  # what the model is shown
+
+
+def test_adk_duplicates_are_blocked_per_user_through_the_agent(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tools = g.wrap_tools([example.FunctionTool(example.refund)], blocked_return="already done")
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, tools, [call, call], "ada") == ["already done", "refunded 2.0 on order 1"]
+    assert adk_run(example, tools, [call], "ada") == ["already done"]  # a new session of the same user
+    assert adk_run(example, tools, [call], "bob") == ["refunded 2.0 on order 1"]
+    assert example.REFUNDS == ["ada: order 1, 2.0", "bob: order 1, 2.0"]
+
+
+def test_adk_duplicates_are_replayed_through_the_agent(g):
+    example = example_module("google_adk_agent", "google.adk")
+    g.policy("refund", replay=True)
+    tools = g.wrap_tools([example.FunctionTool(example.refund)])
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, tools, [call, call], "ada") == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["ada: order 1, 2.0"]
+
+
+def test_adk_once_in_either_order_guards_the_tool(g):
+    example = example_module("google_adk_agent", "google.adk")
+    above = g.once(example.FunctionTool(example.refund), replay=True)
+    below = g.once(example.refund, replay=True)  # ADK makes a FunctionTool of a plain function itself
+    assert isinstance(above, example.FunctionTool)
+    assert above._get_declaration() == example.FunctionTool(below)._get_declaration()
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    for tool in (above, below):
+        assert adk_run(example, [tool], [call, call], "ada") == ["refunded 2.0 on order 1"] * 2
+    assert example.REFUNDS == ["ada: order 1, 2.0"]  # one function, guarded either way, is one tool
+
+
+def test_adk_once_below_returns_a_blocked_message_the_model_can_read(g):
+    example = example_module("google_adk_agent", "google.adk")
+    tool = example.FunctionTool(g.once(example.refund))
+    call = ("refund", {"order_id": 1, "amount": 2.0})
+    assert adk_run(example, [tool], [call, call], "ada") == [ledger.BLOCKED_MESSAGE, "refunded 2.0 on order 1"]
+
+
+# CrewAI -------------------------------------------------------------------
+# CrewAI pins versions of mcp, openai and pydantic that the frameworks above
+# cannot share, so it has an environment of its own (.ci/run makes it): where
+# crewai is not installed and LEDGER_TEST_CREWAI_PYTHON names that environment's
+# interpreter, one test runs the crewai tests there (and the crewai example runs
+# there too); elsewhere they run here.
+
+CREWAI_PYTHON = os.environ.get("LEDGER_TEST_CREWAI_PYTHON")
+CREWAI_ELSEWHERE = bool(CREWAI_PYTHON) and not has_module("crewai")
+
+
+def crewai(module: str):
+    """A crewai module, imported with its telemetry off (as the example does): the tests stay offline."""
+    need(module, has_module("crewai"), "CrewAI needs an environment of its own: pip install -e '.[test,crewai]' "
+         "in a virtualenv and run the tests there, or set LEDGER_TEST_CREWAI_PYTHON to its python (as .ci/run does)")
+    os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    return importlib.import_module(module)
+
+
+def crewai_example():
+    crewai("crewai")
+    return example_module("crewai_crew", "crewai")
+
+
+def crewai_search_tool(runs: list):
+    tools = crewai("crewai.tools")
+
+    class Search(tools.BaseTool):
+        name: str = "search"
+        description: str = "Search the orders."
+
+        def _run(self, query: str) -> str:
+            runs.append(query)
+            return "found " + query
+
+    return Search()
+
+
+if CREWAI_ELSEWHERE:
+    def test_the_crewai_tests_pass_in_their_own_environment(tmp_path):
+        wanted = len(re.findall(r"^    def test_crewai_", (HERE / "test_ledger.py").read_text(), re.M))
+        env = {**os.environ, "PYTHONPATH": str(HERE), "LEDGER_TEST_REQUIRE_ALL": "1"}
+        done = subprocess.run([CREWAI_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_crewai_",
+                               str(HERE / "test_ledger.py")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert re.search(rf"^{wanted} passed, \d+ deselected", done.stdout, re.M), done.stdout[-3000:]
+else:
+    def test_crewai_tools_keep_name_description_and_schema(g):
+        example = crewai_example()
+        tools = [example.refund, crewai_search_tool([])]
+        for before, after in zip(tools, g.wrap_tools(tools)):
+            assert type(after) is type(before) and after is not before
+            assert (after.name, after.description) == (before.name, before.description)
+            assert after.args_schema.model_json_schema() == before.args_schema.model_json_schema()
+
+    def test_crewai_duplicates_are_blocked_through_the_crew(g):
+        example = crewai_example()
+        runs = []
+        tools = g.wrap_tools([example.refund, crewai_search_tool(runs)], blocked_return="already done")
+        script = [("refund", {"order_id": 1, "amount": 2.0}), ("search", {"query": "x"}), "done"]
+        assert example.run(tools, script) == ["refunded 2.0 on order 1", "found x"]
+        assert example.run(tools, script) == ["already done", "already done"]  # the crew run again
+        assert example.REFUNDS == ["order 1: 2.0"] and runs == ["x"]
+
+    def test_crewai_duplicates_are_replayed_and_users_scoped_by_workflow(g):
+        example = crewai_example()
+        g.policy("refund", replay=True)
+        tools = g.wrap_tools([example.refund])
+        script = [("refund", {"order_id": 1, "amount": 2.0}), "done"]
+        for user in ("ada", "bob", "ada"):
+            with g.workflow(f"user-{user}"):
+                assert example.run(tools, script) == ["refunded 2.0 on order 1"]
+        assert example.REFUNDS == ["order 1: 2.0"] * 2
+
+    def test_crewai_once_in_either_order_guards_the_tool(g):
+        tools = crewai("crewai.tools")
+        runs = []
+
+        @g.once
+        @tools.tool("notify")
+        def notify(to: str) -> str:
+            """Notify someone."""
+            runs.append(to)
+            return "sent"
+
+        @tools.tool("notify")
+        @g.once(name="notify")
+        def notify_below(to: str) -> str:
+            """Notify someone."""
+            runs.append(to)
+            return "sent"
+
+        assert isinstance(notify, tools.BaseTool) and type(notify) is type(notify_below)
+        assert notify.args_schema.model_json_schema() == notify_below.args_schema.model_json_schema()
+        assert [notify.run(to="a"), notify_below.run(to="a"), notify_below.run(to="b")] == \
+               ["sent", ledger.BLOCKED_MESSAGE, "sent"]
+        assert runs == ["a", "b"]
+
+    def test_crewai_basetool_subclass_is_guarded_through_run_and_structured_tool(g):
+        runs = []
+        [search] = g.wrap_tools([crewai_search_tool(runs)], blocked_return="already done")
+        assert search.run(query="x") == "found x"
+        assert search.to_structured_tool().invoke({"query": "x"}) == "already done"
+        assert runs == ["x"]
+
+
 # Examples: each runs as its users would run it, and leaves no file behind ---
 
 EXAMPLES = {
@@ -5932,6 +6576,15 @@ EXAMPLES = {
                                       "alice: refund({'order_id': 7}) -> already done",
                                       "executed 3, blocked 2"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+    "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "google_adk_agent.py": ("google.adk", ["refunds that ran: ['ada: order 42, 30.0', 'bob: order 42, 30.0']",
+                                            "executed 2, blocked 4"]),
+    "crewai_crew.py": ("crewai", ["crew run 2: tool results ['already done: this refund ran before']",
+                                  "refunds that ran: ['order 42: 30.0']", "executed 1, blocked 1"]),
+    "pydantic_ai_agent.py": ("pydantic_ai", ["texts sent: ['ada: Your refund is on its way.', "
+                                             "'bob: Your refund is on its way.']", "executed 2, blocked 2"]),
 }
 
 
@@ -5943,11 +6596,16 @@ def test_every_example_is_tested():
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     package, expected = EXAMPLES[name]
-    if package:
+    python = sys.executable
+    if package == "crewai" and CREWAI_ELSEWHERE:
+        python = CREWAI_PYTHON
+    elif package == "crewai":
+        crewai("crewai")
+    elif package:
         framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("LEDGER_DB", None)
-    done = subprocess.run([sys.executable, str(HERE / "examples" / name)], cwd=tmp_path, env=env,
+    done = subprocess.run([python, str(HERE / "examples" / name)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for line in expected:
@@ -5996,7 +6654,9 @@ def test_docs_have_python_blocks():
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
-    for package in ("langchain_core", "langchain", "langgraph", "agents", "mcp", "fastmcp", "opentelemetry.sdk"):
+    for package in ("langchain_core", "langchain", "langgraph", "agents", "mcp", "fastmcp", "pydantic_ai",
+                    "llama_index", "smolagents", "autogen_agentchat", "autogen_core", "google.adk",
+                    "opentelemetry.sdk"):
         if any(re.search(rf"\b(from|import) {package}\b", code) for _, code in blocks):
             framework(package)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
