@@ -4921,10 +4921,20 @@ def test_a_callable_object_of_an_installed_package_is_refused_at_wrap_time(g):
         g.wrap_tools({"search": operator.itemgetter("q")})
 
 
-def test_a_callable_object_of_the_users_own_class_is_a_tool(g):
+def test_a_callable_object_of_the_users_own_class_is_a_tool_under_a_name(g):
     counter = Counter(result="ok")
-    [guarded] = g.wrap_tools([counter])
+    guarded = g.wrap_tools({"counter": counter})["counter"]
     assert [guarded(1), guarded(1)] == ["ok", BLOCKED] and len(counter.calls) == 1
+    assert [r["tool"] for r in g.history()] == ["counter"]
+
+
+def test_a_callable_object_of_a_mutable_class_without_a_name_is_refused_at_wrap_time(g):
+    # its state can change, so no name could tell two configured instances apart
+    counter = Counter(result="ok")
+    for wrap in (lambda: g.wrap_tools([counter]), lambda: g.once(counter)):
+        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a test_ledger.Counter .*name="):
+            wrap()
+    assert counter.calls == [] and g.history() == []
 
 
 def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
@@ -4945,11 +4955,12 @@ def test_framework_injected_arguments_are_passed_on_but_not_fingerprinted(g):
 def test_a_parameter_marked_ignore_reaches_the_tool_but_not_the_identity(g):
     seen = []
 
+    @g.once(name="notify")
     def notify(order_id: int, trace: Annotated[str, ledger.Ignore]) -> str:
         seen.append(trace)
         return "sent"
 
-    assert [g(notify, 1, trace=t) for t in ("a", "b")] == ["sent", BLOCKED]
+    assert [notify(1, trace=t) for t in ("a", "b")] == ["sent", BLOCKED]
     assert seen == ["a"]
 
 
@@ -4958,11 +4969,12 @@ def test_a_parameter_marked_identity_counts_even_where_a_framework_injects_it(g)
     lc_runnables = framework("langchain_core.runnables")
     seen = []
 
+    @g.once(name="node")
     def node(state: dict, config: Annotated[lc_runnables.RunnableConfig, ledger.Identity(lambda c: c["tags"])]):
         seen.append(config["tags"])
         return {"done": True}
 
-    results = [g(node, {"n": 1}, config={"tags": tags, "run_id": object()}) for tags in (["a"], ["b"], ["a"])]
+    results = [node({"n": 1}, config={"tags": tags, "run_id": object()}) for tags in (["a"], ["b"], ["a"])]
     assert results == [{"done": True}, {"done": True}, BLOCKED]
     assert seen == [["a"], ["b"]]
 
@@ -4970,12 +4982,13 @@ def test_a_parameter_marked_identity_counts_even_where_a_framework_injects_it(g)
 def test_an_identity_function_that_fails_is_a_fingerprint_error_before_the_tool_runs(g):
     ran = []
 
+    @g.once(name="refund")
     def refund(customer: Annotated[dict, ledger.Identity(lambda c: c["user_id"])], order_id: int) -> str:
         ran.append(order_id)
         return "refunded"
 
     with pytest.raises(ledger.FingerprintError, match=r"parameter 'customer' could not be taken.*KeyError"):
-        g(refund, {"name": "alice"}, 1)
+        refund({"name": "alice"}, 1)
     assert ran == []
 
 
@@ -4995,12 +5008,13 @@ def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool
     agents = oa_agents = framework("agents")
     ran = []
 
+    @g.once(name="refund")
     def refund(ctx: oa_agents.RunContextWrapper, order_id: int) -> str:
         ran.append(order_id)
         return "refunded"
 
     with pytest.raises(ledger.FingerprintError, match=r"parameter 'ctx' is injected.*ledger\.Identity"):
-        g(refund, agents.RunContextWrapper(context=threading.Lock()), 1)
+        refund(agents.RunContextWrapper(context=threading.Lock()), 1)
     assert ran == []
 
 
@@ -5093,6 +5107,55 @@ def test_langchain_tools_keep_name_description_and_schema(g):
         assert (after.name, after.description) == (before.name, before.description)
         assert after.tool_call_schema.model_json_schema() == before.tool_call_schema.model_json_schema()
         assert after.args == before.args
+
+
+class Mailbox:
+    """A client a tool factory closes over: its state changes, so it has no canonical form."""
+
+    def __init__(self):
+        self.sent = []
+
+
+def mail_tools(tools, mailbox):
+    """Tools as a LangChain user writes them: closures over a client, made by a factory."""
+    @tools.tool
+    def send_invoice(customer: str) -> str:
+        """Email an invoice to a customer."""
+        mailbox.sent.append(customer)
+        return "sent"
+
+    return send_invoice
+
+
+def test_a_langchain_tool_that_is_a_closure_is_named_by_its_framework_name(g):
+    tools = framework("langchain_core.tools")
+    mailbox = Mailbox()
+    [wrapped] = g.wrap_tools([mail_tools(tools, mailbox)])
+    decorated = g.once(mail_tools(tools, mailbox))  # @guard.once above @tool
+    replies = [t.invoke(tool_call("send_invoice", n, customer="acme")).content
+               for n, t in enumerate([wrapped, decorated, wrapped])]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE, ledger.BLOCKED_MESSAGE] and mailbox.sent == ["acme"]
+    assert [r["tool"] for r in g.history()] == ["send_invoice"]
+
+
+def test_a_closure_below_a_framework_decorator_needs_a_name_at_decoration_time(g):
+    tools = framework("langchain_core.tools")
+    mailbox = Mailbox()
+
+    def below(name=None):
+        @tools.tool
+        @g.once(name=name)
+        def send_invoice(customer: str) -> str:
+            """Email an invoice to a customer."""
+            mailbox.sent.append(customer)
+            return "sent"
+        return send_invoice
+
+    with pytest.raises(ledger.ConfigError, match=r"closure over 'mailbox'.*name="):
+        below()
+    named = below("send_invoice")
+    replies = [named.invoke(tool_call("send_invoice", n, customer="acme")).content for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and mailbox.sent == ["acme"]
 
 
 def test_langchain_duplicate_tool_calls_run_once(g):
@@ -5209,7 +5272,7 @@ def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
     runs = []
 
     @tools.tool
-    @g.once
+    @g.once(name="send_invoice")  # a closure (over runs): below the framework it needs a name
     def send_invoice(customer: str, amount: float) -> str:
         """Email an invoice to a customer."""
         runs.append(customer)
@@ -5403,7 +5466,7 @@ def test_langgraph_node_runtime_context_identifies_the_caller(g):
         return {"receipt": f"ch_{order['order_id']}"}
 
     graph = graph_module.StateGraph(Order, context_schema=Customer)
-    graph.add_node("charge", g.wrap_tools([charge], blocked_return={})[0])
+    graph.add_node("charge", g.wrap_tools({"charge": charge}, blocked_return={})["charge"])
     graph.add_edge(graph_module.START, "charge")
     app = graph.compile()
     for user in ("alice", "bob", "alice"):
@@ -5414,6 +5477,24 @@ def test_langgraph_node_runtime_context_identifies_the_caller(g):
 class Order(TypedDict):
     order_id: int
     receipt: str
+
+
+def test_a_langgraph_node_that_is_a_closure_is_named_by_its_key(g):
+    graph_module = framework("langgraph.graph")
+    mailbox = Mailbox()
+
+    def node(order: Order) -> dict:
+        mailbox.sent.append(order["order_id"])
+        return {"receipt": "sent"}
+
+    with pytest.raises(ledger.ConfigError, match=r"closure over 'mailbox'.*dict key in guard\.wrap_tools"):
+        g.wrap_tools([node])
+    graph = graph_module.StateGraph(Order)
+    graph.add_node("notify", g.wrap_tools({"notify": node}, blocked_return={})["notify"])
+    graph.add_edge(graph_module.START, "notify")
+    app = graph.compile()
+    assert [app.invoke({"order_id": n}).get("receipt") for n in (1, 1, 2)] == ["sent", None, "sent"]
+    assert mailbox.sent == [1, 2] and {r["tool"] for r in g.history()} == {"notify"}
 
 
 def test_langgraph_plain_node_function_runs_once_per_state(g):
@@ -5595,7 +5676,7 @@ def test_once_below_a_function_tool_guards_it_and_keeps_its_schema(g):
     runs = []
 
     @agents.function_tool
-    @g.once
+    @g.once(name="refund")
     def refund(ctx: oa_agents.RunContextWrapper[Customer], order_id: int) -> str:
         """Refund an order."""
         runs.append((ctx.context.user_id, order_id))
@@ -5757,7 +5838,7 @@ def test_once_below_an_mcp_tool_decorator_guards_the_tool(g, flavor):
     mcp, runs = mcp_flavor(flavor), []
 
     @mcp.register
-    @g.once(blocked_return="already filed")
+    @g.once(name="file_ticket", blocked_return="already filed")
     def file_ticket(title: str) -> str:
         """Open a ticket."""
         runs.append(title)
@@ -5772,7 +5853,7 @@ def test_once_below_an_mcp_tool_with_a_typed_output_blocks_with_an_error_result_
     mcp, runs = mcp_flavor(flavor), []
 
     @mcp.register
-    @g.once
+    @g.once(name="ticket")
     def ticket(number: int) -> dict[str, int]:
         """Look a ticket up."""
         runs.append(number)
