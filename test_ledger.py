@@ -6105,13 +6105,14 @@ def test_pydantic_ai_deps_count_by_their_plain_fields_at_any_depth(users, region
     PaRunContext = pydantic_ai.RunContext
     guard, runs = Guard(MemoryStore(), quiet=True), []
 
+    @guard.once(name="charge")
     def charge(ctx: PaRunContext, cents: int) -> str:
         runs.append(ctx.deps.user_id)
         return "charged"
 
     for user, region in zip(users, regions):  # every call with clients of its own
         deps = AppDeps(user, Account(region, object()), object())
-        guard(charge, pydantic_ai.RunContext(deps=deps, model=TestModel(), usage=RunUsage()), cents=5)
+        charge(pydantic_ai.RunContext(deps=deps, model=TestModel(), usage=RunUsage()), cents=5)
     assert len(runs) == (1 if (users[0], regions[0]) == (users[1], regions[1]) else 2)
 
 
@@ -6121,7 +6122,7 @@ def test_pydantic_ai_once_below_the_agent_decorator_guards_the_tool(g):
     sent = []
 
     @agent.tool_plain
-    @g.once(replay=True)
+    @g.once(name="notify", replay=True)  # a closure (over sent): below the decorator it needs a name
     def notify(to: str) -> str:
         """Notify someone."""
         sent.append(to)
