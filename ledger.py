@@ -1895,8 +1895,11 @@ def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
     return columns.issuperset(_LEDGER_ONCE_COLUMNS)
 
 
+_SQL_LEDGER_ONCE_IMPORTED = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'"
+
+
 def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'").fetchone() is not None
+    return conn.execute(_SQL_LEDGER_ONCE_IMPORTED).fetchone() is not None
 
 
 def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
@@ -1974,7 +1977,7 @@ def _iso_seconds(text: str | None) -> float | None:
 def _ledger_once_id(call: _Call) -> str | None:
     """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
     fn, kwargs, key = call.fn, call.kwargs, call.key
-    if key is None and call.info.takes_key and "key" in kwargs:  # ledger-once took key= from every tool
+    if key is None and "key" in call.info.name_set and "key" in kwargs:  # ledger-once took key= from every tool
         kwargs = dict(kwargs)
         key = kwargs.pop("key")
     try:
@@ -4335,7 +4338,8 @@ class Guard:
         """Keep records in the SQLite file `path` (or a store URL) from now on, as Guard(path)
         does. Returns the guard. Refused while one of its calls is running."""
         core = self._core
-        if any(run.core is core for run in list(_HEARTBEAT.runs.values())):
+        renewers = list(_HEARTBEAT.renewers.values())
+        if any(run.core is core for renewer in renewers for run in list(renewer.runs.values())):
             raise ConfigError("persist() while a guarded call is running would record its outcome in "
                               "another database; call it before the agent starts, or use Guard(path)")
         core.flush()
@@ -5479,13 +5483,12 @@ def _cmd_migrate(args: Any) -> int:
         raise LedgerError(f"no SQLite file at {spec}: ledger-once kept its calls in one (by default ./ledger.db)")
     store = SQLiteStore(spec)  # opening it carries the calls over
     try:
-        conn = store._conn()
-        if not _ledger_once_imported(conn):
+        if store._run(_SQL_LEDGER_ONCE_IMPORTED, (), _fetch_one) is None:
             print(f"{spec} holds no table of ledger-once's; nothing to carry over")
             return EXIT_OK
         if args.confirm:
             return _confirm_legacy(store, args.confirm)
-        imported, calls = conn.execute("SELECT imported, calls FROM ledger_once_import").fetchone()
+        imported, calls = store._run("SELECT imported, calls FROM ledger_once_import", (), _fetch_one)
         kept = sum(r.id.startswith(LEGACY_PREFIX) for r in store.records())
         when = _dt.datetime.fromtimestamp(imported).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{calls} calls recorded by ledger-once were carried over on {when} (done ones stay done, "

@@ -4706,7 +4706,7 @@ def test_wrap_tools_given_something_not_callable_in_a_toolset_raises_a_type_erro
 
 def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
     events = []
-    same = (g.policy(Counter(), unlimited=True).policy(charge, replay=True)
+    same = (g.policy("counter", unlimited=True).policy(charge, replay=True)
             .on_success(lambda r: events.append(("ran", r.tool))).on_block(lambda r: events.append(("dup", r.tool)))
             .on_fail(lambda r: None).quiet())
     assert same is g
@@ -4736,10 +4736,11 @@ def test_the_documented_policies_of_ledger_once_behave_as_documented(g):
     def send_sms(to):
         runs.append("sms")
         return "ok"
-    g.policy(search_web, unlimited=True).policy(charge, replay=True).policy(send_sms, max=2)
-    assert [g(search_web, q="x") for _ in range(3)] == ["hits"] * 3
+    search_web, send_sms = g.once(search_web, name="search_web"), g.once(send_sms, name="send_sms")  # closures
+    g.policy("search_web", unlimited=True).policy(charge, replay=True).policy("send_sms", max=2)
+    assert [search_web(q="x") for _ in range(3)] == ["hits"] * 3
     assert g(charge, 1) == g(charge, 1) and len(CHARGES) == 1
-    assert [g(send_sms, to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
+    assert [send_sms(to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
     assert runs == ["search"] * 3 + ["sms"] * 2
 
 
@@ -4839,7 +4840,7 @@ def test_persist_is_refused_while_a_call_of_the_guard_is_running(g, tmp_path):
         with pytest.raises(ledger.ConfigError, match="running"):
             g.persist(tmp_path / "other.db")
         return "done"
-    assert g(tool) == "done" and not (tmp_path / "other.db").exists()
+    assert g.once(tool, name="tool")() == "done" and not (tmp_path / "other.db").exists()
 
 
 @pytest.mark.parametrize("quiet", [False, True])
