@@ -3427,6 +3427,13 @@ class Mailer:
     def send(self, to):
         effect("mailer.send", to)
         return "sent"
+
+
+def make_notifier(channel):
+    def notify(to):
+        effect("notify", channel, to)
+        return "notified"
+    return notify
 '''
 
 
@@ -3683,11 +3690,23 @@ def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, t
         ours = []
         for tool, args, kwargs, key, wf in calls:
             with g.workflow(wf):
-                call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
+                if key and tool == "spread":  # key= next to **options is refused: guard.keyed passes it
+                    call = g._prepare(tools.spread, tuple(args), kwargs, key)
+                else:
+                    call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
             ours.append(ledger._ledger_once_id(call))
         assert ours == [ledger.LEGACY_PREFIX + id for id in theirs]
     finally:
         sys.modules.pop(folder.module, None)
+
+
+def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_through_keyed(ledger_once):
+    ledger_once.record('guard(tools.spread, 1, flag=True, key="spread-1")')
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"guard\.keyed\(key, tool"):  # key= or one of **options?
+        g(tools.spread, 1, flag=True, key="spread-1")
+    assert g.keyed("spread-1", tools.spread, 1, flag=True) is BLOCKED
+    assert len(ledger_once.effects()) == 1
 
 
 def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
@@ -3742,26 +3761,47 @@ def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_
         assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
 
 
+def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything_runs(ledger_once):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"Mailer\.send .*pass name="):
+        g(tools.Mailer().send, "a@x.io")
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+
+
+def test_a_closure_ledger_once_accepted_needs_a_name_then_an_operators_word_before_it_runs(ledger_once):
+    ledger_once.record("guard(tools.make_notifier('sms'), 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"closure over 'channel'.*pass name="):
+        g(tools.make_notifier("sms"), "a@x.io")
+    notify = g.once(tools.make_notifier("sms"), name="notify-sms")
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:"):
+        notify("a@x.io")  # ledger-once named every `notify` of the module alike
+    assert ledger_once.effects() == ["notify sms a@x.io"]
+
+
 def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
+    send = g.once(tools.Mailer().send, name="mailer.send")
     with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:") as refused:
-        g(tools.Mailer().send, "a@x.io")
+        send("a@x.io")
     assert ledger_once.effects() == ["mailer.send a@x.io"]
     legacy_id = re.search(r"--confirm (lo:\w+)", str(refused.value)).group(1)
     assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
-    assert g(tools.Mailer().send, "a@x.io") is BLOCKED
+    assert send("a@x.io") is BLOCKED
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
 def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
+    send = g.once(tools.Mailer().send, name="mailer.send")
     with pytest.raises(ledger.AmbiguousRecordError, match="ledger retry lo:") as refused:
-        g(tools.Mailer().send, "a@x.io")
+        send("a@x.io")
     legacy_id = re.search(r"ledger retry (lo:\w+)", str(refused.value)).group(1)
     assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
-    assert g(tools.Mailer().send, "a@x.io") == "sent"
+    assert send("a@x.io") == "sent"
     assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
 
 
@@ -3771,7 +3811,7 @@ def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger
         guard(tools.charge, order_id=1, amount=9.99)
     """)
     tools, g = ledger_once.tools(), ledger_once.guard()
-    assert g.force(tools.Mailer().send, "a@x.io") == "sent"
+    assert g.force(g.once(tools.Mailer().send, name="mailer.send"), "a@x.io") == "sent"
     assert g.force(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
     assert g(tools.charge, 1, 9.99) is BLOCKED
     assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
