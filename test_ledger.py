@@ -1898,6 +1898,38 @@ def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_p
     assert seen == {BLOCKED} and len(runs_of(path)) == 1
 
 
+_RETRY_CALL = """
+import sys, time
+step, real_time = float(sys.argv[1]), time.time
+time.time = lambda: real_time() + step
+import ledger, test_ledger
+guard = ledger.Guard(sys.argv[2], quiet=True, secret="s")
+try:
+    print(guard.retry(test_ledger.log_run_until, *sys.argv[3:], key="job"))
+except ledger.LeaseLiveError:
+    print("LeaseLiveError")
+"""
+
+
+def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    leader = Guard(shared_store, quiet=True, secret="s")
+    leader.policy(log_run_until, lease=2.0)
+    running = threading.Thread(target=leader, args=(log_run_until, path, release), kwargs={"key": "job"})
+    running.start()
+    try:
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        ahead = subprocess.run([sys.executable, "-c", _RETRY_CALL, "3600", spec_of(shared_store), path, release],
+                               env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=HERE, capture_output=True,
+                               text=True, timeout=60)
+        still = leader.history()[0]["status"]
+    finally:
+        pathlib.Path(release).touch()
+        running.join(30)
+    assert ahead.stdout == "LeaseLiveError\n", ahead.stderr
+    assert still == "RUNNING"
+
+
 def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
     path = str(tmp_path / "runs")
     guard = Guard(shared_store, quiet=True, secret="s")
@@ -3576,8 +3608,32 @@ def test_a_different_call_still_runs_after_the_swap(ledger_once):
     assert ledger_once.effects()[2:] == ["charge 1 10.0 usd", "charge 1 9.99 usd", "email a@x.io None"]
 
 
-def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once):
+def set_lease_clock_off_by(db: pathlib.Path, seconds: float) -> None:
+    """Give the file a lease clock `seconds` off its wall clock, as a worker whose wall clock was
+    that far off leaves it when it made the schema and stopped before carrying ledger-once's
+    calls over (or while another process carries them over)."""
+    need("a boot id and CLOCK_BOOTTIME", ledger._boot_id() is not None, "the lease clock is the wall clock here")
+    store, real_time = object.__new__(SQLiteStore), time.time
+    store.path, store.create = str(db), True
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        time.time = lambda: real_time() + seconds
+        try:
+            store._migrate(conn)
+        finally:
+            time.time = real_time
+        base = conn.execute("SELECT base FROM clock").fetchone()[0]
+    assert abs(time.clock_gettime(ledger._BOOTTIME) + base - time.time() - seconds) < 60
+
+
+# The file's lease clock as the carrying-over worker's wall clock reads it, or hours behind or ahead of it.
+LEASE_CLOCK_OFFSETS = [0, -3 * 3600, 3 * 3600]
+
+
+@pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
+def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once, lease_clock):
     ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
+    if lease_clock:
+        set_lease_clock_off_by(ledger_once.db, lease_clock)
     tools, g = ledger_once.tools(), ledger_once.guard()
     g.policy(tools.crash, lease=0.01)  # recover="retry" (the default) would take over a lease of its own
     assert g(tools.crash, 7) is BLOCKED
@@ -3817,7 +3873,8 @@ def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger
     assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
 
 
-def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
+@pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
+def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once, lease_clock):
     ledger_once.record("""
         guard.policy(tools.charge, ttl=3600)
         guard(tools.charge, order_id=1, amount=9.99)
@@ -3826,6 +3883,8 @@ def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
     with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn, conn:
         two_hours_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
         conn.execute("UPDATE ledger SET touched = ?", (two_hours_ago.isoformat(),))
+    if lease_clock:
+        set_lease_clock_off_by(ledger_once.db, lease_clock)
     tools, g = ledger_once.tools(), ledger_once.guard()
     g.policy(tools.charge, ttl=3600)
     assert g(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}  # touched two hours ago: expired
