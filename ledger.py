@@ -1531,7 +1531,7 @@ class SQLiteStore(Store):
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             self._migrate(conn)  # first, so that a file that is no ledger is left as it was
-            self.legacy = _carry_over_ledger_once(conn, self.path, self.create)
+            self.legacy = _carry_over_ledger_once(conn, self.path, self.create, self.now)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
             conn.execute("PRAGMA busy_timeout = 0")   # _run waits for other processes' locks itself
@@ -1895,8 +1895,11 @@ def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
     return columns.issuperset(_LEDGER_ONCE_COLUMNS)
 
 
+_SQL_LEDGER_ONCE_IMPORTED = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'"
+
+
 def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'").fetchone() is not None
+    return conn.execute(_SQL_LEDGER_ONCE_IMPORTED).fetchone() is not None
 
 
 def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
@@ -1910,12 +1913,14 @@ def _migrate_hint(path: str) -> str:
             f"run `ledger migrate {path}` (any guard opening the file does the same)")
 
 
-def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -> bool:
+def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool,
+                            clock: Callable[[], float]) -> bool:
     """Copy ledger-once's calls into `records`, once per file; whether the file holds any.
 
     Done in the open, inside one write transaction, so no tool runs before the
     records are there and two processes opening the file at once import them once.
-    A read-only open (create=False) refuses instead, naming `ledger migrate`."""
+    A read-only open (create=False) refuses instead, naming `ledger migrate`.
+    `clock` is the store's lease clock (see SQLiteStore.now)."""
     if _holds_ledger_once(conn) and not _ledger_once_imported(conn):
         if not create:
             raise StoreError(_migrate_hint(path))
@@ -1928,7 +1933,7 @@ def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -
                 caller = "caller" if "caller" in {r[1] for r in conn.execute("PRAGMA table_info(ledger)")} else "NULL"
                 rows = conn.execute(f"SELECT {', '.join(_LEDGER_ONCE_COLUMNS)}, {caller} FROM ledger "
                                     f"WHERE status IN ('success', 'running')").fetchall()
-                records = [_ledger_once_record(row, now) for row in rows]
+                records = [_ledger_once_record(row, now, clock()) for row in rows]
                 conn.executemany(_SQL_INSERT, [_record_values(r) for r in records])
                 conn.execute("CREATE TABLE ledger_once_import (imported REAL, calls INTEGER)")
                 conn.execute("INSERT INTO ledger_once_import VALUES (?, ?)", (now, len(records)))
@@ -1944,19 +1949,27 @@ def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool) -
     return hit.fetchone() is not None
 
 
-def _ledger_once_record(row: tuple, now: float) -> Record:
+def _ledger_once_record(row: tuple, now: float, clock: float) -> Record:
     """One ledger-once row as a record of ours, under its own id ("lo:" + ledger-once's).
 
+    `now` is the wall clock and `clock` the store's lease clock, read together: ledger-once's
+    wall times are kept as they are, and moved onto the lease clock for `lease_until`.
     A running call stays RUNNING with its lease already expired, and is never taken
-    over on its own (see _Core.settle): ledger.py cannot know whether it took effect."""
+    over on its own (see _Core.settle): ledger.py cannot know whether it took effect.
+    A done call's `lease_until` is its last touch, where its ttl window starts (see _Core.adopt)."""
     id, tool, args, wf, created, touched, since, status, attempts, runs, blocked, result, error, caller = row
     created_at = _iso_seconds(created) or now
     updated_at = _iso_seconds(touched) or created_at
     running, runs = status == "running", runs or 0
+    on_clock = clock - now
+    if running:
+        lease_until = min((_iso_seconds(since) or updated_at) + on_clock, clock)
+    else:
+        lease_until = updated_at + on_clock
     return Record(
         id=LEGACY_PREFIX + id, tool=tool, workflow=wf, caller=caller,
         status=(Status.RUNNING if running else Status.SUCCESS).value, owner=LEGACY_OWNER, epoch=1,
-        lease_until=min(_iso_seconds(since) or updated_at, now) if running else updated_at,
+        lease_until=lease_until,
         run_key=LEGACY_PREFIX + id, runs=runs if running else max(runs, 1), created=created_at,
         updated=updated_at, started=_iso_seconds(since), attempts=attempts or 0, executed=runs + running,
         blocked=blocked or 0, result=result, error=error, args=args)
@@ -1974,7 +1987,7 @@ def _iso_seconds(text: str | None) -> float | None:
 def _ledger_once_id(call: _Call) -> str | None:
     """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
     fn, kwargs, key = call.fn, call.kwargs, call.key
-    if key is None and call.info.takes_key and "key" in kwargs:  # ledger-once took key= from every tool
+    if key is None and "key" in call.info.name_set and "key" in kwargs:  # ledger-once took key= from every tool
         kwargs = dict(kwargs)
         key = kwargs.pop("key")
     try:
@@ -3571,7 +3584,8 @@ class _Core:
         matched calls that this library tells apart (floats equal to 8 places, tuples and
         lists): each of them finds it. The copy counts only what happens from now on.
         Its result is decoded and stored again as this library stores results, and
-        signed; its `ttl` counts from its last touch, as ledger-once counted it."""
+        signed; its `ttl` counts from its last touch, as ledger-once counted it, on the lease
+        clock (a carried-over record's lease_until, see _ledger_once_record)."""
         store, legacy_id = self.store, _ledger_once_id(call)
         old = store.get(legacy_id) if legacy_id is not None else None
         if old is None:
@@ -3587,7 +3601,7 @@ class _Core:
         if old.status == Status.SUCCESS:
             value = json.loads(old.result) if old.result is not None else None
             record.result, record.unstored = _encode(call, value)
-            record.expires = old.updated + call.policy.ttl if call.policy.ttl else None
+            record.expires = old.lease_until + call.policy.ttl if call.policy.ttl else None
             record.sig = _sign(self.secret, record)
         store.insert(record)  # a worker that adopted it first stored the same record
         return store.get(call.id)
@@ -4335,7 +4349,8 @@ class Guard:
         """Keep records in the SQLite file `path` (or a store URL) from now on, as Guard(path)
         does. Returns the guard. Refused while one of its calls is running."""
         core = self._core
-        if any(run.core is core for run in list(_HEARTBEAT.runs.values())):
+        renewers = list(_HEARTBEAT.renewers.values())
+        if any(run.core is core for renewer in renewers for run in list(renewer.runs.values())):
             raise ConfigError("persist() while a guarded call is running would record its outcome in "
                               "another database; call it before the agent starts, or use Guard(path)")
         core.flush()
@@ -4371,7 +4386,7 @@ class Guard:
             record = store.get(id)
             if record is None or record.status == Status.FAILED:
                 return False
-            now = time.time()
+            now = store.now()   # the lease clock, which a step of this worker's wall clock does not move
             if record.status == Status.RUNNING and record.lease_until > now and not force:
                 raise LeaseLiveError(
                     f"call {id} ({record.tool}) is running now: worker {record.owner} holds its lease for "
@@ -4380,7 +4395,8 @@ class Guard:
                     f"is known to be gone (guard.retry(..., force=True), `ledger retry --force ID`)")
             run_key = f"{id}.{_unique_token()}" if record.status == Status.SUCCESS else record.run_key
             released = record.evolve(status=Status.FAILED.value, owner="retry", epoch=record.epoch + 1,
-                                      updated=now, run_key=run_key, error="released for retry by an operator")
+                                      updated=time.time(), run_key=run_key,
+                                      error="released for retry by an operator")
             if store.swap(released, record.epoch, record.owner):
                 return True
 
@@ -5395,7 +5411,7 @@ def _cmd_prune(args: Any) -> int:
 def _cmd_retry(args: Any) -> int:
     with _opened(args) as guard:
         record = _find_record(guard, args.id)
-        state = _state(record, time.time())
+        state = _state(record, guard.store.now())
         if guard.retry_id(record.id, force=args.force):
             print(f"released {record.id} ({_clean(record.tool)}, was {state}): its next call runs again")
         else:
@@ -5479,13 +5495,12 @@ def _cmd_migrate(args: Any) -> int:
         raise LedgerError(f"no SQLite file at {spec}: ledger-once kept its calls in one (by default ./ledger.db)")
     store = SQLiteStore(spec)  # opening it carries the calls over
     try:
-        conn = store._conn()
-        if not _ledger_once_imported(conn):
+        if store._run(_SQL_LEDGER_ONCE_IMPORTED, (), _fetch_one) is None:
             print(f"{spec} holds no table of ledger-once's; nothing to carry over")
             return EXIT_OK
         if args.confirm:
             return _confirm_legacy(store, args.confirm)
-        imported, calls = conn.execute("SELECT imported, calls FROM ledger_once_import").fetchone()
+        imported, calls = store._run("SELECT imported, calls FROM ledger_once_import", (), _fetch_one)
         kept = sum(r.id.startswith(LEGACY_PREFIX) for r in store.records())
         when = _dt.datetime.fromtimestamp(imported).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{calls} calls recorded by ledger-once were carried over on {when} (done ones stay done, "

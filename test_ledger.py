@@ -1898,6 +1898,38 @@ def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_p
     assert seen == {BLOCKED} and len(runs_of(path)) == 1
 
 
+_RETRY_CALL = """
+import sys, time
+step, real_time = float(sys.argv[1]), time.time
+time.time = lambda: real_time() + step
+import ledger, test_ledger
+guard = ledger.Guard(sys.argv[2], quiet=True, secret="s")
+try:
+    print(guard.retry(test_ledger.log_run_until, *sys.argv[3:], key="job"))
+except ledger.LeaseLiveError:
+    print("LeaseLiveError")
+"""
+
+
+def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shared_store, tmp_path):
+    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
+    leader = Guard(shared_store, quiet=True, secret="s")
+    leader.policy(log_run_until, lease=2.0)
+    running = threading.Thread(target=leader, args=(log_run_until, path, release), kwargs={"key": "job"})
+    running.start()
+    try:
+        wait_for(lambda: runs_of(path), what="the leader to start")
+        ahead = subprocess.run([sys.executable, "-c", _RETRY_CALL, "3600", spec_of(shared_store), path, release],
+                               env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=HERE, capture_output=True,
+                               text=True, timeout=60)
+        still = leader.history()[0]["status"]
+    finally:
+        pathlib.Path(release).touch()
+        running.join(30)
+    assert ahead.stdout == "LeaseLiveError\n", ahead.stderr
+    assert still == "RUNNING"
+
+
 def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
     path = str(tmp_path / "runs")
     guard = Guard(shared_store, quiet=True, secret="s")
@@ -3427,6 +3459,13 @@ class Mailer:
     def send(self, to):
         effect("mailer.send", to)
         return "sent"
+
+
+def make_notifier(channel):
+    def notify(to):
+        effect("notify", channel, to)
+        return "notified"
+    return notify
 '''
 
 
@@ -3569,8 +3608,32 @@ def test_a_different_call_still_runs_after_the_swap(ledger_once):
     assert ledger_once.effects()[2:] == ["charge 1 10.0 usd", "charge 1 9.99 usd", "email a@x.io None"]
 
 
-def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once):
+def set_lease_clock_off_by(db: pathlib.Path, seconds: float) -> None:
+    """Give the file a lease clock `seconds` off its wall clock, as a worker whose wall clock was
+    that far off leaves it when it made the schema and stopped before carrying ledger-once's
+    calls over (or while another process carries them over)."""
+    need("a boot id and CLOCK_BOOTTIME", ledger._boot_id() is not None, "the lease clock is the wall clock here")
+    store, real_time = object.__new__(SQLiteStore), time.time
+    store.path, store.create = str(db), True
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        time.time = lambda: real_time() + seconds
+        try:
+            store._migrate(conn)
+        finally:
+            time.time = real_time
+        base = conn.execute("SELECT base FROM clock").fetchone()[0]
+    assert abs(time.clock_gettime(ledger._BOOTTIME) + base - time.time() - seconds) < 60
+
+
+# The file's lease clock as the carrying-over worker's wall clock reads it, or hours behind or ahead of it.
+LEASE_CLOCK_OFFSETS = [0, -3 * 3600, 3 * 3600]
+
+
+@pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
+def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once, lease_clock):
     ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
+    if lease_clock:
+        set_lease_clock_off_by(ledger_once.db, lease_clock)
     tools, g = ledger_once.tools(), ledger_once.guard()
     g.policy(tools.crash, lease=0.01)  # recover="retry" (the default) would take over a lease of its own
     assert g(tools.crash, 7) is BLOCKED
@@ -3683,11 +3746,23 @@ def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, t
         ours = []
         for tool, args, kwargs, key, wf in calls:
             with g.workflow(wf):
-                call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
+                if key and tool == "spread":  # key= next to **options is refused: guard.keyed passes it
+                    call = g._prepare(tools.spread, tuple(args), kwargs, key)
+                else:
+                    call = g._prepare(getattr(tools, tool), tuple(args), {**kwargs, **({"key": key} if key else {})})
             ours.append(ledger._ledger_once_id(call))
         assert ours == [ledger.LEGACY_PREFIX + id for id in theirs]
     finally:
         sys.modules.pop(folder.module, None)
+
+
+def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_through_keyed(ledger_once):
+    ledger_once.record('guard(tools.spread, 1, flag=True, key="spread-1")')
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"guard\.keyed\(key, tool"):  # key= or one of **options?
+        g(tools.spread, 1, flag=True, key="spread-1")
+    assert g.keyed("spread-1", tools.spread, 1, flag=True) is BLOCKED
+    assert len(ledger_once.effects()) == 1
 
 
 def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
@@ -3742,26 +3817,47 @@ def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_
         assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
 
 
+def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything_runs(ledger_once):
+    ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"Mailer\.send .*pass name="):
+        g(tools.Mailer().send, "a@x.io")
+    assert ledger_once.effects() == ["mailer.send a@x.io"]
+
+
+def test_a_closure_ledger_once_accepted_needs_a_name_then_an_operators_word_before_it_runs(ledger_once):
+    ledger_once.record("guard(tools.make_notifier('sms'), 'a@x.io')")
+    tools, g = ledger_once.tools(), ledger_once.guard()
+    with pytest.raises(ledger.ConfigError, match=r"closure over 'channel'.*pass name="):
+        g(tools.make_notifier("sms"), "a@x.io")
+    notify = g.once(tools.make_notifier("sms"), name="notify-sms")
+    with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:"):
+        notify("a@x.io")  # ledger-once named every `notify` of the module alike
+    assert ledger_once.effects() == ["notify sms a@x.io"]
+
+
 def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
+    send = g.once(tools.Mailer().send, name="mailer.send")
     with pytest.raises(ledger.AmbiguousRecordError, match="ledger migrate --confirm lo:") as refused:
-        g(tools.Mailer().send, "a@x.io")
+        send("a@x.io")
     assert ledger_once.effects() == ["mailer.send a@x.io"]
     legacy_id = re.search(r"--confirm (lo:\w+)", str(refused.value)).group(1)
     assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
-    assert g(tools.Mailer().send, "a@x.io") is BLOCKED
+    assert send("a@x.io") is BLOCKED
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
 def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
+    send = g.once(tools.Mailer().send, name="mailer.send")
     with pytest.raises(ledger.AmbiguousRecordError, match="ledger retry lo:") as refused:
-        g(tools.Mailer().send, "a@x.io")
+        send("a@x.io")
     legacy_id = re.search(r"ledger retry (lo:\w+)", str(refused.value)).group(1)
     assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
-    assert g(tools.Mailer().send, "a@x.io") == "sent"
+    assert send("a@x.io") == "sent"
     assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
 
 
@@ -3771,13 +3867,14 @@ def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger
         guard(tools.charge, order_id=1, amount=9.99)
     """)
     tools, g = ledger_once.tools(), ledger_once.guard()
-    assert g.force(tools.Mailer().send, "a@x.io") == "sent"
+    assert g.force(g.once(tools.Mailer().send, name="mailer.send"), "a@x.io") == "sent"
     assert g.force(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}
     assert g(tools.charge, 1, 9.99) is BLOCKED
     assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
 
 
-def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
+@pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
+def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once, lease_clock):
     ledger_once.record("""
         guard.policy(tools.charge, ttl=3600)
         guard(tools.charge, order_id=1, amount=9.99)
@@ -3786,6 +3883,8 @@ def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once):
     with contextlib.closing(sqlite3.connect(ledger_once.db)) as conn, conn:
         two_hours_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
         conn.execute("UPDATE ledger SET touched = ?", (two_hours_ago.isoformat(),))
+    if lease_clock:
+        set_lease_clock_off_by(ledger_once.db, lease_clock)
     tools, g = ledger_once.tools(), ledger_once.guard()
     g.policy(tools.charge, ttl=3600)
     assert g(tools.charge, 1, 9.99) == {"charged": 9.99, "order": 1}  # touched two hours ago: expired
@@ -4706,7 +4805,7 @@ def test_wrap_tools_given_something_not_callable_in_a_toolset_raises_a_type_erro
 
 def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
     events = []
-    same = (g.policy(Counter(), unlimited=True).policy(charge, replay=True)
+    same = (g.policy("counter", unlimited=True).policy(charge, replay=True)
             .on_success(lambda r: events.append(("ran", r.tool))).on_block(lambda r: events.append(("dup", r.tool)))
             .on_fail(lambda r: None).quiet())
     assert same is g
@@ -4736,10 +4835,11 @@ def test_the_documented_policies_of_ledger_once_behave_as_documented(g):
     def send_sms(to):
         runs.append("sms")
         return "ok"
-    g.policy(search_web, unlimited=True).policy(charge, replay=True).policy(send_sms, max=2)
-    assert [g(search_web, q="x") for _ in range(3)] == ["hits"] * 3
+    search_web, send_sms = g.once(search_web, name="search_web"), g.once(send_sms, name="send_sms")  # closures
+    g.policy("search_web", unlimited=True).policy(charge, replay=True).policy("send_sms", max=2)
+    assert [search_web(q="x") for _ in range(3)] == ["hits"] * 3
     assert g(charge, 1) == g(charge, 1) and len(CHARGES) == 1
-    assert [g(send_sms, to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
+    assert [send_sms(to="+1") for _ in range(3)] == ["ok", "ok", BLOCKED]
     assert runs == ["search"] * 3 + ["sms"] * 2
 
 
@@ -4839,7 +4939,7 @@ def test_persist_is_refused_while_a_call_of_the_guard_is_running(g, tmp_path):
         with pytest.raises(ledger.ConfigError, match="running"):
             g.persist(tmp_path / "other.db")
         return "done"
-    assert g(tool) == "done" and not (tmp_path / "other.db").exists()
+    assert g.once(tool, name="tool")() == "done" and not (tmp_path / "other.db").exists()
 
 
 @pytest.mark.parametrize("quiet", [False, True])
