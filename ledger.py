@@ -5334,10 +5334,10 @@ def _cmd_stats(args: Any) -> int:
 
 def _cmd_savings(args: Any) -> int:
     with _opened(args) as guard:
-        records = _snapshot(guard, args.wf)
+        records, now = _snapshot(guard, args.wf), guard.store.now()
     if args.json:
-        return _print_json({"totals": _totals(records),
-                            "tools": {tool: _totals(rows) for tool, rows in _by_tool(records).items()}})
+        return _print_json({"totals": _totals(records, now),
+                            "tools": {tool: _totals(rows, now) for tool, rows in _by_tool(records).items()}})
     print("\n".join(_savings_report(records, _Paint(sys.stdout))))
     return EXIT_OK
 
