@@ -1664,7 +1664,7 @@ class SQLiteStore(Store):
         for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
             if dry_run:
                 for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
-                                                 f"GROUP BY status, tool", params):
+                                                 f"GROUP BY status, tool", params, _fetch_all):
                     _tally(counts, status, tool, n)
                 continue
             while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
@@ -1672,17 +1672,11 @@ class SQLiteStore(Store):
         return counts
 
     def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
-        """Delete up to `batch` matching records in one short write transaction; how many."""
-        conn = self._conn()
-        try:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                rows = conn.execute(f"SELECT id, status, tool FROM records WHERE {where} LIMIT {int(batch)}",
-                                    params).fetchall()
-                conn.executemany("DELETE FROM records WHERE id = ?", [(id,) for id, _, _ in rows])
-        except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}") from e
-        for _, status, tool in rows:
+        """Delete up to `batch` matching records in one statement (so one short write
+        transaction, which re-checks the rule as it deletes); how many."""
+        rows = self._run(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {where} LIMIT {int(batch)}) "
+                         f"RETURNING status, tool", params, _fetch_all)
+        for status, tool in rows:
             _tally(counts, status, tool)
         return len(rows)
 
