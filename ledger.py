@@ -2654,14 +2654,16 @@ class RedisStore(_ServerStore):
         if tuple(int(n) for n in str(info.get("redis_version", "0")).split(".")[:2]) < (6, 2):
             raise StoreError(f"Redis at {self.where} is version {info.get('redis_version')}; RedisStore "
                              f"needs 6.2 or later")
-        version = int(self._script("schema", [self.prefix + "schema"], [SCHEMA_VERSION]))
+        mark = self.prefix + "schema"
+        self._call(self._client.set, mark, SCHEMA_VERSION, nx=True)   # a new prefix starts at this schema
+        version = int(self._call(self._client.get, mark))
         if version > SCHEMA_VERSION:
             raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r} was written by a newer ledger.py "
                              f"(schema {version}); upgrade ledger.py")
-        if version < 2:
+        if version < 2:   # before the mark moves on, so that a crash here leaves it to the next worker
             self._again(self._index_finished_records)
         if version < SCHEMA_VERSION:   # 3 changes no key: the mark keeps workers of schema 1 out
-            self._call(self._client.set, self.prefix + "schema", SCHEMA_VERSION)
+            self._script("schema", [mark], [SCHEMA_VERSION])   # raised at once, never lowered
 
     def _index_finished_records(self) -> None:
         """Schema 1 to 2: put the finished records written before prune existed in its indexes.
