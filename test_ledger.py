@@ -1273,19 +1273,20 @@ def test_prune_never_removes_a_running_call(store):
     guard = Guard(store, quiet=True, secret="s")
     started, release, runs = threading.Event(), threading.Event(), []
 
+    @guard.once(name="long_job")
     def long_job(n):
         runs.append(n)
         started.set()
         release.wait(10)
 
-    leader = threading.Thread(target=guard, args=(long_job, 1))
+    leader = threading.Thread(target=long_job, args=(1,))
     leader.start()
     try:
         assert started.wait(10)
         time.sleep(0.01)  # its record is older than the cut-off below
         assert guard.prune(0, dry_run=True)["removed"] == 0
         assert guard.prune(0)["removed"] == 0
-        assert guard(long_job, 1) is BLOCKED
+        assert long_job(1) is BLOCKED
     finally:
         release.set()
         leader.join()
@@ -1336,6 +1337,7 @@ def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
     running, overlaps, runs = set(), [], []
     lock = threading.Lock()
 
+    @guard.once(name="job")
     def job(n):
         with lock:
             if n in running:
@@ -1353,7 +1355,7 @@ def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
         while time.monotonic() < stop:
             for n in range(3):
                 with contextlib.suppress(RuntimeError):
-                    guard(job, n)
+                    job(n)
 
     def pruner():
         while time.monotonic() < stop:
@@ -2194,17 +2196,18 @@ def test_a_tool_error_of_any_text_is_recorded_failed_and_reaches_the_caller_unch
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="failing_tool")
     def tool():
         runs.append(1)
         raise error
     with pytest.raises(type(error)) as raised:
-        guard(tool)
+        tool()
     assert raised.value is error
     record = store.records()[0]
     assert record.status == "FAILED" and record.error.startswith(type(error).__name__)
     assert "\x00" not in record.error and record.error.encode("utf-8")   # storable everywhere
     with pytest.raises(type(error)):
-        guard(tool)
+        tool()
     assert len(runs) == 2
 
 
@@ -2244,12 +2247,12 @@ def test_a_completion_the_store_refuses_stops_renewing_the_lease(tmp_path, monke
     store = FlakyStore(tmp_path / "l.db")
     guard = Guard(store, quiet=True, secret="s")
 
+    @guard.once(name="tool", lease=0.3)
     def tool(n):
         store.fail_swaps = 100   # from here on, every write fails
         return n
-    guard.policy(tool, lease=0.3)
     with pytest.raises(ledger.CompletionError) as err:
-        guard(tool, 1)
+        tool(1)
     assert err.value.value == 1
     store.fail_swaps = 0
     held = store.records()[0].lease_until
@@ -2269,16 +2272,16 @@ def test_fail_open_runs_a_tool_unguarded_with_a_warning_when_the_store_cannot_be
     guard = Guard(str(tmp_path / "missing" / "l.db"))
     keys = []
 
+    @guard.once(name="lookup", fail_open=True)
     def lookup(q):
         keys.append(current_key())
         return {"q": q}
 
+    @guard.once(name="alookup", fail_open=True)
     async def alookup(q):
         keys.append(current_key())
         return {"q": q}
 
-    guard.policy(lookup, fail_open=True)
-    guard.policy(alookup, fail_open=True)
     with caplog.at_level("WARNING", logger="ledger"):
         outcomes = [guard.execute(lookup, "acme"), guard.execute(lookup, "acme"),
                     asyncio.run(guard.execute(alookup, "acme"))]
@@ -2365,10 +2368,11 @@ def test_retry_refuses_a_call_whose_lease_is_live_unless_forced(store):
     inside = threading.Event()
     release = threading.Event()
 
+    @guard.once(name="long_tool")
     def tool():
         inside.set()
         release.wait(10)
-    worker = threading.Thread(target=guard, args=(tool,))
+    worker = threading.Thread(target=tool)
     worker.start()
     try:
         inside.wait(10)
@@ -2447,39 +2451,40 @@ def test_a_tool_returning_a_generator_is_refused_before_its_body_runs(g, kind):
 
 
 def test_a_replay_tool_that_calls_itself_raises_instead_of_waiting_forever(g):
+    @g.once(name="lookup", replay=True)
     def lookup(q):
-        return g(lookup, q)
-    g.policy(lookup, replay=True)
+        return lookup(q)
     started = time.monotonic()
     with pytest.raises(ledger.ReentrantCallError, match="from inside its own run"):
-        g(lookup, "x")
+        lookup("x")
     assert time.monotonic() - started < 5 and g.history()[0]["status"] == "FAILED"
 
 
 def test_a_replay_tool_reached_again_through_another_tool_raises(g):
+    @g.once(name="outer", replay=True)
     def outer(q):
-        return g(inner, q)
+        return inner(q)
 
+    @g.once(name="inner")
     def inner(q):
-        return g(outer, q)
-    g.policy(outer, replay=True)
+        return outer(q)
     with pytest.raises(ledger.ReentrantCallError):
-        g(outer, "x")
+        outer("x")
 
 
 def test_an_async_replay_tool_that_awaits_itself_raises(g):
+    @g.once(name="lookup", replay=True)
     async def lookup(q):
-        return await g(lookup, q)
-    g.policy(lookup, replay=True)
+        return await lookup(q)
     with pytest.raises(ledger.ReentrantCallError):
-        asyncio.run(asyncio.wait_for(g(lookup, "x"), 10))
+        asyncio.run(asyncio.wait_for(lookup("x"), 10))
 
 
 def test_a_replay_tool_may_call_itself_with_other_arguments(g):
+    @g.once(name="countdown", replay=True)
     def countdown(n):
-        return 0 if n == 0 else 1 + g(countdown, n - 1)
-    g.policy(countdown, replay=True)
-    assert g(countdown, 3) == 3 and g(countdown, 3) == 3
+        return 0 if n == 0 else 1 + countdown(n - 1)
+    assert countdown(3) == 3 and countdown(3) == 3
 
 
 def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
@@ -2675,6 +2680,7 @@ def test_the_counters_are_metrics_by_tool_and_source(g, otel):
 
 
 def test_a_fenced_run_is_marked_on_its_span_and_counted(g, otel):
+    @g.once(name="tool")
     def tool():
         record = g.store.records()[0]
         g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1), record.epoch, record.owner)
