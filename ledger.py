@@ -443,7 +443,25 @@ def _import_name(path: str) -> str:
 def tool_name(fn: Callable) -> str:
     """The stable name records of `fn` are kept under: module.qualname, the same in every process.
     ConfigError where no such name tells `fn` apart from another tool (pass name= then)."""
-    return _name(fn, ())
+    return _storable(_name(fn, ()), "tool name")
+
+
+def _storable(label: str, what: str) -> str:
+    """`label` (a tool name, workflow or caller, which records keep as they are) if every
+    store can hold it: no NUL (PostgreSQL refuses it) and no lone surrogate (no UTF-8
+    store accepts one). Checked where a label is given, so a call never fails on it later."""
+    if "\x00" not in label and (label.isascii() or not _has_lone_surrogate(label)):
+        return label
+    raise ConfigError(f"{what} {label!r} holds a NUL or a lone surrogate (text no UTF-8 store can keep); "
+                      f"give a {what} without it")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _NAME_HINT = ("pass name= (guard.once(tool, name='...') or a dict key in guard.wrap_tools({'name': tool})) "
@@ -3443,7 +3461,7 @@ class _Core:
     def env_workflow(self) -> str:
         """$LEDGER_WORKFLOW or "default", read on first use like the other settings."""
         if self._env_workflow is None:
-            self._env_workflow = os.environ.get("LEDGER_WORKFLOW") or "default"
+            self._env_workflow = _storable(os.environ.get("LEDGER_WORKFLOW") or "default", "workflow")
         return self._env_workflow
 
     def name_of(self, fn: Callable, info: _ToolInfo) -> str:
@@ -4010,8 +4028,8 @@ class Guard:
     def __init__(self, store: Store | str | os.PathLike | None = None, *, workflow: str | None = None,
                  caller: str | None = None, quiet: bool | None = None, secret: str | bytes | None = None):
         self._core = _Core(store, quiet, secret)
-        self._default_workflow = workflow
-        self._default_caller = caller
+        self._default_workflow = None if workflow is None else _storable(workflow, "workflow")
+        self._default_caller = None if caller is None else _storable(caller, "caller")
         self._scope: tuple[str | None, str | None] = (None, None)
 
     def __repr__(self) -> str:
@@ -4029,12 +4047,12 @@ class Guard:
         """Fingerprint calls in workflow `id`: from now on in this thread or task (as a
         statement), until the block ends (as a `with` block), and always through the
         scoped guard it returns."""
-        return self._scoped(str(id), self._scope[1])._set_here(self)
+        return self._scoped(_storable(str(id), "workflow"), self._scope[1])._set_here(self)
 
     def as_caller(self, name: str) -> Guard:
         """Record calls as made by `name`; a statement, a `with` block and a scoped guard,
         as `workflow`."""
-        return self._scoped(self._scope[0], str(name))._set_here(self)
+        return self._scoped(self._scope[0], _storable(str(name), "caller"))._set_here(self)
 
     def _scoped(self, workflow: str | None, caller: str | None) -> Guard:
         scoped = object.__new__(Guard)
@@ -4258,7 +4276,7 @@ class Guard:
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
         inner, inner_name = _unwrap(fn)
-        name = name or inner_name or self._core.name_of(inner, _info(inner))
+        name = _storable(name or inner_name or self._core.name_of(inner, _info(inner)), "tool name")
         self._core.tools.setdefault(name, inner)
         try:
             self._core.names.setdefault(inner, name)

@@ -843,6 +843,41 @@ def test_an_explicit_name_always_wins(g):
     assert len(mutable.calls) == 1 and [r["tool"] for r in g.history()] == ["my.counter"]
 
 
+UNSTORABLE_LABELS = {"lone surrogate": "billing\ud800", "nul": "billing\x00"}
+
+
+def _give_label(guard, where, label):
+    """Each way a tool name, workflow or caller reaches a record."""
+    if where == "name=":
+        return lambda: guard.once(charge, name=label)(1)
+    if where == "wrap_tools key":
+        return lambda: guard.wrap_tools({label: charge})[label](1)
+    if where == "workflow":
+        return lambda: guard.workflow(label)(charge, 1)
+    if where == "caller":
+        return lambda: guard.as_caller(label)(charge, 1)
+    if where == "Guard(workflow=)":
+        return lambda: Guard(guard.store, workflow=label, quiet=True, secret="s")(charge, 1)
+    return lambda: Guard(guard.store, caller=label, quiet=True, secret="s")(charge, 1)
+
+
+@pytest.mark.parametrize("label", list(UNSTORABLE_LABELS.values()), ids=list(UNSTORABLE_LABELS))
+@pytest.mark.parametrize("where", ["name=", "wrap_tools key", "workflow", "caller", "Guard(workflow=)",
+                                   "Guard(caller=)"])
+def test_a_label_no_store_can_keep_is_a_config_error_before_the_tool_runs(store, where, label):
+    guard = Guard(store, quiet=True, secret="s")
+    with pytest.raises(ledger.ConfigError, match="NUL or a lone surrogate"):
+        _give_label(guard, where, label)()
+    assert CHARGES == [] and store.records() == []
+
+
+def test_a_workflow_from_the_environment_no_store_can_keep_is_a_config_error(g, monkeypatch):
+    monkeypatch.setenv("LEDGER_WORKFLOW", "nightly\udce9")   # a non-UTF-8 byte, as os.environ decodes it
+    with pytest.raises(ledger.ConfigError, match="workflow 'nightly"):
+        g(charge, 1)
+    assert CHARGES == []
+
+
 def test_partials_bind_their_arguments_into_the_call(g):
     g(functools.partial(charge, currency="eur"), 1)
     g(functools.partial(charge, currency="usd"), 1)
