@@ -2333,6 +2333,11 @@ class PostgresStore(_ServerStore):
                     from e
             self._give(conn)
             raise StoreError(f"PostgreSQL at {self.where}, table {self.table}: {_reason(e, self._password)}") from e
+        except BaseException:
+            # Not the server's answer (a value psycopg cannot encode, an interrupt mid-statement):
+            # the connection's state is unknown, so it is closed rather than pooled or left open.
+            conn.close()
+            raise
         self._give(conn)
         return result
 

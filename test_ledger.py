@@ -4048,6 +4048,19 @@ def test_redis_refuses_records_from_a_newer_version():
         ledger.RedisStore(REDIS_URL, prefix=store.prefix)
 
 
+def test_postgres_closes_a_connection_whose_statement_failed_outside_psycopg():
+    """A value psycopg cannot send (text with a lone surrogate) fails before the server sees
+    the statement; the connection it took is closed, not left open outside the pool."""
+    store = postgres_store()
+    with pytest.raises(UnicodeEncodeError) as raised:   # held: a leaked connection would stay open
+        store.insert(scratch_record().evolve(tool="t\ud800"))
+    with postgres_admin() as admin:
+        sessions = lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                         (store.table,)).fetchone()[0]
+        wait_for(lambda: sessions() == len(store._idle), what="only the pooled connections to stay open")
+    assert raised.value is not None and store.get("r1") is None
+
+
 def test_postgres_upgrades_a_schema_1_table_in_place_keeping_every_record():
     store = postgres_store()
     now = time.time()
