@@ -1782,7 +1782,7 @@ def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_p
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=1.0)
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED   # its lease is still alive
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     value = guard(log_run, path, "long", 0, key="long-job")
     assert value == f"long-{os.getpid()}"
     runs = runs_of(path)
@@ -1801,7 +1801,7 @@ def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, 
     victim.join()
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED
     assert guard.stats()["stale"] == 1
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True
@@ -1816,7 +1816,7 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
     wait_for(lambda: runs_of(path), what="the leader to start")
     os.kill(paused.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: shared_store.records()[0].stale(), what="the paused leader's lease to expire")
+        wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the paused leader's lease to expire")
         guard = Guard(shared_store, quiet=True, secret="s")
         guard.policy(log_run, lease=0.4, replay=True)
         mine = guard(log_run, path, "long", 0, key="long-job")
@@ -2293,7 +2293,7 @@ def test_a_completion_the_store_refuses_stops_renewing_the_lease(tmp_path, monke
     held = store.records()[0].lease_until
     time.sleep(0.5)   # the heartbeat renews a live run every lease/3
     record = store.records()[0]
-    assert record.status == "RUNNING" and record.lease_until == held and record.stale()
+    assert record.status == "RUNNING" and record.lease_until == held and record.stale(store.now())
 
 
 def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
@@ -2388,7 +2388,7 @@ def test_a_deliberate_retry_gets_a_fresh_key_and_a_crash_recovery_keeps_the_old_
     victim.join()
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # crash recovery
     guard(log_run, path, "long", 0, key="long-job")
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # deliberate re-run
