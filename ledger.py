@@ -4390,11 +4390,11 @@ class Guard:
             record = store.get(id)
             if record is None or record.status == Status.FAILED:
                 return False
-            now = time.time()
-            if record.status == Status.RUNNING and record.lease_until > now and not force:
+            now, clock = time.time(), store.now()   # a lease is judged on the store's clock, as every worker does
+            if record.status == Status.RUNNING and record.lease_until > clock and not force:
                 raise LeaseLiveError(
                     f"call {id} ({record.tool}) is running now: worker {record.owner} holds its lease for "
-                    f"another {record.lease_until - now:.1f}s and renews it while it runs. Releasing it would "
+                    f"another {record.lease_until - clock:.1f}s and renews it while it runs. Releasing it would "
                     f"let a second run overlap this one; wait for it, or force the release if that worker "
                     f"is known to be gone (guard.retry(..., force=True), `ledger retry --force ID`)")
             run_key = f"{id}.{_unique_token()}" if record.status == Status.SUCCESS else record.run_key

@@ -1918,6 +1918,29 @@ def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store,
     assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
 
 
+def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store, monkeypatch):
+    guard = Guard(store, quiet=True, secret="s")
+    inside, release = threading.Event(), threading.Event()
+
+    @guard.once(name="long_tool")
+    def tool():
+        inside.set()
+        release.wait(10)
+    worker = threading.Thread(target=tool)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)   # stepped as NTP would step it
+        with pytest.raises(ledger.LeaseLiveError, match="running now"):
+            guard.retry(tool)
+        monkeypatch.undo()
+        assert store.records()[0].status == "RUNNING"
+    finally:
+        release.set()
+        worker.join()
+
+
 def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     behind = call_with_wall_clock_stepped(-3600, shared_store, log_run_until, {"lease": 1.0}, path, release)
