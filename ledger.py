@@ -5414,7 +5414,7 @@ def _cmd_prune(args: Any) -> int:
 def _cmd_retry(args: Any) -> int:
     with _opened(args) as guard:
         record = _find_record(guard, args.id)
-        state = _state(record, time.time())
+        state = _state(record, guard.store.now())
         if guard.retry_id(record.id, force=args.force):
             print(f"released {record.id} ({_clean(record.tool)}, was {state}): its next call runs again")
         else:
