@@ -2082,7 +2082,11 @@ def test_stress_every_call_runs_once_but_for_reruns_after_a_killed_leader(kind, 
     for label, its_runs in runs.items():
         assert all(pid in killed for pid, _ in its_runs[:-1]), f"{label} ran again without a killed leader"
         assert len({key for _, key in its_runs}) == 1, f"{label}: every run has the same current_key()"
-        assert records[label].executed == len(its_runs)
+        assert records[label].executed >= len(its_runs), f"{label}: a run the record does not count"
+    # A record counts a run when it is claimed; a worker killed between its claim and its tool's
+    # first line (one of its other threads was the victim) leaves a counted run with no line.
+    unlogged = sum(records[label].executed - len(its_runs) for label, its_runs in runs.items())
+    assert unlogged <= 3 * len(killed)
     assert set(shows) == {0}
     reruns = sum(len(r) - 1 for r in runs.values())
     ahead = sum(pid == processes[1].pid for its_runs in runs.values() for pid, _ in its_runs)
