@@ -1641,7 +1641,7 @@ class SQLiteStore(Store):
                     deadline = deadline or now + self.timeout
                     if now >= deadline:
                         raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
-                                         f"lock for {self.timeout:g}s)") from e
+                                         f"lock for {self.timeout:g}s). {_sqlite_advice(self.path, e)}") from e
             time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
 
     def get(self, id: str) -> Record | None:
