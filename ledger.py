@@ -443,7 +443,25 @@ def _import_name(path: str) -> str:
 def tool_name(fn: Callable) -> str:
     """The stable name records of `fn` are kept under: module.qualname, the same in every process.
     ConfigError where no such name tells `fn` apart from another tool (pass name= then)."""
-    return _name(fn, ())
+    return _storable(_name(fn, ()), "tool name")
+
+
+def _storable(label: str, what: str) -> str:
+    """`label` (a tool name, workflow or caller, which records keep as they are) if every
+    store can hold it: no NUL (PostgreSQL refuses it) and no lone surrogate (no UTF-8
+    store accepts one). Checked where a label is given, so a call never fails on it later."""
+    if "\x00" not in label and (label.isascii() or not _has_lone_surrogate(label)):
+        return label
+    raise ConfigError(f"{what} {label!r} holds a NUL or a lone surrogate (text no UTF-8 store can keep); "
+                      f"give a {what} without it")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _NAME_HINT = ("pass name= (guard.once(tool, name='...') or a dict key in guard.wrap_tools({'name': tool})) "
@@ -1623,7 +1641,7 @@ class SQLiteStore(Store):
                     deadline = deadline or now + self.timeout
                     if now >= deadline:
                         raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
-                                         f"lock for {self.timeout:g}s)") from e
+                                         f"lock for {self.timeout:g}s). {_sqlite_advice(self.path, e)}") from e
             time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
 
     def get(self, id: str) -> Record | None:
@@ -1664,7 +1682,7 @@ class SQLiteStore(Store):
         for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
             if dry_run:
                 for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
-                                                 f"GROUP BY status, tool", params):
+                                                 f"GROUP BY status, tool", params, _fetch_all):
                     _tally(counts, status, tool, n)
                 continue
             while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
@@ -1672,17 +1690,11 @@ class SQLiteStore(Store):
         return counts
 
     def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
-        """Delete up to `batch` matching records in one short write transaction; how many."""
-        conn = self._conn()
-        try:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                rows = conn.execute(f"SELECT id, status, tool FROM records WHERE {where} LIMIT {int(batch)}",
-                                    params).fetchall()
-                conn.executemany("DELETE FROM records WHERE id = ?", [(id,) for id, _, _ in rows])
-        except sqlite3.Error as e:
-            raise StoreError(f"ledger database {self.path!r}: {e}") from e
-        for _, status, tool in rows:
+        """Delete up to `batch` matching records in one statement (so one short write
+        transaction, which re-checks the rule as it deletes); how many."""
+        rows = self._run(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {where} LIMIT {int(batch)}) "
+                         f"RETURNING status, tool", params, _fetch_all)
+        for status, tool in rows:
             _tally(counts, status, tool)
         return len(rows)
 
@@ -2334,6 +2346,11 @@ class PostgresStore(_ServerStore):
                     from e
             self._give(conn)
             raise StoreError(f"PostgreSQL at {self.where}, table {self.table}: {_reason(e, self._password)}") from e
+        except BaseException:
+            # Not the server's answer (a value psycopg cannot encode, an interrupt mid-statement):
+            # the connection's state is unknown, so it is closed rather than pooled or left open.
+            conn.close()
+            raise
         self._give(conn)
         return result
 
@@ -2673,14 +2690,16 @@ class RedisStore(_ServerStore):
         if tuple(int(n) for n in str(info.get("redis_version", "0")).split(".")[:2]) < (6, 2):
             raise StoreError(f"Redis at {self.where} is version {info.get('redis_version')}; RedisStore "
                              f"needs 6.2 or later")
-        version = int(self._script("schema", [self.prefix + "schema"], [SCHEMA_VERSION]))
+        mark = self.prefix + "schema"
+        self._call(self._client.set, mark, SCHEMA_VERSION, nx=True)   # a new prefix starts at this schema
+        version = int(self._call(self._client.get, mark))
         if version > SCHEMA_VERSION:
             raise StoreError(f"Redis at {self.where}, prefix {self.prefix!r} was written by a newer ledger.py "
                              f"(schema {version}); upgrade ledger.py")
-        if version < 2:
+        if version < 2:   # before the mark moves on, so that a crash here leaves it to the next worker
             self._again(self._index_finished_records)
         if version < SCHEMA_VERSION:   # 3 changes no key: the mark keeps workers of schema 1 out
-            self._call(self._client.set, self.prefix + "schema", SCHEMA_VERSION)
+            self._script("schema", [mark], [SCHEMA_VERSION])   # raised at once, never lowered
 
     def _index_finished_records(self) -> None:
         """Schema 1 to 2: put the finished records written before prune existed in its indexes.
@@ -3460,7 +3479,7 @@ class _Core:
     def env_workflow(self) -> str:
         """$LEDGER_WORKFLOW or "default", read on first use like the other settings."""
         if self._env_workflow is None:
-            self._env_workflow = os.environ.get("LEDGER_WORKFLOW") or "default"
+            self._env_workflow = _storable(os.environ.get("LEDGER_WORKFLOW") or "default", "workflow")
         return self._env_workflow
 
     def name_of(self, fn: Callable, info: _ToolInfo) -> str:
@@ -4028,8 +4047,8 @@ class Guard:
     def __init__(self, store: Store | str | os.PathLike | None = None, *, workflow: str | None = None,
                  caller: str | None = None, quiet: bool | None = None, secret: str | bytes | None = None):
         self._core = _Core(store, quiet, secret)
-        self._default_workflow = workflow
-        self._default_caller = caller
+        self._default_workflow = None if workflow is None else _storable(workflow, "workflow")
+        self._default_caller = None if caller is None else _storable(caller, "caller")
         self._scope: tuple[str | None, str | None] = (None, None)
 
     def __repr__(self) -> str:
@@ -4047,12 +4066,12 @@ class Guard:
         """Fingerprint calls in workflow `id`: from now on in this thread or task (as a
         statement), until the block ends (as a `with` block), and always through the
         scoped guard it returns."""
-        return self._scoped(str(id), self._scope[1])._set_here(self)
+        return self._scoped(_storable(str(id), "workflow"), self._scope[1])._set_here(self)
 
     def as_caller(self, name: str) -> Guard:
         """Record calls as made by `name`; a statement, a `with` block and a scoped guard,
         as `workflow`."""
-        return self._scoped(self._scope[0], str(name))._set_here(self)
+        return self._scoped(self._scope[0], _storable(str(name), "caller"))._set_here(self)
 
     def _scoped(self, workflow: str | None, caller: str | None) -> Guard:
         scoped = object.__new__(Guard)
@@ -4276,7 +4295,7 @@ class Guard:
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
         inner, inner_name = _unwrap(fn)
-        name = name or inner_name or self._core.name_of(inner, _info(inner))
+        name = _storable(name or inner_name or self._core.name_of(inner, _info(inner)), "tool name")
         self._core.tools.setdefault(name, inner)
         try:
             self._core.names.setdefault(inner, name)
@@ -4386,11 +4405,11 @@ class Guard:
             record = store.get(id)
             if record is None or record.status == Status.FAILED:
                 return False
-            now = store.now()   # the lease clock, which a step of this worker's wall clock does not move
-            if record.status == Status.RUNNING and record.lease_until > now and not force:
+            clock = store.now()   # the lease clock, which a step of this worker's wall clock does not move
+            if record.status == Status.RUNNING and record.lease_until > clock and not force:
                 raise LeaseLiveError(
                     f"call {id} ({record.tool}) is running now: worker {record.owner} holds its lease for "
-                    f"another {record.lease_until - now:.1f}s and renews it while it runs. Releasing it would "
+                    f"another {record.lease_until - clock:.1f}s and renews it while it runs. Releasing it would "
                     f"let a second run overlap this one; wait for it, or force the release if that worker "
                     f"is known to be gone (guard.retry(..., force=True), `ledger retry --force ID`)")
             run_key = f"{id}.{_unique_token()}" if record.status == Status.SUCCESS else record.run_key

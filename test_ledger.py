@@ -843,6 +843,41 @@ def test_an_explicit_name_always_wins(g):
     assert len(mutable.calls) == 1 and [r["tool"] for r in g.history()] == ["my.counter"]
 
 
+UNSTORABLE_LABELS = {"lone surrogate": "billing\ud800", "nul": "billing\x00"}
+
+
+def _give_label(guard, where, label):
+    """Each way a tool name, workflow or caller reaches a record."""
+    if where == "name=":
+        return lambda: guard.once(charge, name=label)(1)
+    if where == "wrap_tools key":
+        return lambda: guard.wrap_tools({label: charge})[label](1)
+    if where == "workflow":
+        return lambda: guard.workflow(label)(charge, 1)
+    if where == "caller":
+        return lambda: guard.as_caller(label)(charge, 1)
+    if where == "Guard(workflow=)":
+        return lambda: Guard(guard.store, workflow=label, quiet=True, secret="s")(charge, 1)
+    return lambda: Guard(guard.store, caller=label, quiet=True, secret="s")(charge, 1)
+
+
+@pytest.mark.parametrize("label", list(UNSTORABLE_LABELS.values()), ids=list(UNSTORABLE_LABELS))
+@pytest.mark.parametrize("where", ["name=", "wrap_tools key", "workflow", "caller", "Guard(workflow=)",
+                                   "Guard(caller=)"])
+def test_a_label_no_store_can_keep_is_a_config_error_before_the_tool_runs(store, where, label):
+    guard = Guard(store, quiet=True, secret="s")
+    with pytest.raises(ledger.ConfigError, match="NUL or a lone surrogate"):
+        _give_label(guard, where, label)()
+    assert CHARGES == [] and store.records() == []
+
+
+def test_a_workflow_from_the_environment_no_store_can_keep_is_a_config_error(g, monkeypatch):
+    monkeypatch.setenv("LEDGER_WORKFLOW", "nightly\udce9")   # a non-UTF-8 byte, as os.environ decodes it
+    with pytest.raises(ledger.ConfigError, match="workflow 'nightly"):
+        g(charge, 1)
+    assert CHARGES == []
+
+
 def test_partials_bind_their_arguments_into_the_call(g):
     g(functools.partial(charge, currency="eur"), 1)
     g(functools.partial(charge, currency="usd"), 1)
@@ -1273,19 +1308,20 @@ def test_prune_never_removes_a_running_call(store):
     guard = Guard(store, quiet=True, secret="s")
     started, release, runs = threading.Event(), threading.Event(), []
 
+    @guard.once(name="long_job")
     def long_job(n):
         runs.append(n)
         started.set()
         release.wait(10)
 
-    leader = threading.Thread(target=guard, args=(long_job, 1))
+    leader = threading.Thread(target=long_job, args=(1,))
     leader.start()
     try:
         assert started.wait(10)
         time.sleep(0.01)  # its record is older than the cut-off below
         assert guard.prune(0, dry_run=True)["removed"] == 0
         assert guard.prune(0)["removed"] == 0
-        assert guard(long_job, 1) is BLOCKED
+        assert long_job(1) is BLOCKED
     finally:
         release.set()
         leader.join()
@@ -1336,6 +1372,7 @@ def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
     running, overlaps, runs = set(), [], []
     lock = threading.Lock()
 
+    @guard.once(name="job")
     def job(n):
         with lock:
             if n in running:
@@ -1353,7 +1390,7 @@ def test_prune_racing_calls_never_lets_two_runs_of_one_call_overlap(store):
         while time.monotonic() < stop:
             for n in range(3):
                 with contextlib.suppress(RuntimeError):
-                    guard(job, n)
+                    job(n)
 
     def pruner():
         while time.monotonic() < stop:
@@ -1745,7 +1782,7 @@ def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_p
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=1.0)
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED   # its lease is still alive
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     value = guard(log_run, path, "long", 0, key="long-job")
     assert value == f"long-{os.getpid()}"
     runs = runs_of(path)
@@ -1764,7 +1801,7 @@ def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, 
     victim.join()
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED
     assert guard.stats()["stale"] == 1
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True
@@ -1779,7 +1816,7 @@ def test_a_paused_leader_is_fenced_off_and_its_caller_still_gets_its_value(share
     wait_for(lambda: runs_of(path), what="the leader to start")
     os.kill(paused.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: shared_store.records()[0].stale(), what="the paused leader's lease to expire")
+        wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the paused leader's lease to expire")
         guard = Guard(shared_store, quiet=True, secret="s")
         guard.policy(log_run, lease=0.4, replay=True)
         mine = guard(log_run, path, "long", 0, key="long-job")
@@ -1879,6 +1916,29 @@ def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store,
         pathlib.Path(release).touch()
         running.join(30)
     assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
+
+
+def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store, monkeypatch):
+    guard = Guard(store, quiet=True, secret="s")
+    inside, release = threading.Event(), threading.Event()
+
+    @guard.once(name="long_tool")
+    def tool():
+        inside.set()
+        release.wait(10)
+    worker = threading.Thread(target=tool)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)   # stepped as NTP would step it
+        with pytest.raises(ledger.LeaseLiveError, match="running now"):
+            guard.retry(tool)
+        monkeypatch.undo()
+        assert store.records()[0].status == "RUNNING"
+    finally:
+        release.set()
+        worker.join()
 
 
 def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
@@ -2054,7 +2114,11 @@ def test_stress_every_call_runs_once_but_for_reruns_after_a_killed_leader(kind, 
     for label, its_runs in runs.items():
         assert all(pid in killed for pid, _ in its_runs[:-1]), f"{label} ran again without a killed leader"
         assert len({key for _, key in its_runs}) == 1, f"{label}: every run has the same current_key()"
-        assert records[label].executed == len(its_runs)
+        assert records[label].executed >= len(its_runs), f"{label}: a run the record does not count"
+    # A record counts a run when it is claimed; a worker killed between its claim and its tool's
+    # first line (one of its other threads was the victim) leaves a counted run with no line.
+    unlogged = sum(records[label].executed - len(its_runs) for label, its_runs in runs.items())
+    assert unlogged <= 3 * len(killed)
     assert set(shows) == {0}
     reruns = sum(len(r) - 1 for r in runs.values())
     ahead = sum(pid == processes[1].pid for its_runs in runs.values() for pid, _ in its_runs)
@@ -2226,17 +2290,18 @@ def test_a_tool_error_of_any_text_is_recorded_failed_and_reaches_the_caller_unch
     guard = Guard(store, quiet=True, secret="s")
     runs = []
 
+    @guard.once(name="failing_tool")
     def tool():
         runs.append(1)
         raise error
     with pytest.raises(type(error)) as raised:
-        guard(tool)
+        tool()
     assert raised.value is error
     record = store.records()[0]
     assert record.status == "FAILED" and record.error.startswith(type(error).__name__)
     assert "\x00" not in record.error and record.error.encode("utf-8")   # storable everywhere
     with pytest.raises(type(error)):
-        guard(tool)
+        tool()
     assert len(runs) == 2
 
 
@@ -2276,18 +2341,18 @@ def test_a_completion_the_store_refuses_stops_renewing_the_lease(tmp_path, monke
     store = FlakyStore(tmp_path / "l.db")
     guard = Guard(store, quiet=True, secret="s")
 
+    @guard.once(name="tool", lease=0.3)
     def tool(n):
         store.fail_swaps = 100   # from here on, every write fails
         return n
-    guard.policy(tool, lease=0.3)
     with pytest.raises(ledger.CompletionError) as err:
-        guard(tool, 1)
+        tool(1)
     assert err.value.value == 1
     store.fail_swaps = 0
     held = store.records()[0].lease_until
     time.sleep(0.5)   # the heartbeat renews a live run every lease/3
     record = store.records()[0]
-    assert record.status == "RUNNING" and record.lease_until == held and record.stale()
+    assert record.status == "RUNNING" and record.lease_until == held and record.stale(store.now())
 
 
 def test_a_store_that_cannot_be_read_fails_before_the_tool_runs(tmp_path):
@@ -2301,16 +2366,16 @@ def test_fail_open_runs_a_tool_unguarded_with_a_warning_when_the_store_cannot_be
     guard = Guard(str(tmp_path / "missing" / "l.db"))
     keys = []
 
+    @guard.once(name="lookup", fail_open=True)
     def lookup(q):
         keys.append(current_key())
         return {"q": q}
 
+    @guard.once(name="alookup", fail_open=True)
     async def alookup(q):
         keys.append(current_key())
         return {"q": q}
 
-    guard.policy(lookup, fail_open=True)
-    guard.policy(alookup, fail_open=True)
     with caplog.at_level("WARNING", logger="ledger"):
         outcomes = [guard.execute(lookup, "acme"), guard.execute(lookup, "acme"),
                     asyncio.run(guard.execute(alookup, "acme"))]
@@ -2382,7 +2447,7 @@ def test_a_deliberate_retry_gets_a_fresh_key_and_a_crash_recovery_keeps_the_old_
     victim.join()
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # crash recovery
     guard(log_run, path, "long", 0, key="long-job")
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # deliberate re-run
@@ -2397,10 +2462,11 @@ def test_retry_refuses_a_call_whose_lease_is_live_unless_forced(store):
     inside = threading.Event()
     release = threading.Event()
 
+    @guard.once(name="long_tool")
     def tool():
         inside.set()
         release.wait(10)
-    worker = threading.Thread(target=guard, args=(tool,))
+    worker = threading.Thread(target=tool)
     worker.start()
     try:
         inside.wait(10)
@@ -2479,39 +2545,40 @@ def test_a_tool_returning_a_generator_is_refused_before_its_body_runs(g, kind):
 
 
 def test_a_replay_tool_that_calls_itself_raises_instead_of_waiting_forever(g):
+    @g.once(name="lookup", replay=True)
     def lookup(q):
-        return g(lookup, q)
-    g.policy(lookup, replay=True)
+        return lookup(q)
     started = time.monotonic()
     with pytest.raises(ledger.ReentrantCallError, match="from inside its own run"):
-        g(lookup, "x")
+        lookup("x")
     assert time.monotonic() - started < 5 and g.history()[0]["status"] == "FAILED"
 
 
 def test_a_replay_tool_reached_again_through_another_tool_raises(g):
+    @g.once(name="outer", replay=True)
     def outer(q):
-        return g(inner, q)
+        return inner(q)
 
+    @g.once(name="inner")
     def inner(q):
-        return g(outer, q)
-    g.policy(outer, replay=True)
+        return outer(q)
     with pytest.raises(ledger.ReentrantCallError):
-        g(outer, "x")
+        outer("x")
 
 
 def test_an_async_replay_tool_that_awaits_itself_raises(g):
+    @g.once(name="lookup", replay=True)
     async def lookup(q):
-        return await g(lookup, q)
-    g.policy(lookup, replay=True)
+        return await lookup(q)
     with pytest.raises(ledger.ReentrantCallError):
-        asyncio.run(asyncio.wait_for(g(lookup, "x"), 10))
+        asyncio.run(asyncio.wait_for(lookup("x"), 10))
 
 
 def test_a_replay_tool_may_call_itself_with_other_arguments(g):
+    @g.once(name="countdown", replay=True)
     def countdown(n):
-        return 0 if n == 0 else 1 + g(countdown, n - 1)
-    g.policy(countdown, replay=True)
-    assert g(countdown, 3) == 3 and g(countdown, 3) == 3
+        return 0 if n == 0 else 1 + countdown(n - 1)
+    assert countdown(3) == 3 and countdown(3) == 3
 
 
 def test_current_key_outside_a_guarded_call_raises_or_returns_the_default():
@@ -2707,6 +2774,7 @@ def test_the_counters_are_metrics_by_tool_and_source(g, otel):
 
 
 def test_a_fenced_run_is_marked_on_its_span_and_counted(g, otel):
+    @g.once(name="tool")
     def tool():
         record = g.store.records()[0]
         g.store.swap(record.evolve(owner="other", epoch=record.epoch + 1), record.epoch, record.owner)
@@ -4104,6 +4172,19 @@ def test_redis_refuses_records_from_a_newer_version():
         admin.set(store.prefix + "schema", 99)
     with pytest.raises(ledger.StoreError, match="newer"):
         ledger.RedisStore(REDIS_URL, prefix=store.prefix)
+
+
+def test_postgres_closes_a_connection_whose_statement_failed_outside_psycopg():
+    """A value psycopg cannot send (text with a lone surrogate) fails before the server sees
+    the statement; the connection it took is closed, not left open outside the pool."""
+    store = postgres_store()
+    with pytest.raises(UnicodeEncodeError) as raised:   # held: a leaked connection would stay open
+        store.insert(scratch_record().evolve(tool="t\ud800"))
+    with postgres_admin() as admin:
+        sessions = lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                         (store.table,)).fetchone()[0]
+        wait_for(lambda: sessions() == len(store._idle), what="only the pooled connections to stay open")
+    assert raised.value is not None and store.get("r1") is None
 
 
 def test_postgres_upgrades_a_schema_1_table_in_place_keeping_every_record():
