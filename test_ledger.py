@@ -1826,6 +1826,436 @@ def test_a_leader_whose_renewals_cannot_reach_the_store_is_fenced_off_and_its_ca
     assert json.loads(direct.records()[0].result) == mine and direct.records()[0].epoch == 2
 
 
+# Uncertain outcomes: an error the policy counts as uncertain records UNKNOWN, which
+# no duplicate runs past; the policy's verifier, asked before any run that could
+# repeat a side effect, ends the call as done, lets it run, or leaves it UNKNOWN.
+
+def timing_out_charge(order_id: int, amount: float = 10.0) -> dict:
+    """Charges (counted in CHARGES under its key), then times out on its first run."""
+    CHARGES.append((order_id, current_key()))
+    if len(CHARGES) == 1:
+        raise TimeoutError("no answer from the payment provider")
+    return {"charged": amount, "order": order_id}
+
+
+def test_an_uncertain_error_records_unknown_and_no_duplicate_runs(store):
+    guard = Guard(store, quiet=True, secret="s")
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    record = store.records()[0]
+    assert (record.status, record.error) == ("UNKNOWN", "TimeoutError: no answer from the payment provider")
+    for _ in range(3):
+        with pytest.raises(ledger.OutcomeUnknown, match=f"ledger resolve {record.id} --done") as caught:
+            guard(timing_out_charge, 1)
+        assert (caught.value.id, caught.value.key) == (record.id, record.run_key)
+    assert len(CHARGES) == 1
+    assert guard.stats()["unknown"] == 1 and guard.history()[0]["status"] == "UNKNOWN"
+
+
+def test_a_certain_error_records_failed_and_the_next_call_runs_again_with_the_same_key(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def refused(order_id: int) -> str:
+        CHARGES.append(current_key())
+        if len(CHARGES) == 1:
+            raise ValueError("card declined")
+        return "ok"
+    with pytest.raises(ValueError):
+        guard(refused, 1)
+    assert store.records()[0].status == "FAILED"
+    assert guard(refused, 1) == "ok" and CHARGES[0] == CHARGES[1]
+
+
+class _NamedLikeRequests(OSError):
+    pass
+
+
+_NamedLikeRequests.__module__, _NamedLikeRequests.__name__ = "requests.exceptions", "Timeout"
+
+
+class _ReadTimeoutLikeRequests(_NamedLikeRequests):   # requests.ReadTimeout: a subclass of a named class
+    pass
+
+
+class _SameNameOtherPackage(Exception):
+    pass
+
+
+_SameNameOtherPackage.__module__, _SameNameOtherPackage.__name__ = "mylib.errors", "Timeout"
+
+
+def _http_errors():
+    import httpx
+    import openai
+    request = httpx.Request("POST", "https://api.example.com/charge")
+    return {"httpx.ReadTimeout": httpx.ReadTimeout("read", request=request),
+            "httpx.ConnectError": httpx.ConnectError("reset", request=request),
+            "openai.APITimeoutError": openai.APITimeoutError(request=request),
+            "httpx.HTTPStatusError": httpx.HTTPStatusError("502", request=request,
+                                                           response=httpx.Response(502, request=request))}
+
+
+UNCERTAIN_BY_DEFAULT = {
+    "TimeoutError": TimeoutError(), "socket.timeout": socket.timeout(), "asyncio.TimeoutError": asyncio.TimeoutError(),
+    "ConnectionResetError": ConnectionResetError(), "BrokenPipeError": BrokenPipeError(),
+    "ConnectionRefusedError": ConnectionRefusedError(), "http.client.RemoteDisconnected":
+    __import__("http.client").client.RemoteDisconnected("closed"),
+    "requests.Timeout (by name)": _NamedLikeRequests(), "requests.ReadTimeout (subclass)": _ReadTimeoutLikeRequests(),
+    "httpx.ReadTimeout": None, "httpx.ConnectError": None, "openai.APITimeoutError": None,
+}
+CERTAIN_BY_DEFAULT = {
+    "ValueError": ValueError(), "RuntimeError": RuntimeError(), "OSError": OSError("disk full"),
+    "PermissionError": PermissionError(), "KeyError": KeyError("x"), "mylib.Timeout": _SameNameOtherPackage(),
+    "httpx.HTTPStatusError": None,
+}
+
+
+@pytest.mark.parametrize("name", [*UNCERTAIN_BY_DEFAULT, *CERTAIN_BY_DEFAULT])
+def test_which_errors_leave_the_outcome_unknown_by_default(name, tmp_path):
+    error = {**UNCERTAIN_BY_DEFAULT, **CERTAIN_BY_DEFAULT}[name] or _http_errors()[name]
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+
+    def tool(n: int) -> None:
+        raise error
+    with pytest.raises(type(error)):
+        guard.once(tool, name="tool")(1)
+    expected = "UNKNOWN" if name in UNCERTAIN_BY_DEFAULT else "FAILED"
+    assert guard.store.records()[0].status == expected
+
+
+class _DeadlineMissed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("uncertain, error, status", [
+    ((_DeadlineMissed,), _DeadlineMissed(), "UNKNOWN"),            # a class of your own
+    ([f"{__name__.partition('.')[0]}._DeadlineMissed"], _DeadlineMissed(), "UNKNOWN"),   # by name, as a list
+    ((*ledger.UNCERTAIN_ERRORS, KeyboardInterrupt), KeyboardInterrupt(), "UNKNOWN"),
+    ((), TimeoutError(), "FAILED"),                                # () runs again after any error
+    ((ValueError,), TimeoutError(), "FAILED"),                     # the policy's list replaces the default
+])
+def test_the_policy_says_which_errors_are_uncertain(uncertain, error, status):
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+
+    def tool(n: int) -> None:
+        raise error
+    guard.policy("tool", uncertain=uncertain)
+    with pytest.raises(type(error)):
+        guard.once(tool, name="tool")(1)
+    assert guard.store.records()[0].status == status
+
+
+@pytest.mark.parametrize("bad", [dict(uncertain=("Timeout",)), dict(uncertain=(int,)), dict(uncertain="x.Y"),
+                                 dict(verify="lookup"), dict(verify=42)])
+def test_policy_refuses_a_bad_uncertain_or_verify(g, bad):
+    with pytest.raises(ledger.ConfigError, match="uncertain|verify"):
+        g.policy(charge, **bad)
+
+
+def _verifier(answer, asked):
+    """A verifier giving `answer` (an exception is raised), noting what it was asked."""
+    def verify(key, arguments):
+        asked.append((key, arguments))
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    return verify
+
+
+VERIFIER_ANSWERS = {"done": ledger.Done({"charged": 10.0, "order": 1, "found": True}), "not done": ledger.NOT_DONE,
+                    "unknown": None, "raises": ConnectionError("lookup failed too"), "answers nonsense": True}
+
+
+@pytest.mark.parametrize("answer", list(VERIFIER_ANSWERS))
+def test_a_retry_after_an_uncertain_error_asks_the_verifier_first(store, answer):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+    guard.policy(timing_out_charge, replay=True, verify=_verifier(VERIFIER_ANSWERS[answer], asked))
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    key = store.records()[0].run_key
+    if answer == "done":
+        outcome = guard.execute(timing_out_charge, 1)
+        assert (outcome.value, outcome.source, outcome.ran) == (VERIFIER_ANSWERS["done"].value, "verified", False)
+        assert guard(timing_out_charge, 1) == VERIFIER_ANSWERS["done"].value      # replayed, signed
+        assert len(CHARGES) == 1 and store.records()[0].executed == 1
+    elif answer == "not done":
+        assert guard(timing_out_charge, 1) == {"charged": 10.0, "order": 1}
+        assert len(CHARGES) == 2 and CHARGES[1][1] == key == CHARGES[0][1]     # run again, same key
+    else:
+        for _ in range(2):   # each later call asks again: the other side may know by then
+            with pytest.raises(ledger.OutcomeUnknown, match="ledger resolve"):
+                guard(timing_out_charge, 1)
+        assert len(CHARGES) == 1 and store.records()[0].status == "UNKNOWN"
+        assert ("could not tell" if answer == "unknown" else "verifier") in store.records()[0].error
+    assert asked[0] == (key, {"order_id": 1, "amount": 10.0})
+    assert store.records()[0].status in ("SUCCESS", "UNKNOWN")
+
+
+def test_a_failed_call_is_run_again_without_asking_the_verifier(store):
+    guard, asked, tool = Guard(store, quiet=True, secret="s"), [], Counter(fail=True)
+    guard.policy("counter", verify=_verifier(ledger.Done(1), asked))
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            guard.once(tool, name="counter")(1)
+    assert len(tool.calls) == 2 and asked == []
+
+
+def _kill_mid_charge(store, path, lease):
+    """A worker that charges (one line in `path`) and is killed before its record is written."""
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy("pay", lease=lease)
+
+    def charge_and_die(order: int) -> None:
+        log_run(path, "charged")
+        os.kill(os.getpid(), signal.SIGKILL)
+    guard.once(charge_and_die, name="pay")(7, key="order-7")
+
+
+@pytest.mark.parametrize("answer", ["done", "not done", "unknown"])
+def test_a_takeover_of_a_killed_leader_asks_the_verifier_first(shared_store, tmp_path, answer):
+    path = str(tmp_path / "runs")
+    victim = forked(_kill_mid_charge, shared_store, path, 0.3)
+    victim.start()
+    victim.join()
+    assert victim.exitcode == -signal.SIGKILL and len(runs_of(path)) == 1
+    guard, asked = Guard(shared_store, quiet=True, secret="s"), []
+
+    def verify(key, arguments):
+        asked.append(key)
+        found = any(line.split()[1] == key for line in runs_of(path))
+        return {"done": ledger.Done("ch_1") if found else ledger.NOT_DONE, "not done": ledger.NOT_DONE,
+                "unknown": None}[answer]
+
+    pay = guard.once(lambda order: log_run(path, "charged"), name="pay")
+    guard.policy("pay", lease=0.3, verify=verify)
+    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    key = shared_store.records()[0].run_key
+    if answer == "done":
+        assert pay(7, key="order-7") == "ch_1" and len(runs_of(path)) == 1
+    elif answer == "not done":
+        assert pay(7, key="order-7") == f"charged-{os.getpid()}"
+        assert [line.split()[1] for line in runs_of(path)] == [key, key]
+    else:
+        with pytest.raises(ledger.OutcomeUnknown):
+            pay(7, key="order-7")
+        assert len(runs_of(path)) == 1 and shared_store.records()[0].status == "UNKNOWN"
+    assert asked == [key]
+
+
+def test_a_takeover_without_a_verifier_runs_again_with_the_same_key_as_before(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    victim = forked(_kill_mid_charge, shared_store, path, 0.3)
+    victim.start()
+    victim.join()
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy("pay", lease=0.3)
+    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    guard.once(lambda order: log_run(path, "charged"), name="pay")(7, key="order-7")
+    keys = [line.split()[1] for line in runs_of(path)]
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
+@pytest.mark.parametrize("answer", ["done", "not done", "unknown", "raises"])
+def test_an_async_tool_awaits_its_async_verifier(store, answer):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+
+    async def charge_async(order_id: int) -> str:
+        CHARGES.append(current_key())
+        if len(CHARGES) == 1:
+            raise asyncio.TimeoutError
+        return "ch_2"
+
+    async def verify(key, arguments):
+        asked.append(key)
+        await asyncio.sleep(0)
+        if answer == "raises":
+            raise ConnectionError("lookup failed")
+        return {"done": ledger.Done("ch_1"), "not done": ledger.NOT_DONE, "unknown": None}[answer]
+    guard.policy(charge_async, verify=verify)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await guard(charge_async, 1)
+        if answer in ("unknown", "raises"):
+            with pytest.raises(ledger.OutcomeUnknown):
+                await guard(charge_async, 1)
+            return None
+        return await guard(charge_async, 1)
+    assert asyncio.run(main()) == {"done": "ch_1", "not done": "ch_2"}.get(answer)
+    assert len(CHARGES) == (2 if answer == "not done" else 1) and asked == [CHARGES[0]]
+
+
+def test_a_sync_tool_whose_verifier_is_async_stays_unknown_with_a_clear_message(g, recwarn):
+    async def verify(key, arguments):
+        return ledger.NOT_DONE
+    g.policy(timing_out_charge, verify=verify)
+    with pytest.raises(TimeoutError):
+        g(timing_out_charge, 1)
+    with pytest.raises(ledger.OutcomeUnknown):
+        g(timing_out_charge, 1)
+    assert "awaitable for a sync tool" in g.store.records()[0].error and len(CHARGES) == 1
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_an_interrupt_inside_the_verifier_leaves_the_call_to_be_verified_again(g):
+    answers = [KeyboardInterrupt(), ledger.Done("ch_1")]
+    g.policy(timing_out_charge, lease=0.2, verify=_verifier_sequence(answers))
+    with pytest.raises(TimeoutError):
+        g(timing_out_charge, 1)
+    with pytest.raises(KeyboardInterrupt):
+        g(timing_out_charge, 1)
+    assert g(timing_out_charge, 1) is BLOCKED              # its lease is live, and no longer renewed
+    wait_for(lambda: g.store.records()[0].stale(), what="the lease to expire")
+    assert g(timing_out_charge, 1) == "ch_1" and len(CHARGES) == 1
+
+
+def _verifier_sequence(answers):
+    def verify(key, arguments):
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    return verify
+
+
+def test_a_waiting_duplicate_whose_leader_ends_unknown_gets_outcome_unknown(store):
+    guard, started = Guard(store, quiet=True, secret="s"), threading.Event()
+
+    def slow_timeout(order_id: int) -> None:
+        CHARGES.append(order_id)
+        started.set()
+        time.sleep(0.3)
+        raise TimeoutError
+    guard.policy("slow", replay=True, verify=_verifier(ledger.NOT_DONE, []))
+    slow = guard.once(slow_timeout, name="slow")
+    leader = threading.Thread(target=lambda: pytest.raises(TimeoutError, slow, 1))
+    leader.start()
+    started.wait(10)
+    with pytest.raises(ledger.OutcomeUnknown):
+        slow(1)
+    leader.join()
+    assert CHARGES == [1]
+
+
+def test_an_unknown_record_is_signed_and_a_tampered_one_steers_nothing(store):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+    guard.policy(timing_out_charge, verify=_verifier(ledger.NOT_DONE, asked))
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    record = store.records()[0]
+    assert record.sig.startswith("v2:")
+    tamper(store, record.id, run_key="someone-elses-key")   # the verifier would look up another charge
+    with pytest.raises(ledger.IntegrityError, match="signature"):
+        guard(timing_out_charge, 1)
+    assert asked == [] and len(CHARGES) == 1
+    tamper(store, record.id, run_key=record.run_key, status="SUCCESS")   # its signature says UNKNOWN
+    with pytest.raises(ledger.IntegrityError, match="signature"):
+        guard(timing_out_charge, 1)
+
+
+# Resolving an UNKNOWN call: once, atomically, racing duplicates.
+
+def _unknown_call(guard) -> str:
+    """Leave timing_out_charge(1) UNKNOWN; its record's id."""
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    return guard.store.records()[0].id
+
+
+def test_resolve_done_records_the_result_duplicates_get_and_settles_once(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(timing_out_charge, replay=True)
+    id = _unknown_call(guard)
+    assert guard.resolve(id, done=True, result={"charge": "ch_1"}) is True
+    assert guard.resolve(id, done=False) is False and guard.resolve(id, done=True, result=2) is False
+    assert guard(timing_out_charge, 1) == {"charge": "ch_1"} and len(CHARGES) == 1
+    record = store.get(id)
+    assert (record.status, record.runs, record.owner) == ("SUCCESS", 1, "resolve")
+
+
+def test_resolve_not_done_lets_the_next_call_run_with_the_same_key(store):
+    guard = Guard(store, quiet=True, secret="s")
+    id = _unknown_call(guard)
+    assert guard.resolve(id, done=False) is True and guard.resolve(id, done=False) is False
+    assert guard(timing_out_charge, 1) == {"charged": 10.0, "order": 1}
+    assert guard(timing_out_charge, 1) is BLOCKED
+    assert len(CHARGES) == 2 and CHARGES[0][1] == CHARGES[1][1]
+
+
+def test_resolve_refuses_what_it_cannot_mean(g):
+    id = _unknown_call(g)
+    with pytest.raises(ledger.ConfigError, match="done="):
+        g.resolve(id, done=False, result=1)
+    with pytest.raises(ledger.ConfigError, match="True or False"):
+        g.resolve(id, done="yes")
+    assert g.resolve("no-such-call", done=True) is False
+    assert g.store.get(id).status == "UNKNOWN"
+
+
+def _call_until_settled(store, path, outcomes):
+    """Call the UNKNOWN call until it is settled; what each call gave, in `outcomes`."""
+    guard = Guard(store, quiet=True, secret="s")
+    pay = guard.once(lambda order: log_run(path, "ran"), name="pay")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            outcomes.append(guard.execute(pay, 1, key="order-1").source)
+            return
+        except ledger.OutcomeUnknown:
+            time.sleep(0.002)
+    outcomes.append("stuck")
+
+
+def _leave_unknown(store, path) -> str:
+    guard = Guard(store, quiet=True, secret="s")
+
+    def pay(order: int) -> str:
+        log_run(path, "ran")
+        raise TimeoutError
+    with pytest.raises(TimeoutError):
+        guard.once(pay, name="pay")(1, key="order-1")
+    return store.records()[0].id
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_resolve_racing_duplicate_threads_lets_at_most_the_one_run_it_allows(store, tmp_path, done):
+    path, outcomes = str(tmp_path / "runs"), []
+    id = _leave_unknown(store, path)
+    threads = [threading.Thread(target=_call_until_settled, args=(store, path, outcomes)) for _ in range(8)]
+    [t.start() for t in threads]
+    time.sleep(0.05)
+    settled = [threading.Thread(target=lambda: outcomes.append(Guard(store, secret="s").resolve(id, done=done)))
+               for _ in range(3)]
+    [t.start() for t in settled]
+    [t.join() for t in threads + settled]
+    assert sorted(o for o in outcomes if isinstance(o, bool)) == [False, False, True]   # settled once
+    sources = [o for o in outcomes if not isinstance(o, bool)]
+    assert len(runs_of(path)) == (1 if done else 2)
+    assert sorted(sources) == (["blocked"] * 8 if done else sorted(["executed"] + ["blocked"] * 7))
+
+
+def _call_until_settled_in_process(store, path, queue):
+    outcomes = []
+    _call_until_settled(store, path, outcomes)
+    queue.put(outcomes[0])
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done):
+    path, queue = str(tmp_path / "runs"), FORK.Queue()
+    id = _leave_unknown(shared_store, path)
+    workers = [forked(_call_until_settled_in_process, shared_store, path, queue) for _ in range(4)]
+    [w.start() for w in workers]
+    time.sleep(0.2)
+    assert Guard(shared_store, secret="s").resolve(id, done=done) is True
+    sources = sorted(queue.get(timeout=30) for _ in workers)
+    [w.join() for w in workers]
+    assert len(runs_of(path)) == (1 if done else 2)
+    assert sources == (["blocked"] * 4 if done else ["blocked"] * 3 + ["executed"])
+    keys = {line.split()[1] for line in runs_of(path)}
+    assert len(keys) == 1   # the run after --not-done kept the key
+
+
 # Clocks: leases and ttl windows are judged on the store's clock (Store.now()),
 # which a step of one worker's wall clock does not move. A worker's wall clock is
 # stepped as NTP would step it: time.time() jumps, the monotonic clocks do not.
@@ -6576,6 +7006,10 @@ EXAMPLES = {
                                       "alice: refund({'order_id': 7}) -> already done",
                                       "executed 3, blocked 2"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+    "uncertain_payment.py": (None, ["attempt 1: TimeoutError", "the call is UNKNOWN", "verifier in worker: not done",
+                                    "then was killed by SIGKILL", "verifier in main: done, ch_1",
+                                    "attempt 3: verified, ran again: False, returns ch_1", "attempt 4: blocked",
+                                    "charges at the provider: 1 (ch_1)"]),
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
