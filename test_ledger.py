@@ -1292,6 +1292,20 @@ def test_prune_never_removes_a_running_call(store):
     assert runs == [1]
 
 
+def test_prune_never_removes_an_unknown_call(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def timed_out(n):
+        raise TimeoutError
+    with pytest.raises(TimeoutError):
+        guard(timed_out, 1)
+    time.sleep(0.01)  # its record is older than the cut-off below
+    assert "UNKNOWN" not in ledger.PRUNABLE
+    assert guard.prune(0)["removed"] == 0 and store.records()[0].status == "UNKNOWN"
+    with pytest.raises(ledger.OutcomeUnknown):
+        guard(timed_out, 1)
+
+
 def test_prune_reports_what_it_removed_per_status_and_tool_and_a_dry_run_removes_nothing(store):
     guard = Guard(store, quiet=True, secret="s")
 
@@ -7490,6 +7504,89 @@ def test_retry_of_a_running_call_is_refused_with_its_lease_unless_forced(tmp_pat
 def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     code, _, err = cli("retry", "--db", ledger_db, wanted)
     assert code == 2 and error in err
+
+
+@pytest.fixture
+def unknown_db(tmp_path):
+    """A ledger holding one UNKNOWN call (charge_card timed out) and one SUCCESS."""
+    path = tmp_path / "ledger.db"
+    g = Guard(str(path), quiet=True)
+
+    def timed_out(order):
+        raise TimeoutError("no answer from the provider")
+    g.wrap_tools({"charge_card": timed_out, "lookup": lambda q: q})["lookup"](q="acme")
+    with pytest.raises(TimeoutError):
+        g.wrap_tools({"charge_card": timed_out})["charge_card"](order=7)
+    g.close()
+    return path
+
+
+def unknown_record(db) -> dict:
+    return next(r for r in records_of(db) if r["tool"] == "charge_card")
+
+
+def test_show_and_stats_show_an_unknown_call_and_its_error(unknown_db, cli):
+    code, out, _ = cli("show", "--db", unknown_db, "--status", "unknown")
+    assert code == 0 and "UNKNOWN" in out and "TimeoutError: no answer" in out and "lookup" not in out
+    assert unknown_record(unknown_db)["status"] == "UNKNOWN"
+    code, out, _ = cli("stats", "--db", unknown_db, "--json")
+    assert code == 0 and json.loads(out)["unknown"] == 1
+
+
+def test_tail_shows_an_unknown_call(unknown_db):
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(unknown_db), "--last", "5",
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
+    try:
+        line = Lines(proc.stdout).until("charge_card")
+        assert " unknown " in line and "TimeoutError: no answer" in line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+    assert code == 0 and "Traceback" not in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_resolve_done_records_the_result_and_settles_only_once(unknown_db, cli):
+    id = unknown_record(unknown_db)["id"]
+    code, out, _ = cli("resolve", "--db", unknown_db, id[:8], "--done", "--result", '{"charge": "ch_1"}')
+    assert code == 0 and f"resolved {id}" in out and "SUCCESS" in out
+    code, out, err = cli("resolve", "--db", unknown_db, id[:8], "--not-done")
+    assert code == 1 and "not UNKNOWN (it is SUCCESS)" in err and out == ""
+    g = Guard(str(unknown_db), quiet=True)
+    g.policy("charge_card", replay=True)
+    runs = []
+    assert g.wrap_tools({"charge_card": lambda order: runs.append(order)})["charge_card"](order=7) == {"charge": "ch_1"}
+    assert runs == []
+
+
+def test_resolve_not_done_lets_the_call_run_again(unknown_db, cli):
+    record = unknown_record(unknown_db)
+    code, out, _ = cli("resolve", "--db", unknown_db, record["id"], "--not-done")
+    assert code == 0 and "FAILED: its next call runs again, same key" in out
+    g, keys = Guard(str(unknown_db), quiet=True), []
+    g.wrap_tools({"charge_card": lambda order: keys.append(current_key())})["charge_card"](order=7)
+    assert keys == [record["run_key"]]
+
+
+@pytest.mark.parametrize("argv, error", [(["--done", "--not-done"], "not allowed with"), ([], "one of the arguments"),
+                                         (["--not-done", "--result", "1"], "--result goes with --done"),
+                                         (["--done", "--result", "{not json"], "invalid")])
+def test_resolve_refuses_a_contradictory_or_unreadable_answer(unknown_db, cli, argv, error):
+    code, _, err = cli("resolve", "--db", unknown_db, unknown_record(unknown_db)["id"], *argv)
+    assert code == 2 and error in err and unknown_record(unknown_db)["status"] == "UNKNOWN"
+
+
+def test_dashboard_counts_unknown_calls_and_filters_by_every_state(unknown_db):
+    with serving(unknown_db) as url:
+        _, _, body = http("GET", url + "api/state")
+        _, _, page = http("GET", url)
+    state = json.loads(body)
+    assert state["totals"]["unknown"] == 1 and {r["state"] for r in state["records"]} == {"SUCCESS", "UNKNOWN"}
+    options = re.findall(r"<option>(\w+)</option>", page.decode())
+    assert options == list(ledger.STATES) and "UNKNOWN" in options
+    assert f"const STATES = new Set({json.dumps(ledger.STATES)});" in page.decode()
 
 
 def test_prune_dry_run_reports_per_status_and_tool_and_deletes_nothing(ledger_db, cli):
