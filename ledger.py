@@ -1334,7 +1334,8 @@ def _keyed_hmac(secret: bytes) -> hmac.HMAC:
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """What a guarded call did. `source` is one of: executed, replayed, shared,
-    blocked, unlimited, unguarded (run without the store, under fail_open)."""
+    blocked, unlimited, unguarded (run without the store, under fail_open), verified
+    (the policy's verifier said an earlier run took effect: nothing ran)."""
 
     value: Any
     source: str
@@ -4275,7 +4276,8 @@ class Guard:
 
     def execute(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the guard, but returns an Outcome: the value and where it came from
-        (executed, replayed, shared, blocked, unlimited). An async fn gives an awaitable."""
+        (executed, replayed, shared, blocked, unlimited, unguarded, verified). An async fn gives an
+        awaitable."""
         call = self._prepare(fn, args, kwargs)
         if call.policy.unlimited:
             if call.info.is_async:
