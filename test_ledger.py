@@ -2042,7 +2042,7 @@ def test_a_takeover_of_a_killed_leader_asks_the_verifier_first(shared_store, tmp
 
     pay = guard.once(lambda order: log_run(path, "charged"), name="pay")
     guard.policy("pay", lease=0.3, verify=verify)
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     key = shared_store.records()[0].run_key
     if answer == "done":
         assert pay(7, key="order-7") == "ch_1" and len(runs_of(path)) == 1
@@ -2063,7 +2063,7 @@ def test_a_takeover_without_a_verifier_runs_again_with_the_same_key_as_before(sh
     victim.join()
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy("pay", lease=0.3)
-    wait_for(lambda: shared_store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
     guard.once(lambda order: log_run(path, "charged"), name="pay")(7, key="order-7")
     keys = [line.split()[1] for line in runs_of(path)]
     assert len(keys) == 2 and keys[0] == keys[1]
@@ -2119,7 +2119,7 @@ def test_an_interrupt_inside_the_verifier_leaves_the_call_to_be_verified_again(g
     with pytest.raises(KeyboardInterrupt):
         g(timing_out_charge, 1)
     assert g(timing_out_charge, 1) is BLOCKED              # its lease is live, and no longer renewed
-    wait_for(lambda: g.store.records()[0].stale(), what="the lease to expire")
+    wait_for(lambda: g.store.records()[0].stale(g.store.now()), what="the lease to expire")
     assert g(timing_out_charge, 1) == "ch_1" and len(CHARGES) == 1
 
 
