@@ -1937,6 +1937,32 @@ def test_which_errors_leave_the_outcome_unknown_by_default(name, tmp_path):
     assert guard.store.records()[0].status == expected
 
 
+@settings(max_examples=60, deadline=None)
+@given(chain=st.lists(st.tuples(st.sampled_from(["requests.exceptions", "httpx._exceptions", "mylib", "app.errors"]),
+                                st.sampled_from(["Timeout", "ReadTimeout", "NetworkError", "Declined"])),
+                      min_size=1, max_size=4),
+       named=st.sets(st.sampled_from(["requests.Timeout", "httpx.NetworkError", "mylib.Declined", "app.Timeout"])),
+       listed=st.sets(st.integers(0, 3)))
+def test_an_error_is_uncertain_exactly_when_one_of_its_classes_is_listed_or_named(chain, named, listed):
+    """Whatever the hierarchy: a listed class (itself or a base) or a "package.Class" name of the
+    top-level package of any class it inherits from makes the error UNKNOWN; nothing else does."""
+    classes, base = [], Exception
+    for module, name in chain:
+        base = type(name, (base,), {"__module__": module})
+        classes.append(base)
+    uncertain = (*sorted(named), *(classes[i] for i in sorted(listed) if i < len(classes)))
+    expected = any(i < len(classes) for i in listed) or any(
+        f"{c.__module__.partition('.')[0]}.{c.__name__}" in named for c in classes)
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+    guard.policy("tool", uncertain=uncertain)
+
+    def tool(n: int) -> None:
+        raise classes[-1]()
+    with pytest.raises(classes[-1]):
+        guard.once(tool, name="tool")(1)
+    assert guard.store.records()[0].status == ("UNKNOWN" if expected else "FAILED")
+
+
 class _DeadlineMissed(Exception):
     pass
 
