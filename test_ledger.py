@@ -2233,15 +2233,20 @@ def test_resolve_refuses_what_it_cannot_mean(g):
 
 
 def _call_until_settled(store, path, outcomes):
-    """Call the UNKNOWN call until it is settled; what each call gave, in `outcomes`."""
+    """Call the UNKNOWN call until it is settled; what each call gave, in `outcomes`. The first
+    refusal is a line in path.refused."""
     guard = Guard(store, quiet=True, secret="s")
     pay = guard.once(lambda order: log_run(path, "ran"), name="pay")
-    deadline = time.time() + 20
+    deadline, refused = time.time() + 60, False
     while time.time() < deadline:
         try:
             outcomes.append(guard.execute(pay, 1, key="order-1").source)
             return
         except ledger.OutcomeUnknown:
+            if not refused:
+                with open(path + ".refused", "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                refused = True
             time.sleep(0.002)
     outcomes.append("stuck")
 
@@ -2274,19 +2279,22 @@ def test_resolve_racing_duplicate_threads_lets_at_most_the_one_run_it_allows(sto
     assert sorted(sources) == (["blocked"] * 8 if done else sorted(["executed"] + ["blocked"] * 7))
 
 
-def _call_until_settled_in_process(store, path, queue):
+def _call_until_settled_in_process(spec, path, queue):
     outcomes = []
-    _call_until_settled(store, path, outcomes)
+    _call_until_settled(spec, path, outcomes)
     queue.put(outcomes[0])
 
 
 @pytest.mark.parametrize("done", [True, False])
-def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done):
-    path, queue = str(tmp_path / "runs"), FORK.Queue()
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done, method):
+    context = multiprocessing.get_context(method)
+    path, queue = str(tmp_path / "runs"), context.Queue()
     id = _leave_unknown(shared_store, path)
-    workers = [forked(_call_until_settled_in_process, shared_store, path, queue) for _ in range(4)]
+    workers = [context.Process(target=_call_until_settled_in_process, args=(spec_of(shared_store), path, queue),
+                               daemon=True) for _ in range(4)]
     [w.start() for w in workers]
-    time.sleep(0.2)
+    wait_for(lambda: len(runs_of(path + ".refused")) == 4, timeout=60, what="every worker to be refused once")
     assert Guard(shared_store, secret="s").resolve(id, done=done) is True
     sources = sorted(queue.get(timeout=30) for _ in workers)
     [w.join() for w in workers]
