@@ -82,6 +82,7 @@ __all__ = [
     "LedgerError", "FingerprintError", "KeyReuseError", "IntegrityError",
     "StoreError", "CompletionError", "WaitTimeout", "LeaderFailed", "ConfigError", "DeferredToolError",
     "ReentrantCallError", "LeaseLiveError", "NotAToolError", "AmbiguousRecordError",
+    "OutcomeUnknown", "Done", "NOT_DONE", "UNCERTAIN_ERRORS",
 ]
 __version__ = "0.1.0"
 
@@ -149,6 +150,16 @@ class WaitTimeout(LedgerError):
 
 class LeaderFailed(LedgerError):
     """The run a duplicate was waiting for raised; the next new call runs again."""
+
+
+class OutcomeUnknown(LedgerError):
+    """Whether a call's last run took effect is unknown (status UNKNOWN), so it is not run
+    again until that is settled: by the policy's verify=, or by `ledger resolve` /
+    guard.resolve(). `.id` is the record's id, `.key` the run's current_key()."""
+
+    def __init__(self, message: str, id: str, key: str):
+        super().__init__(message)
+        self.id, self.key = id, key
 
 
 class AmbiguousRecordError(LedgerError):
@@ -859,7 +870,12 @@ def _fingerprint_text(tool: str, workflow: str, arguments_text: str) -> str:
 #
 #     (none) --claim--> RUNNING --complete--> SUCCESS
 #                          |  \--raise-----> FAILED --next call--> RUNNING
-#                          \--lease expired--> RUNNING (epoch + 1, new owner)
+#                          |--lease expired--> RUNNING (epoch + 1, new owner)
+#                          \--uncertain error-> UNKNOWN --verify / resolve--> SUCCESS or FAILED
+#
+# A takeover of an expired lease, or of an UNKNOWN record, asks the policy's
+# verifier first when there is one: it may end the call (SUCCESS or UNKNOWN)
+# without running it.
 #
 # Every transition is one compare-and-set on (epoch, owner), so two workers
 # never both win, and a leader whose lease was taken over (a lower epoch)
@@ -870,11 +886,15 @@ class Status(enum.StrEnum):
     RUNNING = "RUNNING"
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"
+    UNKNOWN = "UNKNOWN"   # the run may or may not have taken effect: duplicates do not run
 
 
 # The only states whose records `prune` may remove: a finished call's. A RUNNING
 # record (or any state added later that still stops duplicates) is never prunable.
 PRUNABLE = (Status.SUCCESS.value, Status.FAILED.value)
+# The states whose records are signed, and verified before they steer a call: a SUCCESS
+# replays or blocks; an UNKNOWN blocks, and gives the verifier and the next run their key.
+_SIGNED = (Status.SUCCESS.value, Status.UNKNOWN.value)
 
 
 @dataclasses.dataclass(slots=True)
@@ -970,6 +990,55 @@ _UNSET: Any = _Unset()
 RECOVER_MODES = ("retry", "block")
 
 
+# -- uncertain outcomes ---------------------------------------------------------
+# An error that leaves open whether the side effect happened: the request may have
+# reached the other side before the answer was lost. Classes, and "package.Class"
+# names matched against the error's classes (the top-level package of their module),
+# so that no HTTP client is imported to name its errors. TimeoutError covers
+# socket.timeout and asyncio.TimeoutError (aliases of it) and aiohttp's timeouts;
+# ConnectionError covers resets, aborts and broken pipes, and http.client's
+# RemoteDisconnected. A refused connection is counted too: it costs one verification,
+# and a wrong "certain" costs a second charge.
+UNCERTAIN_ERRORS: tuple[type[BaseException] | str, ...] = (
+    TimeoutError, ConnectionError,
+    "requests.Timeout", "requests.ConnectionError", "urllib3.TimeoutError", "urllib3.ProtocolError",
+    "httpx.TimeoutException", "httpx.NetworkError", "httpx.RemoteProtocolError",
+    "aiohttp.ClientConnectionError", "aiohttp.ClientPayloadError",
+    "openai.APIConnectionError", "anthropic.APIConnectionError", "stripe.APIConnectionError",
+    "botocore.ConnectionError", "botocore.HTTPClientError",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """A verifier's answer: the effect happened, and `value` is what the call returns
+    (and is recorded, as if the tool had returned it)."""
+
+    value: Any = None
+
+
+class _NotDone:
+    """A verifier's answer: the effect did not happen, so the call runs (with the same key)."""
+
+    def __repr__(self) -> str:
+        return "NOT_DONE"
+
+    def __reduce__(self):
+        return "NOT_DONE"
+
+
+NOT_DONE: Any = _NotDone()
+
+
+def _is_uncertain(error: BaseException, uncertain: tuple[type[BaseException] | str, ...]) -> bool:
+    """Whether `error` is one the policy counts as leaving the outcome unknown."""
+    for kind in type(error).__mro__:
+        for u in uncertain:
+            if kind is u or u == f"{kind.__module__.partition('.')[0]}.{kind.__name__}":
+                return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """How calls of one tool are treated.
@@ -990,6 +1059,15 @@ class Policy:
     fail_open: when the store cannot be reached (a StoreError before the call
                is claimed), run the tool unguarded, with a warning, instead of
                raising; only for tools that are safe to run twice (lookups).
+    uncertain: the errors after which whether the tool took effect is unknown
+               (classes, or "package.Class" names): the call is recorded UNKNOWN,
+               not FAILED, and is not run again until verified or resolved.
+               Default UNCERTAIN_ERRORS (timeouts, dropped connections); () to
+               re-run after any error.
+    verify:    verify(key, arguments) -> Done(value) | NOT_DONE | None (unknown),
+               asked before a run that could repeat a side effect (a takeover of
+               an expired lease, a retry of an UNKNOWN call): whether the run with
+               that current_key() took effect. May be async for async tools.
     """
 
     unlimited: bool = False
@@ -1003,6 +1081,8 @@ class Policy:
     serializer: Any = None
     wait: float | None = None
     fail_open: bool = False
+    uncertain: tuple[type[BaseException] | str, ...] = UNCERTAIN_ERRORS
+    verify: Callable[[str, dict[str, Any]], Any] | None = None
 
     def __post_init__(self):
         def need(ok: bool, what: str):
@@ -1018,6 +1098,15 @@ class Policy:
              f"wait must be seconds >= 0 or None, not {self.wait!r}")
         need(self.cost is None or isinstance(self.cost, (int, float)), f"cost must be a number, not {self.cost!r}")
         need(isinstance(self.fail_open, bool), f"fail_open must be True or False, not {self.fail_open!r}")
+        if isinstance(self.uncertain, (list, set, frozenset)) or isinstance(self.uncertain, type):
+            object.__setattr__(self, "uncertain", tuple(self.uncertain) if not isinstance(self.uncertain, type)
+                               else (self.uncertain,))
+        need(isinstance(self.uncertain, tuple) and all(
+            (isinstance(u, type) and issubclass(u, BaseException)) or (isinstance(u, str) and "." in u)
+            for u in self.uncertain),
+            f"uncertain must be exception classes or 'package.Class' names, not {self.uncertain!r}")
+        need(self.verify is None or callable(self.verify),
+             f"verify must be a function verify(key, arguments) or None, not {self.verify!r}")
         if isinstance(self.validate, (list, tuple, set, frozenset)):
             object.__setattr__(self, "validate", tuple(sorted(self.validate)))
         need(isinstance(self.validate, (bool, tuple)), f"validate must be True or argument names, not {self.validate!r}")
@@ -1263,7 +1352,8 @@ def _keyed_hmac(secret: bytes) -> hmac.HMAC:
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """What a guarded call did. `source` is one of: executed, replayed, shared,
-    blocked, unlimited, unguarded (run without the store, under fail_open)."""
+    blocked, unlimited, unguarded (run without the store, under fail_open), verified
+    (the policy's verifier said an earlier run took effect: nothing ran)."""
 
     value: Any
     source: str
@@ -3317,12 +3407,13 @@ class _Run:
     """A claimed call that this process is running."""
 
     __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
-                 "__weakref__")
+                 "check", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
         self.lock = threading.Lock()
         self.done = self.lost = False
+        self.check = False   # ask the policy's verifier before running: a side effect may be repeated
         self.renew_at = time.monotonic() + call.policy.lease / 3   # on this process's clock, as the renewer's
 
     @property
@@ -3371,6 +3462,7 @@ class _Unguarded:
 
     __slots__ = ("call", "token", "outer")
     record = None
+    check = False
 
     def __init__(self, call: _Call):
         self.call = call
@@ -3531,7 +3623,7 @@ class _Core:
                 lost_races = _lost_race(lost_races, store, call)
                 continue
             status = record.status
-            if status == Status.SUCCESS and not force:
+            if status in _SIGNED and not force:
                 self.verify(call, record)  # before any decision this record steers
             if call.argsum is not None and record.argsum not in (None, call.argsum):
                 self.count(call.id, 1, 0)
@@ -3576,6 +3668,13 @@ class _Core:
                               "running", call.id)
                     return self.duplicate(call, record, "blocked")
                 takeover = self.claim(call, record, now)
+                takeover.check = policy.verify is not None
+            elif status == Status.UNKNOWN:
+                if policy.verify is None or waited_epoch == record.epoch:
+                    self.count(call.id, 1, 0)
+                    raise self.unknown(call, record)
+                takeover = self.claim(call, record, now)
+                takeover.check = True
             elif status == Status.FAILED:
                 if waited_epoch == record.epoch:
                     self.count(call.id, 1, 0)
@@ -3619,7 +3718,7 @@ class _Core:
                             executed=0, blocked=0)
         if old.status == Status.SUCCESS:
             value = json.loads(old.result) if old.result is not None else None
-            record.result, record.unstored = _encode(call, value)
+            record.result, record.unstored = _encode(call.policy, value)
             record.expires = old.lease_until + call.policy.ttl if call.policy.ttl else None
             record.sig = _sign(self.secret, record)
         store.insert(record)  # a worker that adopted it first stored the same record
@@ -3658,6 +3757,13 @@ class _Core:
         self.fire("block", record)
         return Outcome(value, source, record.run_key, record)
 
+    def unknown(self, call: _Call, record: Record) -> OutcomeUnknown:
+        return OutcomeUnknown(
+            f"{call.name} (call {record.id}): whether its last run took effect is unknown ({record.error}), "
+            f"so it is not run again. Look up key {record.run_key!r} in the system it calls, then settle it: "
+            f"`ledger resolve {record.id} --done [--result JSON]` or `--not-done` (guard.resolve(id, "
+            f"done=...)); or give the policy a verify= that looks the key up", record.id, record.run_key)
+
     def verify(self, call: _Call, record: Record) -> None:
         if not _verified(self.secret, record):
             raise IntegrityError(
@@ -3678,6 +3784,52 @@ class _Core:
         except Exception as e:
             raise LedgerError(f"{call.name}: the stored result of call {record.id} cannot be decoded "
                               f"({type(e).__name__}: {e}); did the policy's serializer change?") from e
+
+    # -- verifying a run that may have taken effect ------------------------------
+
+    def ask(self, run: _Run) -> Any:
+        """The verifier's answer for this run's key and arguments (an awaitable, from an
+        async verifier), or the exception it raised."""
+        try:
+            return run.call.policy.verify(run.key, dict(run.call.bound))
+        except Exception as e:
+            return e
+        except BaseException:
+            self.interrupted(run)
+            raise
+
+    def interrupted(self, run: _Run) -> None:
+        """A run stopped by an interrupt: its record stays RUNNING and turns stale when its
+        lease runs out (then the next call verifies it, or takes it over)."""
+        with run.lock:
+            run.done = True
+        self.release(run)
+
+    def reconcile(self, run: _Run, answer: Any) -> Outcome | None:
+        """Act on the verifier's answer: Done ends the call as SUCCESS with its value (nothing
+        runs), NOT_DONE returns None (the tool runs, same key), anything else (None, an
+        error) records UNKNOWN and raises OutcomeUnknown."""
+        call = run.call
+        if isinstance(answer, Done):
+            with run.lock:  # this run did not execute the tool
+                run.record = run.record.evolve(executed=run.record.executed - 1)
+            outcome = self.succeed(run, answer.value)
+            log.info("%s (call %s): verified as done under key %s; not run again", call.name, call.id, run.key)
+            return dataclasses.replace(outcome, source="verified")
+        if answer is NOT_DONE:
+            log.info("%s (call %s): verified as not done under key %s; running it", call.name, call.id, run.key)
+            return None
+        if inspect.isawaitable(answer):
+            if hasattr(answer, "close"):
+                answer.close()  # never awaited: no "coroutine was never awaited" warning
+            answer = ConfigError("the verifier returned an awaitable for a sync tool; give it a sync verifier")
+        why = ("the verifier could not tell" if answer is None else
+               f"the verifier raised {type(answer).__name__}: {_error_text_of(answer)}"
+               if isinstance(answer, BaseException) else
+               f"the verifier returned {_describe(answer)}, not Done(value), NOT_DONE or None")
+        self.warn("%s (call %s): %s; recorded UNKNOWN", call.name, call.id, why)
+        record = self.ended(run, Status.UNKNOWN, why[:2000])
+        raise self.unknown(call, record)
 
     def unguarded(self, call: _Call, error: StoreError) -> _Unguarded:
         """The store failed before the call was claimed: under fail_open, run it anyway."""
@@ -3719,7 +3871,7 @@ class _Core:
         call, now, clock = run.call, time.time(), self.store.now()
         result = None
         if unstored is None:
-            result, unstored = _encode(call, value)
+            result, unstored = _encode(call.policy, value)
             if unstored is not None:
                 self.warn("%s returned a %s, which cannot be stored (%s); the call is recorded as done and "
                           "duplicates get BLOCKED; give the policy a serializer= to store such values",
@@ -3748,23 +3900,36 @@ class _Core:
         return bare, recorded
 
     def fail(self, run: _Run, error: BaseException) -> None:
-        call, now = run.call, time.time()
+        call = run.call
         if not isinstance(error, Exception) and call.policy.recover == "block":
             # Interrupted, not failed: whether it took effect is unknown, so the
             # record stays RUNNING and turns stale when its lease runs out.
-            with run.lock:
-                run.done = True
-            self.release(run)
+            self.interrupted(run)
             return
-        record = run.record.evolve(status=Status.FAILED.value, updated=now, lease_until=self.store.now(),
-                                   duration=now - run.record.started,
-                                   error=f"{type(error).__name__}: {_error_text_of(error)}"[:2000])
+        text = f"{type(error).__name__}: {_error_text_of(error)}"[:2000]
+        if _is_uncertain(error, call.policy.uncertain):
+            self.warn("%s (call %s) raised %s, after which whether it took effect is unknown (its policy's "
+                      "uncertain=): recorded UNKNOWN, so it is not run again until %s", call.name, call.id,
+                      type(error).__name__, "its verify= says" if call.policy.verify else "resolved")
+            record = self.ended(run, Status.UNKNOWN, text)
+        else:
+            record = self.ended(run, Status.FAILED, text)
+        self.fire("fail", record)
+
+    def ended(self, run: _Run, status: Status, error: str) -> Record:
+        """Record a run that did not succeed as FAILED or UNKNOWN (signed: it steers the next
+        call's key and whether it runs); the record, written or not."""
+        now = time.time()
+        record = run.record.evolve(status=status.value, updated=now, lease_until=self.store.now(),
+                                   duration=now - run.record.started, error=error)
+        if status in _SIGNED:
+            record.sig = _sign(self.secret, record)
         try:
             self.complete(run, record)
         except Exception as e:
-            log.error("%s raised %s and its FAILED record could not be written: %s",
-                      call.name, type(error).__name__, e)
-        self.fire("fail", record)
+            log.error("%s (call %s) ended %s and its record could not be written: %s",
+                      run.call.name, run.call.id, status.value, e)
+        return record
 
     def complete(self, run: _Run, record: Record) -> bool:
         """Write the final record with retries; False if another worker fenced this run off."""
@@ -3876,10 +4041,10 @@ def _error_text_of(error: BaseException) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _encode(call: _Call, value: Any) -> tuple[str | None, str | None]:
+def _encode(policy: Policy, value: Any) -> tuple[str | None, str | None]:
     """The stored form of a result, or (None, why it cannot be stored)."""
     try:
-        text = _codec(call.policy.serializer)[0](value) if call.policy.serializer else _dump_result(value)
+        text = _codec(policy.serializer)[0](value) if policy.serializer else _dump_result(value)
     except _Unsupported as e:
         where = "".join(reversed(e.path))
         inner = f" holding a {_describe(e.value)} at {where}" if e.value is not value else ""
@@ -4144,7 +4309,8 @@ class Guard:
 
     def execute(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the guard, but returns an Outcome: the value and where it came from
-        (executed, replayed, shared, blocked, unlimited). An async fn gives an awaitable."""
+        (executed, replayed, shared, blocked, unlimited, unguarded, verified). An async fn gives an
+        awaitable."""
         call = self._prepare(fn, args, kwargs)
         if call.policy.unlimited:
             if call.info.is_async:
@@ -4180,6 +4346,10 @@ class Guard:
             step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
+        if step.check:
+            verified = self._core.reconcile(step, self._core.ask(step))
+            if verified is not None:
+                return verified
         with step:
             value = call.fn(*call.args, **call.kwargs)
             if hasattr(type(value), "__await__") or isinstance(value, _LAZY_TYPES):
@@ -4193,6 +4363,10 @@ class Guard:
             step = self._core.unguarded(call, e)
         if isinstance(step, Outcome):
             return step
+        if step.check:
+            verified = self._core.reconcile(step, await _answer(self._core, step, self._core.ask(step)))
+            if verified is not None:
+                return verified
         with step:
             value = await call.fn(*call.args, **call.kwargs)
         return self._core.succeed(step, value)
@@ -4326,13 +4500,15 @@ class Guard:
     def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
                max: int | None = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
                validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None, fail_open: bool = False) -> Guard:
+               serializer: Any = None, wait: float | None = None, fail_open: bool = False,
+               uncertain: Iterable[type[BaseException] | str] = UNCERTAIN_ERRORS,
+               verify: Callable[[str, dict[str, Any]], Any] | None = None) -> Guard:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
         Returns the guard, so settings chain. As in ledger-once, max=None means the default
         (one run) and ttl=0 or None means no expiry."""
         policy = Policy(unlimited=unlimited, replay=replay, max=1 if max is None else max, ttl=ttl or None,
                         lease=lease, recover=recover, validate=validate, cost=cost, serializer=serializer,
-                        wait=wait, fail_open=fail_open)
+                        wait=wait, fail_open=fail_open, uncertain=uncertain, verify=verify)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return self
@@ -4419,6 +4595,39 @@ class Guard:
             if store.swap(released, record.epoch, record.owner):
                 return True
 
+    def resolve(self, id: str, *, done: bool, result: Any = None) -> bool:
+        """Settle a call whose outcome is UNKNOWN, as `ledger resolve ID` does, once you know
+        whether its run took effect: done=True records it as SUCCESS with `result` (what
+        duplicates then replay), done=False as FAILED, so its next call runs again with the
+        same current_key(). True if this settled it; False if it was not UNKNOWN (no such
+        record, or settled already: by a verifier, another resolve, a run)."""
+        if not isinstance(done, bool):
+            raise ConfigError(f"resolve: done must be True or False, not {done!r}")
+        if not done and result is not None:
+            raise ConfigError("resolve: result= is what a call that took effect returned; pass it with done=True")
+        store = self.store
+        while True:
+            record = store.get(id)
+            if record is None or record.status != Status.UNKNOWN:
+                return False
+            if store.swap(self._settled(record, done, result), record.epoch, record.owner):
+                return True
+
+    def _settled(self, record: Record, done: bool, result: Any) -> Record:
+        """The record that settles an UNKNOWN one: the next epoch, owned by no worker."""
+        now, clock = time.time(), self.store.now()
+        settled = record.evolve(owner="resolve", epoch=record.epoch + 1, updated=now, lease_until=clock)
+        if not done:
+            settled.status, settled.sig = Status.FAILED.value, None
+            settled.error = f"resolved as not done by an operator (was: {record.error})"[:2000]
+            return settled
+        policy = self._core.policies.get(record.tool, DEFAULT_POLICY)
+        settled.status, settled.runs, settled.error = Status.SUCCESS.value, record.runs + 1, None
+        settled.result, settled.unstored = _encode(policy, result)
+        settled.expires = clock + policy.ttl if policy.ttl else None
+        settled.sig = _sign(self._core.secret, settled)
+        return settled
+
     def reset(self, wf: str | None = None) -> int:
         """Delete every record (of workflow `wf`); how many were deleted."""
         self._core.flush()
@@ -4446,7 +4655,7 @@ class Guard:
         return [_HistoryRow(r.as_dict()) for r in self.store.records(workflow=wf, tool=self._tool_name(tool))]
 
     def stats(self, wf: str | None = None) -> dict[str, Any]:
-        """Totals: actions (records), attempts, executed, blocked, failed, running, stale,
+        """Totals: actions (records), attempts, executed, blocked, failed, unknown, running, stale,
         duplicate_rate (blocked / attempts), saved_usd and saved_seconds (what duplicates
         avoided), fenced (this process)."""
         _flush_all(url=self.store.url)
@@ -4967,6 +5176,19 @@ def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
     return hashlib.sha256(_dump(_canonical_arguments({n: bound.get(n) for n in names})).encode()).hexdigest()[:16]
 
 
+async def _answer(core: _Core, run: _Run, answer: Any) -> Any:
+    """An async verifier's answer, or the exception it raised."""
+    if not inspect.isawaitable(answer):
+        return answer
+    try:
+        return await answer
+    except Exception as e:
+        return e
+    except BaseException:
+        core.interrupted(run)
+        raise
+
+
 async def _value_of(outcome: Any) -> Any:
     return (await outcome).value
 
@@ -5004,6 +5226,7 @@ def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
         "executed": sum(r.executed for r in records),
         "blocked": blocked,
         "failed": sum(r.status == Status.FAILED for r in records),
+        "unknown": sum(r.status == Status.UNKNOWN for r in records),
         "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
         "stale": sum(r.stale(now) for r in records),
         "duplicate_rate": round(blocked / attempts, 4) if attempts else 0.0,
@@ -5014,7 +5237,7 @@ def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
 
 def _summary_line(tool: str, rows: list[Record]) -> str:
     """One line of guard.log(); tool names and errors are untrusted, so no control character of theirs."""
-    failed = [r for r in rows if r.status == Status.FAILED]
+    failed = [r for r in rows if r.status in (Status.FAILED, Status.UNKNOWN)]
     mark = "✗" if failed else "✓"
     tool = _clean(tool)
     line = (f"{mark} {tool:<24} attempts {sum(r.attempts for r in rows):<4} "
@@ -5030,15 +5253,16 @@ _Mem = MemoryStore  # ledger-once's name for the in-memory store, which its READ
 # Command line: `python ledger.py COMMAND` (and the `ledger` console script).
 # Reports go to stdout, since there they are the program's output; diagnostics
 # go to stderr. Every command but `demo` opens only an existing database, and
-# only `clear`, `prune`, `retry` and `check` (on scratch records of its own) write to it.
+# only `clear`, `prune`, `retry`, `resolve` and `check` (on scratch records of its own) write to it.
 # Exit codes: 0 ok, 1 a check failed or a confirmation was declined, 2 usage error.
 # ---------------------------------------------------------------------------
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_LEASE = 1.0
 DASHBOARD_ROWS = 1000
-STATES = ("RUNNING", "STALE", "SUCCESS", "FAILED")
-_STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILED": "red"}
+# A record's state as shown: its status, or STALE for a RUNNING one whose lease ran out.
+STATES = (Status.RUNNING.value, "STALE", *(s.value for s in Status if s != Status.RUNNING))
+_STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILED": "red", "UNKNOWN": "magenta"}
 # Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
 _CONTROL = {**dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd"), **dict.fromkeys(map(ord, "\t\n\r"), " ")}
 _CSV_CONTROL = {**_CONTROL, ord("\n"): "\n"}
@@ -5117,6 +5341,15 @@ def _parser() -> Any:
     p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
     p.add_argument("--force", action="store_true", help="release it even while its worker holds a live lease "
                    "(only when that worker is known to be gone: otherwise two runs overlap)")
+    p = command("resolve", _cmd_resolve, "settle a call whose outcome is UNKNOWN, once you have checked "
+                "(by its key) whether it took effect: --done (duplicates get --result) or --not-done (it runs "
+                "again, same key)")
+    p.add_argument("id", metavar="ID", help="the record's id, or a unique prefix of it (see `ledger show`)")
+    answer = p.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--done", action="store_true", help="it took effect: record it as SUCCESS")
+    answer.add_argument("--not-done", action="store_true", help="it did not: its next call runs again")
+    p.add_argument("--result", type=json.loads, default=None, metavar="JSON",
+                   help="with --done: what the call returned, as JSON (what duplicates replay; default null)")
     p = command("export", _cmd_export, "every record, as JSON lines or CSV", wf, path)
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
@@ -5171,7 +5404,7 @@ def _port(text: str) -> int:
 class _Paint:
     """ANSI colours: only on a terminal, never with NO_COLOR set or TERM=dumb."""
 
-    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34"}
+    CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35"}
 
     def __init__(self, stream: Any):
         isatty = getattr(stream, "isatty", None)
@@ -5322,12 +5555,12 @@ def _cmd_show(args: Any) -> int:
     rows, styles = [], []
     for r in records:
         state = _state(r, now)
-        detail = r.error if r.status == Status.FAILED else r.args
+        detail = r.error if r.status in (Status.FAILED, Status.UNKNOWN) else r.args
         rows.append([r.id[:8], state, _clean(r.tool)] + [_clean(r.workflow)] * with_workflow
                     + [_clean(r.caller or "-")] * with_caller
                     + [str(r.executed), str(r.blocked), _seconds(r.duration), _clean(detail)])
         styles.append(["dim", _STATE_STYLE[state]] + [None] * (len(headers) - 3)
-                      + ["red" if r.status == Status.FAILED else None])
+                      + ["red" if r.status in (Status.FAILED, Status.UNKNOWN) else None])
     numbers = range(len(headers) - 4, len(headers) - 1)
     print("\n".join(_table(headers, rows, paint, right=numbers, keep_end=[2], narrow=range(2, len(headers) - 4),
                            styles=styles)))
@@ -5439,6 +5672,21 @@ def _cmd_retry(args: Any) -> int:
     return EXIT_OK
 
 
+def _cmd_resolve(args: Any) -> int:
+    if args.not_done and args.result is not None:
+        raise ConfigError("--result goes with --done: it is what the call that took effect returned")
+    with _opened(args) as guard:
+        record = _find_record(guard, args.id)
+        if not guard.resolve(record.id, done=args.done, result=args.result):
+            record, now = guard.store.get(record.id), guard.store.now()
+            print(f"{args.id} is not UNKNOWN (it is {_state(record, now) if record else 'gone'}): nothing to "
+                  f"resolve", file=sys.stderr)
+            return EXIT_FAILED
+    outcome = "SUCCESS: duplicates get its result" if args.done else "FAILED: its next call runs again, same key"
+    print(f"resolved {record.id} ({_clean(record.tool)}) as {outcome}")
+    return EXIT_OK
+
+
 def _find_record(guard: Guard, prefix: str) -> Record:
     record = guard.store.get(prefix)
     if record is not None:
@@ -5544,7 +5792,7 @@ def _confirm_legacy(store: SQLiteStore, prefix: str) -> int:
 
 # -- tail -------------------------------------------------------------------------
 
-_EVENTS = {"RUNNING": "started", "STALE": "stale", "SUCCESS": "ran", "FAILED": "failed"}
+_EVENTS = {"RUNNING": "started", "STALE": "stale", "SUCCESS": "ran", "FAILED": "failed", "UNKNOWN": "unknown"}
 
 
 def _cmd_tail(args: Any) -> int:
@@ -5594,7 +5842,7 @@ def _changes(seen: dict[str, tuple], records: list[Record], now: float) -> tuple
 
 
 def _tail_detail(state: str, r: Record, now: float) -> str:
-    if state == "FAILED":
+    if state in ("FAILED", "UNKNOWN"):
         return _clean(r.error)
     if state == "SUCCESS":
         return f"in {_seconds(r.duration)}  {_clean(r.args)}"
@@ -5604,7 +5852,8 @@ def _tail_detail(state: str, r: Record, now: float) -> str:
 
 
 def _tail_line(event: str, r: Record, detail: str, paint: _Paint) -> str:
-    style = {"ran": "green", "failed": "red", "stale": "yellow", "started": "blue", "blocked": "dim"}[event]
+    style = {"ran": "green", "failed": "red", "stale": "yellow", "started": "blue", "blocked": "dim",
+             "unknown": "magenta"}[event]
     head = (f"{time.strftime('%H:%M:%S', time.localtime(r.updated))}  {paint(style, event.ljust(7))}  "
             f"{_fit(_clean(r.tool), 20, keep_end=True):<20}  {_fit(_clean(r.workflow), 12):<12}  ")
     return head + _fit(detail, max(16, _width() - 55))
@@ -5890,7 +6139,9 @@ def _dashboard_page() -> tuple[bytes, str]:
     def digest(text: str) -> str:
         return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
-    page = _DASHBOARD_HTML.replace("/*STYLE*/", _DASHBOARD_CSS).replace("/*SCRIPT*/", _DASHBOARD_JS)
+    options = "".join(f"<option>{state}</option>" for state in STATES)
+    page = (_DASHBOARD_HTML.replace("/*STYLE*/", _DASHBOARD_CSS).replace("/*SCRIPT*/", _DASHBOARD_JS)
+            .replace("/*STATES*/", options))
     csp = (f"default-src 'none'; script-src {digest(_DASHBOARD_JS)}; style-src {digest(_DASHBOARD_CSS)}; "
            f"connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return page.encode(), csp
@@ -5929,8 +6180,7 @@ _DASHBOARD_HTML = """<!doctype html>
     <label>workflow <select id="f-wf"></select></label>
     <label>tool <select id="f-tool"></select></label>
     <label>status <select id="f-status">
-      <option value="">all states</option><option>RUNNING</option><option>STALE</option>
-      <option>SUCCESS</option><option>FAILED</option></select></label>
+      <option value="">all states</option>/*STATES*/</select></label>
     <span id="count" class="count"></span>
   </section>
   <table id="records" class="records">
@@ -5995,6 +6245,7 @@ td.err { width: 20%; color: var(--fail); }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 11px; font-weight: 650; letter-spacing: .03em; }
 .badge.SUCCESS { background: #dcf5e7; color: #146c43; } .badge.FAILED { background: #fde2e2; color: #a61d1d; }
 .badge.RUNNING { background: #ebe5fc; color: #5031a8; } .badge.STALE { background: #fdf0d5; color: #8a5300; }
+.badge.UNKNOWN { background: #fbe0f3; color: #8c1d6b; }
 tr.fresh { animation: flash 2.5s ease-out; } @keyframes flash { from { background: #fff4c2; } to { background: transparent; } }
 tr.detail { cursor: default; background: #fafbfc; } tr.detail:hover { background: #fafbfc; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 4px 0; }
@@ -6012,7 +6263,7 @@ _DASHBOARD_JS = """
 "use strict";
 const POLL_MS = 1500;
 const SVG = "http://www.w3.org/2000/svg";
-const STATES = new Set(["RUNNING", "STALE", "SUCCESS", "FAILED"]);
+const STATES = new Set(""" + json.dumps(STATES) + """);
 const CARDS = [
   ["attempts", "calls", (t) => t.attempts],
   ["executed", "ran", (t) => t.executed],
@@ -6021,6 +6272,7 @@ const CARDS = [
   ["saved_usd", "money saved", (t) => money(t.saved_usd), "good"],
   ["saved_seconds", "time saved", (t) => seconds(t.saved_seconds), "good"],
   ["failed", "failed", (t) => t.failed, "bad"],
+  ["unknown", "unknown", (t) => t.unknown, "bad"],
   ["running", "running", (t) => t.running],
   ["stale", "stale", (t) => t.stale, "warn"],
 ];

@@ -1328,6 +1328,20 @@ def test_prune_never_removes_a_running_call(store):
     assert runs == [1]
 
 
+def test_prune_never_removes_an_unknown_call(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def timed_out(n):
+        raise TimeoutError
+    with pytest.raises(TimeoutError):
+        guard(timed_out, 1)
+    time.sleep(0.01)  # its record is older than the cut-off below
+    assert "UNKNOWN" not in ledger.PRUNABLE
+    assert guard.prune(0)["removed"] == 0 and store.records()[0].status == "UNKNOWN"
+    with pytest.raises(ledger.OutcomeUnknown):
+        guard(timed_out, 1)
+
+
 def test_prune_reports_what_it_removed_per_status_and_tool_and_a_dry_run_removes_nothing(store):
     guard = Guard(store, quiet=True, secret="s")
 
@@ -1861,6 +1875,470 @@ def test_a_leader_whose_renewals_cannot_reach_the_store_is_fenced_off_and_its_ca
     assert results == [f"v-{os.getpid()}"] and mine == results[0], "the leader's caller still gets its own value"
     assert fenced == 1 and "took the call over" in caplog.text
     assert json.loads(direct.records()[0].result) == mine and direct.records()[0].epoch == 2
+
+
+# Uncertain outcomes: an error the policy counts as uncertain records UNKNOWN, which
+# no duplicate runs past; the policy's verifier, asked before any run that could
+# repeat a side effect, ends the call as done, lets it run, or leaves it UNKNOWN.
+
+def timing_out_charge(order_id: int, amount: float = 10.0) -> dict:
+    """Charges (counted in CHARGES under its key), then times out on its first run."""
+    CHARGES.append((order_id, current_key()))
+    if len(CHARGES) == 1:
+        raise TimeoutError("no answer from the payment provider")
+    return {"charged": amount, "order": order_id}
+
+
+def test_an_uncertain_error_records_unknown_and_no_duplicate_runs(store):
+    guard = Guard(store, quiet=True, secret="s")
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    record = store.records()[0]
+    assert (record.status, record.error) == ("UNKNOWN", "TimeoutError: no answer from the payment provider")
+    for _ in range(3):
+        with pytest.raises(ledger.OutcomeUnknown, match=f"ledger resolve {record.id} --done") as caught:
+            guard(timing_out_charge, 1)
+        assert (caught.value.id, caught.value.key) == (record.id, record.run_key)
+    assert len(CHARGES) == 1
+    assert guard.stats()["unknown"] == 1 and guard.history()[0]["status"] == "UNKNOWN"
+
+
+def test_a_certain_error_records_failed_and_the_next_call_runs_again_with_the_same_key(store):
+    guard = Guard(store, quiet=True, secret="s")
+
+    def refused(order_id: int) -> str:
+        CHARGES.append(current_key())
+        if len(CHARGES) == 1:
+            raise ValueError("card declined")
+        return "ok"
+    with pytest.raises(ValueError):
+        guard(refused, 1)
+    assert store.records()[0].status == "FAILED"
+    assert guard(refused, 1) == "ok" and CHARGES[0] == CHARGES[1]
+
+
+class _NamedLikeRequests(OSError):
+    pass
+
+
+_NamedLikeRequests.__module__, _NamedLikeRequests.__name__ = "requests.exceptions", "Timeout"
+
+
+class _ReadTimeoutLikeRequests(_NamedLikeRequests):   # requests.ReadTimeout: a subclass of a named class
+    pass
+
+
+class _SameNameOtherPackage(Exception):
+    pass
+
+
+_SameNameOtherPackage.__module__, _SameNameOtherPackage.__name__ = "mylib.errors", "Timeout"
+
+
+def _http_errors():
+    import httpx
+    import openai
+    request = httpx.Request("POST", "https://api.example.com/charge")
+    return {"httpx.ReadTimeout": httpx.ReadTimeout("read", request=request),
+            "httpx.ConnectError": httpx.ConnectError("reset", request=request),
+            "openai.APITimeoutError": openai.APITimeoutError(request=request),
+            "httpx.HTTPStatusError": httpx.HTTPStatusError("502", request=request,
+                                                           response=httpx.Response(502, request=request))}
+
+
+UNCERTAIN_BY_DEFAULT = {
+    "TimeoutError": TimeoutError(), "socket.timeout": socket.timeout(), "asyncio.TimeoutError": asyncio.TimeoutError(),
+    "ConnectionResetError": ConnectionResetError(), "BrokenPipeError": BrokenPipeError(),
+    "ConnectionRefusedError": ConnectionRefusedError(), "http.client.RemoteDisconnected":
+    __import__("http.client").client.RemoteDisconnected("closed"),
+    "requests.Timeout (by name)": _NamedLikeRequests(), "requests.ReadTimeout (subclass)": _ReadTimeoutLikeRequests(),
+    "httpx.ReadTimeout": None, "httpx.ConnectError": None, "openai.APITimeoutError": None,
+}
+CERTAIN_BY_DEFAULT = {
+    "ValueError": ValueError(), "RuntimeError": RuntimeError(), "OSError": OSError("disk full"),
+    "PermissionError": PermissionError(), "KeyError": KeyError("x"), "mylib.Timeout": _SameNameOtherPackage(),
+    "httpx.HTTPStatusError": None,
+}
+
+
+@pytest.mark.parametrize("name", [*UNCERTAIN_BY_DEFAULT, *CERTAIN_BY_DEFAULT])
+def test_which_errors_leave_the_outcome_unknown_by_default(name, tmp_path):
+    error = {**UNCERTAIN_BY_DEFAULT, **CERTAIN_BY_DEFAULT}[name] or _http_errors()[name]
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+
+    def tool(n: int) -> None:
+        raise error
+    with pytest.raises(type(error)):
+        guard.once(tool, name="tool")(1)
+    expected = "UNKNOWN" if name in UNCERTAIN_BY_DEFAULT else "FAILED"
+    assert guard.store.records()[0].status == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(chain=st.lists(st.tuples(st.sampled_from(["requests.exceptions", "httpx._exceptions", "mylib", "app.errors"]),
+                                st.sampled_from(["Timeout", "ReadTimeout", "NetworkError", "Declined"])),
+                      min_size=1, max_size=4),
+       named=st.sets(st.sampled_from(["requests.Timeout", "httpx.NetworkError", "mylib.Declined", "app.Timeout"])),
+       listed=st.sets(st.integers(0, 3)))
+def test_an_error_is_uncertain_exactly_when_one_of_its_classes_is_listed_or_named(chain, named, listed):
+    """Whatever the hierarchy: a listed class (itself or a base) or a "package.Class" name of the
+    top-level package of any class it inherits from makes the error UNKNOWN; nothing else does."""
+    classes, base = [], Exception
+    for module, name in chain:
+        base = type(name, (base,), {"__module__": module})
+        classes.append(base)
+    uncertain = (*sorted(named), *(classes[i] for i in sorted(listed) if i < len(classes)))
+    expected = any(i < len(classes) for i in listed) or any(
+        f"{c.__module__.partition('.')[0]}.{c.__name__}" in named for c in classes)
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+    guard.policy("tool", uncertain=uncertain)
+
+    def tool(n: int) -> None:
+        raise classes[-1]()
+    with pytest.raises(classes[-1]):
+        guard.once(tool, name="tool")(1)
+    assert guard.store.records()[0].status == ("UNKNOWN" if expected else "FAILED")
+
+
+class _DeadlineMissed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("uncertain, error, status", [
+    ((_DeadlineMissed,), _DeadlineMissed(), "UNKNOWN"),            # a class of your own
+    ([f"{__name__.partition('.')[0]}._DeadlineMissed"], _DeadlineMissed(), "UNKNOWN"),   # by name, as a list
+    ((*ledger.UNCERTAIN_ERRORS, KeyboardInterrupt), KeyboardInterrupt(), "UNKNOWN"),
+    ((), TimeoutError(), "FAILED"),                                # () runs again after any error
+    ((ValueError,), TimeoutError(), "FAILED"),                     # the policy's list replaces the default
+])
+def test_the_policy_says_which_errors_are_uncertain(uncertain, error, status):
+    guard = Guard(MemoryStore(), quiet=True, secret="s")
+
+    def tool(n: int) -> None:
+        raise error
+    guard.policy("tool", uncertain=uncertain)
+    with pytest.raises(type(error)):
+        guard.once(tool, name="tool")(1)
+    assert guard.store.records()[0].status == status
+
+
+@pytest.mark.parametrize("bad", [dict(uncertain=("Timeout",)), dict(uncertain=(int,)), dict(uncertain="x.Y"),
+                                 dict(verify="lookup"), dict(verify=42)])
+def test_policy_refuses_a_bad_uncertain_or_verify(g, bad):
+    with pytest.raises(ledger.ConfigError, match="uncertain|verify"):
+        g.policy(charge, **bad)
+
+
+def _verifier(answer, asked):
+    """A verifier giving `answer` (an exception is raised), noting what it was asked."""
+    def verify(key, arguments):
+        asked.append((key, arguments))
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    return verify
+
+
+VERIFIER_ANSWERS = {"done": ledger.Done({"charged": 10.0, "order": 1, "found": True}), "not done": ledger.NOT_DONE,
+                    "unknown": None, "raises": ConnectionError("lookup failed too"), "answers nonsense": True}
+
+
+@pytest.mark.parametrize("answer", list(VERIFIER_ANSWERS))
+def test_a_retry_after_an_uncertain_error_asks_the_verifier_first(store, answer):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+    guard.policy(timing_out_charge, replay=True, verify=_verifier(VERIFIER_ANSWERS[answer], asked))
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    key = store.records()[0].run_key
+    if answer == "done":
+        outcome = guard.execute(timing_out_charge, 1)
+        assert (outcome.value, outcome.source, outcome.ran) == (VERIFIER_ANSWERS["done"].value, "verified", False)
+        assert guard(timing_out_charge, 1) == VERIFIER_ANSWERS["done"].value      # replayed, signed
+        assert len(CHARGES) == 1 and store.records()[0].executed == 1
+    elif answer == "not done":
+        assert guard(timing_out_charge, 1) == {"charged": 10.0, "order": 1}
+        assert len(CHARGES) == 2 and CHARGES[1][1] == key == CHARGES[0][1]     # run again, same key
+    else:
+        for _ in range(2):   # each later call asks again: the other side may know by then
+            with pytest.raises(ledger.OutcomeUnknown, match="ledger resolve"):
+                guard(timing_out_charge, 1)
+        assert len(CHARGES) == 1 and store.records()[0].status == "UNKNOWN"
+        assert ("could not tell" if answer == "unknown" else "verifier") in store.records()[0].error
+    assert asked[0] == (key, {"order_id": 1, "amount": 10.0})
+    assert store.records()[0].status in ("SUCCESS", "UNKNOWN")
+
+
+def test_a_failed_call_is_run_again_without_asking_the_verifier(store):
+    guard, asked, tool = Guard(store, quiet=True, secret="s"), [], Counter(fail=True)
+    guard.policy("counter", verify=_verifier(ledger.Done(1), asked))
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            guard.once(tool, name="counter")(1)
+    assert len(tool.calls) == 2 and asked == []
+
+
+def _kill_mid_charge(store, path, lease):
+    """A worker that charges (one line in `path`) and is killed before its record is written."""
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy("pay", lease=lease)
+
+    def charge_and_die(order: int) -> None:
+        log_run(path, "charged")
+        os.kill(os.getpid(), signal.SIGKILL)
+    guard.once(charge_and_die, name="pay")(7, key="order-7")
+
+
+@pytest.mark.parametrize("answer", ["done", "not done", "unknown"])
+def test_a_takeover_of_a_killed_leader_asks_the_verifier_first(shared_store, tmp_path, answer):
+    path = str(tmp_path / "runs")
+    victim = forked(_kill_mid_charge, shared_store, path, 0.3)
+    victim.start()
+    victim.join()
+    assert victim.exitcode == -signal.SIGKILL and len(runs_of(path)) == 1
+    guard, asked = Guard(shared_store, quiet=True, secret="s"), []
+
+    def verify(key, arguments):
+        asked.append(key)
+        found = any(line.split()[1] == key for line in runs_of(path))
+        return {"done": ledger.Done("ch_1") if found else ledger.NOT_DONE, "not done": ledger.NOT_DONE,
+                "unknown": None}[answer]
+
+    pay = guard.once(lambda order: log_run(path, "charged"), name="pay")
+    guard.policy("pay", lease=0.3, verify=verify)
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
+    key = shared_store.records()[0].run_key
+    if answer == "done":
+        assert pay(7, key="order-7") == "ch_1" and len(runs_of(path)) == 1
+    elif answer == "not done":
+        assert pay(7, key="order-7") == f"charged-{os.getpid()}"
+        assert [line.split()[1] for line in runs_of(path)] == [key, key]
+    else:
+        with pytest.raises(ledger.OutcomeUnknown):
+            pay(7, key="order-7")
+        assert len(runs_of(path)) == 1 and shared_store.records()[0].status == "UNKNOWN"
+    assert asked == [key]
+
+
+def test_a_takeover_without_a_verifier_runs_again_with_the_same_key_as_before(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    victim = forked(_kill_mid_charge, shared_store, path, 0.3)
+    victim.start()
+    victim.join()
+    guard = Guard(shared_store, quiet=True, secret="s")
+    guard.policy("pay", lease=0.3)
+    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
+    guard.once(lambda order: log_run(path, "charged"), name="pay")(7, key="order-7")
+    keys = [line.split()[1] for line in runs_of(path)]
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
+@pytest.mark.parametrize("answer", ["done", "not done", "unknown", "raises"])
+def test_an_async_tool_awaits_its_async_verifier(store, answer):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+
+    async def charge_async(order_id: int) -> str:
+        CHARGES.append(current_key())
+        if len(CHARGES) == 1:
+            raise asyncio.TimeoutError
+        return "ch_2"
+
+    async def verify(key, arguments):
+        asked.append(key)
+        await asyncio.sleep(0)
+        if answer == "raises":
+            raise ConnectionError("lookup failed")
+        return {"done": ledger.Done("ch_1"), "not done": ledger.NOT_DONE, "unknown": None}[answer]
+    guard.policy(charge_async, verify=verify)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await guard(charge_async, 1)
+        if answer in ("unknown", "raises"):
+            with pytest.raises(ledger.OutcomeUnknown):
+                await guard(charge_async, 1)
+            return None
+        return await guard(charge_async, 1)
+    assert asyncio.run(main()) == {"done": "ch_1", "not done": "ch_2"}.get(answer)
+    assert len(CHARGES) == (2 if answer == "not done" else 1) and asked == [CHARGES[0]]
+
+
+def test_a_sync_tool_whose_verifier_is_async_stays_unknown_with_a_clear_message(g, recwarn):
+    async def verify(key, arguments):
+        return ledger.NOT_DONE
+    g.policy(timing_out_charge, verify=verify)
+    with pytest.raises(TimeoutError):
+        g(timing_out_charge, 1)
+    with pytest.raises(ledger.OutcomeUnknown):
+        g(timing_out_charge, 1)
+    assert "awaitable for a sync tool" in g.store.records()[0].error and len(CHARGES) == 1
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_an_interrupt_inside_the_verifier_leaves_the_call_to_be_verified_again(g):
+    answers = [KeyboardInterrupt(), ledger.Done("ch_1")]
+    g.policy(timing_out_charge, lease=0.2, verify=_verifier_sequence(answers))
+    with pytest.raises(TimeoutError):
+        g(timing_out_charge, 1)
+    with pytest.raises(KeyboardInterrupt):
+        g(timing_out_charge, 1)
+    assert g(timing_out_charge, 1) is BLOCKED              # its lease is live, and no longer renewed
+    wait_for(lambda: g.store.records()[0].stale(g.store.now()), what="the lease to expire")
+    assert g(timing_out_charge, 1) == "ch_1" and len(CHARGES) == 1
+
+
+def _verifier_sequence(answers):
+    def verify(key, arguments):
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+    return verify
+
+
+def test_a_waiting_duplicate_whose_leader_ends_unknown_gets_outcome_unknown(store):
+    guard, started = Guard(store, quiet=True, secret="s"), threading.Event()
+
+    def slow_timeout(order_id: int) -> None:
+        CHARGES.append(order_id)
+        started.set()
+        time.sleep(0.3)
+        raise TimeoutError
+    guard.policy("slow", replay=True, verify=_verifier(ledger.NOT_DONE, []))
+    slow = guard.once(slow_timeout, name="slow")
+    leader = threading.Thread(target=lambda: pytest.raises(TimeoutError, slow, 1))
+    leader.start()
+    started.wait(10)
+    with pytest.raises(ledger.OutcomeUnknown):
+        slow(1)
+    leader.join()
+    assert CHARGES == [1]
+
+
+def test_an_unknown_record_is_signed_and_a_tampered_one_steers_nothing(store):
+    guard, asked = Guard(store, quiet=True, secret="s"), []
+    guard.policy(timing_out_charge, verify=_verifier(ledger.NOT_DONE, asked))
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    record = store.records()[0]
+    assert record.sig.startswith("v2:")
+    tamper(store, record.id, run_key="someone-elses-key")   # the verifier would look up another charge
+    with pytest.raises(ledger.IntegrityError, match="signature"):
+        guard(timing_out_charge, 1)
+    assert asked == [] and len(CHARGES) == 1
+    tamper(store, record.id, run_key=record.run_key, status="SUCCESS")   # its signature says UNKNOWN
+    with pytest.raises(ledger.IntegrityError, match="signature"):
+        guard(timing_out_charge, 1)
+
+
+# Resolving an UNKNOWN call: once, atomically, racing duplicates.
+
+def _unknown_call(guard) -> str:
+    """Leave timing_out_charge(1) UNKNOWN; its record's id."""
+    with pytest.raises(TimeoutError):
+        guard(timing_out_charge, 1)
+    return guard.store.records()[0].id
+
+
+def test_resolve_done_records_the_result_duplicates_get_and_settles_once(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(timing_out_charge, replay=True)
+    id = _unknown_call(guard)
+    assert guard.resolve(id, done=True, result={"charge": "ch_1"}) is True
+    assert guard.resolve(id, done=False) is False and guard.resolve(id, done=True, result=2) is False
+    assert guard(timing_out_charge, 1) == {"charge": "ch_1"} and len(CHARGES) == 1
+    record = store.get(id)
+    assert (record.status, record.runs, record.owner) == ("SUCCESS", 1, "resolve")
+
+
+def test_resolve_not_done_lets_the_next_call_run_with_the_same_key(store):
+    guard = Guard(store, quiet=True, secret="s")
+    id = _unknown_call(guard)
+    assert guard.resolve(id, done=False) is True and guard.resolve(id, done=False) is False
+    assert guard(timing_out_charge, 1) == {"charged": 10.0, "order": 1}
+    assert guard(timing_out_charge, 1) is BLOCKED
+    assert len(CHARGES) == 2 and CHARGES[0][1] == CHARGES[1][1]
+
+
+def test_resolve_refuses_what_it_cannot_mean(g):
+    id = _unknown_call(g)
+    with pytest.raises(ledger.ConfigError, match="done="):
+        g.resolve(id, done=False, result=1)
+    with pytest.raises(ledger.ConfigError, match="True or False"):
+        g.resolve(id, done="yes")
+    assert g.resolve("no-such-call", done=True) is False
+    assert g.store.get(id).status == "UNKNOWN"
+
+
+def _call_until_settled(store, path, outcomes):
+    """Call the UNKNOWN call until it is settled; what each call gave, in `outcomes`. The first
+    refusal is a line in path.refused."""
+    guard = Guard(store, quiet=True, secret="s")
+    pay = guard.once(lambda order: log_run(path, "ran"), name="pay")
+    deadline, refused = time.time() + 60, False
+    while time.time() < deadline:
+        try:
+            outcomes.append(guard.execute(pay, 1, key="order-1").source)
+            return
+        except ledger.OutcomeUnknown:
+            if not refused:
+                with open(path + ".refused", "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                refused = True
+            time.sleep(0.002)
+    outcomes.append("stuck")
+
+
+def _leave_unknown(store, path) -> str:
+    guard = Guard(store, quiet=True, secret="s")
+
+    def pay(order: int) -> str:
+        log_run(path, "ran")
+        raise TimeoutError
+    with pytest.raises(TimeoutError):
+        guard.once(pay, name="pay")(1, key="order-1")
+    return store.records()[0].id
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_resolve_racing_duplicate_threads_lets_at_most_the_one_run_it_allows(store, tmp_path, done):
+    path, outcomes = str(tmp_path / "runs"), []
+    id = _leave_unknown(store, path)
+    threads = [threading.Thread(target=_call_until_settled, args=(store, path, outcomes)) for _ in range(8)]
+    [t.start() for t in threads]
+    time.sleep(0.05)
+    settled = [threading.Thread(target=lambda: outcomes.append(Guard(store, secret="s").resolve(id, done=done)))
+               for _ in range(3)]
+    [t.start() for t in settled]
+    [t.join() for t in threads + settled]
+    assert sorted(o for o in outcomes if isinstance(o, bool)) == [False, False, True]   # settled once
+    sources = [o for o in outcomes if not isinstance(o, bool)]
+    assert len(runs_of(path)) == (1 if done else 2)
+    assert sorted(sources) == (["blocked"] * 8 if done else sorted(["executed"] + ["blocked"] * 7))
+
+
+def _call_until_settled_in_process(spec, path, queue):
+    outcomes = []
+    _call_until_settled(spec, path, outcomes)
+    queue.put(outcomes[0])
+
+
+@pytest.mark.parametrize("done", [True, False])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done, method):
+    context = multiprocessing.get_context(method)
+    path, queue = str(tmp_path / "runs"), context.Queue()
+    id = _leave_unknown(shared_store, path)
+    workers = [context.Process(target=_call_until_settled_in_process, args=(spec_of(shared_store), path, queue),
+                               daemon=True) for _ in range(4)]
+    [w.start() for w in workers]
+    wait_for(lambda: len(runs_of(path + ".refused")) == 4, timeout=60, what="every worker to be refused once")
+    assert Guard(shared_store, secret="s").resolve(id, done=done) is True
+    sources = sorted(queue.get(timeout=30) for _ in workers)
+    [w.join() for w in workers]
+    assert len(runs_of(path)) == (1 if done else 2)
+    assert sources == (["blocked"] * 4 if done else ["blocked"] * 3 + ["executed"])
+    keys = {line.split()[1] for line in runs_of(path)}
+    assert len(keys) == 1   # the run after --not-done kept the key
 
 
 # Clocks: leases and ttl windows are judged on the store's clock (Store.now()),
@@ -6839,6 +7317,10 @@ EXAMPLES = {
                                       "alice: refund({'order_id': 7}) -> already done",
                                       "executed 3, blocked 2"]),
     "multiprocess_workers.py": (None, ["payouts sent: 12 for 12 jobs; each exactly once: True"]),
+    "uncertain_payment.py": (None, ["attempt 1: TimeoutError", "the call is UNKNOWN", "verifier in worker: not done",
+                                    "then was killed by SIGKILL", "verifier in main: done, ch_1",
+                                    "attempt 3: verified, ran again: False, returns ch_1", "attempt 4: blocked",
+                                    "charges at the provider: 1 (ch_1)"]),
     "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
@@ -7319,6 +7801,89 @@ def test_retry_of_a_running_call_is_refused_with_its_lease_unless_forced(tmp_pat
 def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     code, _, err = cli("retry", "--db", ledger_db, wanted)
     assert code == 2 and error in err
+
+
+@pytest.fixture
+def unknown_db(tmp_path):
+    """A ledger holding one UNKNOWN call (charge_card timed out) and one SUCCESS."""
+    path = tmp_path / "ledger.db"
+    g = Guard(str(path), quiet=True)
+
+    def timed_out(order):
+        raise TimeoutError("no answer from the provider")
+    g.wrap_tools({"charge_card": timed_out, "lookup": lambda q: q})["lookup"](q="acme")
+    with pytest.raises(TimeoutError):
+        g.wrap_tools({"charge_card": timed_out})["charge_card"](order=7)
+    g.close()
+    return path
+
+
+def unknown_record(db) -> dict:
+    return next(r for r in records_of(db) if r["tool"] == "charge_card")
+
+
+def test_show_and_stats_show_an_unknown_call_and_its_error(unknown_db, cli):
+    code, out, _ = cli("show", "--db", unknown_db, "--status", "unknown")
+    assert code == 0 and "UNKNOWN" in out and "TimeoutError: no answer" in out and "lookup" not in out
+    assert unknown_record(unknown_db)["status"] == "UNKNOWN"
+    code, out, _ = cli("stats", "--db", unknown_db, "--json")
+    assert code == 0 and json.loads(out)["unknown"] == 1
+
+
+def test_tail_shows_an_unknown_call(unknown_db):
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(unknown_db), "--last", "5",
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
+    try:
+        line = Lines(proc.stdout).until("charge_card")
+        assert " unknown " in line and "TimeoutError: no answer" in line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+    assert code == 0 and "Traceback" not in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_resolve_done_records_the_result_and_settles_only_once(unknown_db, cli):
+    id = unknown_record(unknown_db)["id"]
+    code, out, _ = cli("resolve", "--db", unknown_db, id[:8], "--done", "--result", '{"charge": "ch_1"}')
+    assert code == 0 and f"resolved {id}" in out and "SUCCESS" in out
+    code, out, err = cli("resolve", "--db", unknown_db, id[:8], "--not-done")
+    assert code == 1 and "not UNKNOWN (it is SUCCESS)" in err and out == ""
+    g = Guard(str(unknown_db), quiet=True)
+    g.policy("charge_card", replay=True)
+    runs = []
+    assert g.wrap_tools({"charge_card": lambda order: runs.append(order)})["charge_card"](order=7) == {"charge": "ch_1"}
+    assert runs == []
+
+
+def test_resolve_not_done_lets_the_call_run_again(unknown_db, cli):
+    record = unknown_record(unknown_db)
+    code, out, _ = cli("resolve", "--db", unknown_db, record["id"], "--not-done")
+    assert code == 0 and "FAILED: its next call runs again, same key" in out
+    g, keys = Guard(str(unknown_db), quiet=True), []
+    g.wrap_tools({"charge_card": lambda order: keys.append(current_key())})["charge_card"](order=7)
+    assert keys == [record["run_key"]]
+
+
+@pytest.mark.parametrize("argv, error", [(["--done", "--not-done"], "not allowed with"), ([], "one of the arguments"),
+                                         (["--not-done", "--result", "1"], "--result goes with --done"),
+                                         (["--done", "--result", "{not json"], "invalid")])
+def test_resolve_refuses_a_contradictory_or_unreadable_answer(unknown_db, cli, argv, error):
+    code, _, err = cli("resolve", "--db", unknown_db, unknown_record(unknown_db)["id"], *argv)
+    assert code == 2 and error in err and unknown_record(unknown_db)["status"] == "UNKNOWN"
+
+
+def test_dashboard_counts_unknown_calls_and_filters_by_every_state(unknown_db):
+    with serving(unknown_db) as url:
+        _, _, body = http("GET", url + "api/state")
+        _, _, page = http("GET", url)
+    state = json.loads(body)
+    assert state["totals"]["unknown"] == 1 and {r["state"] for r in state["records"]} == {"SUCCESS", "UNKNOWN"}
+    options = re.findall(r"<option>(\w+)</option>", page.decode())
+    assert options == list(ledger.STATES) and "UNKNOWN" in options
+    assert f"const STATES = new Set({json.dumps(ledger.STATES)});" in page.decode()
 
 
 def test_prune_dry_run_reports_per_status_and_tool_and_deletes_nothing(ledger_db, cli):

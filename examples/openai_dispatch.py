@@ -44,6 +44,9 @@ def lookup_customer(customer: str) -> dict:
 
 
 guard.policy(lookup_customer, unlimited=True)  # read-only: runs every time, keeps no record
+# A dropped connection leaves open whether the card was charged; the provider deduplicates on
+# the key, so the retry may run (the default, uncertain=UNCERTAIN_ERRORS, would stop it as UNKNOWN).
+guard.policy(charge_card, uncertain=())
 tool_map = guard.wrap_tools({"charge_card": charge_card, "lookup_customer": lookup_customer},
                             blocked_return={"status": "already done"})
 
