@@ -1806,8 +1806,9 @@ def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_p
     assert (record.status, record.epoch, record.executed) == ("SUCCESS", 2, 2)
 
 
-def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, tmp_path):
-    path = str(tmp_path / "runs")
+def stale_after_a_killed_leader(shared_store, path: str) -> Guard:
+    """A leader SIGKILLed in the middle of log_run under recover="block", and a guard on
+    the same store once that call's lease has run out."""
     victim = forked(_run_long_tool, shared_store, path, 0.3, 60)
     victim.start()
     wait_for(lambda: runs_of(path), what="the victim to start")
@@ -1816,6 +1817,12 @@ def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, 
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
     wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
+    return guard
+
+
+def test_recover_block_keeps_a_crashed_call_blocked_until_retried(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    guard = stale_after_a_killed_leader(shared_store, path)
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED
     assert guard.stats()["stale"] == 1
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True
@@ -2918,14 +2925,7 @@ def test_current_key_is_stable_across_a_failure_and_new_for_each_intended_run(g)
 
 def test_a_deliberate_retry_gets_a_fresh_key_and_a_crash_recovery_keeps_the_old_one(shared_store, tmp_path):
     path = str(tmp_path / "runs")
-    victim = forked(_run_long_tool, shared_store, path, 0.3, 60)
-    victim.start()
-    wait_for(lambda: runs_of(path), what="the victim to start")
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join()
-    guard = Guard(shared_store, quiet=True, secret="s")
-    guard.policy(log_run, lease=0.3, recover="block")
-    wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
+    guard = stale_after_a_killed_leader(shared_store, path)
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # crash recovery
     guard(log_run, path, "long", 0, key="long-job")
     assert guard.retry(log_run, path, "long", 0, key="long-job") is True     # deliberate re-run
