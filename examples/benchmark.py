@@ -5,7 +5,6 @@
     python examples/benchmark.py --store postgres --url postgresql://postgres@127.0.0.1:5432/test \
                                  --store redis --url redis://127.0.0.1:6379/14
     python examples/benchmark.py --quick                  # tiny counts: seconds, for a smoke test
-
     python examples/benchmark.py --against ledger-once    # side by side with ledger-once 0.1.5
     python examples/benchmark.py --callgrind              # instructions per call (needs valgrind)
 
@@ -20,8 +19,8 @@ scratch file, table or key prefix of its own that is removed at the end.
 module is also named `ledger`, so it runs in a worker process with its own
 virtualenv's python), in interleaved rounds. --callgrind counts the instructions
 of a call under valgrind: the difference of two runs, of N and 2N calls, divided
-by N, so that start-up costs cancel. The report ends with the performance targets
-of issue 15 and whether each is met.
+by N, so that start-up costs cancel. The report ends with the project's performance
+targets (issue 15) and whether each is met.
 """
 
 from __future__ import annotations
@@ -629,13 +628,16 @@ class Implementation:
     """A python that imports one implementation as `ledger`, and the environment it needs."""
 
     def __init__(self, name: str, python: str, path: str | None):
-        self.name, self.python = name, python
-        self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
-        if path:
-            self.env["PYTHONPATH"] = path
+        self.name, self.python, self.env = name, python, worker_env(path)
 
     def command(self, *args: str) -> list[str]:
         return [self.python, "-c", WORKER, *args]
+
+
+def worker_env(path: str | None) -> dict:
+    """This environment without what would change which `ledger` a worker imports or where it writes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+    return {**env, "PYTHONPATH": path} if path else env
 
 
 def implementations(args: argparse.Namespace) -> list[Implementation]:
@@ -668,7 +670,7 @@ def is_ledger_once(python: str) -> bool:
     with tempfile.TemporaryDirectory() as empty:  # no ledger.py in the current folder to shadow it
         try:
             return subprocess.run([python, "-c", "import ledger, sys; sys.exit(not hasattr(ledger, '_Engine'))"],
-                                  cwd=empty, capture_output=True, env=Implementation("", python, None).env,
+                                  cwd=empty, capture_output=True, env=worker_env(None),
                                   timeout=60).returncode == 0
         except OSError:
             return False
