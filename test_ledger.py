@@ -8216,6 +8216,68 @@ def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     assert cross["distinct_calls_per_s"] > 0 and cross["wake"]["p99_ms"] is not None
 
 
+def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
+    targets = {t["target"]: t for t in benchmark_report["targets"]}
+    assert len(targets) == 6
+    for t in targets.values():
+        op, limit = t["goal"].split()[0], float(t["goal"].split()[1].rstrip("x").replace(",", ""))
+        if t["measured"] is None:  # ledger-once and callgrind figures need --against and --callgrind
+            assert t["met"] is None
+        else:
+            assert t["met"] == (t["measured"] <= limit if op == "<=" else t["measured"] >= limit)
+    floor, sqlite = benchmark_report["floor"], benchmark_report["stores"]["sqlite"]
+    miss = targets["SQLite miss / raw floor (INSERT + UPDATE, two commits)"]["measured"]
+    hit = targets["SQLite hit / raw floor (fingerprint + SELECT)"]["measured"]
+    assert miss == round(sqlite["miss"]["median_us"] / floor["claim_complete"]["median_us"], 2)
+    assert hit == round(sqlite["hit_blocked"]["median_us"] / floor["fingerprint_lookup"]["median_us"], 2)
+    assert benchmark_report["against"] is None and benchmark_report["callgrind"] is None
+
+
+def _benchmark(*options: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "examples" / "benchmark.py"), *options],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON) and os.path.exists(LEDGER_ONCE_PYTHON or ""),
+         "set LEDGER_TEST_LEDGER_ONCE to the python of a virtualenv with `pip install ledger-once==0.1.5`")
+    run = _benchmark("--quick", "--store", "sqlite", "--scale", "100", "--json",
+                     "--against", "ledger-once", "--ledger-once-python", LEDGER_ONCE_PYTHON)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    against = report["against"]
+    # each side imported its own module, even from a checkout whose ledger.py could shadow ledger-once's
+    assert against["ledger.py"]["module"] == str((HERE / "ledger.py").resolve())
+    assert against["ledger-once"]["module"] != against["ledger.py"]["module"]
+    assert pathlib.Path(against["ledger-once"]["module"]).parent.name == "site-packages"
+    for side in against.values():
+        for path in ("miss", "hit_blocked", "hit_replayed"):
+            assert 0 < side[path]["median_us"] <= side[path]["p99_us"] and side[path]["rounds"] == 3, path
+    faster = {t["target"]: t for t in report["targets"]}["SQLite hit: ledger-once time / ledger.py time"]
+    assert faster["measured"] == round(against["ledger-once"]["hit_blocked"]["median_us"]
+                                       / against["ledger.py"]["hit_blocked"]["median_us"], 2)
+
+
+def test_benchmark_refuses_a_python_without_ledger_once_before_measuring():
+    run = _benchmark("--quick", "--against", "ledger-once", "--ledger-once-python", sys.executable, timeout=60)
+    assert run.returncode != 0 and run.stdout == ""
+    assert "does not import ledger-once" in run.stderr and "pip install ledger-once==0.1.5" in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # eight runs under valgrind, about fifty times slower than natively
+def test_benchmark_callgrind_counts_instructions_per_call_without_start_up():
+    if not shutil.which("valgrind"):
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    run = _benchmark("--quick", "--store", "memory", "--scale", "100", "--json", "--callgrind", timeout=880)
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(run.stdout)["callgrind"]["ledger.py"]
+    assert set(counts) == {"memory_miss", "memory_hit", "sqlite_miss", "sqlite_hit"}
+    # a count that kept the interpreter's start-up (hundreds of millions of instructions) would be far larger
+    assert all(0 < count < 5_000_000 for count in counts.values()), counts
+    assert counts["sqlite_miss"] > counts["memory_miss"]  # two commits on top of the same Python work
+
+
 def _mint_tokens(queue):
     queue.put([ledger._unique_token() for _ in range(3)])
 

@@ -5,13 +5,22 @@
     python examples/benchmark.py --store postgres --url postgresql://postgres@127.0.0.1:5432/test \
                                  --store redis --url redis://127.0.0.1:6379/14
     python examples/benchmark.py --quick                  # tiny counts: seconds, for a smoke test
+    python examples/benchmark.py --against ledger-once    # side by side with ledger-once 0.1.5
+    python examples/benchmark.py --callgrind              # instructions per call (needs valgrind)
 
 Every figure is per guarded call: the median and the 99th percentile. The raw
 floor is measured in the same run: the bare sqlite3 statements that a claim and
-its completion need (SELECT, INSERT, UPDATE, each its own commit) and that a
+its completion need (INSERT, then UPDATE, each its own commit) and that a
 lookup needs (SELECT), on the same table in a WAL file with synchronous=NORMAL.
 Standard library only; stores are opened with ledger.open_store(url), each in a
 scratch file, table or key prefix of its own that is removed at the end.
+
+--against ledger-once runs the same SQLite workloads with ledger-once 0.1.5 (its
+module is also named `ledger`, so it runs in a worker process with its own
+virtualenv's python), in interleaved rounds. --callgrind counts the instructions
+of a call under valgrind: the difference of two runs, of N and 2N calls, divided
+by N, so that start-up costs cancel. The report ends with the project's performance
+targets (issue 15) and whether each is met.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import gc
 import hashlib
 import json
@@ -26,10 +36,12 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import re
 import secrets
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -281,8 +293,7 @@ class RawFloor:
         self.ids: list[str] = []
 
     def claim_and_complete(self, id: str) -> None:
-        """SELECT (none yet), INSERT the claim, UPDATE to its outcome: two commits."""
-        self.conn.execute(self.select, (id,)).fetchone()
+        """INSERT the claim, UPDATE it to its outcome: two commits, all that a new call needs."""
         self.claimed[self.at[0]] = self.claimed[self.at[1]] = self.done[self.at[2]] = self.done[-3] = id
         self.conn.execute(self.insert, self.claimed)
         self.conn.execute(self.update, self.done)
@@ -323,6 +334,9 @@ def per_call_paths(folder: str, stores: dict[str, Stores], calls: int, rounds: i
         ids = [secrets.token_hex(16) for _ in kwargs]
         samples["claim_complete"] += samples_of(floor.claim_and_complete, ids)
         samples["lookup"] += samples_of(floor.lookup, ids)
+        # a hit's floor: hash the arguments, then read one row (here by a known id)
+        samples["fingerprint_lookup"] += samples_of(lambda pair: (naive_fingerprint(pair[0]), floor.lookup(pair[1])),
+                                                    list(zip(kwargs, ids)))
         samples["naive_fingerprint"] += samples_of(naive_fingerprint, kwargs)
         samples["fingerprint"] += samples_of(fingerprint, kwargs)
         for kind, g in guards.items():
@@ -332,7 +346,8 @@ def per_call_paths(folder: str, stores: dict[str, Stores], calls: int, rounds: i
     for g in guards.values():
         g.close()
     floors = {"claim_complete": summary(samples["claim_complete"]), "lookup": summary(samples["lookup"]),
-              "fingerprint": summary(samples["naive_fingerprint"])}
+              "fingerprint": summary(samples["naive_fingerprint"]),
+              "fingerprint_lookup": summary(samples["fingerprint_lookup"])}
     paths = ("miss", "hit_blocked", "hit_replayed")
     return floors, {kind: {"fingerprint": summary(samples["fingerprint"]),
                            **{path: summary(samples[kind, path]) for path in paths}} for kind in stores}
@@ -519,6 +534,255 @@ def cross_process(stores: Stores, processes: int, keys: int, distinct: int, tool
 
 
 # ---------------------------------------------------------------------------
+# Side by side with ledger-once, and instructions per call under callgrind.
+# Both run in worker processes of the same code (WORKER), so that ledger-once,
+# whose module is also named `ledger`, has its own virtualenv's python, and both
+# implementations are measured exactly alike.
+# ---------------------------------------------------------------------------
+
+LEDGER_ONCE_VERSION = "0.1.5"
+LEDGER_ONCE_VENV = (pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+                    / "ledger-ci" / "venv-ledger-once")  # where .ci/run makes it too
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+WORKER = r'''
+import json, os, statistics, sys, time, uuid
+import ledger
+
+ONCE = hasattr(ledger, "_Engine")  # ledger-once 0.1.5; ledger.py has no _Engine
+FILTERS = {"brand": "acme", "size": 42}
+TAGS = ["new", "sale"]
+
+
+def search(query, limit, min_score, filters, tags):
+    return {"hits": limit}
+
+
+def search_replayed(query, limit, min_score, filters, tags):
+    return {"hits": limit}
+
+
+def open_guard(kind):
+    if ONCE:
+        store = ledger._Mem() if kind == "memory" else ledger._SQLite(os.path.abspath(f"ledger-once-{kind}.db"))
+        g = ledger.Guard(store).quiet()
+    else:
+        g = ledger.Guard(":memory:" if kind == "memory" else os.path.abspath(f"ledger-{kind}.db"), quiet=True,
+                         secret="benchmark")
+    g.policy(search_replayed, replay=True)
+    return g
+
+
+def new_calls(n):
+    return [dict(query=f"running shoes {uuid.uuid4().hex[:8]}", limit=10, min_score=0.5, filters=FILTERS,
+                 tags=TAGS) for _ in range(n)]
+
+
+def timed(fn, calls):
+    clock, samples = time.perf_counter_ns, []
+    for kw in calls:
+        start = clock()
+        fn(**kw)
+        samples.append(clock() - start)
+    samples.sort()
+    return {"median_us": statistics.median(samples) / 1e3, "p99_us": samples[int(len(samples) * 0.99)] / 1e3}
+
+
+def serve():
+    """One line per round on stdin ("KIND CALLS"), one JSON line of figures back."""
+    guards = {}
+    for line in sys.stdin:
+        kind, n = line.split()
+        g = guards.get(kind) or guards.setdefault(kind, open_guard(kind))
+        calls = new_calls(int(n))
+        miss = timed(lambda **kw: g(search, **kw), calls)
+        for kw in calls:
+            g(search_replayed, **kw)
+        blocked = timed(lambda **kw: g(search, **kw), calls)
+        replayed = timed(lambda **kw: g(search_replayed, **kw), calls)
+        assert g(search, **calls[0]) is ledger.BLOCKED and g(search_replayed, **calls[0]) == {"hits": 10}
+        print(json.dumps({"miss": miss, "hit_blocked": blocked, "hit_replayed": replayed,
+                          "module": os.path.realpath(ledger.__file__)}), flush=True)
+
+
+def run_path(kind, path, calls, made):
+    """`calls` calls of one path; everything else is the same whatever `calls` is, so it cancels
+    between two runs: `made` sets of arguments, and for a hit, `made` records to hit."""
+    g = open_guard(kind)
+    arguments = new_calls(made)
+    if path == "hit":
+        for kw in arguments:
+            g(search, **kw)
+    for kw in arguments[:calls]:
+        g(search, **kw)
+
+
+if sys.argv[1] == "serve":
+    serve()
+else:
+    run_path(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+'''
+
+
+class Implementation:
+    """A python that imports one implementation as `ledger`, and the environment it needs."""
+
+    def __init__(self, name: str, python: str, path: str | None):
+        self.name, self.python, self.env = name, python, worker_env(path)
+
+    def command(self, *args: str) -> list[str]:
+        return [self.python, "-c", WORKER, *args]
+
+
+def worker_env(path: str | None) -> dict:
+    """This environment without what would change which `ledger` a worker imports or where it writes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
+    return {**env, "PYTHONPATH": path} if path else env
+
+
+def implementations(args: argparse.Namespace) -> list[Implementation]:
+    """ledger.py (this checkout) and, with --against, ledger-once."""
+    found = [Implementation("ledger.py", sys.executable, str(REPO))]
+    if args.against:
+        found.append(Implementation("ledger-once", ledger_once_python(args.ledger_once_python), None))
+    return found
+
+
+def ledger_once_python(given: str | None) -> str:
+    """--ledger-once-python, else LEDGER_TEST_LEDGER_ONCE, else a virtualenv made (once) under
+    ~/.cache/ledger-ci the way .ci/run makes it."""
+    python = given or os.environ.get("LEDGER_TEST_LEDGER_ONCE")
+    if python:
+        if not is_ledger_once(python):
+            raise SystemExit(f"{python} does not import ledger-once: "
+                             f"make a virtualenv with `pip install ledger-once=={LEDGER_ONCE_VERSION}`")
+        return python
+    python = str(LEDGER_ONCE_VENV / "bin" / "python")
+    if not is_ledger_once(python):
+        print(f"making {LEDGER_ONCE_VENV} with ledger-once {LEDGER_ONCE_VERSION}", file=sys.stderr)
+        shutil.rmtree(LEDGER_ONCE_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LEDGER_ONCE_VENV)], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", f"ledger-once=={LEDGER_ONCE_VERSION}"], check=True)
+    return python
+
+
+def is_ledger_once(python: str) -> bool:
+    with tempfile.TemporaryDirectory() as empty:  # no ledger.py in the current folder to shadow it
+        try:
+            return subprocess.run([python, "-c", "import ledger, sys; sys.exit(not hasattr(ledger, '_Engine'))"],
+                                  cwd=empty, capture_output=True, env=worker_env(None),
+                                  timeout=60).returncode == 0
+        except OSError:
+            return False
+
+
+class Worker:
+    """A process serving rounds of the SQLite workloads for one implementation."""
+
+    def __init__(self, impl: Implementation, folder: str):
+        self.folder = tempfile.mkdtemp(prefix=impl.name + "-", dir=folder)
+        self.process = subprocess.Popen(impl.command("serve"), cwd=self.folder, env=impl.env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def round(self, kind: str, calls: int) -> dict:
+        self.process.stdin.write(f"{kind} {calls}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the benchmark worker stopped (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def side_by_side(impls: list[Implementation], folder: str, calls: int, rounds: int = 3) -> dict:
+    """Miss, blocked hit and replayed hit on a SQLite file in WAL, each implementation in turn in
+    every round (the order alternating), after one warm-up round: the median of the round medians."""
+    workers = [Worker(impl, folder) for impl in impls]
+    figures: dict[str, list[dict]] = {impl.name: [] for impl in impls}
+    try:
+        for turn in range(rounds + 1):
+            order = list(zip(impls, workers))
+            for impl, worker in (order if turn % 2 else order[::-1]):
+                measured = worker.round("sqlite", max(1, calls // rounds))
+                if turn:
+                    figures[impl.name].append(measured)
+    finally:
+        for worker in workers:
+            worker.close()
+    paths = ("miss", "hit_blocked", "hit_replayed")
+    return {name: {"module": rounds_[0]["module"],  # the file the worker imported as `ledger`
+                   **{path: {"median_us": round(statistics.median(r[path]["median_us"] for r in rounds_), 2),
+                             "p99_us": round(statistics.median(r[path]["p99_us"] for r in rounds_), 2),
+                             "rounds": len(rounds_)} for path in paths}}
+            for name, rounds_ in figures.items()}
+
+
+CALLGRIND_PATHS = [("memory", "miss"), ("memory", "hit"), ("sqlite", "miss"), ("sqlite", "hit")]
+
+
+def callgrind(impls: list[Implementation], folder: str, calls: int) -> dict:
+    """Instructions per call on each path: (I(2N) - I(N)) / N, from two runs under callgrind
+    that differ only in the number of calls of that path, so start-up and set-up cancel."""
+    jobs = [(impl, kind, path, n) for impl in impls for kind, path in CALLGRIND_PATHS for n in (calls, 2 * calls)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # counts do not depend on load
+        counts = list(pool.map(lambda job: instructions(*job, made=2 * calls, folder=folder), jobs))
+    found = dict(zip(jobs, counts))
+    return {impl.name: {f"{kind}_{path}": round((found[impl, kind, path, 2 * calls] - found[impl, kind, path, calls])
+                                                / calls)
+                        for kind, path in CALLGRIND_PATHS} for impl in impls}
+
+
+def instructions(impl: Implementation, kind: str, path: str, calls: int, made: int, folder: str) -> int:
+    """Instructions executed by one worker run, every thread included."""
+    where = tempfile.mkdtemp(prefix=f"callgrind-{impl.name}-", dir=folder)
+    run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={os.devnull}",
+                          *impl.command(kind, path, str(calls), str(made))],
+                         cwd=where, env=impl.env, capture_output=True, text=True)
+    collected = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
+    if run.returncode or not collected:
+        raise SystemExit(f"callgrind run of {impl.name} {kind} {path} failed:\n{run.stderr[-2000:]}")
+    return int(collected.group(1))
+
+
+# ---------------------------------------------------------------------------
+# Targets (issue 15): each a ratio within one run, or an instruction count
+# ---------------------------------------------------------------------------
+
+def targets(report: dict) -> list[dict]:
+    """Each target with its measured value (None when this run did not measure it) and whether it is met."""
+    floor, stores = report["floor"], report["stores"]
+    sqlite = stores.get("sqlite")
+    ours = (report.get("callgrind") or {}).get("ledger.py", {})
+    against = report.get("against") or {}
+
+    def median(figure: dict | None, path: str) -> float | None:
+        return figure[path]["median_us"] if figure else None
+
+    def over(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 2) if a is not None and b else None
+
+    once, mine = against.get("ledger-once"), against.get("ledger.py")
+    found = [
+        ("SQLite miss / raw floor (INSERT + UPDATE, two commits)", "x", "<=", 1.3,
+         over(median(sqlite, "miss"), floor["claim_complete"]["median_us"])),
+        ("SQLite hit / raw floor (fingerprint + SELECT)", "x", "<=", 1.5,
+         over(median(sqlite, "hit_blocked"), floor["fingerprint_lookup"]["median_us"])),
+        ("memory-store miss, instructions per call", "", "<=", 110_000, ours.get("memory_miss")),
+        ("memory-store hit, instructions per call", "", "<=", 60_000, ours.get("memory_hit")),
+        ("SQLite miss: ledger-once time / ledger.py time", "x", ">=", 2.0,
+         over(median(once, "miss"), median(mine, "miss"))),
+        ("SQLite hit: ledger-once time / ledger.py time", "x", ">=", 5.0,
+         over(median(once, "hit_blocked"), median(mine, "hit_blocked"))),
+    ]
+    return [{"target": name, "unit": unit, "goal": f"{op} {limit:,}{unit}", "measured": value,
+             "met": None if value is None else (value <= limit if op == "<=" else value >= limit)}
+            for name, unit, op, limit, value in found]
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -566,14 +830,51 @@ def table(report: dict) -> str:
     for size in sizes:
         row(f"miss with {int(size):,} records", lambda s: us(s["scale"][size]["miss"], floor["claim_complete"]))
         row(f"hit with {int(size):,} records", lambda s: us(s["scale"][size]["hit"], floor["lookup"]))
-    lines.append(f"| raw floor: claim + complete (SELECT, INSERT, UPDATE) | "
+    lines.append(f"| raw floor: claim + complete (INSERT, UPDATE) | "
                  + " | ".join(us(floor["claim_complete"]) for _ in stores) + " |")
     lines.append(f"| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
     lines.append(f"| raw floor: fingerprint (sha256 of json.dumps) | "
                  + " | ".join(us(floor["fingerprint"]) for _ in stores) + " |")
+    lines.append(f"| raw floor: hit (fingerprint floor + SELECT) | "
+                 + " | ".join(us(floor["fingerprint_lookup"]) for _ in stores) + " |")
     wake = floor["thread_wake"]
     lines.append(f"| raw floor: waking {report['threads']} blocked threads, p50 / p99 | "
                  + " | ".join(f"{wake['p50_ms']:.2f} / {wake['p99_ms']:.2f} ms" for _ in stores) + " |")
+    return "\n".join(lines)
+
+
+def against_table(report: dict) -> str:
+    """Both implementations' SQLite figures and how many times faster ledger.py is."""
+    against = report.get("against")
+    if not against:
+        return ""
+    lines = ["| SQLite, WAL (median / p99 per call, medians of 3 rounds) | ledger.py | ledger-once | "
+             "ledger.py faster by |", "|---|---|---|---|"]
+    for path, label in (("miss", "miss"), ("hit_blocked", "hit: blocked"), ("hit_replayed", "hit: replayed")):
+        mine, once = against["ledger.py"][path], against["ledger-once"][path]
+        lines.append(f"| {label} | {mine['median_us']:.1f} / {mine['p99_us']:.1f} µs | "
+                     f"{once['median_us']:.1f} / {once['p99_us']:.1f} µs | "
+                     f"{once['median_us'] / mine['median_us']:.2f}x |")
+    return "\n".join(lines)
+
+
+def callgrind_table(report: dict) -> str:
+    counts = report.get("callgrind")
+    if not counts:
+        return ""
+    names = list(counts)
+    lines = [f"| instructions per call (callgrind) | {' | '.join(names)} |", "|---" * (len(names) + 1) + "|"]
+    for kind, path in CALLGRIND_PATHS:
+        lines.append(f"| {kind} {path} | " + " | ".join(f"{counts[n][f'{kind}_{path}']:,}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(report: dict) -> str:
+    lines = ["| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        measured = "not measured" if t["measured"] is None else f"{t['measured']:,}{t['unit']}"
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {t['goal']} | {measured} | {met} |")
     return "\n".join(lines)
 
 
@@ -596,6 +897,9 @@ def url_for(kind: str, urls: list[str]) -> str | None:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    if args.callgrind and not shutil.which("valgrind"):
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
+    impls = implementations(args)  # finds (or makes) ledger-once's virtualenv before anything is measured
     folder = tempfile.mkdtemp(prefix="ledger-bench-")
     stores = {kind: Stores(kind, url_for(kind, args.url), folder) for kind in args.store}
     try:
@@ -609,6 +913,9 @@ def run(args: argparse.Namespace) -> dict:
                 each, args.processes, args.keys, args.calls, args.cross_tool_ms)
             figures["scale"] = scale(each, args.scale, args.calls)
             each.close()
+        report["against"] = side_by_side(impls, folder, args.calls) if args.against else None
+        report["callgrind"] = callgrind(impls, folder, args.callgrind_calls) if args.callgrind else None
+        report["targets"] = targets(report)
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     finally:
@@ -634,11 +941,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cross-tool-ms", type=float, default=50, help="the cross-process tool's run time")
     parser.add_argument("--scale", default="1000,100000,1000000",
                         help="record counts for the scale test (default 1000,100000,1000000)")
+    parser.add_argument("--against", choices=["ledger-once"],
+                        help=f"also run the SQLite workloads with ledger-once {LEDGER_ONCE_VERSION}, side by side")
+    parser.add_argument("--ledger-once-python",
+                        help="the python of a virtualenv with ledger-once (default: LEDGER_TEST_LEDGER_ONCE, "
+                             f"else one made under {LEDGER_ONCE_VENV})")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per call on the memory and SQLite paths under valgrind")
+    parser.add_argument("--callgrind-calls", type=int, default=300,
+                        help="N in the callgrind runs of N and 2N calls (default 300)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny counts, for a smoke test in seconds (options given explicitly still apply)")
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(calls=200, threads=10, tasks=10, tool_ms=20, processes=2, keys=3,
-                            cross_tool_ms=20, scale="100,1000")
+                            cross_tool_ms=20, scale="100,1000", callgrind_calls=50)
     args = parser.parse_args(argv)
     args.store = args.store or ["memory", "sqlite"]
     args.scale = [int(n) for n in args.scale.split(",")]
@@ -655,6 +971,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, SQLite {m['sqlite']}; "
               f"{report['seconds']} s\n")
         print(table(report))
+        for part in (against_table, callgrind_table, targets_table):
+            text = part(report)
+            if text:
+                print("\n" + text)
     return 0
 
 
