@@ -8267,8 +8267,7 @@ def test_benchmark_refuses_a_python_without_ledger_once_before_measuring():
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # eight runs under valgrind, about fifty times slower than natively
 def test_benchmark_callgrind_counts_instructions_per_call_without_start_up():
-    if not shutil.which("valgrind"):
-        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    need("valgrind", bool(shutil.which("valgrind")), "apt-get install valgrind")
     run = _benchmark("--quick", "--store", "memory", "--scale", "100", "--json", "--callgrind", timeout=880)
     assert run.returncode == 0, run.stderr
     counts = json.loads(run.stdout)["callgrind"]["ledger.py"]
