@@ -3130,11 +3130,13 @@ class _Renewer:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                if not self.runs:
+                # One snapshot decides: discard() runs without the lock, so the last run may
+                # end between a look at self.runs and a copy of it.
+                runs = list(self.runs.values())
+                if not runs:
                     self.thread = None
                     return
                 now = time.monotonic()
-                runs = list(self.runs.values())
                 wake = min(r.renew_at for r in runs)
                 if wake > now:
                     # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,

@@ -2677,6 +2677,35 @@ sys.stdin.readline()
 """
 
 
+class StubRun:
+    """What a renewer needs of a running call: when to renew it, and renew()."""
+
+    def __init__(self, renewed: threading.Event):
+        self.renew_at, self.renewed = time.monotonic(), renewed
+
+    def renew(self):
+        self.renewed.set()
+        self.renew_at = time.monotonic() + 60
+
+
+def test_a_renewer_whose_last_run_ends_while_it_looks_renews_the_next_run():
+    class EndingAsCopied(dict):   # every run discarded by its own thread the moment the renewer copies them
+        def values(self):
+            self.clear()
+            return []
+
+    renewer = ledger._Renewer("test-renewer")
+    renewer.runs = EndingAsCopied()
+    renewer.add(StubRun(threading.Event()))
+    first = renewer.thread
+    first.join(5)
+    assert not first.is_alive() and renewer.thread is None, "the renewer ends cleanly when nothing is left"
+    renewer.runs = {}
+    renewed = threading.Event()
+    renewer.add(StubRun(renewed))
+    assert renewed.wait(5), "a later run is renewed by a renewer started again"
+
+
 @pytest.mark.parametrize("kind", STUCK)
 def test_a_stuck_store_holds_up_no_lease_fork_stats_or_exit_elsewhere(kind, tmp_path):
     with stuck(kind, tmp_path) as (bad, healthy, bad_id, stop_answering):
