@@ -830,12 +830,12 @@ def table(report: dict) -> str:
     for size in sizes:
         row(f"miss with {int(size):,} records", lambda s: us(s["scale"][size]["miss"], floor["claim_complete"]))
         row(f"hit with {int(size):,} records", lambda s: us(s["scale"][size]["hit"], floor["lookup"]))
-    lines.append(f"| raw floor: claim + complete (INSERT, UPDATE) | "
+    lines.append("| raw floor: claim + complete (INSERT, UPDATE) | "
                  + " | ".join(us(floor["claim_complete"]) for _ in stores) + " |")
-    lines.append(f"| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
-    lines.append(f"| raw floor: fingerprint (sha256 of json.dumps) | "
+    lines.append("| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
+    lines.append("| raw floor: fingerprint (sha256 of json.dumps) | "
                  + " | ".join(us(floor["fingerprint"]) for _ in stores) + " |")
-    lines.append(f"| raw floor: hit (fingerprint floor + SELECT) | "
+    lines.append("| raw floor: hit (fingerprint floor + SELECT) | "
                  + " | ".join(us(floor["fingerprint_lookup"]) for _ in stores) + " |")
     wake = floor["thread_wake"]
     lines.append(f"| raw floor: waking {report['threads']} blocked threads, p50 / p99 | "
