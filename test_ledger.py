@@ -4786,6 +4786,7 @@ def schema_of(store) -> int:
 def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_workers_stay_out(server_store):
     guard = Guard(server_store, quiet=True, secret="s")
     guard(charge, 1)
+    guard.stats()   # writes the buffered counters now, so the counter thread cannot change a record below
     before = [r.as_dict() for r in server_store.records()]
     mark_schema(server_store, 1)
     reopened = (ledger.PostgresStore(POSTGRES_URL, table=server_store.table)
