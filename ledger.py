@@ -1377,6 +1377,10 @@ class Store:
 
     get(id)                   the record, or None
     insert(record)            add it if no record has its id; True if added
+    insert_or_get(record)     claim a new call: insert it if no record has its
+                              id and return None, else return the stored record
+                              and leave it alone (a store that can do both in one
+                              round trip overrides the default, get then insert)
     swap(record, epoch, owner) replace the stored record's state fields with
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
@@ -1395,6 +1399,7 @@ class Store:
                               (dry_run: would delete, deleting nothing)
     wait(id, timeout)         sleep up to timeout, waking early if id may have
                               changed (an optimisation; sleeping is correct)
+    wait_async(id, timeout)   the same for a coroutine: it must not block the loop
     secret()                  the HMAC key when none is configured
     now()                     the lease clock: seconds on a clock that every process
                               using the store shares, for leases and ttl windows
@@ -1417,6 +1422,12 @@ class Store:
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         raise NotImplementedError
 
+    def insert_or_get(self, record: Record) -> Record | None:
+        while True:  # round again only if the stored record is deleted between the two
+            stored = self.get(record.id)
+            if stored is not None or self.insert(record):
+                return stored
+
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
 
@@ -1435,6 +1446,9 @@ class Store:
 
     def wait(self, id: str, timeout: float) -> None:
         time.sleep(timeout)
+
+    async def wait_async(self, id: str, timeout: float) -> None:
+        await asyncio.sleep(timeout)
 
     def secret(self) -> bytes:
         raise ConfigError(
@@ -2135,6 +2149,22 @@ def _shared_name(fn: Callable) -> bool:
     methods, nested functions and lambdas."""
     name = getattr(fn, "__name__", "")
     return getattr(fn, "__qualname__", name) != name or name.startswith("<")
+
+
+def _companion(module: str, what: str) -> types.ModuleType:
+    """Import a companion file of ledger.py (ledger_servers.py, ledger_dashboard.py), or say
+    in one line how to get it. Each is a single copyable file beside ledger.py that imports
+    ledger; pip install tool-ledger installs them all."""
+    if __name__ == "__main__":  # run as `python ledger.py`: the companion's `import ledger` must get this module
+        sys.modules.setdefault("ledger", sys.modules[__name__])
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ConfigError(f"{what} lives in {module}.py: copy it next to ledger.py "
+                          f"({os.path.dirname(os.path.abspath(__file__))}), or pip install tool-ledger, "
+                          f"which installs it") from None
 
 
 def _require(module: str, package: str, what: str) -> Any:
@@ -3296,7 +3326,7 @@ async def _drive_async(steps: Iterator) -> Any:
             if wait.flight is not None:
                 await wait.flight.wait_async(wait.timeout)
             else:
-                await asyncio.sleep(wait.timeout)
+                await wait.store.wait_async(wait.id, wait.timeout)
             wait = next(steps)
     except StopIteration as stop:
         return stop.value
