@@ -26,8 +26,8 @@ One vocabulary and one set of formatters: the states are ledger's (``Status`` pl
 ``STALE``), and durations, money and times arrive at the page formatted by ledger's
 CLI formatters, so the page's script only places text.
 
-The file reads in the order a request flows: serve -> what /api/state answers ->
-the HTTP handler -> the page.
+Sections, in the order they are used: serving (`ledger serve`) -> what /api/state
+answers -> the HTTP handler -> the page.
 """
 
 from __future__ import annotations
