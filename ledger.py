@@ -2184,10 +2184,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ledger' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_COMPANION_NAMES])
-
-
 def _without_query_parameter(url: str, name: str) -> tuple[str, str | None]:
     """`url` without the query parameter `name` (which the driver would reject), and its value."""
     parts = urllib.parse.urlsplit(url)
