@@ -11,6 +11,8 @@ name, and skip without them (fail, under LEDGER_TEST_REQUIRE_ALL=1).
 
 from __future__ import annotations
 
+import asyncio
+import os
 import pathlib
 import shutil
 import subprocess
@@ -361,7 +363,75 @@ def test_a_waiter_in_another_process_is_woken_by_the_server_not_its_timeout(serv
         finisher.join(10)
 
 
+def _log_run(path: str, where: str) -> None:
+    with open(path, "a") as f:   # append-only: one line per run, from any process
+        f.write(f"{where} {os.getpid()}\n")
 
+
+def _lead_until_released(store, path, release):
+    guard = Guard(store, quiet=True, secret="s")
+
+    @guard.once(name="job", replay=True, lease=30)
+    def job():
+        _log_run(path, "leader")
+        release.wait(30)
+        return f"done-{os.getpid()}"
+    job()
+
+
+def test_async_waiters_wake_on_the_servers_notification_without_blocking_their_loop(server_store, tmp_path,
+                                                                                      monkeypatch):
+    """A leader in another process finishes; 50 coroutines here that wait for it wake within
+    a small fraction of their poll interval, through the store's one listener thread."""
+    poll = 5.0   # the waiters' poll interval: waking by polling would take up to this long
+    monkeypatch.setattr(ledger, "POLL_FIRST", poll)
+    monkeypatch.setattr(ledger, "POLL_MAX", poll)
+    path, release = str(tmp_path / "runs"), FORK.Event()
+    leader = forked(_lead_until_released, server_store, path, release)
+    leader.start()
+    wait_for(lambda: os.path.exists(path), what="the leader to start")
+    guard = Guard(server_store, quiet=True, secret="s")
+
+    @guard.once(name="job", replay=True, lease=30)
+    async def job():
+        _log_run(path, "waiter")
+        return "ran here"
+
+    def waiting() -> int:
+        return sum(len(wakes) for wakes in server_store._wakeups.waiting.values())
+
+    async def main():
+        gaps, woken = [], []
+
+        async def ticker():   # how long the loop is ever kept from running a ready callback
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - before - 0.01)
+
+        async def waiter():
+            value = await job()
+            woken.append(time.monotonic())
+            return value
+        waiters = [asyncio.create_task(waiter()) for _ in range(50)]
+        await asyncio.sleep(1.0)   # each has read the running record and waits; the listener is subscribed
+        registered = waiting()
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.5)   # while all of them wait
+        ticking.cancel()
+        listeners = [t.name for t in threading.enumerate() if t.name.startswith("ledger-wakeups")]
+        released = time.monotonic()
+        release.set()
+        values = await asyncio.gather(*waiters)
+        return values, registered, [t - released for t in woken], max(gaps), listeners
+    values, registered, latencies, longest_gap, listeners = asyncio.run(main())
+    leader.join(10)
+    assert values == [f"done-{leader.pid}"] * 50
+    assert registered == 50, "every waiter waits on the store's listener"
+    assert [line.split()[0] for line in pathlib.Path(path).read_text().splitlines()] == ["leader"]
+    assert max(latencies) < poll / 5, f"woken {min(latencies):.3f}..{max(latencies):.3f}s after the release"
+    assert longest_gap < 0.1, f"waiting blocked the event loop for {longest_gap:.3f}s"
+    assert len(listeners) == 1, listeners
 
 
 def _use_after_fork_and_tell_the_session(store, queue):
