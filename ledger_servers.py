@@ -127,7 +127,7 @@ class _ServerStore(Store):
     over its own monotonic clock (to within half a round trip), again every
     CLOCK_RESYNC seconds, so a step of a worker's wall clock moves no lease.
 
-    Subclasses implement _get, _insert, _swap, _delete, _records, _clear, _prune, add_counts,
+    Subclasses implement _get, _insert, _insert_or_get, _swap, _delete, _records, _clear, _prune, add_counts,
     _server_time() (the server's clock, in seconds) and _listen(deliver, stopped),
     which relays "record left RUNNING" messages.
     """
@@ -170,7 +170,16 @@ class _ServerStore(Store):
             stored = self._get(record.id)
             if stored is None:
                 return self._insert(record)
-            return (stored.epoch, stored.owner) == (record.epoch, record.owner)
+            return _is_claim(stored, record)
+
+    def insert_or_get(self, record: Record) -> Record | None:
+        try:
+            return self._insert_or_get(record)
+        except _Dropped:
+            stored = self._get(record.id)
+            if stored is None:
+                return self._insert_or_get(record)
+            return None if _is_claim(stored, record) else stored
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         try:
@@ -232,6 +241,11 @@ class _ServerStore(Store):
 
     def _server_time(self) -> float:
         raise NotImplementedError
+
+
+def _is_claim(stored: Record, record: Record) -> bool:
+    """Whether the stored record is the claim `record`, which took effect before a break."""
+    return (stored.epoch, stored.owner) == (record.epoch, record.owner)
 
 
 CLOCK_RESYNC = 10.0   # seconds between measurements of a server's clock
@@ -328,8 +342,9 @@ class PostgresStore(_ServerStore):
     """Records in one PostgreSQL table, shared by every worker that reaches the server.
 
     Each operation is one autocommitted statement (a claim is one INSERT ... ON
-    CONFLICT DO NOTHING, a transition one conditional UPDATE), on a small pool of
-    connections per process; a child process after fork() opens its own. The table
+    CONFLICT DO NOTHING, which also returns the record it conflicts with; a transition
+    one conditional UPDATE), on a small pool of connections per process; a child
+    process after fork() opens its own. The table
     (`table`, optionally schema-qualified) is created on first use. Waiters in other
     processes are woken by NOTIFY when a record leaves RUNNING. Needs the `postgres`
     extra (psycopg 3).
@@ -424,12 +439,18 @@ class PostgresStore(_ServerStore):
 
     def _statements(self) -> None:
         t, columns = self._quoted, ", ".join(RECORD_FIELDS)
+        insert = (f"INSERT INTO {t} ({columns}) VALUES ({', '.join(['%s'] * len(RECORD_FIELDS))}) "
+                  f"ON CONFLICT (id) DO NOTHING")
         swap = (f"UPDATE {t} SET {', '.join(f'{f} = %s' for f in STATE_FIELDS)} "
                 f"WHERE id = %s AND epoch = %s AND owner = %s")
         self._sql = {
             "get": f"SELECT {columns} FROM {t} WHERE id = %s",
-            "insert": f"INSERT INTO {t} ({columns}) VALUES ({', '.join(['%s'] * len(RECORD_FIELDS))}) "
-                      f"ON CONFLICT (id) DO NOTHING",
+            "insert": insert,
+            # A claim, or else the record it conflicts with, in one round trip: one row of (whether
+            # it inserted, the stored record as the statement's snapshot shows it, else NULLs).
+            "insert_or_get": f"WITH claimed AS ({insert} RETURNING id) "
+                             f"SELECT (SELECT count(*) FROM claimed), r.* FROM (SELECT 1) AS one "
+                             f"LEFT JOIN (SELECT {columns} FROM {t} WHERE id = %s) AS r ON true",
             "swap": swap,
             # A record leaving RUNNING wakes waiters in other processes, in the same statement.
             "finish": f"WITH done AS ({swap} RETURNING id) SELECT pg_notify(%s, id) FROM done",
@@ -497,6 +518,21 @@ class PostgresStore(_ServerStore):
 
     def _insert(self, record: Record) -> bool:
         return self._run(self._sql["insert"], [getattr(record, f) for f in RECORD_FIELDS]) == 1
+
+    def _insert_or_get(self, record: Record) -> Record | None:
+        values = [getattr(record, f) for f in RECORD_FIELDS] + [record.id]
+        while True:
+            (inserted, *stored), = self._run(self._sql["insert_or_get"], values, rows=True)
+            if inserted:
+                return None
+            if stored[0] is not None:
+                return Record(*stored)
+            # The record it conflicts with was committed after this statement's snapshot was
+            # taken, so the statement could not read it; a new statement can (unless it was
+            # deleted since, and the claim is tried again).
+            found = self._get(record.id)
+            if found is not None:
+                return found
 
     def _swap(self, record: Record, epoch: int, owner: str) -> bool:
         values = [getattr(record, f) for f in STATE_FIELDS] + [record.id, epoch, owner]
@@ -593,8 +629,9 @@ local function index_finished(record, id, finished, expiring)
 end
 """
 
+# A claim: 1 if it inserted, else the stored record (HGETALL), left alone.
 _REDIS_INSERT = _REDIS_INDEX_FINISHED + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 index_finished(KEYS[1], ARGV[1], KEYS[4], KEYS[5])
 if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
@@ -706,7 +743,7 @@ class RedisStore(_ServerStore):
     """Records in Redis (6.2 or later, not Cluster), shared by every worker that reaches it.
 
     Each operation is one Lua script, so claims and transitions are atomic on the
-    server. A record with a ttl expires on the server REDIS_EXPIRY_GRACE seconds
+    server; a claim that finds a record returns it in the same script. A record with a ttl expires on the server REDIS_EXPIRY_GRACE seconds
     after its ttl ran out. Waiters in other processes are woken by pub/sub. The
     guarantees last only as long as Redis keeps its data: see the README on
     persistence (appendonly yes). Needs the `redis` extra (redis-py).
@@ -818,13 +855,20 @@ class RedisStore(_ServerStore):
         return self._decode(self._call(self._client.hgetall, self._key(id)))
 
     def _insert(self, record: Record) -> bool:
+        return self._claim(record) == 1
+
+    def _insert_or_get(self, record: Record) -> Record | None:
+        stored = self._claim(record)
+        return None if stored == 1 else self._decode(dict(zip(stored[::2], stored[1::2])))
+
+    def _claim(self, record: Record) -> Any:
         pairs = [x for f in RECORD_FIELDS if getattr(record, f) is not None
                  for x in (f, self._encode(getattr(record, f)))]
         keys = [self._key(record.id), self.prefix + "w:" + record.workflow, self.prefix + "workflows",
                 *self._finished_indexes(record.workflow)]
         args = [record.id, repr(float(record.created)), record.workflow, self._expiry(record),
                 self.prefix + "r:"] + pairs
-        return self._script("insert", keys, args) == 1
+        return self._script("insert", keys, args)
 
     def _swap(self, record: Record, epoch: int, owner: str) -> bool:
         nils = [f for f in STATE_FIELDS if getattr(record, f) is None]

@@ -1119,6 +1119,35 @@ def test_check_store_leaves_other_records_alone(store):
     check_store(store)
     assert [r.as_dict() for r in store.records()] == before
 
+def test_insert_or_get_claims_a_record_that_is_absent(store):
+    record = scratch_record()
+    assert store.insert_or_get(record) is None
+    assert store.get(record.id).as_dict() == record.as_dict()
+
+
+def test_insert_or_get_returns_the_stored_record_and_leaves_it_alone(store):
+    stored = finished_record(1, time.time(), result='"v"', attempts=3, blocked=2, argsum="a1", cost=0.5)
+    store.insert(stored)
+    claim = scratch_record(stored.id).evolve(owner="b", epoch=7)
+    assert store.insert_or_get(claim).as_dict() == stored.as_dict()
+    assert store.get(stored.id).as_dict() == stored.as_dict()
+
+
+def test_insert_or_get_racing_on_one_id_claims_it_once_and_every_other_caller_reads_the_claim(store):
+    barrier, answers = threading.Barrier(8), []
+
+    def claim(n):
+        record = scratch_record("raced").evolve(owner=f"owner-{n}")
+        barrier.wait()
+        answers.append((n, store.insert_or_get(record)))
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    winners = [n for n, stored in answers if stored is None]
+    assert len(answers) == 8 and len(winners) == 1
+    assert {stored.owner for _, stored in answers if stored is not None} == {f"owner-{winners[0]}"}
+
+
 
 def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
     guard = Guard(store, quiet=True, secret="s")
