@@ -164,22 +164,20 @@ class _ServerStore(Store):
         return self._again(self._get, id)
 
     def insert(self, record: Record) -> bool:
-        try:
-            return self._insert(record)
-        except _Dropped:
-            stored = self._get(record.id)
-            if stored is None:
-                return self._insert(record)
-            return _is_claim(stored, record)
+        return self._claim_once(self._insert, record, lambda stored: _is_claim(stored, record))
 
     def insert_or_get(self, record: Record) -> Record | None:
+        return self._claim_once(self._insert_or_get, record,
+                                lambda stored: None if _is_claim(stored, record) else stored)
+
+    def _claim_once(self, claim: Callable[[Record], Any], record: Record, answer: Callable[[Record], Any]) -> Any:
+        """claim(record); after a break, what it answered is read back: with no record stored
+        the claim is made again, else answer(the stored record) says whether it was this one."""
         try:
-            return self._insert_or_get(record)
+            return claim(record)
         except _Dropped:
             stored = self._get(record.id)
-            if stored is None:
-                return self._insert_or_get(record)
-            return None if _is_claim(stored, record) else stored
+            return claim(record) if stored is None else answer(stored)
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         try:
@@ -743,8 +741,9 @@ class RedisStore(_ServerStore):
     """Records in Redis (6.2 or later, not Cluster), shared by every worker that reaches it.
 
     Each operation is one Lua script, so claims and transitions are atomic on the
-    server; a claim that finds a record returns it in the same script. A record with a ttl expires on the server REDIS_EXPIRY_GRACE seconds
-    after its ttl ran out. Waiters in other processes are woken by pub/sub. The
+    server; a claim that finds a record returns it in the same script. A record with
+    a ttl expires on the server REDIS_EXPIRY_GRACE seconds after its ttl ran out.
+    Waiters in other processes are woken by pub/sub. The
     guarantees last only as long as Redis keeps its data: see the README on
     persistence (appendonly yes). Needs the `redis` extra (redis-py).
     """

@@ -276,45 +276,24 @@ def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_o
     assert [r.status for r in server_store.records()] == ["SUCCESS"]
 
 
-def test_a_connection_killed_during_a_write_is_settled_by_reading_the_record_back(server_store):
+@pytest.mark.parametrize("write, answer", [("swap", True), ("insert", True), ("insert_or_get", None)])
+def test_a_write_whose_connection_was_killed_is_settled_by_reading_the_record_back(server_store, write, answer):
     record = scratch_record()
-    server_store.insert(record)
-    done = record.evolve(status="SUCCESS", result='"v"', runs=1)
+    if write == "swap":   # a transition of a claimed record
+        server_store.insert(record)
+        written = record.evolve(status="SUCCESS", result='"v"', runs=1)
+        args = (written, 1, "a")
+    else:                 # a claim
+        written, args = record, (record,)
     results = []
     with writes_stalled(server_store, record.id) as stalled:
-        writer = threading.Thread(target=lambda: results.append(server_store.swap(done, 1, "a")))
+        writer = threading.Thread(target=lambda: results.append(getattr(server_store, write)(*args)))
         writer.start()
         wait_for(stalled, what="the write to wait on the server")
         assert kill_connections(server_store) >= 1
     writer.join(10)
-    assert results == [True]
-    assert server_store.get(record.id).as_dict() == done.as_dict()
-
-
-def test_a_claim_whose_connection_was_killed_is_settled_by_reading_the_record_back(server_store):
-    record = scratch_record()
-    results = []
-    with writes_stalled(server_store, record.id) as stalled:
-        claimer = threading.Thread(target=lambda: results.append(server_store.insert(record)))
-        claimer.start()
-        wait_for(stalled, what="the claim to wait on the server")
-        assert kill_connections(server_store) >= 1
-    claimer.join(10)
-    assert results == [True]
-    assert server_store.get(record.id).as_dict() == record.as_dict()
-
-
-def test_a_claim_or_read_whose_connection_was_killed_is_settled_by_reading_the_record_back(server_store):
-    record = scratch_record()
-    results = []
-    with writes_stalled(server_store, record.id) as stalled:
-        claimer = threading.Thread(target=lambda: results.append(server_store.insert_or_get(record)))
-        claimer.start()
-        wait_for(stalled, what="the claim to wait on the server")
-        assert kill_connections(server_store) >= 1
-    claimer.join(10)
-    assert results == [None]
-    assert server_store.get(record.id).as_dict() == record.as_dict()
+    assert results == [answer]
+    assert server_store.get(record.id).as_dict() == written.as_dict()
 
 
 def test_a_claim_or_read_that_took_effect_before_its_connection_broke_is_the_callers_claim(server_store,
@@ -595,10 +574,10 @@ def test_postgres_insert_or_get_reads_a_conflicting_record_committed_after_its_s
     it: the record is read by a statement of its own."""
     store = postgres_store()
     theirs, answers = scratch_record().evolve(owner="theirs"), []
-    columns = ", ".join(ledger.RECORD_FIELDS)
+    columns, values = ", ".join(ledger.RECORD_FIELDS), ", ".join(["%s"] * len(ledger.RECORD_FIELDS))
     with postgres_admin() as admin:
         with admin.transaction():
-            admin.execute(f'INSERT INTO "{store.table}" ({columns}) VALUES ({", ".join(["%s"] * len(ledger.RECORD_FIELDS))})',
+            admin.execute(f'INSERT INTO "{store.table}" ({columns}) VALUES ({values})',
                           [getattr(theirs, f) for f in ledger.RECORD_FIELDS])
             claimer = threading.Thread(target=lambda: answers.append(store.insert_or_get(scratch_record())))
             claimer.start()
