@@ -35,8 +35,9 @@ What each store guarantees, and how:
   UPDATE or script that takes effect only while the record still has the epoch
   and owner of the caller's lease (fencing), so a worker whose lease was taken
   over can no longer write.
-- A call that is not yet recorded takes two round trips (claim-or-read, then
-  complete); a recorded one takes one (insert_or_get returns the stored record).
+- Claiming a call and reading the record that already holds it are one round
+  trip (insert_or_get: one statement, one script), so a new call takes two round
+  trips (claim, then complete) and a recorded one takes one.
 - A connection that breaks mid-operation is retried once on a new connection,
   after reading back whether the claim or transition already took effect: never
   lost, never applied twice. Driver errors become ledger.StoreError, without
@@ -108,6 +109,7 @@ def _reason(error: BaseException, secret: str | None) -> str:
 class _Dropped(StoreError):
     """The connection broke during an operation, which may or may not have taken effect."""
 
+
 # ---------------------------------------------------------------------------
 # What both server stores share: the Store interface on top of each one's
 # primitives (_get, _insert, ...), one retry after a dropped connection that
@@ -119,7 +121,7 @@ class _Dropped(StoreError):
 class _ServerStore(Store):
     """What the stores on a database server share. Driver errors become StoreError.
     An operation whose connection broke is tried once more on a new connection; a
-    claim (insert) or transition (swap) is first read back, so that one which took
+    claim (insert, insert_or_get) or transition (swap) is first read back, so that one which took
     effect before the break is neither lost nor applied twice. Counters are not
     retried: a failed add_counts stays buffered in the engine for its next flush.
 
@@ -127,9 +129,9 @@ class _ServerStore(Store):
     over its own monotonic clock (to within half a round trip), again every
     CLOCK_RESYNC seconds, so a step of a worker's wall clock moves no lease.
 
-    Subclasses implement _get, _insert, _insert_or_get, _swap, _delete, _records, _clear, _prune, add_counts,
-    _server_time() (the server's clock, in seconds) and _listen(deliver, stopped),
-    which relays "record left RUNNING" messages.
+    Subclasses implement _get, _insert, _insert_or_get (in one round trip), _swap, _delete,
+    _records, _clear, _prune, add_counts, _server_time() (the server's clock, in seconds) and
+    _listen(deliver, stopped), which relays "record left RUNNING" messages.
     """
 
     where = "?"
