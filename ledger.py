@@ -25,7 +25,8 @@ and all get its result, then reuse it for `ttl` seconds::
 Records live in SQLite (``$LEDGER_DB`` or ``./ledger.db``, opened on first
 use); ``Guard(":memory:")`` keeps them in memory for tests. Workers on several
 machines share PostgreSQL or Redis instead (``LEDGER_DB=postgresql://...`` or
-``redis://...``, with ``LEDGER_SECRET`` set). Inside a running
+``redis://...``, with ``LEDGER_SECRET`` set), through the companion file
+ledger_servers.py, copied beside this one. Inside a running
 tool, ``current_key()`` is a stable idempotency key to hand to the downstream
 API, which is what makes a crash between the side effect and the record
 harmless.
