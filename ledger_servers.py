@@ -3,14 +3,14 @@
 A companion of ledger.py: copy both files side by side (or pip install
 'tool-ledger[postgres]' / 'tool-ledger[redis]', which installs both and the
 driver). ledger.py loads this file when a store URL names a server, so user code
-only ever imports ledger::
+only ever imports ledger. Every worker gets the same two settings::
 
-    import os
+    LEDGER_SECRET=<the same random key everywhere> LEDGER_DB=postgresql://app@db.internal:5432/agents python agent.py
+
+or passes them to a guard::
+
     from ledger import Guard
-
-    os.environ.setdefault("LEDGER_SECRET", "the same random value on every worker")
-    guard = Guard("postgresql://app@db.internal:5432/agents")      # or LEDGER_DB=...
-    guard = Guard("redis://cache.internal:6379/0?prefix=agents:")
+    guard = Guard("redis://cache.internal:6379/0?prefix=agents:", secret=key)
 
 Store URLs (also in $LEDGER_DB):
 
