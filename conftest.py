@@ -188,22 +188,9 @@ def _own_scope():
 
 
 # ---------------------------------------------------------------------------
-# A payment tool the tests charge through, waiting for a condition, and child
-# processes that share a test's objects.
+# Waiting for a condition, child processes that share a test's objects, and records
+# made up for a test.
 # ---------------------------------------------------------------------------
-
-def charge(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
-    CHARGES.append((order_id, amount, currency))
-    return {"charged": amount, "order": order_id}
-
-
-CHARGES: list = []
-
-
-@pytest.fixture(autouse=True)
-def _reset_charges():
-    CHARGES.clear()
-
 
 FORK = multiprocessing.get_context("fork")
 
@@ -225,11 +212,6 @@ def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) 
     fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
                   lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
     return Record(**{**fields, **changes})
-
-
-def _use_after_fork(store, queue):
-    guard = Guard(store, quiet=True, secret="s")
-    queue.put(guard(charge, 99))
 
 
 # ---------------------------------------------------------------------------

@@ -56,12 +56,28 @@ import ledger
 from ledger import BLOCKED, Guard, LedgerError, MemoryStore, Record, SQLiteStore, check_store, current_key
 
 from conftest import (  # test support shared by every test file (fixtures come from there too)
-    CHARGES, FORK, POSTGRES_URL, REDIS_URL, STORES, Counter, TcpProxy, _use_after_fork, charge, counter,
-    finished_record, forked, has_module, need, need_postgres, need_redis, postgres_store, redis_store,
-    scratch_record, wait_for, with_address, writes_stalled,
+    FORK, POSTGRES_URL, REDIS_URL, STORES, Counter, TcpProxy, counter, finished_record, forked, has_module, need,
+    need_postgres, need_redis, postgres_store, redis_store, scratch_record, wait_for, with_address, writes_stalled,
 )
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# Test tools: a payment tool the core tests charge through.
+# ---------------------------------------------------------------------------
+
+def charge(order_id: int, amount: float = 10.0, currency: str = "usd") -> dict:
+    CHARGES.append((order_id, amount, currency))
+    return {"charged": amount, "order": order_id}
+
+
+CHARGES: list = []
+
+
+@pytest.fixture(autouse=True)
+def _reset_charges():
+    CHARGES.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -1119,6 +1135,7 @@ def test_check_store_leaves_other_records_alone(store):
     check_store(store)
     assert [r.as_dict() for r in store.records()] == before
 
+
 def test_insert_or_get_claims_a_record_that_is_absent(store):
     record = scratch_record()
     assert store.insert_or_get(record) is None
@@ -1146,7 +1163,6 @@ def test_insert_or_get_racing_on_one_id_claims_it_once_and_every_other_caller_re
     winners = [n for n, stored in answers if stored is None]
     assert len(answers) == 8 and len(winners) == 1
     assert {stored.owner for _, stored in answers if stored is not None} == {f"owner-{winners[0]}"}
-
 
 
 def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
@@ -1449,6 +1465,8 @@ def test_state_machine_model(backend, tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 PERSISTENT = [name for name in STORES if name != "memory"]
+
+
 @pytest.fixture(params=PERSISTENT)
 def shared_store(request, tmp_path):
     """A store that several processes can share."""
@@ -3713,6 +3731,11 @@ def test_a_corrupt_ledger_is_advised_to_be_recovered_and_warned_that_a_new_one_f
         Guard(str(tmp_path / "l.db"), quiet=True, secret="s")(charge, 1000)
     assert "forgets every past call" in str(err.value) and f"sqlite3 {tmp_path / 'l.db'} .recover" in str(err.value)
     assert [order for order, *_ in CHARGES] == list(range(200))   # the call after it did not run
+
+
+def _use_after_fork(store, queue):
+    guard = Guard(store, quiet=True, secret="s")
+    queue.put(guard(charge, 99))
 
 
 def test_sqlite_is_safe_after_fork(tmp_path):

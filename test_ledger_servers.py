@@ -30,7 +30,7 @@ import ledger_servers
 from ledger import BLOCKED, Guard, LedgerError
 
 from conftest import (  # test support shared by every test file (fixtures come from there too)
-    CHARGES, FORK, POSTGRES_URL, REDIS_URL, SERVER_SCRATCH, STORES, TcpProxy, _use_after_fork, charge, counter,
+    FORK, POSTGRES_URL, REDIS_URL, SERVER_SCRATCH, STORES, TcpProxy, counter,
     drop_postgres_table, drop_redis_keys, finished_record, forked, free_port, has_module, need, need_postgres,
     need_redis, postgres_admin, postgres_store, redis_admin, redis_store, scratch_name, scratch_record, wait_for,
     with_address, writes_stalled,
@@ -38,6 +38,25 @@ from conftest import (  # test support shared by every test file (fixtures come 
 
 HERE = pathlib.Path(__file__).resolve().parent
 PASSWORD = "pw-Xq7-never-shown"
+PAYMENTS = pathlib.Path(os.devnull)   # the current test's file of payments
+
+
+def pay(order_id: int, amount: float = 10.0) -> dict:
+    """A tool with a side effect, counted in an append-only file that every process shares."""
+    with open(PAYMENTS, "a") as f:
+        f.write(f"{order_id} {os.getpid()}\n")
+    return {"paid": amount, "order": order_id}
+
+
+def payments() -> list[int]:
+    """The orders paid so far in this test, by any process."""
+    return [int(line.split()[0]) for line in PAYMENTS.read_text().splitlines()] if PAYMENTS.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def _payments_of_this_test(tmp_path):
+    global PAYMENTS
+    PAYMENTS = tmp_path / "payments"
 
 
 # ---------------------------------------------------------------------------
@@ -204,7 +223,6 @@ def test_redis_names_rejected_credentials_without_showing_the_password():
 # ---------------------------------------------------------------------------
 
 SERVERS = ["postgres", "redis"]
-PASSWORD = "pw-Xq7-never-shown"
 
 
 @pytest.fixture(params=SERVERS)
@@ -259,8 +277,8 @@ def test_driver_errors_become_store_errors(server_store):
 def test_a_server_store_without_a_secret_fails_before_the_tool_runs(server_store, monkeypatch):
     monkeypatch.delenv("LEDGER_SECRET", raising=False)
     with pytest.raises(ledger.ConfigError, match="LEDGER_SECRET"):
-        Guard(server_store, quiet=True)(charge, 1)
-    assert CHARGES == [] and server_store.records() == []
+        Guard(server_store, quiet=True)(pay, 1)
+    assert payments() == [] and server_store.records() == []
 
 
 def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_once(server_store):
@@ -332,7 +350,7 @@ def schema_of(store) -> int:
 
 def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_workers_stay_out(server_store):
     guard = Guard(server_store, quiet=True, secret="s")
-    guard(charge, 1)
+    guard(pay, 1)
     guard.stats()   # writes the buffered counters now, so the counter thread cannot change a record below
     before = [r.as_dict() for r in server_store.records()]
     mark_schema(server_store, 1)
@@ -341,7 +359,7 @@ def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_worker
                 else ledger.RedisStore(REDIS_URL, prefix=server_store.prefix))
     assert schema_of(server_store) == ledger.SCHEMA_VERSION
     assert [r.as_dict() for r in reopened.records()] == before
-    assert Guard(reopened, quiet=True, secret="s")(charge, 1) is BLOCKED and len(CHARGES) == 1
+    assert Guard(reopened, quiet=True, secret="s")(pay, 1) is BLOCKED and payments() == [1]
 
 
 def _finish_until_stopped(store, record, stop):
@@ -443,23 +461,23 @@ def test_async_waiters_wake_on_the_servers_notification_without_blocking_their_l
     assert len(listeners) == 1, listeners
 
 
-def _use_after_fork_and_tell_the_session(store, queue):
-    _use_after_fork(store, queue)
+def _pay_after_fork_and_tell_the_session(store, queue):
+    queue.put(Guard(store, quiet=True, secret="s")(pay, 99))
     queue.put(session_id(store))
 
 
 def test_server_stores_never_share_a_connection_across_fork(server_store):
     guard = Guard(server_store, quiet=True, secret="s")
-    guard(charge, 1)
+    guard(pay, 1)
     session = session_id(server_store)
     queue = FORK.Queue()
-    child = forked(_use_after_fork_and_tell_the_session, server_store, queue)
+    child = forked(_pay_after_fork_and_tell_the_session, server_store, queue)
     child.start()
-    assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
+    assert queue.get(timeout=10) == {"paid": 10.0, "order": 99}
     assert queue.get(timeout=10) != session, "the child must open its own connection"
     child.join(10)
     assert session_alive(server_store, session), "the parent's connection must outlive the child untouched"
-    assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
+    assert guard(pay, 99) is BLOCKED and guard(pay, 2)["order"] == 2 and payments() == [1, 99, 2]
 
 
 
@@ -504,15 +522,15 @@ def counted_store(server_store, monkeypatch):
     """A server store whose lease clock needs no reading during the test, warmed by a first call."""
     monkeypatch.setattr(ledger_servers, "CLOCK_RESYNC", 3600.0)
     server_store._sync_clock()
-    Guard(server_store, quiet=True, secret="s")(charge, 0)   # loads the scripts, opens a connection
+    Guard(server_store, quiet=True, secret="s")(pay, 0)   # loads the scripts, opens a connection
     return server_store
 
 
 def test_a_call_already_recorded_takes_one_round_trip(counted_store):
     guard = Guard(counted_store, quiet=True, secret="s")
-    guard(charge, 1)
+    guard(pay, 1)
     with statements_sent(counted_store) as sent:
-        assert guard(charge, 1) is BLOCKED
+        assert guard(pay, 1) is BLOCKED
     assert len(sent) == 1, sent
 
 
@@ -522,7 +540,7 @@ def test_a_call_already_recorded_takes_one_round_trip(counted_store):
 def test_a_new_call_takes_two_round_trips_claim_or_read_then_complete(counted_store):
     guard = Guard(counted_store, quiet=True, secret="s")
     with statements_sent(counted_store) as sent:
-        assert guard(charge, 1) == {"charged": 10.0, "order": 1}
+        assert guard(pay, 1) == {"paid": 10.0, "order": 1}
     assert len(sent) == 2, sent
 
 
@@ -669,8 +687,8 @@ def test_fail_open_runs_lookups_unguarded_while_postgres_is_unreachable():
     try:
         assert guard.execute(lookup, "acme").source == "unguarded"
         with pytest.raises(ledger.StoreError, match="PostgreSQL"):
-            guard(charge, 1)
-        assert lookups == ["acme"] * 2 and CHARGES == []
+            guard(pay, 1)
+        assert lookups == ["acme"] * 2 and payments() == []
     finally:
         proxy.restore()
     guard.close()
@@ -713,9 +731,9 @@ def test_redis_upgrades_a_schema_1_prefix_so_that_prune_finds_its_old_records():
 def test_redis_prune_forgets_the_workflows_and_index_entries_it_emptied():
     store = redis_store()
     guard = Guard(store, quiet=True, secret="s")
-    guard.policy(charge, ttl=600)
+    guard.policy(pay, ttl=600)
     for n in range(3):
-        guard.workflow(f"order-{n}")(charge, n)
+        guard.workflow(f"order-{n}")(pay, n)
     assert guard.prune(0)["removed"] == 3
     import redis
     with redis.Redis.from_url(REDIS_URL) as admin:
@@ -780,8 +798,8 @@ def test_fail_open_runs_lookups_unguarded_while_a_redis_server_is_down_and_guard
     private_redis.kill()
     assert [guard.execute(lookup, "acme").source for _ in range(2)] == ["unguarded"] * 2
     with pytest.raises(ledger.StoreError, match="Redis"):
-        guard(charge, 1)   # fail-closed: never run without the ledger
-    assert lookups == ["acme"] * 3 and CHARGES == []
+        guard(pay, 1)   # fail-closed: never run without the ledger
+    assert lookups == ["acme"] * 3 and payments() == []
     private_redis.start()
     assert lookup("acme") is BLOCKED and lookups == ["acme"] * 3
     guard.close()
