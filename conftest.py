@@ -3,18 +3,22 @@ packages, a browser), store factories for every backend, a tool that counts its 
 and the run's closing line saying what skipped and why."""
 
 import collections
+import contextlib
 import importlib.util
+import multiprocessing
 import os
 import pathlib
 import signal
+import socket
 import threading
 import time
+import urllib.parse
 import uuid
 
 import pytest
 
 import ledger
-from ledger import Guard, MemoryStore, SQLiteStore
+from ledger import Guard, MemoryStore, Record, SQLiteStore
 
 
 # ---------------------------------------------------------------------------
@@ -278,6 +282,137 @@ class Lines:
             assert line is not None, f"the process exited before printing {text!r}"
             if text in line:
                 return line
+
+
+# Waiting for a condition, child processes that share a test's objects, and records
+# made up for a test.
+# ---------------------------------------------------------------------------
+
+FORK = multiprocessing.get_context("fork")
+
+
+def forked(target, *args):
+    """A child process sharing the test's objects; a daemon, so a stuck child cannot hold up the run."""
+    return FORK.Process(target=target, args=args, daemon=True)
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) -> Record:
+    fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
+                  lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
+    return Record(**{**fields, **changes})
+
+
+# ---------------------------------------------------------------------------
+# Reaching into a server store: its connections, a stalled write, a proxy that
+# cuts or freezes the connections to a server.
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_address(url: str, port: int, netloc_user: str = "") -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc_user}127.0.0.1:{port}"))
+
+
+def redis_admin(store):
+    import redis
+    host, port = store.where.rsplit(":", 1)
+    return redis.Redis(host=host, port=int(port))
+
+
+def scratch_record(id="r1", **changes) -> Record:
+    now = time.time()
+    return Record(id=id, tool="t", workflow="wf", caller=None, status="RUNNING", owner="a", epoch=1,
+                  lease_until=now + 60, run_key=id, created=now, updated=now, started=now, **changes)
+
+
+@contextlib.contextmanager
+def writes_stalled(store, id):
+    """Make the store's writes wait on the server until the block ends; yields a
+    predicate that tells when one is waiting."""
+    if isinstance(store, ledger.PostgresStore):
+        with postgres_admin() as admin:
+            with admin.transaction(force_rollback=True):
+                # A row lock stalls an update; an uncommitted row with the same id stalls an insert.
+                if not admin.execute(f'SELECT 1 FROM "{store.table}" WHERE id = %s FOR UPDATE', (id,)).fetchall():
+                    admin.execute(f'INSERT INTO "{store.table}" (id) VALUES (%s)', (id,))
+                yield lambda: admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
+                                            "AND wait_event_type = 'Lock'", (store.table,)).fetchall()
+        return
+    with redis_admin(store) as admin:
+        admin.client_pause(10_000, all=False)
+        try:
+            yield lambda: any(c["name"] == store.prefix[:-1] and "b" in c["flags"] for c in admin.client_list())
+        finally:
+            admin.client_unpause()
+
+
+class TcpProxy:
+    """Forwards a local port to a server. `cut` drops every connection and refuses
+    new ones until `restore`: what clients see of a server restart."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port, self.cuts = target, free_port(), 0
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            doomed, self.sockets = [self.listener] + self.sockets, []
+        for s in doomed:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.cuts += 1
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Forward nothing (in either direction) until the block ends: a server that stopped answering."""
+        self.flowing.clear()
+        try:
+            yield
+        finally:
+            self.flowing.set()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self.flowing.wait()
+                sink.sendall(data)
+        for s in (source, sink):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 # ---------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import traceback
 import types
 import urllib.parse
 import uuid
@@ -57,9 +56,10 @@ import ledger
 from ledger import BLOCKED, Guard, LedgerError, MemoryStore, Record, SQLiteStore, check_store, current_key
 
 from conftest import (  # test support shared by every test file (fixtures come from there too)
-    POSTGRES_URL, REDIS_URL, SERVER_SCRATCH, STORES, Counter, counter, drop_postgres_table, drop_redis_keys,
-    LEDGER_PY, Lines, has_module, interruptible, need, need_postgres, need_redis, postgres_admin, postgres_store,
-    records_of, redis_store, scratch_name,
+    FORK, LEDGER_PY, POSTGRES_URL, REDIS_URL, STORES, Counter, counter,
+    finished_record, forked, has_module, interruptible, Lines, need, need_postgres, need_redis,
+    postgres_store, records_of, redis_store, scratch_record, TcpProxy, wait_for,
+    with_address, writes_stalled,
 )
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -1138,6 +1138,35 @@ def test_check_store_leaves_other_records_alone(store):
     assert [r.as_dict() for r in store.records()] == before
 
 
+def test_insert_or_get_claims_a_record_that_is_absent(store):
+    record = scratch_record()
+    assert store.insert_or_get(record) is None
+    assert store.get(record.id).as_dict() == record.as_dict()
+
+
+def test_insert_or_get_returns_the_stored_record_and_leaves_it_alone(store):
+    stored = finished_record(1, time.time(), result='"v"', attempts=3, blocked=2, argsum="a1", cost=0.5)
+    store.insert(stored)
+    claim = scratch_record(stored.id).evolve(owner="b", epoch=7)
+    assert store.insert_or_get(claim).as_dict() == stored.as_dict()
+    assert store.get(stored.id).as_dict() == stored.as_dict()
+
+
+def test_insert_or_get_racing_on_one_id_claims_it_once_and_every_other_caller_reads_the_claim(store):
+    barrier, answers = threading.Barrier(8), []
+
+    def claim(n):
+        record = scratch_record("raced").evolve(owner=f"owner-{n}")
+        barrier.wait()
+        answers.append((n, store.insert_or_get(record)))
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    winners = [n for n, stored in answers if stored is None]
+    assert len(answers) == 8 and len(winners) == 1
+    assert {stored.owner for _, stored in answers if stored is not None} == {f"owner-{winners[0]}"}
+
+
 def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
     guard = Guard(store, quiet=True, secret="s")
     guard(charge, 1)
@@ -1438,12 +1467,6 @@ def test_state_machine_model(backend, tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 PERSISTENT = [name for name in STORES if name != "memory"]
-FORK = multiprocessing.get_context("fork")
-
-
-def forked(target, *args):
-    """A child process sharing the test's objects; a daemon, so a stuck child cannot hold up the run."""
-    return FORK.Process(target=target, args=args, daemon=True)
 
 
 @pytest.fixture(params=PERSISTENT)
@@ -1465,14 +1488,6 @@ def log_run(path: str, value: str, sleep: float = 0.0) -> str:
 
 def runs_of(path) -> list[str]:
     return pathlib.Path(path).read_text().splitlines() if os.path.exists(path) else []
-
-
-def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_threads_racing_on_one_call_run_it_once(store, tmp_path):
@@ -3424,12 +3439,6 @@ def as_schema_1(path) -> None:
     conn.close()
 
 
-def finished_record(n: int, updated: float, status: str = "SUCCESS", **changes) -> Record:
-    fields = dict(id=f"r{n}", tool="t", workflow="w", caller=None, status=status, owner="o", epoch=1,
-                  lease_until=updated, run_key=f"r{n}", runs=1, created=updated, updated=updated)
-    return Record(**{**fields, **changes})
-
-
 @pytest.mark.parametrize("create", [True, False])
 def test_sqlite_upgrades_a_schema_1_file_in_place_keeping_every_record(tmp_path, create):
     now = time.time()
@@ -4309,652 +4318,6 @@ def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once, lease
     g.policy(tools.charge, ttl=3 * 3600)
     assert g(tools.charge, 2, 9.99) is BLOCKED                        # within three hours of its touch
     assert ledger_once.effects() == ["charge 1 9.99 usd", "charge 2 9.99 usd", "charge 1 9.99 usd"]
-
-
-# ---------------------------------------------------------------------------
-# Stores: PostgreSQL and Redis. Every store-parametrized test above runs on
-# them too (through STORES); these cover what only a server store has: URLs,
-# connection errors, dropped connections, restarts, wakeups across processes.
-# ---------------------------------------------------------------------------
-
-SERVERS = ["postgres", "redis"]
-PASSWORD = "pw-Xq7-never-shown"
-
-
-@pytest.fixture(params=SERVERS)
-def server_store(request):
-    s = STORES[request.param]()
-    yield s
-    s.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def with_address(url: str, port: int, netloc_user: str = "") -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc_user}127.0.0.1:{port}"))
-
-
-def redis_admin(store):
-    import redis
-    host, port = store.where.rsplit(":", 1)
-    return redis.Redis(host=host, port=int(port))
-
-
-def kill_connections(store) -> int:
-    """Close every connection of `store` from the server side; how many there were."""
-    if isinstance(store, ledger.PostgresStore):
-        with postgres_admin() as admin:
-            pids = [pid for (pid,) in admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-                                                    (store.table,))]
-            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
-            wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)",
-                                               (pids,)).fetchall(), what="the backends to exit")
-        return len(pids)
-    with redis_admin(store) as admin:
-        ids = [c["id"] for c in admin.client_list() if c["name"] == store.prefix[:-1]]
-        for id in ids:
-            admin.client_kill_filter(_id=id)
-    return len(ids)
-
-
-def session_id(store):
-    """Which server session the store's next operation uses."""
-    if isinstance(store, ledger.PostgresStore):
-        return store._run("SELECT pg_backend_pid()", rows=True)[0][0]
-    return store._client.client_id()
-
-
-def session_alive(store, session):
-    """Whether the server still holds that session open (the store may pool several)."""
-    if isinstance(store, ledger.PostgresStore):
-        query = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
-        return store._again(store._run, query, (session,), True)[0][0] == 1
-    return any(int(client["id"]) == session for client in store._client.client_list())
-
-
-def scratch_record(id="r1", **changes) -> Record:
-    now = time.time()
-    return Record(id=id, tool="t", workflow="wf", caller=None, status="RUNNING", owner="a", epoch=1,
-                  lease_until=now + 60, run_key=id, created=now, updated=now, started=now, **changes)
-
-
-@contextlib.contextmanager
-def writes_stalled(store, id):
-    """Make the store's writes wait on the server until the block ends; yields a
-    predicate that tells when one is waiting."""
-    if isinstance(store, ledger.PostgresStore):
-        with postgres_admin() as admin:
-            with admin.transaction(force_rollback=True):
-                # A row lock stalls an update; an uncommitted row with the same id stalls an insert.
-                if not admin.execute(f'SELECT 1 FROM "{store.table}" WHERE id = %s FOR UPDATE', (id,)).fetchall():
-                    admin.execute(f'INSERT INTO "{store.table}" (id) VALUES (%s)', (id,))
-                yield lambda: admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
-                                            "AND wait_event_type = 'Lock'", (store.table,)).fetchall()
-        return
-    with redis_admin(store) as admin:
-        admin.client_pause(10_000, all=False)
-        try:
-            yield lambda: any(c["name"] == store.prefix[:-1] and "b" in c["flags"] for c in admin.client_list())
-        finally:
-            admin.client_unpause()
-
-
-def test_postgres_urls_open_a_postgres_store_on_the_table_they_name(monkeypatch):
-    need_postgres()
-    table = scratch_name()
-    SERVER_SCRATCH.append(lambda: drop_postgres_table(table))
-    for scheme in ("postgresql", "postgres"):
-        url = scheme + POSTGRES_URL[POSTGRES_URL.index(":"):] + "?table=" + table
-        store = ledger.open_store(url)
-        assert isinstance(store, ledger.PostgresStore) and store.table == table
-        store.close()
-    monkeypatch.setenv("LEDGER_DB", url)
-    assert isinstance(Guard(quiet=True).store, ledger.PostgresStore)
-
-
-def test_redis_urls_open_a_redis_store_under_the_prefix_they_name(monkeypatch):
-    need_redis()
-    prefix = scratch_name() + ":"
-    SERVER_SCRATCH.append(lambda: drop_redis_keys(REDIS_URL, prefix))
-    url = REDIS_URL + "?prefix=" + prefix
-    store = ledger.open_store(url)
-    assert isinstance(store, ledger.RedisStore) and store.prefix == prefix
-    store.close()
-    monkeypatch.setenv("LEDGER_DB", url)
-    assert isinstance(Guard(quiet=True).store, ledger.RedisStore)
-    port = free_port()
-    with pytest.raises(ledger.StoreError, match=f"127.0.0.1:{port}"):
-        ledger.open_store(f"rediss://127.0.0.1:{port}/0")
-
-
-@pytest.mark.parametrize("module, package, url", [("psycopg", "psycopg[binary]", "postgresql://db/agents"),
-                                                  ("redis", "redis", "redis://cache:6379/0")])
-def test_a_missing_driver_names_the_package_that_installs_it(monkeypatch, module, package, url):
-    monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(ledger.ConfigError) as err:
-        ledger.open_store(url)
-    assert f"pip install '{package}'" in str(err.value) and "\n" not in str(err.value)
-
-
-def error_text(error: BaseException) -> str:
-    return "".join(traceback.format_exception(error))
-
-
-@pytest.mark.parametrize("kind, url", [("postgres", "postgresql://postgres:{pw}@127.0.0.1:{port}/test"),
-                                       ("redis", "redis://:{pw}@127.0.0.1:{port}/0")])
-def test_a_refused_connection_names_host_and_port_but_not_the_password(kind, url):
-    need(kind + " driver", has_module("psycopg" if kind == "postgres" else "redis"),
-         f"pip install '.[{kind}]'")
-    port = free_port()
-    with pytest.raises(ledger.StoreError) as err:
-        ledger.open_store(url.format(pw=PASSWORD, port=port))
-    assert f"127.0.0.1:{port}" in str(err.value) and "refused" in str(err.value).lower()
-    assert PASSWORD not in error_text(err.value)
-
-
-@pytest.mark.parametrize("url", ["postgresql://postgres:{pw}@127.0.0.1:notaport/test",
-                                 "redis://:{pw}@127.0.0.1:notaport/0"])
-def test_an_unusable_url_is_a_ledger_error_without_the_password(url):
-    need("drivers", has_module("psycopg") and has_module("redis"), "pip install '.[postgres,redis]'")
-    with pytest.raises(LedgerError) as err:
-        ledger.open_store(url.format(pw=PASSWORD))
-    assert PASSWORD not in error_text(err.value)
-
-
-@pytest.mark.parametrize("change, expected", [("user", 'role "nobody_here" does not exist'),
-                                              ("dbname", 'database "no_such_db" does not exist')])
-def test_postgres_names_an_unknown_role_or_database(change, expected):
-    need_postgres()
-    parts = urllib.parse.urlsplit(POSTGRES_URL)
-    if change == "user":
-        url = urllib.parse.urlunsplit(parts._replace(netloc=f"nobody_here:{PASSWORD}@{parts.hostname}:{parts.port}"))
-    else:
-        url = urllib.parse.urlunsplit(parts._replace(path="/no_such_db"))
-    with pytest.raises(ledger.StoreError, match=expected) as err:
-        ledger.PostgresStore(url)
-    assert f"{parts.hostname}:{parts.port}" in str(err.value) and PASSWORD not in error_text(err.value)
-
-
-def test_redis_names_rejected_credentials_without_showing_the_password():
-    need_redis()
-    parts = urllib.parse.urlsplit(REDIS_URL)
-    url = urllib.parse.urlunsplit(parts._replace(netloc=f"nobody_here:{PASSWORD}@{parts.hostname}:{parts.port}"))
-    with pytest.raises(ledger.StoreError, match="username-password") as err:
-        ledger.RedisStore(url)
-    assert f"{parts.hostname}:{parts.port}" in str(err.value) and PASSWORD not in error_text(err.value)
-
-
-def test_postgres_table_names_must_be_plain_identifiers():
-    need("psycopg", has_module("psycopg"), "pip install '.[postgres]'")
-    with pytest.raises(ledger.ConfigError, match="table"):
-        ledger.PostgresStore("postgresql://db/x", table='ledger"; DROP TABLE users; --')
-
-
-def test_postgres_records_its_schema_version_and_refuses_a_newer_one():
-    store = postgres_store()
-    with postgres_admin() as admin:
-        comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (store.table,)).fetchone()[0]
-        assert comment == f"ledger.py records, schema {ledger.SCHEMA_VERSION}"
-        admin.execute(f'COMMENT ON TABLE "{store.table}" IS \'ledger.py records, schema 99\'')
-    with pytest.raises(ledger.StoreError, match="newer"):
-        ledger.PostgresStore(POSTGRES_URL, table=store.table)
-
-
-def test_postgres_refuses_a_table_that_is_not_a_ledger_table():
-    need_postgres()
-    table = scratch_name()
-    SERVER_SCRATCH.append(lambda: drop_postgres_table(table))
-    with postgres_admin() as admin:
-        admin.execute(f'CREATE TABLE "{table}" (id int)')
-    with pytest.raises(ledger.StoreError, match="not a ledger.py table"):
-        ledger.PostgresStore(POSTGRES_URL, table=table)
-
-
-def test_redis_refuses_records_from_a_newer_version():
-    store = redis_store()
-    import redis
-    with redis.Redis.from_url(REDIS_URL) as admin:
-        admin.set(store.prefix + "schema", 99)
-    with pytest.raises(ledger.StoreError, match="newer"):
-        ledger.RedisStore(REDIS_URL, prefix=store.prefix)
-
-
-def test_postgres_closes_a_connection_whose_statement_failed_outside_psycopg():
-    """A value psycopg cannot send (text with a lone surrogate) fails before the server sees
-    the statement; the connection it took is closed, not left open outside the pool."""
-    store = postgres_store()
-    with pytest.raises(UnicodeEncodeError) as raised:   # held: a leaked connection would stay open
-        store.insert(scratch_record().evolve(tool="t\ud800"))
-    with postgres_admin() as admin:
-        sessions = lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                                         (store.table,)).fetchone()[0]
-        wait_for(lambda: sessions() == len(store._idle), what="only the pooled connections to stay open")
-    assert raised.value is not None and store.get("r1") is None
-
-
-def test_postgres_upgrades_a_schema_1_table_in_place_keeping_every_record():
-    store = postgres_store()
-    now = time.time()
-    records = [finished_record(1, now - 7200), finished_record(2, now, status="RUNNING")]
-    for r in records:
-        store.insert(r)
-    name = store.table
-    with postgres_admin() as admin:   # back to what ledger.py made before prune existed
-        for index in ("finished", "expiring"):
-            admin.execute(f'DROP INDEX "{name}_{index}"')
-        admin.execute(f'COMMENT ON TABLE "{name}" IS \'ledger.py records, schema 1\'')
-    store = ledger.PostgresStore(POSTGRES_URL, table=name)
-    assert [r.as_dict() for r in store.records()] == [r.as_dict() for r in records]
-    with postgres_admin() as admin:
-        indexes = {row[0] for row in admin.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (name,))}
-        comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (name,)).fetchone()[0]
-    assert {f"{name}_finished", f"{name}_expiring"} <= indexes
-    assert comment == f"ledger.py records, schema {ledger.SCHEMA_VERSION}"
-    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
-
-
-def test_postgres_prune_never_waits_for_a_record_another_transaction_holds():
-    """Waiting is what lets a multi-row delete deadlock with claims and counter flushes."""
-    store = postgres_store()
-    now = time.time()
-    for n in range(3):
-        store.insert(finished_record(n, now - 7200))
-    with postgres_admin() as admin:
-        with admin.transaction():
-            admin.execute(f'SELECT id FROM "{store.table}" WHERE id = %s FOR UPDATE', ("r1",))
-            done = []
-            pruner = threading.Thread(target=lambda: done.append(store.prune(now - 3600, now)))
-            pruner.start()
-            pruner.join(10)
-            assert done == [{("SUCCESS", "t"): 2}]
-    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 1}
-
-
-def test_redis_upgrades_a_schema_1_prefix_so_that_prune_finds_its_old_records():
-    store = redis_store()
-    now = time.time()
-    records = [finished_record(1, now - 7200), finished_record(2, now - 7200, status="FAILED"),
-               finished_record(3, now - 7200, status="RUNNING"), finished_record(4, now, expires=now - 1)]
-    for r in records:
-        store.insert(r)
-    import redis
-    with redis.Redis.from_url(REDIS_URL) as admin:   # back to what ledger.py kept before prune existed
-        admin.delete(store.prefix + "f:w", store.prefix + "x:w")
-        admin.set(store.prefix + "schema", 1)
-    assert store.prune(now - 3600, now) == {}
-    store = ledger.RedisStore(REDIS_URL, prefix=store.prefix)
-    with redis.Redis.from_url(REDIS_URL) as admin:
-        assert int(admin.get(store.prefix + "schema")) == ledger.SCHEMA_VERSION
-    assert store.prune(now - 3600, now) == {("SUCCESS", "t"): 2, ("FAILED", "t"): 1}
-    assert [r.id for r in store.records()] == ["r3"]
-
-
-def test_redis_prune_forgets_the_workflows_and_index_entries_it_emptied():
-    store = redis_store()
-    guard = Guard(store, quiet=True, secret="s")
-    guard.policy(charge, ttl=600)
-    for n in range(3):
-        guard.workflow(f"order-{n}")(charge, n)
-    assert guard.prune(0)["removed"] == 3
-    import redis
-    with redis.Redis.from_url(REDIS_URL) as admin:
-        assert sorted(k.decode() for k in admin.scan_iter(match=store.prefix + "*")) == [store.prefix + "schema"]
-
-
-def mark_schema(store, version: int) -> None:
-    if isinstance(store, ledger.PostgresStore):
-        with postgres_admin() as admin:
-            admin.execute(f'COMMENT ON TABLE "{store.table}" IS \'ledger.py records, schema {version}\'')
-    else:
-        import redis
-        with redis.Redis.from_url(REDIS_URL) as admin:
-            admin.set(store.prefix + "schema", version)
-
-
-def schema_of(store) -> int:
-    if isinstance(store, ledger.PostgresStore):
-        with postgres_admin() as admin:
-            comment = admin.execute("SELECT obj_description(%s::regclass, 'pg_class')", (store.table,)).fetchone()[0]
-        return int(comment.rsplit(" ", 1)[1])
-    import redis
-    with redis.Redis.from_url(REDIS_URL) as admin:
-        return int(admin.get(store.prefix + "schema"))
-
-
-def test_a_schema_1_server_store_keeps_its_records_and_is_marked_so_older_workers_stay_out(server_store):
-    guard = Guard(server_store, quiet=True, secret="s")
-    guard(charge, 1)
-    guard.stats()   # writes the buffered counters now, so the counter thread cannot change a record below
-    before = [r.as_dict() for r in server_store.records()]
-    mark_schema(server_store, 1)
-    reopened = (ledger.PostgresStore(POSTGRES_URL, table=server_store.table)
-                if isinstance(server_store, ledger.PostgresStore)
-                else ledger.RedisStore(REDIS_URL, prefix=server_store.prefix))
-    assert schema_of(server_store) == ledger.SCHEMA_VERSION
-    assert [r.as_dict() for r in reopened.records()] == before
-    assert Guard(reopened, quiet=True, secret="s")(charge, 1) is BLOCKED and len(CHARGES) == 1
-
-
-def test_every_postgres_statement_has_a_time_limit():
-    store = postgres_store()
-    limits = [store._run(f"SHOW {name}", rows=True)[0][0] for name in ("statement_timeout", "lock_timeout")]
-    assert limits == [f"{ledger.PG_STATEMENT_TIMEOUT:g}s", f"{ledger.PG_LOCK_TIMEOUT:g}s"]
-
-
-def test_driver_errors_become_store_errors(server_store):
-    server_store.insert(scratch_record())
-    if isinstance(server_store, ledger.PostgresStore):
-        drop_postgres_table(server_store.table)
-    else:
-        server_store._client.set(server_store._key("r1"), "not a hash")
-    with pytest.raises(ledger.StoreError):
-        server_store.get("r1")
-
-
-def test_a_server_store_without_a_secret_fails_before_the_tool_runs(server_store, monkeypatch):
-    monkeypatch.delenv("LEDGER_SECRET", raising=False)
-    with pytest.raises(ledger.ConfigError, match="LEDGER_SECRET"):
-        Guard(server_store, quiet=True)(charge, 1)
-    assert CHARGES == [] and server_store.records() == []
-
-
-def test_a_connection_killed_while_the_tool_runs_is_survived_and_the_tool_runs_once(server_store):
-    guard = Guard(server_store, quiet=True, secret="s")
-    killed = []
-
-    @guard.once(name="tool")
-    def tool():
-        killed.append(kill_connections(server_store))
-        return "done"
-    assert guard(tool) == "done" and killed[0] >= 1
-    assert guard(tool) is BLOCKED and len(killed) == 1
-    assert [r.status for r in server_store.records()] == ["SUCCESS"]
-
-
-def test_a_connection_killed_during_a_write_is_settled_by_reading_the_record_back(server_store):
-    record = scratch_record()
-    server_store.insert(record)
-    done = record.evolve(status="SUCCESS", result='"v"', runs=1)
-    results = []
-    with writes_stalled(server_store, record.id) as stalled:
-        writer = threading.Thread(target=lambda: results.append(server_store.swap(done, 1, "a")))
-        writer.start()
-        wait_for(stalled, what="the write to wait on the server")
-        assert kill_connections(server_store) >= 1
-    writer.join(10)
-    assert results == [True]
-    assert server_store.get(record.id).as_dict() == done.as_dict()
-
-
-def test_a_claim_whose_connection_was_killed_is_settled_by_reading_the_record_back(server_store):
-    record = scratch_record()
-    results = []
-    with writes_stalled(server_store, record.id) as stalled:
-        claimer = threading.Thread(target=lambda: results.append(server_store.insert(record)))
-        claimer.start()
-        wait_for(stalled, what="the claim to wait on the server")
-        assert kill_connections(server_store) >= 1
-    claimer.join(10)
-    assert results == [True]
-    assert server_store.get(record.id).as_dict() == record.as_dict()
-
-
-class TcpProxy:
-    """Forwards a local port to a server. `cut` drops every connection and refuses
-    new ones until `restore`: what clients see of a server restart."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target, self.port, self.cuts = target, free_port(), 0
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.restore()
-
-    def restore(self):
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def cut(self):
-        with self.lock:
-            doomed, self.sockets = [self.listener] + self.sockets, []
-        for s in doomed:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        self.cuts += 1
-
-    @contextlib.contextmanager
-    def frozen(self):
-        """Forward nothing (in either direction) until the block ends: a server that stopped answering."""
-        self.flowing.clear()
-        try:
-            yield
-        finally:
-            self.flowing.set()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source, sink):
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                self.flowing.wait()
-                sink.sendall(data)
-        for s in (source, sink):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
-def test_postgres_survives_a_restart_between_claim_and_completion():
-    need_postgres()
-    parts = urllib.parse.urlsplit(POSTGRES_URL)
-    proxy = TcpProxy((parts.hostname, parts.port or 5432))
-    store = postgres_store(url=with_address(POSTGRES_URL, proxy.port, parts.netloc.rpartition("@")[0] + "@"))
-    guard = Guard(store, quiet=True, secret="s")
-    runs = []
-
-    @guard.once(name="tool")
-    def tool():
-        runs.append(1)
-        proxy.cut()   # every connection drops, and the server refuses new ones for a while
-        threading.Timer(0.3, proxy.restore).start()
-        return "done"
-    assert guard(tool) == "done"
-    assert guard(tool) is BLOCKED and runs == [1] and proxy.cuts == 1
-    assert [r.status for r in store.records()] == ["SUCCESS"]
-    guard.close()
-    proxy.cut()
-
-
-class RedisServer:
-    """A private redis-server that logs every write to its append-only file before answering."""
-
-    def __init__(self, folder: pathlib.Path):
-        self.port, self.folder, self.process = free_port(), folder, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.start()
-
-    def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""], stdout=subprocess.DEVNULL)
-        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
-                                        text=True).stdout.strip() == "PONG", what="redis-server to start")
-
-    def kill(self):
-        self.process.kill()
-        self.process.wait()
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    need("redis-server", shutil.which("redis-server") is not None and has_module("redis"),
-         "install redis-server (apt-get install redis-server) and pip install '.[redis]'")
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
-
-
-def test_redis_survives_a_restart_between_claim_and_completion(private_redis):
-    store = redis_store(url=private_redis.url)
-    guard = Guard(store, quiet=True, secret="s")
-    runs = []
-
-    @guard.once(name="tool")
-    def tool():
-        runs.append(1)
-        private_redis.kill()   # SIGKILL: only what the append-only file holds comes back
-        threading.Timer(0.2, private_redis.start).start()
-        return "done"
-    assert guard(tool) == "done"
-    assert guard(tool) is BLOCKED and runs == [1]
-    private_redis.kill()
-    private_redis.start()
-    assert [r.status for r in store.records()] == ["SUCCESS"]
-    assert guard(tool) is BLOCKED and runs == [1]
-    guard.close()
-
-
-def test_fail_open_runs_lookups_unguarded_while_a_redis_server_is_down_and_guards_again_after(private_redis):
-    guard = Guard(redis_store(url=private_redis.url), quiet=True, secret="s")
-    lookups = []
-    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
-    guard.policy("lookup", fail_open=True)
-    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED and lookups == ["acme"]
-    private_redis.kill()
-    assert [guard.execute(lookup, "acme").source for _ in range(2)] == ["unguarded"] * 2
-    with pytest.raises(ledger.StoreError, match="Redis"):
-        guard(charge, 1)   # fail-closed: never run without the ledger
-    assert lookups == ["acme"] * 3 and CHARGES == []
-    private_redis.start()
-    assert lookup("acme") is BLOCKED and lookups == ["acme"] * 3
-    guard.close()
-
-
-def test_fail_open_runs_lookups_unguarded_while_postgres_is_unreachable():
-    need_postgres()
-    parts = urllib.parse.urlsplit(POSTGRES_URL)
-    proxy = TcpProxy((parts.hostname, parts.port or 5432))
-    url = with_address(POSTGRES_URL, proxy.port, parts.netloc.rpartition("@")[0] + "@")
-    guard = Guard(postgres_store(url=url), quiet=True, secret="s")
-    lookups = []
-    lookup = guard.wrap_tools({"lookup": lambda q: lookups.append(q) or q})["lookup"]
-    guard.policy("lookup", fail_open=True)
-    assert lookup("acme") == "acme" and lookup("acme") is BLOCKED
-    proxy.cut()
-    try:
-        assert guard.execute(lookup, "acme").source == "unguarded"
-        with pytest.raises(ledger.StoreError, match="PostgreSQL"):
-            guard(charge, 1)
-        assert lookups == ["acme"] * 2 and CHARGES == []
-    finally:
-        proxy.restore()
-    guard.close()
-    proxy.cut()
-
-
-def _finish_until_stopped(store, record, stop):
-    done = record.evolve(status="SUCCESS")
-    while not stop.is_set():
-        store.swap(done, record.epoch, record.owner)
-        store.swap(record, done.epoch, done.owner)
-        time.sleep(0.05)
-
-
-def test_a_waiter_in_another_process_is_woken_by_the_server_not_its_timeout(server_store):
-    record = scratch_record()
-    server_store.insert(record)
-    started = time.monotonic()
-    server_store.wait(record.id, 0.3)   # nothing finishes: it sleeps its timeout
-    assert time.monotonic() - started >= 0.29
-    stop = FORK.Event()
-    finisher = forked(_finish_until_stopped, server_store, record, stop)
-    finisher.start()
-    try:
-        started = time.monotonic()
-        server_store.wait(record.id, 10.0)
-        assert time.monotonic() - started < 2.0
-    finally:
-        stop.set()
-        finisher.join(10)
-
-
-def _use_after_fork_and_tell_the_session(store, queue):
-    _use_after_fork(store, queue)
-    queue.put(session_id(store))
-
-
-def test_server_stores_never_share_a_connection_across_fork(server_store):
-    guard = Guard(server_store, quiet=True, secret="s")
-    guard(charge, 1)
-    session = session_id(server_store)
-    queue = FORK.Queue()
-    child = forked(_use_after_fork_and_tell_the_session, server_store, queue)
-    child.start()
-    assert queue.get(timeout=10) == {"charged": 10.0, "order": 99}
-    assert queue.get(timeout=10) != session, "the child must open its own connection"
-    child.join(10)
-    assert session_alive(server_store, session), "the parent's connection must outlive the child untouched"
-    assert guard(charge, 99) is BLOCKED and guard(charge, 2)["order"] == 2
-
-
-def test_redis_gives_a_ttl_record_a_server_expiry_only_while_it_is_not_running():
-    store = redis_store()
-    guard = Guard(store, quiet=True, secret="s")
-    running, done = [], []
-
-    def expiry_ms():
-        return store._client.pttl(store._key(store.records()[0].id))
-
-    @guard.once(name="tool")
-    def tool():
-        running.append(expiry_ms())
-        return 1
-    guard.policy(tool, ttl=0.3)
-    for _ in range(2):
-        guard(tool)
-        done.append(expiry_ms())
-        time.sleep(0.35)
-    assert running == [-1, -1], "a running record never vanishes, also when a ttl'd one runs again"
-    low, high = (0.3 + ledger.REDIS_EXPIRY_GRACE - 1) * 1000, (0.3 + ledger.REDIS_EXPIRY_GRACE) * 1000
-    assert all(low < ms <= high for ms in done), done
-
-
-def test_a_redis_record_that_expired_on_the_server_runs_again(monkeypatch):
-    monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
-    store = redis_store()
-    guard = Guard(store, quiet=True, secret="s")
-    tool = counter(guard, result="fresh")
-    guard.policy(tool, ttl=0.2, replay=True)
-    assert guard(tool) == "fresh" and guard(tool) == "fresh" and len(tool.calls) == 1
-    key = store._key(store.records()[0].id)
-    wait_for(lambda: not store._client.exists(key), what="the server to expire the record")
-    assert store.records() == []
-    assert guard(tool) == "fresh" and len(tool.calls) == 2
-
-
-def test_the_redis_workflow_index_forgets_expired_records(monkeypatch):
-    monkeypatch.setattr(ledger, "REDIS_EXPIRY_GRACE", 0.0)
-    store = redis_store()
-    for n in range(200):
-        store.insert(scratch_record(f"r{n}", expires=time.time()))
-        time.sleep(0.001)
-    assert store._client.zcard(store.prefix + "w:wf") < 50
 
 
 # ---------------------------------------------------------------------------
