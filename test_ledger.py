@@ -153,6 +153,7 @@ def test_set_fingerprint_is_the_same_whatever_the_hash_seed():
 
 class Color(enum.Enum):
     RED = "red"
+    BLUE = "blue"
 
 
 @dataclasses.dataclass
@@ -189,20 +190,83 @@ class FixedZone(dt.tzinfo):
         return "FIX"
 
 
-@pytest.mark.parametrize("make", [
-    lambda: decimal.Decimal("1.50"),
-    lambda: dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
-    lambda: dt.date(2026, 1, 2),
-    lambda: uuid.UUID("12345678-1234-5678-1234-567812345678"),
-    lambda: Color.RED,
-    lambda: pathlib.PurePosixPath("/a/b"),
-    lambda: b"\x00\xff",
-    lambda: Point(1, 2),
-    lambda: Pair(1, "x"),
-    lambda: Model(a=1, b=[1, 2]),
-], ids=["decimal", "datetime", "date", "uuid", "enum", "path", "bytes", "dataclass", "namedtuple", "model"])
-def test_special_values_have_canonical_forms(make):
-    assert fp(x=make()) == fp(x=make())
+# Each special type: two equal values built differently, and a value that differs from them.
+SPECIAL_CASES = {
+    "decimal": (decimal.Decimal("1.50"), decimal.Decimal("1.5"), decimal.Decimal("1.51")),
+    "datetime": (dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+                 dt.datetime(2026, 1, 2, 4, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+                 dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.timezone.utc)),
+    "date": (dt.date(2026, 1, 2), dt.date.fromisoformat("2026-01-02"), dt.date(2026, 1, 3)),
+    "time": (dt.time(3, 4, 5), dt.time.fromisoformat("03:04:05"), dt.time(3, 4, 5, 1)),
+    "timedelta": (dt.timedelta(hours=36), dt.timedelta(days=1, seconds=43200), dt.timedelta(hours=36, microseconds=1)),
+    "uuid": (uuid.UUID("12345678-1234-5678-1234-567812345678"), uuid.UUID("{12345678123456781234567812345678}"),
+             uuid.UUID("12345678-1234-5678-1234-567812345679")),
+    "enum": (Color.RED, Color("red"), Color.BLUE),
+    "path": (pathlib.PurePosixPath("/a/b"), pathlib.PurePosixPath("/a//b/"), pathlib.PurePosixPath("/a/c")),
+    "bytes": (b"\x00\xff", bytearray(b"\x00\xff"), b"\x00\xfe"),
+    "dataclass": (Point(1, 2), Point(x=1, y=2), Point(2, 1)),
+    "namedtuple": (Pair(1, "x"), Pair(b="x", a=1), Pair(1, "y")),
+    "model": (Model(a=1, b=[1, 2]), Model(b=[1, 2], a=1), Model(a=1, b=[2, 1])),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECIAL_CASES))
+def test_special_values_are_one_call_when_equal_and_two_when_not(kind):
+    value, equal, different = SPECIAL_CASES[kind]
+    assert fp(x=value) == fp(x=equal)
+    assert fp(x=value) != fp(x=different)
+
+
+def test_each_special_type_is_distinct_from_the_others_and_from_its_plain_form():
+    lookalikes = [decimal.Decimal("1.5"), 1.5, "1.5", dt.date(2026, 1, 2), "2026-01-02",
+                  dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc), dt.datetime(2026, 1, 2), "2026-01-02T00:00:00",
+                  dt.time(3, 4, 5), "03:04:05", dt.timedelta(seconds=5), 5,
+                  uuid.UUID(int=1), str(uuid.UUID(int=1)), Color.RED, "red",
+                  pathlib.PurePosixPath("/a/b"), "/a/b", b"ab", "ab", "YWI=",
+                  Point(1, 2), {"x": 1, "y": 2}, Pair(1, "x"), (1, "x"), Model(a=1, b="x"), {"a": 1, "b": "x"}]
+    assert len({fp(x=v) for v in lookalikes}) == len(lookalikes)
+
+
+class Shade(enum.Enum):
+    """Color's values under another type: a different enum, so different calls."""
+    RED = "red"
+    BLUE = "blue"
+
+
+def same_value(x, y) -> bool:
+    """What must be one call: values of one type that compare equal (aware datetimes as instants)."""
+    if type(x) is not type(y):
+        return False
+    return x.fields == y.fields if isinstance(x, Model) else x == y
+
+
+SMALL_INTS = st.integers(0, 2)
+SPECIAL_VALUES = [
+    st.decimals(min_value=-2, max_value=2, places=2),
+    st.datetimes(min_value=dt.datetime(2026, 1, 1), max_value=dt.datetime(2026, 1, 1, 3),
+                 timezones=st.none() | st.sampled_from([dt.timezone.utc, dt.timezone(dt.timedelta(hours=1)),
+                                                        dt.timezone(dt.timedelta(hours=-1))])).map(
+        lambda d: d.replace(minute=0, second=0, microsecond=d.microsecond % 2)),
+    st.dates(min_value=dt.date(2026, 1, 1), max_value=dt.date(2026, 1, 3)),
+    st.builds(dt.time, SMALL_INTS, SMALL_INTS, SMALL_INTS, SMALL_INTS),
+    st.builds(dt.timedelta, days=SMALL_INTS, seconds=st.sampled_from([0, 1, 86400]), microseconds=SMALL_INTS),
+    st.builds(uuid.UUID, int=SMALL_INTS),
+    st.sampled_from(list(Color) + list(Shade)),
+    st.lists(st.sampled_from(["a", "b", ".."]), max_size=3).map(lambda parts: pathlib.PurePosixPath("/", *parts)),
+    st.binary(max_size=2),
+    st.builds(Point, SMALL_INTS, SMALL_INTS),
+    st.builds(Pair, SMALL_INTS, st.sampled_from("xy")),
+    st.dictionaries(st.sampled_from("ab"), SMALL_INTS | st.lists(SMALL_INTS, max_size=2)).map(lambda d: Model(**d)),
+]
+SAME_TYPE_PAIRS = st.sampled_from(SPECIAL_VALUES).flatmap(lambda values: st.tuples(values, values))
+
+
+@given(SAME_TYPE_PAIRS | st.tuples(st.one_of(SPECIAL_VALUES), st.one_of(SPECIAL_VALUES)))
+def test_special_values_share_a_fingerprint_exactly_when_they_are_the_same_value(pair):
+    x, y = pair
+    assert (fp(x=x) == fp(x=y)) == same_value(x, y), (x, y)
+    form = ledger.canonical(x)
+    assert json.loads(ledger._dump(form)) == form   # plain JSON: the same bytes in every process
 
 
 def test_decimal_trailing_zeros_do_not_matter():
@@ -5463,7 +5527,7 @@ def test_a_callable_object_of_a_mutable_class_without_a_name_is_refused_at_wrap_
     # its state can change, so no name could tell two configured instances apart
     counter = Counter(result="ok")
     for wrap in (lambda: g.wrap_tools([counter]), lambda: g.once(counter)):
-        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a test_ledger.Counter .*name="):
+        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a conftest.Counter .*name="):
             wrap()
     assert counter.calls == [] and g.history() == []
 
