@@ -1408,7 +1408,10 @@ def test_prune_takes_a_timedelta(g):
 
 
 class LedgerModel(RuleBasedStateMachine):
-    """The guard against a model of the state machine, on one store."""
+    """The guard against a model of the state machine, on one store. The model knows each call
+    by its argument and what it expects to have run; it finds a call's record under the id the
+    public fingerprint gives the call's hand-written canonical arguments, never through the code
+    under test."""
 
     make_store = staticmethod(lambda: MemoryStore())
 
@@ -1420,34 +1423,37 @@ class LedgerModel(RuleBasedStateMachine):
         self.status: dict[int, str] = {}
         self.values: dict[int, int] = {}
         self.runs: list[int] = []
+        self.written: set[int] = set()   # the calls whose record the guard wrote (a crash writes its own)
         MODEL_RUNS.clear()
+        MODEL_FAILING.clear()
 
     def call_id(self, k):
-        return self.guard._prepare(model_tool, (k, False), {"key": f"call-{k}"}).id
+        return ledger.fingerprint(MODEL_TOOL, "default", {"k": k})
 
     @rule(k=st.integers(0, 3), fails=st.booleans())
     def call(self, k, fails):
         expect_run = self.status.get(k) != "SUCCESS"
-        before = len(MODEL_RUNS)
+        (MODEL_FAILING.add if fails else MODEL_FAILING.discard)(k)
         try:
-            value = self.guard(model_tool, k, fails, key=f"call-{k}")
+            value = self.guard(model_tool, k)
         except RuntimeError:
             value = None
-        ran = len(MODEL_RUNS) - before
-        assert ran == (1 if expect_run else 0), (k, self.status.get(k), ran)
         if expect_run:
+            self.runs.append(k)
+            self.written.add(k)
             self.status[k] = "FAILED" if fails else "SUCCESS"
             if not fails:
                 self.values[k] = value
         else:
             assert value == self.values[k]
+        assert MODEL_RUNS == self.runs, (k, self.status.get(k))
 
     @rule(k=st.integers(0, 3))
     def crash_mid_call(self, k):
         """A worker claimed the call and died: its RUNNING record's lease has run out."""
         id = self.call_id(k)
         current = self.store.get(id)
-        dead = Record(id=id, tool=ledger.tool_name(model_tool), workflow="default", caller=None,
+        dead = Record(id=id, tool=MODEL_TOOL, workflow="default", caller=None,
                       status="RUNNING", owner="dead", epoch=current.epoch + 1 if current else 1,
                       lease_until=time.time() - 1, run_key=id, created=time.time())
         if current is None:
@@ -1455,10 +1461,11 @@ class LedgerModel(RuleBasedStateMachine):
         else:
             assert self.store.swap(dead, current.epoch, current.owner)
         self.status[k] = "CRASHED"
+        self.written.discard(k)
 
     @rule(k=st.integers(0, 3))
     def operator_retry(self, k):
-        released = self.guard.retry(model_tool, k, False, key=f"call-{k}")
+        released = self.guard.retry(model_tool, k)
         assert released == (self.status.get(k) in ("SUCCESS", "CRASHED"))
         if released:
             self.status[k] = "FAILED"
@@ -1469,18 +1476,23 @@ class LedgerModel(RuleBasedStateMachine):
             record = self.store.get(self.call_id(k))
             expected = "RUNNING" if status == "CRASHED" else status
             assert record is not None and record.status == expected, (k, status, record)
+            assert record.tool == MODEL_TOOL
+            if k in self.written:   # a record the guard wrote shows the call's arguments
+                assert json.loads(record.args) == {"k": k}
         assert len(self.store.records()) == len(self.status)
 
     def teardown(self):
         self.store.close()
 
 
-MODEL_RUNS: list = []
+MODEL_RUNS: list = []      # every run of model_tool, appended by the tool itself
+MODEL_FAILING: set = set()  # the arguments model_tool fails on now
+MODEL_TOOL = __name__ + ".model_tool"   # module.qualname, the name its records are kept under
 
 
-def model_tool(k: int, fails: bool) -> int:
+def model_tool(k: int) -> int:
     MODEL_RUNS.append(k)
-    if fails:
+    if k in MODEL_FAILING:
         raise RuntimeError("model failure")
     return k * 10 + len(MODEL_RUNS)
 
