@@ -332,6 +332,7 @@ def test_a_self_referential_argument_is_a_fingerprint_error_naming_it():
         fp(items=loop)
 
 
+@pytest.mark.slow
 def test_a_too_deep_argument_is_a_fingerprint_error():
     deep = []
     for _ in range(5000):
@@ -545,6 +546,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["script", "module"])
 def test_a_tool_has_one_name_in_the_parent_and_in_fork_spawn_and_forkserver_workers(tmp_path, launch):
     package = tmp_path / "shop"
@@ -575,6 +577,7 @@ def test_lambdas_are_told_apart_by_their_code(g):
     assert CHARGES == [("first", 1), ("second", 1)]
 
 
+@pytest.mark.slow
 def test_a_lambda_has_one_name_whatever_the_hash_seed():
     code = ("import sys; sys.path.insert(0, %r); import ledger; "
             "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'} or x in ('a', {'b', 'c'})))"
@@ -946,6 +949,7 @@ def test_replayed_results_come_back_equal_and_of_the_same_type(store, result):
     assert same(again, result) and runs == [1]
 
 
+@pytest.mark.slow
 @given(st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
     lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
@@ -1497,7 +1501,8 @@ def model_tool(k: int) -> int:
     return k * 10 + len(MODEL_RUNS)
 
 
-@pytest.mark.parametrize("backend", list(STORES))
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "sqlite" else b
+                                     for b in STORES])   # on a file, its 1250 steps take seconds
 def test_state_machine_model(backend, tmp_path_factory):
     def make():
         return STORES[backend](tmp_path_factory.mktemp("model"))
@@ -2246,7 +2251,8 @@ def _call_until_settled_in_process(spec, path, queue):
 
 
 @pytest.mark.parametrize("done", [True, False])
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow),
+                                    pytest.param("forkserver", marks=pytest.mark.slow)])   # a fresh interpreter each
 def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done, method):
     context = multiprocessing.get_context(method)
     path, queue = str(tmp_path / "runs"), context.Queue()
@@ -2303,6 +2309,7 @@ def log_run_until(path: str, release: str) -> str:
     return f"released-{os.getpid()}"
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     leader = Guard(shared_store, quiet=True, secret="s")
@@ -2342,6 +2349,7 @@ def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store,
         worker.join()
 
 
+@pytest.mark.slow
 def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     behind = call_with_wall_clock_stepped(-3600, shared_store, log_run_until, {"lease": 1.0}, path, release)
@@ -2372,6 +2380,7 @@ except ledger.LeaseLiveError:
 """
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     leader = Guard(shared_store, quiet=True, secret="s")
@@ -2391,6 +2400,7 @@ def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shar
     assert still == "RUNNING"
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
     path = str(tmp_path / "runs")
     guard = Guard(shared_store, quiet=True, secret="s")
@@ -2622,6 +2632,7 @@ def test_a_renewer_whose_last_run_ends_while_it_looks_renews_the_next_run():
     assert renewed.wait(5), "a later run is renewed by a renewer started again"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", STUCK)
 def test_a_stuck_store_holds_up_no_lease_fork_stats_or_exit_elsewhere(kind, tmp_path):
     with stuck(kind, tmp_path) as (bad, healthy, bad_id, stop_answering):
@@ -3280,6 +3291,7 @@ def test_telemetry_traces_through_the_global_provider_set_before_the_first_call(
     assert seen["on"] is True and seen["spans"] == ["executed"] * 3 + ["blocked"] * 2
 
 
+@pytest.mark.slow
 def test_telemetry_turns_on_within_a_second_of_a_provider_set_after_the_first_call(tmp_path):
     need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
     later = """
@@ -3361,6 +3373,7 @@ def test_a_returned_scoped_guard_keeps_its_own_workflow_whatever_the_statements_
     assert [r["workflow"] for r in g.history()] == ["order-1", "order-2"]
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(SCOPE_OPS, max_size=6))
 def test_a_with_block_restores_the_scope_it_found_whatever_statements_ran_inside_it(ops):
@@ -3767,6 +3780,7 @@ def _write_past_a_file_size_limit(path, queue):
         queue.put(str(e))
 
 
+@pytest.mark.slow
 def test_an_io_error_advises_on_the_disk_not_on_moving_the_ledger(tmp_path):
     queue = FORK.Queue()
     child = forked(_write_past_a_file_size_limit, str(tmp_path / "l.db"), queue)
@@ -3833,6 +3847,7 @@ def _jobs_in_a_forked_worker_with_its_own_guard(db, path, jobs, started, go_on):
     _jobs_in_a_forked_worker(Guard(db, quiet=True, secret="s"), path, jobs, started, go_on)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("own_guard", [False, True], ids=["parents-guard", "own-guard"])
 @pytest.mark.parametrize("parent_keeps_using_it", [False, True], ids=["parent-closes", "parent-keeps-using"])
 @pytest.mark.parametrize("used_before", [True, False], ids=["used-before-fork", "unused-before-fork"])
@@ -4016,6 +4031,7 @@ def ledger_once(tmp_path):
     sys.modules.pop(folder.module, None)
 
 
+@pytest.mark.slow
 def test_no_call_ledger_once_recorded_as_done_runs_again_after_the_swap(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -4054,6 +4070,7 @@ print(guard(charge, 42, 9.99), guard(charge, order_id=43, amount=1.0, key="charg
 """
 
 
+@pytest.mark.slow
 def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledger_once):
     (ledger_once.folder / "agent.py").write_text(AGENT_SCRIPT)  # its tools live in __main__
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
@@ -4066,6 +4083,7 @@ def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledge
     assert ledger_once.effects() == ["charge 42", "charge 43"]
 
 
+@pytest.mark.slow
 def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
     ledger_once.record("""
         import asyncio
@@ -4079,6 +4097,7 @@ def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
     assert asyncio.run(main()) == 200 and ledger_once.effects() == ["webhook https://h"]
 
 
+@pytest.mark.slow
 def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=7, amount=3.5)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4088,6 +4107,7 @@ def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
     assert ledger_once.effects() == ["charge 7 3.5 usd"]
 
 
+@pytest.mark.slow
 def test_a_different_call_still_runs_after_the_swap(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -4121,6 +4141,7 @@ def set_lease_clock_off_by(db: pathlib.Path, seconds: float) -> None:
 LEASE_CLOCK_OFFSETS = [0, -3 * 3600, 3 * 3600]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
 def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once, lease_clock):
     ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
@@ -4137,6 +4158,7 @@ def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once
     assert ledger_once.effects() == ["crash 7", "crash 7"] and g.stats()["stale"] == 0
 
 
+@pytest.mark.slow
 def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
     ledger_once.record("""
         try:
@@ -4150,6 +4172,7 @@ def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
     assert ledger_once.effects() == ["flaky 1", "flaky 1"]
 
 
+@pytest.mark.slow
 def test_floats_ledger_once_rounded_together_stay_one_call_in_either_order(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=99.99)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4176,6 +4199,7 @@ def legacy_spelling(call: dict, positional: int) -> tuple[list, dict]:
     return call["values"][:positional], dict(zip(names[positional:], call["values"][positional:]))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(calls=LEGACY_CALLS)
 def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_way(calls, tmp_path_factory):
@@ -4216,6 +4240,7 @@ FINGERPRINTED_CALLS = st.lists(st.tuples(
     st.none() | st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=6)), min_size=20, max_size=40)
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(calls=FINGERPRINTED_CALLS)
 def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, tmp_path_factory):
@@ -4248,6 +4273,7 @@ def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, t
         sys.modules.pop(folder.module, None)
 
 
+@pytest.mark.slow
 def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_through_keyed(ledger_once):
     ledger_once.record('guard(tools.spread, 1, flag=True, key="spread-1")')
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4257,6 +4283,7 @@ def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_thr
     assert len(ledger_once.effects()) == 1
 
 
+@pytest.mark.slow
 def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4268,6 +4295,7 @@ def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_o
     assert ledger_once.effects() == ["charge 1 9.99 usd"] * 2
 
 
+@pytest.mark.slow
 def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -4279,6 +4307,7 @@ def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
     assert ledger_once.legacy_rows() == before
 
 
+@pytest.mark.slow
 def test_a_read_only_open_of_a_ledger_once_file_names_ledger_migrate_and_changes_nothing(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
     before = ledger_once.db.read_bytes()
@@ -4292,6 +4321,7 @@ def _import_and_count(path: str, queue) -> None:
     queue.put(len([r for r in store.records() if r.id.startswith(ledger.LEGACY_PREFIX)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_once, method):
     ledger_once.record("""
@@ -4309,6 +4339,7 @@ def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_
         assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
 
 
+@pytest.mark.slow
 def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything_runs(ledger_once):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4317,6 +4348,7 @@ def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
+@pytest.mark.slow
 def test_a_closure_ledger_once_accepted_needs_a_name_then_an_operators_word_before_it_runs(ledger_once):
     ledger_once.record("guard(tools.make_notifier('sms'), 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4343,6 +4375,7 @@ def refused_as_ambiguous(ledger_once) -> tuple[Callable, str]:
     return send, legacy_id
 
 
+@pytest.mark.slow
 def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
     send, legacy_id = refused_as_ambiguous(ledger_once)
     assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
@@ -4350,6 +4383,7 @@ def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_dec
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
+@pytest.mark.slow
 def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
     send, legacy_id = refused_as_ambiguous(ledger_once)
     assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
@@ -4357,6 +4391,7 @@ def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, 
     assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
 
 
+@pytest.mark.slow
 def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger_once):
     ledger_once.record("""
         guard(tools.Mailer().send, 'a@x.io')
@@ -4369,6 +4404,7 @@ def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger
     assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
 def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once, lease_clock):
     ledger_once.record("""
@@ -7187,6 +7223,7 @@ def crewai_search_tool(runs: list):
 
 
 if CREWAI_ELSEWHERE:
+    @pytest.mark.slow
     def test_the_crewai_tests_pass_in_their_own_environment(tmp_path):
         wanted = len(re.findall(r"^    def test_crewai_", (HERE / "test_ledger.py").read_text(), re.M))
         env = {**os.environ, "PYTHONPATH": str(HERE), "LEDGER_TEST_REQUIRE_ALL": "1"}
@@ -7285,11 +7322,13 @@ EXAMPLES = {
 }
 
 
+@pytest.mark.slow
 def test_every_example_is_tested():
     tested_elsewhere = ["benchmark.py"]  # in the Benchmark section
     assert sorted(p.name for p in (HERE / "examples").glob("*.py")) == sorted([*EXAMPLES, *tested_elsewhere])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     package, expected = EXAMPLES[name]
@@ -7344,10 +7383,12 @@ def code_blocks(name: str, language: str) -> list[tuple[int, str]]:
     return blocks
 
 
+@pytest.mark.slow
 def test_docs_have_python_blocks():
     assert all(code_blocks(name, "python") for name in ("README.md", "llms.txt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
@@ -7364,6 +7405,7 @@ def test_python_blocks_of_the_docs_run(name, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_safe_bash_lines_of_the_readme_run():
     commands = [line.split("#")[0].strip() for _, code in code_blocks("README.md", "bash")
                 for line in code.splitlines()]
@@ -7691,6 +7733,7 @@ def test_clear_takes_the_database_as_its_first_argument(ledger_db, cli):
     assert code == 0 and "deleted 3 records" in out
 
 
+@pytest.mark.slow
 def test_migrate_carries_ledger_once_calls_over_and_reports_them(ledger_once, cli):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -8137,6 +8180,7 @@ def _per_call(figure):
     return 0 < figure["median_us"] <= figure["p99_us"] and figure["n"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_path_for_each_local_store(benchmark_report):
     assert set(benchmark_report["stores"]) == {"memory", "sqlite"}
     for figures in benchmark_report["stores"].values():
@@ -8146,6 +8190,7 @@ def test_benchmark_reports_every_path_for_each_local_store(benchmark_report):
             assert _per_call(figures["scale"][size]["miss"]) and _per_call(figures["scale"][size]["hit"])
 
 
+@pytest.mark.slow
 def test_benchmark_measures_the_raw_floor_in_the_same_run(benchmark_report):
     floor = benchmark_report["floor"]
     assert _per_call(floor["claim_complete"]) and _per_call(floor["lookup"]) and _per_call(floor["fingerprint"])
@@ -8153,6 +8198,7 @@ def test_benchmark_measures_the_raw_floor_in_the_same_run(benchmark_report):
     assert 0 < floor["thread_wake"]["p50_ms"] <= floor["thread_wake"]["p99_ms"]
 
 
+@pytest.mark.slow
 def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
     for figures in benchmark_report["stores"].values():
         shared = figures["shared_wait"]
@@ -8161,6 +8207,7 @@ def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
         assert 0 <= shared["wake"]["p50_ms"] <= shared["wake"]["p99_ms"]
 
 
+@pytest.mark.slow
 def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     assert benchmark_report["stores"]["memory"]["cross_process"] is None  # one process's memory
     cross = benchmark_report["stores"]["sqlite"]["cross_process"]
@@ -8168,6 +8215,7 @@ def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     assert cross["distinct_calls_per_s"] > 0 and cross["wake"]["p99_ms"] is not None
 
 
+@pytest.mark.slow
 def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
     targets = {t["target"]: t for t in benchmark_report["targets"]}
     assert len(targets) == 6
@@ -8190,6 +8238,7 @@ def _benchmark(*options: str, timeout: float = 300) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout, cwd=HERE)
 
 
+@pytest.mark.slow
 def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
     need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON) and os.path.exists(LEDGER_ONCE_PYTHON or ""),
          "set LEDGER_TEST_LEDGER_ONCE to the python of a virtualenv with `pip install ledger-once==0.1.5`")
@@ -8210,6 +8259,7 @@ def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
                                        / against["ledger.py"]["hit_blocked"]["median_us"], 2)
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_python_without_ledger_once_before_measuring():
     run = _benchmark("--quick", "--against", "ledger-once", "--ledger-once-python", sys.executable, timeout=60)
     assert run.returncode != 0 and run.stdout == ""
