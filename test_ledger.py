@@ -6627,6 +6627,7 @@ def test_mcp_authenticated_callers_are_told_apart(g, flavor):
     assert runs == [7, 7]
 
 
+@pytest.mark.slow
 def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
     framework("mcp")
     code = textwrap.dedent("""
@@ -6741,6 +6742,7 @@ class AppDeps:
     http: object
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(users=st.tuples(st.integers(0, 2), st.integers(0, 2)), regions=st.tuples(st.sampled_from("ab"),
                                                                                  st.sampled_from("ab")))
@@ -6813,6 +6815,7 @@ def llama_index_run(example, tools, calls):
     return sorted(asyncio.run(example.run(agent, "go")))
 
 
+@pytest.mark.slow
 def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
     example = example_module("llama_index_agent", "llama_index.core")
 
@@ -7136,6 +7139,7 @@ def adk_run(example, tools, calls, user):
     return sorted(asyncio.run(example.run(tools, [calls, "done"], user)))
 
 
+@pytest.mark.slow
 def test_adk_function_tool_keeps_name_description_and_declaration(g):
     example = example_module("google_adk_agent", "google.adk")
     tool = example.FunctionTool(example.refund)
@@ -7164,6 +7168,7 @@ def test_adk_duplicates_are_replayed_through_the_agent(g):
     assert example.REFUNDS == ["ada: order 1, 2.0"]
 
 
+@pytest.mark.slow
 def test_adk_once_in_either_order_guards_the_tool(g):
     example = example_module("google_adk_agent", "google.adk")
     above = g.once(example.FunctionTool(example.refund), replay=True)
@@ -7986,6 +7991,7 @@ def test_check_fails_with_exit_1_on_a_database_that_breaks_the_contract(ledger_d
     assert len(records_of(ledger_db)) == 5
 
 
+@pytest.mark.slow
 def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
     code, shown = run_in_terminal("stats", "--db", ledger_db)
     assert code == 0 and "\x1b[" in shown
@@ -7995,6 +8001,7 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
     assert piped.returncode == 0 and "\x1b[" not in piped.stdout
 
 
+@pytest.mark.slow
 def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
     proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(ledger_db), "--last", "2",
                              "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -8017,6 +8024,7 @@ def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_path):
     began = time.perf_counter()
     result = run_cli("demo", cwd=tmp_path)
@@ -8032,6 +8040,7 @@ def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_p
     assert list(tmp_path.iterdir()) == []  # its database was temporary
 
 
+@pytest.mark.slow
 def test_demo_keeps_its_ledger_with_db(tmp_path):
     result = run_cli("demo", "--db", tmp_path / "demo.db")
     assert result.returncode == 0, result.stderr
