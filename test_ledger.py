@@ -1191,6 +1191,10 @@ def test_ledger_secret_environment_variable_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("LEDGER_SECRET", "from-env")
     Guard(str(tmp_path / "l.db"), quiet=True)(charge, 1)
     assert not (tmp_path / "l.db.key").exists()
+    store = SQLiteStore(tmp_path / "l.db")
+    [record] = store.records()
+    store.close()
+    assert ledger._verified(b"from-env", record) and not ledger._verified(b"other", record)   # signed with it
 
 
 # ---------------------------------------------------------------------------
@@ -7731,7 +7735,8 @@ def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
 
 @pytest.mark.parametrize("command", [["show"], ["stats"], ["show", "--wf", "triage"], ["stats", "--wf", "triage"]])
 def test_commands_take_the_database_as_their_first_argument_as_ledger_once_did(ledger_db, cli, command):
-    assert cli(command[0], ledger_db, *command[1:]) == cli(*command, "--db", ledger_db)
+    first = cli(command[0], ledger_db, *command[1:])
+    assert first == cli(*command, "--db", ledger_db) and first[0] == 0 and first[1]   # the same report, not one error
 
 
 @pytest.mark.parametrize("command", ["tail", "savings", "export", "serve", "migrate"])
