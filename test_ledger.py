@@ -5506,7 +5506,8 @@ def test_quiet_silences_warnings_as_ledger_once_quiet_did(tmp_path, caplog, quie
         assert guard.quiet() is guard
     for n in range(3):  # retries the ledger cannot recognise: a warning, unless quiet
         guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
-    assert bool(caplog.records) is not quiet
+    warned = [r for r in caplog.records if "send_note ran" in r.getMessage()]   # not a store another test left
+    assert len(warned) == (0 if quiet else 1) and len(guard.history()) == 3   # quiet changes no call
 
 
 def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_path, monkeypatch, caplog):
@@ -5515,7 +5516,8 @@ def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_p
     guard = Guard(str(tmp_path / "l.db"))
     for n in range(3):
         guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
-    assert guard.history()[0]["workflow"] == "run-42" and caplog.records == []
+    assert guard.history()[0]["workflow"] == "run-42"
+    assert [r for r in caplog.records if "send_note" in r.getMessage()] == []   # not a store another test left
 
 
 def send_note(to: str, sent_at: str) -> str:
