@@ -1511,8 +1511,8 @@ def model_tool(k: int) -> int:
     return k * 10 + len(MODEL_RUNS)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "sqlite" else b
-                                     for b in STORES])   # on a file, its 1250 steps take seconds
+@pytest.mark.parametrize("backend", [b if b == "memory" else pytest.param(b, marks=pytest.mark.slow)
+                                     for b in STORES])   # on a file or a server, its 1250 steps take seconds
 def test_state_machine_model(backend, tmp_path_factory):
     def make():
         return STORES[backend](tmp_path_factory.mktemp("model"))
@@ -5662,6 +5662,7 @@ def test_an_identity_marker_in_an_annotation_that_cannot_be_evaluated_is_a_confi
         g(tool, 1, Local())
 
 
+@pytest.mark.slow
 def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool_runs(g):
     global oa_agents
     agents = oa_agents = framework("agents")
@@ -6476,6 +6477,7 @@ def authenticated_as(client_id: str):
     auth_context_var.set(AuthenticatedUser(AccessToken(token="t", client_id=client_id, scopes=[])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
 def test_once_above_an_mcp_tool_decorator_guards_the_registered_tool(g, flavor):
     mcp, runs = mcp_flavor(flavor), []
@@ -6845,6 +6847,7 @@ def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
         assert (after.requires_context, after.ctx_param_name) == (before.requires_context, before.ctx_param_name)
 
 
+@pytest.mark.slow
 def test_llama_index_duplicates_are_blocked_through_the_agent(g):
     example = example_module("llama_index_agent", "llama_index.core")
     tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)], blocked_return="already done")
@@ -7132,6 +7135,7 @@ def test_autogen_static_workbench_is_guarded_with_its_overrides(g):
     assert example.REFUNDS == ["order 1: 2.0"] and {h["tool"] for h in g.history()} == {"refund"}
 
 
+@pytest.mark.slow
 def test_autogen_once_in_either_order_guards_the_tool(g):
     example = example_module("autogen_agent", "autogen_agentchat")
     above = g.once(example.FunctionTool(example.refund, description="Refund."))
@@ -7161,6 +7165,7 @@ def test_adk_function_tool_keeps_name_description_and_declaration(g):
     assert guarded._get_declaration() == tool._get_declaration()  # what the model is shown
 
 
+@pytest.mark.slow
 def test_adk_duplicates_are_blocked_per_user_through_the_agent(g):
     example = example_module("google_adk_agent", "google.adk")
     tools = g.wrap_tools([example.FunctionTool(example.refund)], blocked_return="already done")
