@@ -3246,7 +3246,7 @@ def test_an_unguarded_run_under_fail_open_is_a_span_too(tmp_path, otel):
     guard.policy(charge, fail_open=True)
     guard(charge, 1)
     assert otel.spans()[0].attributes["ledger.source"] == "unguarded"
-    assert otel.counts()[("ledger.executed", None)] == 1
+    assert otel.counts()[("ledger.executed", None)] == 1 and CHARGES == [(1, 10.0, "usd")]
 
 
 TELEMETRY_SCRIPT = """
@@ -5312,9 +5312,10 @@ def test_buffered_counters_are_written_at_a_clean_exit(tmp_path):
         for _ in range(5):
             g(print, "once")
     """)
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     record = SQLiteStore(tmp_path / "l.db").records()[0]
     assert (record.attempts, record.executed, record.blocked) == (5, 1, 4)
+    assert done.stdout == "once\n"   # the tool itself ran once
 
 
 def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
