@@ -124,13 +124,14 @@ def test_bool_is_not_int():
 
 def test_distinct_values_give_distinct_fingerprints():
     values = [1, "1", 1.5, "1.5", decimal.Decimal("1.5"), [1], {"1": 1}, None, "", b"1",
-              ["\x00decimal", "1.5"], "\x00x", {1: 1}, {"\x00map": []}]
+              ["\x00decimal", "1.5"], "\x00x", {1: 1}, {"\x00map": []}, {1}, {1, 2}, set(), [], {}]
     assert len({fp(x=v) for v in values}) == len(values)
 
 
 @given(st.floats(min_value=-1e307, max_value=1e307))
 def test_float_rule_is_ten_significant_digits(x):
     assert fp(x=x) == fp(x=float(format(x, ".10g")))
+    assert fp(x=x) != fp(x=x + abs(x) * 1e-8 + 1e-300)   # and no coarser
 
 
 @given(st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=6))
@@ -149,11 +150,14 @@ def test_set_fingerprint_is_the_same_whatever_the_hash_seed():
             % str(HERE))
     seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
-    assert len(seen) == 1
+    here = ledger.fingerprint("t", "w", ledger._canonical_arguments({"x": {"q", "zz", "c", "b", "a"}}))
+    assert seen == {here + "\n"}   # and the same as in this process, whatever its seed
+    assert here != ledger.fingerprint("t", "w", ledger._canonical_arguments({"x": {"a", "b", "c", "zz"}}))
 
 
 class Color(enum.Enum):
     RED = "red"
+    BLUE = "blue"
 
 
 @dataclasses.dataclass
@@ -190,20 +194,83 @@ class FixedZone(dt.tzinfo):
         return "FIX"
 
 
-@pytest.mark.parametrize("make", [
-    lambda: decimal.Decimal("1.50"),
-    lambda: dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
-    lambda: dt.date(2026, 1, 2),
-    lambda: uuid.UUID("12345678-1234-5678-1234-567812345678"),
-    lambda: Color.RED,
-    lambda: pathlib.PurePosixPath("/a/b"),
-    lambda: b"\x00\xff",
-    lambda: Point(1, 2),
-    lambda: Pair(1, "x"),
-    lambda: Model(a=1, b=[1, 2]),
-], ids=["decimal", "datetime", "date", "uuid", "enum", "path", "bytes", "dataclass", "namedtuple", "model"])
-def test_special_values_have_canonical_forms(make):
-    assert fp(x=make()) == fp(x=make())
+# Each special type: two equal values built differently, and a value that differs from them.
+SPECIAL_CASES = {
+    "decimal": (decimal.Decimal("1.50"), decimal.Decimal("1.5"), decimal.Decimal("1.51")),
+    "datetime": (dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+                 dt.datetime(2026, 1, 2, 4, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+                 dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.timezone.utc)),
+    "date": (dt.date(2026, 1, 2), dt.date.fromisoformat("2026-01-02"), dt.date(2026, 1, 3)),
+    "time": (dt.time(3, 4, 5), dt.time.fromisoformat("03:04:05"), dt.time(3, 4, 5, 1)),
+    "timedelta": (dt.timedelta(hours=36), dt.timedelta(days=1, seconds=43200), dt.timedelta(hours=36, microseconds=1)),
+    "uuid": (uuid.UUID("12345678-1234-5678-1234-567812345678"), uuid.UUID("{12345678123456781234567812345678}"),
+             uuid.UUID("12345678-1234-5678-1234-567812345679")),
+    "enum": (Color.RED, Color("red"), Color.BLUE),
+    "path": (pathlib.PurePosixPath("/a/b"), pathlib.PurePosixPath("/a//b/"), pathlib.PurePosixPath("/a/c")),
+    "bytes": (b"\x00\xff", bytearray(b"\x00\xff"), b"\x00\xfe"),
+    "dataclass": (Point(1, 2), Point(x=1, y=2), Point(2, 1)),
+    "namedtuple": (Pair(1, "x"), Pair(b="x", a=1), Pair(1, "y")),
+    "model": (Model(a=1, b=[1, 2]), Model(b=[1, 2], a=1), Model(a=1, b=[2, 1])),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPECIAL_CASES))
+def test_special_values_are_one_call_when_equal_and_two_when_not(kind):
+    value, equal, different = SPECIAL_CASES[kind]
+    assert fp(x=value) == fp(x=equal)
+    assert fp(x=value) != fp(x=different)
+
+
+def test_each_special_type_is_distinct_from_the_others_and_from_its_plain_form():
+    lookalikes = [decimal.Decimal("1.5"), 1.5, "1.5", dt.date(2026, 1, 2), "2026-01-02",
+                  dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc), dt.datetime(2026, 1, 2), "2026-01-02T00:00:00",
+                  dt.time(3, 4, 5), "03:04:05", dt.timedelta(seconds=5), 5,
+                  uuid.UUID(int=1), str(uuid.UUID(int=1)), Color.RED, "red",
+                  pathlib.PurePosixPath("/a/b"), "/a/b", b"ab", "ab", "YWI=",
+                  Point(1, 2), {"x": 1, "y": 2}, Pair(1, "x"), (1, "x"), Model(a=1, b="x"), {"a": 1, "b": "x"}]
+    assert len({fp(x=v) for v in lookalikes}) == len(lookalikes)
+
+
+class Shade(enum.Enum):
+    """Color's values under another type: a different enum, so different calls."""
+    RED = "red"
+    BLUE = "blue"
+
+
+def same_value(x, y) -> bool:
+    """What must be one call: values of one type that compare equal (aware datetimes as instants)."""
+    if type(x) is not type(y):
+        return False
+    return x.fields == y.fields if isinstance(x, Model) else x == y
+
+
+SMALL_INTS = st.integers(0, 2)
+SPECIAL_VALUES = [
+    st.decimals(min_value=-2, max_value=2, places=2),
+    st.datetimes(min_value=dt.datetime(2026, 1, 1), max_value=dt.datetime(2026, 1, 1, 3),
+                 timezones=st.none() | st.sampled_from([dt.timezone.utc, dt.timezone(dt.timedelta(hours=1)),
+                                                        dt.timezone(dt.timedelta(hours=-1))])).map(
+        lambda d: d.replace(minute=0, second=0, microsecond=d.microsecond % 2)),
+    st.dates(min_value=dt.date(2026, 1, 1), max_value=dt.date(2026, 1, 3)),
+    st.builds(dt.time, SMALL_INTS, SMALL_INTS, SMALL_INTS, SMALL_INTS),
+    st.builds(dt.timedelta, days=SMALL_INTS, seconds=st.sampled_from([0, 1, 86400]), microseconds=SMALL_INTS),
+    st.builds(uuid.UUID, int=SMALL_INTS),
+    st.sampled_from(list(Color) + list(Shade)),
+    st.lists(st.sampled_from(["a", "b", ".."]), max_size=3).map(lambda parts: pathlib.PurePosixPath("/", *parts)),
+    st.binary(max_size=2),
+    st.builds(Point, SMALL_INTS, SMALL_INTS),
+    st.builds(Pair, SMALL_INTS, st.sampled_from("xy")),
+    st.dictionaries(st.sampled_from("ab"), SMALL_INTS | st.lists(SMALL_INTS, max_size=2)).map(lambda d: Model(**d)),
+]
+SAME_TYPE_PAIRS = st.sampled_from(SPECIAL_VALUES).flatmap(lambda values: st.tuples(values, values))
+
+
+@given(SAME_TYPE_PAIRS | st.tuples(st.one_of(SPECIAL_VALUES), st.one_of(SPECIAL_VALUES)))
+def test_special_values_share_a_fingerprint_exactly_when_they_are_the_same_value(pair):
+    x, y = pair
+    assert (fp(x=x) == fp(x=y)) == same_value(x, y), (x, y)
+    form = ledger.canonical(x)
+    assert json.loads(ledger._dump(form)) == form   # plain JSON: the same bytes in every process
 
 
 def test_decimal_trailing_zeros_do_not_matter():
@@ -269,6 +336,7 @@ def test_a_self_referential_argument_is_a_fingerprint_error_naming_it():
         fp(items=loop)
 
 
+@pytest.mark.slow
 def test_a_too_deep_argument_is_a_fingerprint_error():
     deep = []
     for _ in range(5000):
@@ -482,6 +550,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["script", "module"])
 def test_a_tool_has_one_name_in_the_parent_and_in_fork_spawn_and_forkserver_workers(tmp_path, launch):
     package = tmp_path / "shop"
@@ -512,13 +581,17 @@ def test_lambdas_are_told_apart_by_their_code(g):
     assert CHARGES == [("first", 1), ("second", 1)]
 
 
+@pytest.mark.slow
 def test_a_lambda_has_one_name_whatever_the_hash_seed():
     code = ("import sys; sys.path.insert(0, %r); import ledger; "
-            "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'} or x in ('a', {'b', 'c'})))"
+            "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'} or x in ('a', {'b', 'c'})));"
+            "print(ledger.tool_name(lambda x: x in {'alpha', 'beta', 'gamma', 'omega'} or x in ('a', {'b', 'c'})))"
             % str(HERE))
     seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in range(6)}
     assert len(seen) == 1
+    first, other = seen.pop().splitlines()
+    assert first != other   # the set it holds is part of the name
 
 
 def test_a_lambda_keeps_its_name_when_code_above_it_moves():
@@ -883,6 +956,7 @@ def test_replayed_results_come_back_equal_and_of_the_same_type(store, result):
     assert same(again, result) and runs == [1]
 
 
+@pytest.mark.slow
 @given(st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
     lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
@@ -1118,6 +1192,10 @@ def test_ledger_secret_environment_variable_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("LEDGER_SECRET", "from-env")
     Guard(str(tmp_path / "l.db"), quiet=True)(charge, 1)
     assert not (tmp_path / "l.db.key").exists()
+    store = SQLiteStore(tmp_path / "l.db")
+    [record] = store.records()
+    store.close()
+    assert ledger._verified(b"from-env", record) and not ledger._verified(b"other", record)   # signed with it
 
 
 # ---------------------------------------------------------------------------
@@ -1374,7 +1452,10 @@ def test_prune_takes_a_timedelta(g):
 
 
 class LedgerModel(RuleBasedStateMachine):
-    """The guard against a model of the state machine, on one store."""
+    """The guard against a model of the state machine, on one store. The model knows each call
+    by its argument and what it expects to have run; it finds a call's record under the id the
+    public fingerprint gives the call's hand-written canonical arguments, never through the code
+    under test."""
 
     make_store = staticmethod(lambda: MemoryStore())
 
@@ -1386,34 +1467,37 @@ class LedgerModel(RuleBasedStateMachine):
         self.status: dict[int, str] = {}
         self.values: dict[int, int] = {}
         self.runs: list[int] = []
+        self.written: set[int] = set()   # the calls whose record the guard wrote (a crash writes its own)
         MODEL_RUNS.clear()
+        MODEL_FAILING.clear()
 
     def call_id(self, k):
-        return self.guard._prepare(model_tool, (k, False), {"key": f"call-{k}"}).id
+        return ledger.fingerprint(MODEL_TOOL, "default", {"k": k})
 
     @rule(k=st.integers(0, 3), fails=st.booleans())
     def call(self, k, fails):
         expect_run = self.status.get(k) != "SUCCESS"
-        before = len(MODEL_RUNS)
+        (MODEL_FAILING.add if fails else MODEL_FAILING.discard)(k)
         try:
-            value = self.guard(model_tool, k, fails, key=f"call-{k}")
+            value = self.guard(model_tool, k)
         except RuntimeError:
             value = None
-        ran = len(MODEL_RUNS) - before
-        assert ran == (1 if expect_run else 0), (k, self.status.get(k), ran)
         if expect_run:
+            self.runs.append(k)
+            self.written.add(k)
             self.status[k] = "FAILED" if fails else "SUCCESS"
             if not fails:
                 self.values[k] = value
         else:
             assert value == self.values[k]
+        assert MODEL_RUNS == self.runs, (k, self.status.get(k))
 
     @rule(k=st.integers(0, 3))
     def crash_mid_call(self, k):
         """A worker claimed the call and died: its RUNNING record's lease has run out."""
         id = self.call_id(k)
         current = self.store.get(id)
-        dead = Record(id=id, tool=ledger.tool_name(model_tool), workflow="default", caller=None,
+        dead = Record(id=id, tool=MODEL_TOOL, workflow="default", caller=None,
                       status="RUNNING", owner="dead", epoch=current.epoch + 1 if current else 1,
                       lease_until=time.time() - 1, run_key=id, created=time.time())
         if current is None:
@@ -1421,10 +1505,11 @@ class LedgerModel(RuleBasedStateMachine):
         else:
             assert self.store.swap(dead, current.epoch, current.owner)
         self.status[k] = "CRASHED"
+        self.written.discard(k)
 
     @rule(k=st.integers(0, 3))
     def operator_retry(self, k):
-        released = self.guard.retry(model_tool, k, False, key=f"call-{k}")
+        released = self.guard.retry(model_tool, k)
         assert released == (self.status.get(k) in ("SUCCESS", "CRASHED"))
         if released:
             self.status[k] = "FAILED"
@@ -1435,23 +1520,29 @@ class LedgerModel(RuleBasedStateMachine):
             record = self.store.get(self.call_id(k))
             expected = "RUNNING" if status == "CRASHED" else status
             assert record is not None and record.status == expected, (k, status, record)
+            assert record.tool == MODEL_TOOL
+            if k in self.written:   # a record the guard wrote shows the call's arguments
+                assert json.loads(record.args) == {"k": k}
         assert len(self.store.records()) == len(self.status)
 
     def teardown(self):
         self.store.close()
 
 
-MODEL_RUNS: list = []
+MODEL_RUNS: list = []      # every run of model_tool, appended by the tool itself
+MODEL_FAILING: set = set()  # the arguments model_tool fails on now
+MODEL_TOOL = __name__ + ".model_tool"   # module.qualname, the name its records are kept under
 
 
-def model_tool(k: int, fails: bool) -> int:
+def model_tool(k: int) -> int:
     MODEL_RUNS.append(k)
-    if fails:
+    if k in MODEL_FAILING:
         raise RuntimeError("model failure")
     return k * 10 + len(MODEL_RUNS)
 
 
-@pytest.mark.parametrize("backend", list(STORES))
+@pytest.mark.parametrize("backend", [b if b == "memory" else pytest.param(b, marks=pytest.mark.slow)
+                                     for b in STORES])   # on a file or a server, its 1250 steps take seconds
 def test_state_machine_model(backend, tmp_path_factory):
     def make():
         return STORES[backend](tmp_path_factory.mktemp("model"))
@@ -1534,6 +1625,7 @@ def test_counters_are_exact_under_concurrency(store):
     [t.join() for t in threads]
     stats = guard.stats()
     assert (stats["attempts"], stats["executed"], stats["blocked"]) == (400, 1, 399)
+    assert CHARGES == [(1, 10.0, "usd")]
 
 
 def test_replay_waiters_share_the_running_leaders_result(store):
@@ -1631,12 +1723,13 @@ def test_a_tool_running_ten_times_its_lease_is_never_run_twice(shared_store, tmp
     wait_for(lambda: runs_of(path), what="the leader to start")
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.2)
-    seen = set()
+    seen = {guard(log_run, path, "long", 0, key="long-job")}
     while leader.is_alive():
         seen.add(guard(log_run, path, "long", 0, key="long-job"))
         time.sleep(0.05)
     leader.join()
-    assert len(runs_of(path)) == 1 and seen <= {BLOCKED}
+    assert len(runs_of(path)) == 1
+    assert seen == {BLOCKED}, seen   # duplicates came while it ran, and were blocked
     assert guard.store.records()[0].status == "SUCCESS"
 
 
@@ -2184,7 +2277,8 @@ def _call_until_settled_in_process(spec, path, queue):
 
 
 @pytest.mark.parametrize("done", [True, False])
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow),
+                                    pytest.param("forkserver", marks=pytest.mark.slow)])   # a fresh interpreter each
 def test_resolve_racing_duplicate_processes_lets_at_most_the_one_run_it_allows(shared_store, tmp_path, done, method):
     context = multiprocessing.get_context(method)
     path, queue = str(tmp_path / "runs"), context.Queue()
@@ -2241,6 +2335,7 @@ def log_run_until(path: str, release: str) -> str:
     return f"released-{os.getpid()}"
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     leader = Guard(shared_store, quiet=True, secret="s")
@@ -2280,6 +2375,7 @@ def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store,
         worker.join()
 
 
+@pytest.mark.slow
 def test_a_leader_whose_wall_clock_is_behind_keeps_its_lease(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     behind = call_with_wall_clock_stepped(-3600, shared_store, log_run_until, {"lease": 1.0}, path, release)
@@ -2310,6 +2406,7 @@ except ledger.LeaseLiveError:
 """
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shared_store, tmp_path):
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     leader = Guard(shared_store, quiet=True, secret="s")
@@ -2329,6 +2426,7 @@ def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shar
     assert still == "RUNNING"
 
 
+@pytest.mark.slow
 def test_a_wall_clock_stepped_forward_does_not_end_a_ttl_window(shared_store, tmp_path):
     path = str(tmp_path / "runs")
     guard = Guard(shared_store, quiet=True, secret="s")
@@ -2560,6 +2658,7 @@ def test_a_renewer_whose_last_run_ends_while_it_looks_renews_the_next_run():
     assert renewed.wait(5), "a later run is renewed by a renewer started again"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", STUCK)
 def test_a_stuck_store_holds_up_no_lease_fork_stats_or_exit_elsewhere(kind, tmp_path):
     with stuck(kind, tmp_path) as (bad, healthy, bad_id, stop_answering):
@@ -2691,17 +2790,18 @@ def test_a_result_the_store_refuses_is_recorded_done_and_never_runs_again(shared
     path, queue = str(tmp_path / "runs"), FORK.Queue()
     child = forked(_return_unstorable, shared_store, path, kind, queue)
     child.start()
-    assert queue.get(timeout=30).startswith("value \ud800-")   # the caller gets the value
+    first = queue.get(timeout=30)
+    assert first.startswith("value \ud800-")   # the caller gets the value
     child.join(30)
     assert child.exitcode == 0
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, replay=True, **UNSTORABLE_RESULTS[kind])
     again = guard(log_run, path, "value \ud800")                # after that process is gone
-    assert shared_store.records()[0].status == "SUCCESS" and len(runs_of(path)) == 1
-    assert again is BLOCKED or again.startswith("value \ud800-")   # blocked, or replayed if it was storable
-    if kind == "serializer":
-        record = shared_store.records()[0]
-        assert record.result is None and "refused" in record.unstored and again is BLOCKED
+    record = shared_store.records()[0]
+    assert record.status == "SUCCESS" and len(runs_of(path)) == 1
+    refused = kind == "serializer"   # JSON escapes a lone surrogate, so that result is stored and replayed
+    assert again == (BLOCKED if refused else first)
+    assert (record.result is None, "refused" in (record.unstored or "")) == (refused, refused)
 
 
 def test_a_completion_the_store_refuses_stops_renewing_the_lease(tmp_path, monkeypatch):
@@ -3162,7 +3262,7 @@ def test_an_unguarded_run_under_fail_open_is_a_span_too(tmp_path, otel):
     guard.policy(charge, fail_open=True)
     guard(charge, 1)
     assert otel.spans()[0].attributes["ledger.source"] == "unguarded"
-    assert otel.counts()[("ledger.executed", None)] == 1
+    assert otel.counts()[("ledger.executed", None)] == 1 and CHARGES == [(1, 10.0, "usd")]
 
 
 TELEMETRY_SCRIPT = """
@@ -3217,6 +3317,7 @@ def test_telemetry_traces_through_the_global_provider_set_before_the_first_call(
     assert seen["on"] is True and seen["spans"] == ["executed"] * 3 + ["blocked"] * 2
 
 
+@pytest.mark.slow
 def test_telemetry_turns_on_within_a_second_of_a_provider_set_after_the_first_call(tmp_path):
     need("opentelemetry-sdk", has_module("opentelemetry.sdk"), "pip install '.[telemetry]'")
     later = """
@@ -3298,6 +3399,7 @@ def test_a_returned_scoped_guard_keeps_its_own_workflow_whatever_the_statements_
     assert [r["workflow"] for r in g.history()] == ["order-1", "order-2"]
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(SCOPE_OPS, max_size=6))
 def test_a_with_block_restores_the_scope_it_found_whatever_statements_ran_inside_it(ops):
@@ -3698,6 +3800,7 @@ def _write_past_a_file_size_limit(path, queue):
         queue.put(str(e))
 
 
+@pytest.mark.slow
 def test_an_io_error_advises_on_the_disk_not_on_moving_the_ledger(tmp_path):
     queue = FORK.Queue()
     child = forked(_write_past_a_file_size_limit, str(tmp_path / "l.db"), queue)
@@ -3764,6 +3867,7 @@ def _jobs_in_a_forked_worker_with_its_own_guard(db, path, jobs, started, go_on):
     _jobs_in_a_forked_worker(Guard(db, quiet=True, secret="s"), path, jobs, started, go_on)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("own_guard", [False, True], ids=["parents-guard", "own-guard"])
 @pytest.mark.parametrize("parent_keeps_using_it", [False, True], ids=["parent-closes", "parent-keeps-using"])
 @pytest.mark.parametrize("used_before", [True, False], ids=["used-before-fork", "unused-before-fork"])
@@ -3947,6 +4051,7 @@ def ledger_once(tmp_path):
     sys.modules.pop(folder.module, None)
 
 
+@pytest.mark.slow
 def test_no_call_ledger_once_recorded_as_done_runs_again_after_the_swap(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -3985,6 +4090,7 @@ print(guard(charge, 42, 9.99), guard(charge, order_id=43, amount=1.0, key="charg
 """
 
 
+@pytest.mark.slow
 def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledger_once):
     (ledger_once.folder / "agent.py").write_text(AGENT_SCRIPT)  # its tools live in __main__
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEDGER_DB", "LEDGER_WORKFLOW")}
@@ -3997,6 +4103,7 @@ def test_the_same_agent_script_run_again_after_the_swap_runs_nothing_twice(ledge
     assert ledger_once.effects() == ["charge 42", "charge 43"]
 
 
+@pytest.mark.slow
 def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
     ledger_once.record("""
         import asyncio
@@ -4010,6 +4117,7 @@ def test_an_async_call_ledger_once_recorded_does_not_run_again(ledger_once):
     assert asyncio.run(main()) == 200 and ledger_once.effects() == ["webhook https://h"]
 
 
+@pytest.mark.slow
 def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=7, amount=3.5)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4019,6 +4127,7 @@ def test_a_replay_policy_gets_the_result_ledger_once_recorded(ledger_once):
     assert ledger_once.effects() == ["charge 7 3.5 usd"]
 
 
+@pytest.mark.slow
 def test_a_different_call_still_runs_after_the_swap(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -4052,6 +4161,7 @@ def set_lease_clock_off_by(db: pathlib.Path, seconds: float) -> None:
 LEASE_CLOCK_OFFSETS = [0, -3 * 3600, 3 * 3600]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
 def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once, lease_clock):
     ledger_once.record("guard(tools.crash, 7)", expect_exit=3, crash=True)  # died inside the tool
@@ -4068,6 +4178,7 @@ def test_a_call_ledger_once_left_running_stays_blocked_until_retried(ledger_once
     assert ledger_once.effects() == ["crash 7", "crash 7"] and g.stats()["stale"] == 0
 
 
+@pytest.mark.slow
 def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
     ledger_once.record("""
         try:
@@ -4081,6 +4192,7 @@ def test_a_call_that_failed_under_ledger_once_may_run_again(ledger_once):
     assert ledger_once.effects() == ["flaky 1", "flaky 1"]
 
 
+@pytest.mark.slow
 def test_floats_ledger_once_rounded_together_stay_one_call_in_either_order(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=99.99)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4107,6 +4219,7 @@ def legacy_spelling(call: dict, positional: int) -> tuple[list, dict]:
     return call["values"][:positional], dict(zip(names[positional:], call["values"][positional:]))
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(calls=LEGACY_CALLS)
 def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_way(calls, tmp_path_factory):
@@ -4147,6 +4260,7 @@ FINGERPRINTED_CALLS = st.lists(st.tuples(
     st.none() | st.text(min_size=1, max_size=8), st.text(min_size=1, max_size=6)), min_size=20, max_size=40)
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(calls=FINGERPRINTED_CALLS)
 def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, tmp_path_factory):
@@ -4179,6 +4293,7 @@ def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, t
         sys.modules.pop(folder.module, None)
 
 
+@pytest.mark.slow
 def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_through_keyed(ledger_once):
     ledger_once.record('guard(tools.spread, 1, flag=True, key="spread-1")')
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4188,6 +4303,7 @@ def test_a_key_ledger_once_took_beside_a_tools_own_keywords_finds_its_record_thr
     assert len(ledger_once.effects()) == 1
 
 
+@pytest.mark.slow
 def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4199,6 +4315,7 @@ def test_ledger_once_calls_are_carried_over_once_so_a_reset_stays_reset(ledger_o
     assert ledger_once.effects() == ["charge 1 9.99 usd"] * 2
 
 
+@pytest.mark.slow
 def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -4210,6 +4327,7 @@ def test_carrying_over_leaves_ledger_once_table_as_it_was(ledger_once):
     assert ledger_once.legacy_rows() == before
 
 
+@pytest.mark.slow
 def test_a_read_only_open_of_a_ledger_once_file_names_ledger_migrate_and_changes_nothing(ledger_once):
     ledger_once.record("guard(tools.charge, order_id=1, amount=9.99)")
     before = ledger_once.db.read_bytes()
@@ -4223,6 +4341,7 @@ def _import_and_count(path: str, queue) -> None:
     queue.put(len([r for r in store.records() if r.id.startswith(ledger.LEGACY_PREFIX)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_once, method):
     ledger_once.record("""
@@ -4240,6 +4359,7 @@ def test_processes_opening_a_ledger_once_file_at_once_carry_it_over_once(ledger_
         assert conn.execute("SELECT calls FROM ledger_once_import").fetchall() == [(2,)]
 
 
+@pytest.mark.slow
 def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything_runs(ledger_once):
     ledger_once.record("guard(tools.Mailer().send, 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4248,6 +4368,7 @@ def test_a_method_of_an_object_ledger_once_accepted_needs_a_name_before_anything
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
+@pytest.mark.slow
 def test_a_closure_ledger_once_accepted_needs_a_name_then_an_operators_word_before_it_runs(ledger_once):
     ledger_once.record("guard(tools.make_notifier('sms'), 'a@x.io')")
     tools, g = ledger_once.tools(), ledger_once.guard()
@@ -4274,6 +4395,7 @@ def refused_as_ambiguous(ledger_once) -> tuple[Callable, str]:
     return send, legacy_id
 
 
+@pytest.mark.slow
 def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_decides(ledger_once, cli):
     send, legacy_id = refused_as_ambiguous(ledger_once)
     assert cli("migrate", str(ledger_once.db), "--confirm", legacy_id)[0] == 0
@@ -4281,6 +4403,7 @@ def test_a_method_ledger_once_named_ambiguously_is_refused_until_an_operator_dec
     assert ledger_once.effects() == ["mailer.send a@x.io"]
 
 
+@pytest.mark.slow
 def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, cli):
     send, legacy_id = refused_as_ambiguous(ledger_once)
     assert cli("retry", legacy_id, "--db", ledger_once.db)[0] == 0
@@ -4288,6 +4411,7 @@ def test_an_ambiguous_record_an_operator_retries_lets_the_call_run(ledger_once, 
     assert ledger_once.effects() == ["mailer.send a@x.io"] * 2
 
 
+@pytest.mark.slow
 def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger_once):
     ledger_once.record("""
         guard(tools.Mailer().send, 'a@x.io')
@@ -4300,6 +4424,7 @@ def test_force_runs_a_call_whatever_ledger_once_recorded_ambiguous_or_not(ledger
     assert ledger_once.effects() == ["mailer.send a@x.io", "charge 1 9.99 usd"] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lease_clock", LEASE_CLOCK_OFFSETS)
 def test_a_ledger_once_ttl_counts_from_the_records_last_touch(ledger_once, lease_clock):
     ledger_once.record("""
@@ -4551,9 +4676,10 @@ def test_buffered_counters_are_written_at_a_clean_exit(tmp_path):
         for _ in range(5):
             g(print, "once")
     """)
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     record = SQLiteStore(tmp_path / "l.db").records()[0]
     assert (record.attempts, record.executed, record.blocked) == (5, 1, 4)
+    assert done.stdout == "once\n"   # the tool itself ran once
 
 
 def test_async_waiters_are_woken_by_notification_not_polling(tmp_path):
@@ -4702,6 +4828,7 @@ def test_ledger_once_testing_example_with_an_isolated_memory_store():
     guard(charge, order_id=1, amount=49.00)
     guard(charge, order_id=1, amount=49.00)
     assert guard.stats()["executed"] == 1 and guard.stats()["blocked"] == 1
+    assert CHARGES == [(1, 49.0, "usd")]
 
 
 def test_a_store_written_to_ledger_once_protocol_is_refused_naming_the_methods_to_write():
@@ -4744,7 +4871,8 @@ def test_quiet_silences_warnings_as_ledger_once_quiet_did(tmp_path, caplog, quie
         assert guard.quiet() is guard
     for n in range(3):  # retries the ledger cannot recognise: a warning, unless quiet
         guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
-    assert bool(caplog.records) is not quiet
+    warned = [r for r in caplog.records if "send_note ran" in r.getMessage()]   # not a store another test left
+    assert len(warned) == (0 if quiet else 1) and len(guard.history()) == 3   # quiet changes no call
 
 
 def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_path, monkeypatch, caplog):
@@ -4753,7 +4881,8 @@ def test_ledger_once_environment_variables_choose_the_workflow_and_silence(tmp_p
     guard = Guard(str(tmp_path / "l.db"))
     for n in range(3):
         guard(send_note, to="a", sent_at=f"2026-01-0{n + 1}T00:00:00.000001")
-    assert guard.history()[0]["workflow"] == "run-42" and caplog.records == []
+    assert guard.history()[0]["workflow"] == "run-42"
+    assert [r for r in caplog.records if "send_note" in r.getMessage()] == []   # not a store another test left
 
 
 def send_note(to: str, sent_at: str) -> str:
@@ -4827,7 +4956,7 @@ def test_a_callable_object_of_a_mutable_class_without_a_name_is_refused_at_wrap_
     # its state can change, so no name could tell two configured instances apart
     counter = Counter(result="ok")
     for wrap in (lambda: g.wrap_tools([counter]), lambda: g.once(counter)):
-        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a test_ledger.Counter .*name="):
+        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a conftest.Counter .*name="):
             wrap()
     assert counter.calls == [] and g.history() == []
 
@@ -4898,6 +5027,7 @@ def test_an_identity_marker_in_an_annotation_that_cannot_be_evaluated_is_a_confi
         g(tool, 1, Local())
 
 
+@pytest.mark.slow
 def test_an_injected_caller_value_without_a_canonical_form_fails_before_the_tool_runs(g):
     global oa_agents
     agents = oa_agents = framework("agents")
@@ -5712,6 +5842,7 @@ def authenticated_as(client_id: str):
     auth_context_var.set(AuthenticatedUser(AccessToken(token="t", client_id=client_id, scopes=[])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", MCP_FLAVORS)
 def test_once_above_an_mcp_tool_decorator_guards_the_registered_tool(g, flavor):
     mcp, runs = mcp_flavor(flavor), []
@@ -5875,6 +6006,7 @@ def test_mcp_authenticated_callers_are_told_apart(g, flavor):
     assert runs == [7, 7]
 
 
+@pytest.mark.slow
 def test_guarded_mcp_server_writes_nothing_to_stdout(tmp_path):
     framework("mcp")
     code = textwrap.dedent("""
@@ -5989,6 +6121,7 @@ class AppDeps:
     http: object
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(users=st.tuples(st.integers(0, 2), st.integers(0, 2)), regions=st.tuples(st.sampled_from("ab"),
                                                                                  st.sampled_from("ab")))
@@ -6061,6 +6194,7 @@ def llama_index_run(example, tools, calls):
     return sorted(asyncio.run(example.run(agent, "go")))
 
 
+@pytest.mark.slow
 def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
     example = example_module("llama_index_agent", "llama_index.core")
 
@@ -6078,6 +6212,7 @@ def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
         assert (after.requires_context, after.ctx_param_name) == (before.requires_context, before.ctx_param_name)
 
 
+@pytest.mark.slow
 def test_llama_index_duplicates_are_blocked_through_the_agent(g):
     example = example_module("llama_index_agent", "llama_index.core")
     tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)], blocked_return="already done")
@@ -6365,6 +6500,7 @@ def test_autogen_static_workbench_is_guarded_with_its_overrides(g):
     assert example.REFUNDS == ["order 1: 2.0"] and {h["tool"] for h in g.history()} == {"refund"}
 
 
+@pytest.mark.slow
 def test_autogen_once_in_either_order_guards_the_tool(g):
     example = example_module("autogen_agent", "autogen_agentchat")
     above = g.once(example.FunctionTool(example.refund, description="Refund."))
@@ -6384,6 +6520,7 @@ def adk_run(example, tools, calls, user):
     return sorted(asyncio.run(example.run(tools, [calls, "done"], user)))
 
 
+@pytest.mark.slow
 def test_adk_function_tool_keeps_name_description_and_declaration(g):
     example = example_module("google_adk_agent", "google.adk")
     tool = example.FunctionTool(example.refund)
@@ -6393,6 +6530,7 @@ def test_adk_function_tool_keeps_name_description_and_declaration(g):
     assert guarded._get_declaration() == tool._get_declaration()  # what the model is shown
 
 
+@pytest.mark.slow
 def test_adk_duplicates_are_blocked_per_user_through_the_agent(g):
     example = example_module("google_adk_agent", "google.adk")
     tools = g.wrap_tools([example.FunctionTool(example.refund)], blocked_return="already done")
@@ -6412,6 +6550,7 @@ def test_adk_duplicates_are_replayed_through_the_agent(g):
     assert example.REFUNDS == ["ada: order 1, 2.0"]
 
 
+@pytest.mark.slow
 def test_adk_once_in_either_order_guards_the_tool(g):
     example = example_module("google_adk_agent", "google.adk")
     above = g.once(example.FunctionTool(example.refund), replay=True)
@@ -6471,6 +6610,7 @@ def crewai_search_tool(runs: list):
 
 
 if CREWAI_ELSEWHERE:
+    @pytest.mark.slow
     def test_the_crewai_tests_pass_in_their_own_environment(tmp_path):
         wanted = len(re.findall(r"^    def test_crewai_", (HERE / "test_ledger.py").read_text(), re.M))
         env = {**os.environ, "PYTHONPATH": str(HERE), "LEDGER_TEST_REQUIRE_ALL": "1"}
@@ -6569,11 +6709,13 @@ EXAMPLES = {
 }
 
 
+@pytest.mark.slow
 def test_every_example_is_tested():
     tested_elsewhere = ["benchmark.py"]  # in the Benchmark section
     assert sorted(p.name for p in (HERE / "examples").glob("*.py")) == sorted([*EXAMPLES, *tested_elsewhere])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_offline_and_prints_what_ran(name, tmp_path):
     package, expected = EXAMPLES[name]
@@ -6628,10 +6770,12 @@ def code_blocks(name: str, language: str) -> list[tuple[int, str]]:
     return blocks
 
 
+@pytest.mark.slow
 def test_docs_have_python_blocks():
     assert all(code_blocks(name, "python") for name in ("README.md", "llms.txt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DOCS)
 def test_python_blocks_of_the_docs_run(name, tmp_path):
     blocks = code_blocks(name, "python")
@@ -6648,6 +6792,7 @@ def test_python_blocks_of_the_docs_run(name, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_safe_bash_lines_of_the_readme_run():
     commands = [line.split("#")[0].strip() for _, code in code_blocks("README.md", "bash")
                 for line in code.splitlines()]
@@ -6869,7 +7014,8 @@ def test_clear_yes_deletes_only_the_workflow_given(ledger_db, cli):
 
 @pytest.mark.parametrize("command", [["show"], ["stats"], ["show", "--wf", "triage"], ["stats", "--wf", "triage"]])
 def test_commands_take_the_database_as_their_first_argument_as_ledger_once_did(ledger_db, cli, command):
-    assert cli(command[0], ledger_db, *command[1:]) == cli(*command, "--db", ledger_db)
+    first = cli(command[0], ledger_db, *command[1:])
+    assert first == cli(*command, "--db", ledger_db) and first[0] == 0 and first[1]   # the same report, not one error
 
 
 @pytest.mark.parametrize("command", ["tail", "savings", "export", "serve", "migrate"])
@@ -6882,6 +7028,7 @@ def test_clear_takes_the_database_as_its_first_argument(ledger_db, cli):
     assert code == 0 and "deleted 3 records" in out
 
 
+@pytest.mark.slow
 def test_migrate_carries_ledger_once_calls_over_and_reports_them(ledger_once, cli):
     ledger_once.record("""
         guard(tools.charge, order_id=1, amount=9.99)
@@ -7108,6 +7255,7 @@ def test_check_fails_with_exit_1_on_a_database_that_breaks_the_contract(ledger_d
     assert len(records_of(ledger_db)) == 5
 
 
+@pytest.mark.slow
 def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
     code, shown = run_in_terminal("stats", "--db", ledger_db)
     assert code == 0 and "\x1b[" in shown
@@ -7117,6 +7265,7 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
     assert piped.returncode == 0 and "\x1b[" not in piped.stdout
 
 
+@pytest.mark.slow
 def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
     proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(ledger_db), "--last", "2",
                              "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -7139,6 +7288,7 @@ def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_path):
     began = time.perf_counter()
     result = run_cli("demo", cwd=tmp_path)
@@ -7154,6 +7304,7 @@ def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_p
     assert list(tmp_path.iterdir()) == []  # its database was temporary
 
 
+@pytest.mark.slow
 def test_demo_keeps_its_ledger_with_db(tmp_path):
     result = run_cli("demo", "--db", tmp_path / "demo.db")
     assert result.returncode == 0, result.stderr
@@ -7195,6 +7346,7 @@ def _per_call(figure):
     return 0 < figure["median_us"] <= figure["p99_us"] and figure["n"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_path_for_each_local_store(benchmark_report):
     assert set(benchmark_report["stores"]) == {"memory", "sqlite"}
     for figures in benchmark_report["stores"].values():
@@ -7204,6 +7356,7 @@ def test_benchmark_reports_every_path_for_each_local_store(benchmark_report):
             assert _per_call(figures["scale"][size]["miss"]) and _per_call(figures["scale"][size]["hit"])
 
 
+@pytest.mark.slow
 def test_benchmark_measures_the_raw_floor_in_the_same_run(benchmark_report):
     floor = benchmark_report["floor"]
     assert _per_call(floor["claim_complete"]) and _per_call(floor["lookup"]) and _per_call(floor["fingerprint"])
@@ -7211,6 +7364,7 @@ def test_benchmark_measures_the_raw_floor_in_the_same_run(benchmark_report):
     assert 0 < floor["thread_wake"]["p50_ms"] <= floor["thread_wake"]["p99_ms"]
 
 
+@pytest.mark.slow
 def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
     for figures in benchmark_report["stores"].values():
         shared = figures["shared_wait"]
@@ -7219,6 +7373,7 @@ def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
         assert 0 <= shared["wake"]["p50_ms"] <= shared["wake"]["p99_ms"]
 
 
+@pytest.mark.slow
 def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     assert benchmark_report["stores"]["memory"]["cross_process"] is None  # one process's memory
     cross = benchmark_report["stores"]["sqlite"]["cross_process"]
@@ -7226,6 +7381,7 @@ def test_benchmark_cross_process_runs_each_key_once(benchmark_report):
     assert cross["distinct_calls_per_s"] > 0 and cross["wake"]["p99_ms"] is not None
 
 
+@pytest.mark.slow
 def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
     targets = {t["target"]: t for t in benchmark_report["targets"]}
     assert len(targets) == 6
@@ -7248,6 +7404,7 @@ def _benchmark(*options: str, timeout: float = 300) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout, cwd=HERE)
 
 
+@pytest.mark.slow
 def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
     need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON) and os.path.exists(LEDGER_ONCE_PYTHON or ""),
          "set LEDGER_TEST_LEDGER_ONCE to the python of a virtualenv with `pip install ledger-once==0.1.5`")
@@ -7268,6 +7425,7 @@ def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
                                        / against["ledger.py"]["hit_blocked"]["median_us"], 2)
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_python_without_ledger_once_before_measuring():
     run = _benchmark("--quick", "--against", "ledger-once", "--ledger-once-python", sys.executable, timeout=60)
     assert run.returncode != 0 and run.stdout == ""
