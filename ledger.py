@@ -1377,10 +1377,11 @@ class Store:
 
     get(id)                   the record, or None
     insert(record)            add it if no record has its id; True if added
-    insert_or_get(record)     claim a new call: insert it if no record has its
-                              id and return None, else return the stored record
-                              and leave it alone (a store that can do both in one
-                              round trip overrides the default, get then insert)
+    insert_or_get(record)     claim a new call: insert it if no record has its id;
+                              the record stored under the id: `record` itself if
+                              inserted, else the stored one, left alone (None: it
+                              was deleted meanwhile); a store that can do both in
+                              one round trip overrides the default, get then insert
     swap(record, epoch, owner) replace the stored record's state fields with
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
@@ -1423,10 +1424,10 @@ class Store:
         raise NotImplementedError
 
     def insert_or_get(self, record: Record) -> Record | None:
-        while True:  # round again only if the stored record is deleted between the two
-            stored = self.get(record.id)
-            if stored is not None or self.insert(record):
-                return stored
+        stored = self.get(record.id)
+        if stored is None and self.insert(record):
+            return record
+        return stored or self.get(record.id)
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
@@ -3294,7 +3295,10 @@ def _resolve(futures: list[asyncio.Future]) -> None:
             future.set_result(None)
 
 
+# The flight of each call running in this process, by (store url, call id). A run ends
+# its own flight; it removes the entry only while it is still its own.
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
+_FLIGHTS_LOCK = threading.Lock()
 
 
 class _Wait:
@@ -3438,8 +3442,8 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
-                 "check", "__weakref__")
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "flight", "token",
+                 "outer", "check", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
@@ -3510,6 +3514,112 @@ class _Unguarded:
 
     def __exit__(self, *exc: Any) -> None:
         _CURRENT_RUN.reset(self.token)
+
+
+# -- the decision ---------------------------------------------------------------
+# Given the record the store holds for a call, what this caller does: a pure
+# function of the record, the call and its policy, the store's clock, and what this
+# caller already waited for. Every transition of the state machine is one row:
+#
+#   record                                  policy / caller            decision
+#   ---------------------------------------------------------------------------------------
+#   any, argsum differs from the call's     validate= with key=        raise KeyReuseError
+#   any                                     guard.force(...)           claim (new run)
+#   RUNNING, lease live                     replay=False               duplicate: blocked
+#   RUNNING, lease live                     replay, caller inside it   raise ReentrantCallError
+#   RUNNING, lease live                     replay, waited past wait=  raise WaitTimeout
+#   RUNNING, lease live                     replay                     wait (until it lands, lease, wait=)
+#   RUNNING, lease expired                  recover="block"            duplicate: blocked (stale)
+#   RUNNING, lease expired, ledger-once's   any                        duplicate: blocked (stale)
+#   RUNNING, lease expired                  recover="retry"            claim (take over; verify= asked)
+#   UNKNOWN                                 no verify=, or waited it   raise OutcomeUnknown
+#   UNKNOWN                                 verify=                    claim (take over; verify= asked)
+#   FAILED, the run this caller waited for  any                        raise LeaderFailed
+#   FAILED                                  any                        claim (same run, same key)
+#   SUCCESS, in ttl, runs >= max            waited for it              duplicate: shared
+#   SUCCESS, in ttl, runs >= max            replay=True                duplicate: replayed
+#   SUCCESS, in ttl, runs >= max            replay=False               duplicate: blocked
+#   SUCCESS, in ttl, runs < max             any                        claim (new run)
+#   SUCCESS, ttl window over                any                        claim (new run, new window)
+#
+# A claim is a compare-and-set on the record's (epoch, owner) (Store.swap): of all
+# callers that decide to claim one record, one wins, and the others look again.
+
+class _Decision(typing.NamedTuple):
+    action: str                       # "claim", "duplicate", "wait" or "raise"
+    source: str | None = None         # duplicate: "blocked", "replayed" or "shared"
+    stale: bool = False               # duplicate: blocked behind a lease that ran out
+    new_run: bool = False             # claim: a new intended run (a new current_key())
+    new_window: bool = False          # claim: the ttl window ended; max counts from zero
+    verify: bool = False              # claim: ask verify= before running (it may have taken effect)
+    timeout: float = 0.0              # wait: longest this wait lasts (lease or wait= deadline)
+    deadline: float | None = None     # wait: when wait= runs out, on the store's clock
+    error: LedgerError | None = None  # raise: the error
+
+
+def _decide(call: _Call, record: Record, now: float, waited: int | None, deadline: float | None,
+            force: bool, here: bool) -> _Decision:
+    """The state machine's transition for `call` given its stored `record` (see the table
+    above). `now` is on the store's clock; `waited` is the epoch of the RUNNING record this
+    caller last waited for, `deadline` when its wait= runs out (None: not waiting yet); `here`
+    whether this thread or task is inside the run that holds the record."""
+    policy = call.policy
+    if call.argsum is not None and record.argsum not in (None, call.argsum):
+        return _Decision("raise", error=KeyReuseError(
+            f"{call.name}: idempotency key {call.key!r} was first used with other values of "
+            f"{_validated_names(policy)}; use a new key for a different request"))
+    if force:
+        return _Decision("claim", new_run=True)
+    status = record.status
+    if status == Status.RUNNING:
+        if record.lease_until > now:
+            if not policy.replay:
+                return _Decision("duplicate", "blocked")
+            if here:
+                return _Decision("raise", error=ReentrantCallError(
+                    f"{call.name} (call {call.id}) was called again with the same arguments from inside its "
+                    f"own run (directly or through another tool); with replay=True it would wait for its own "
+                    f"result forever. Give the inner call other arguments or a key= of its own"))
+            if deadline is None:
+                deadline = now + policy.wait if policy.wait is not None else math.inf
+            if now >= deadline:
+                return _Decision("raise", error=WaitTimeout(
+                    f"{call.name}: waited {policy.wait}s for the running call {call.id} to finish; raise the "
+                    f"policy's wait= or try again later"))
+            return _Decision("wait", timeout=min(record.lease_until, deadline) - now, deadline=deadline)
+        if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
+            return _Decision("duplicate", "blocked", stale=True)
+        return _Decision("claim", verify=policy.verify is not None)
+    if status == Status.UNKNOWN:
+        if policy.verify is None or waited == record.epoch:
+            return _Decision("raise", error=_unknown_outcome(call, record))
+        return _Decision("claim", verify=True)
+    if status == Status.FAILED:
+        if waited == record.epoch:
+            return _Decision("raise", error=LeaderFailed(
+                f"{call.name}: the running call this one waited for raised {record.error}; the next call "
+                f"runs it again"))
+        return _Decision("claim")
+    fresh = record.expires is None or record.expires > now
+    if fresh and record.runs >= policy.max:
+        source = "shared" if waited is not None else "replayed" if policy.replay else "blocked"
+        return _Decision("duplicate", source)
+    return _Decision("claim", new_run=True, new_window=not fresh)
+
+
+def _unknown_outcome(call: _Call, record: Record) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"{call.name} (call {record.id}): whether its last run took effect is unknown ({record.error}), "
+        f"so it is not run again. Look up key {record.run_key!r} in the system it calls, then settle it: "
+        f"`ledger resolve {record.id} --done [--result JSON]` or `--not-done` (guard.resolve(id, "
+        f"done=...)); or give the policy a verify= that looks the key up", record.id, record.run_key)
+
+
+def _tampered(call: _Call, record: Record) -> IntegrityError:
+    return IntegrityError(
+        f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
+        f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
+        f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
 
 
 class _Core:
@@ -3636,96 +3746,60 @@ class _Core:
 
     def settle(self, call: _Call, force: bool = False) -> Iterator[_Wait]:
         """Yield waits until the call either wins a claim (returns a _Run) or is a
-        duplicate (returns an Outcome)."""
-        store, policy = self.store, call.policy
-        self.secret  # a missing signing key must fail before the tool runs, not after it
-        waited_epoch = deadline = landed = None
+        duplicate (returns an Outcome). The decisions are _decide's; this loop does the
+        reading, claiming and waiting they ask for."""
+        store = self.store
+        secret = self.secret  # a missing signing key fails here, before the tool runs, not after it
+        record = waited = deadline = None
         delay, lost_races = POLL_FIRST, 0
         while True:
             now = store.now()
-            record = landed or store.get(call.id)
-            landed = None
             if record is None and store.legacy and not force:
-                record = self.adopt(call)
-            if record is None:
-                run = self.claim(call, None, now)
-                if store.insert(run.record):
+                record = store.get(call.id) or self.adopt(call)
+            if record is None:  # first look, or the record changed: claim it unless one is stored
+                run = self.prepare_run(call, None, now)
+                record = store.insert_or_get(run.record)
+                if record is run.record:
                     self.note_new_call(call, now)
-                    return self.started(run)
-                lost_races = _lost_race(lost_races, store, call)
-                continue
-            status = record.status
-            if status in _SIGNED and not force:
-                self.verify(call, record)  # before any decision this record steers
-            if call.argsum is not None and record.argsum not in (None, call.argsum):
-                self.count(call.id, 1, 0)
-                raise KeyReuseError(
-                    f"{call.name}: idempotency key {call.key!r} was first used with other values of "
-                    f"{_validated_names(policy)}; use a new key for a different request")
-            if force:
-                takeover = self.claim(call, record, now, new_run=True)
-            elif status == Status.RUNNING:
-                if record.lease_until > now:
-                    if not policy.replay:
-                        return self.duplicate(call, record, "blocked")
-                    if _running_here(store, record):
-                        self.count(call.id, 1, 0)
-                        raise ReentrantCallError(
-                            f"{call.name} (call {call.id}) was called again with the same arguments from "
-                            f"inside its own run (directly or through another tool); with replay=True it "
-                            f"would wait for its own result forever. Give the inner call other arguments "
-                            f"or a key= of its own")
-                    if policy.wait is not None and deadline is None:
-                        deadline = now + policy.wait
-                    if deadline is not None and now >= deadline:
-                        self.count(call.id, 1, 0)
-                        raise WaitTimeout(f"{call.name}: waited {policy.wait}s for the running call {call.id} "
-                                          f"to finish; raise the policy's wait= or try again later")
-                    waited_epoch = record.epoch
-                    timeout = min(record.lease_until - now, (deadline or math.inf) - now)
-                    flight = _FLIGHTS.get((store.url, call.id))
-                    if flight is not None and flight.epoch == record.epoch:
-                        yield _Wait(flight, timeout, store, call.id)
-                        landed = flight.record
-                    else:
-                        yield _Wait(None, min(delay, timeout), store, call.id)
-                        delay = min(delay * 1.5, POLL_MAX)
+                    return self.start(run)
+                if record is None:  # deleted between a failed insert and the read after it
+                    lost_races = _lost_race(lost_races, store, call)
                     continue
-                if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
+            if record.status in _SIGNED and not force and not _verified(secret, record):
+                raise _tampered(call, record)  # before any decision this record steers
+            here = record.status == Status.RUNNING and _running_here(store, record)
+            decision = _decide(call, record, now, waited, deadline, force, here)
+            if decision.action == "raise":
+                self.count(call.id, 1, 0)
+                raise decision.error
+            if decision.action == "duplicate":
+                if decision.stale:
                     self.warn("%s (call %s) is stale: its worker stopped renewing the lease %.1fs ago and "
                               "%s keeps it blocked; clear it with guard.retry(...) or "
                               "`ledger retry %s` once you know whether it took effect",
                               call.name, call.id, now - record.lease_until,
-                              "recover='block'" if policy.recover == "block" else "a call ledger-once left "
+                              "recover='block'" if call.policy.recover == "block" else "a call ledger-once left "
                               "running", call.id)
-                    return self.duplicate(call, record, "blocked")
-                takeover = self.claim(call, record, now)
-                takeover.check = policy.verify is not None
-            elif status == Status.UNKNOWN:
-                if policy.verify is None or waited_epoch == record.epoch:
-                    self.count(call.id, 1, 0)
-                    raise self.unknown(call, record)
-                takeover = self.claim(call, record, now)
-                takeover.check = True
-            elif status == Status.FAILED:
-                if waited_epoch == record.epoch:
-                    self.count(call.id, 1, 0)
-                    raise LeaderFailed(f"{call.name}: the running call this one waited for raised "
-                                       f"{record.error}; the next call runs it again")
-                takeover = self.claim(call, record, now)
-            else:
-                fresh = record.expires is None or record.expires > now
-                if fresh and record.runs >= policy.max:
-                    source = "shared" if waited_epoch is not None else "replayed" if policy.replay else "blocked"
-                    return self.duplicate(call, record, source)
-                takeover = self.claim(call, record, now, new_run=True, new_window=not fresh)
-            if store.swap(takeover.record, record.epoch, record.owner):
-                if status == Status.RUNNING and not force:
+                return self.duplicate_outcome(call, record, decision.source)
+            if decision.action == "wait":
+                waited, deadline = record.epoch, decision.deadline
+                flight = _FLIGHTS.get((store.url, call.id))
+                if flight is not None and flight.epoch == record.epoch:
+                    yield _Wait(flight, decision.timeout, store, call.id)
+                    record = flight.record  # the record the leader stored, handed over (None: read it)
+                else:
+                    yield _Wait(None, min(delay, decision.timeout), store, call.id)
+                    delay, record = min(delay * 1.5, POLL_MAX), None
+                continue
+            run = self.prepare_run(call, record, now, decision.new_run, decision.new_window)
+            run.check = decision.verify
+            if store.swap(run.record, record.epoch, record.owner):
+                if record.status == Status.RUNNING and not force:
                     self.warn("%s (call %s): took over from a worker whose lease expired %.1fs ago "
                               "(epoch %d -> %d)", call.name, call.id, now - record.lease_until,
-                              record.epoch, takeover.record.epoch)
-                return self.started(takeover)
-            lost_races = _lost_race(lost_races, store, call)
+                              record.epoch, run.record.epoch)
+                return self.start(run)
+            lost_races, record = _lost_race(lost_races, store, call), None
 
     def adopt(self, call: _Call) -> Record | None:
         """The record ledger-once kept for this call, copied under the call's own id; None if none.
@@ -3756,9 +3830,12 @@ class _Core:
         store.insert(record)  # a worker that adopted it first stored the same record
         return store.get(call.id)
 
-    def claim(self, call: _Call, prev: Record | None, now: float,
-              new_run: bool = False, new_window: bool = False) -> _Run:
-        """The RUNNING record this process would write to claim the call (`now` on the store's clock)."""
+    def prepare_run(self, call: _Call, prev: Record | None, now: float,
+                    new_run: bool = False, new_window: bool = False) -> _Run:
+        """The run this process would start by writing its RUNNING record over `prev` (None:
+        the call has no record), `now` on the store's lease clock. `new_run`: a new intended
+        run (a new current_key()), not a retry of the last one; `new_window`: its ttl window
+        ended, so the successful runs `max` counts start again from zero."""
         policy, wall = call.policy, time.time()
         if prev is None or new_run:
             once = policy.max == 1 and policy.ttl is None and prev is None
@@ -3776,32 +3853,22 @@ class _Core:
             cost=policy.cost)
         return _Run(self, call, record)
 
-    def started(self, run: _Run) -> _Run:
+    def start(self, run: _Run) -> _Run:
+        """A claim won: count the attempt, let in-process duplicates wait on its flight, renew its lease."""
         self.count(run.call.id, 1, 0)
-        _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
+        run.flight = _Flight(run.record.epoch)
+        with _FLIGHTS_LOCK:
+            _FLIGHTS[(self.store.url, run.call.id)] = run.flight
         run.renewer = _HEARTBEAT.renewer(self.store)
         run.renewer.add(run)
         return run
 
-    def duplicate(self, call: _Call, record: Record, source: str) -> Outcome:
+    def duplicate_outcome(self, call: _Call, record: Record, source: str) -> Outcome:
+        """What a duplicate returns: BLOCKED, or (replayed, shared) the recorded result."""
         value = BLOCKED if source == "blocked" else self.replay(call, record)
         self.count(call.id, 1, 1)
         self.fire("block", record)
         return Outcome(value, source, record.run_key, record)
-
-    def unknown(self, call: _Call, record: Record) -> OutcomeUnknown:
-        return OutcomeUnknown(
-            f"{call.name} (call {record.id}): whether its last run took effect is unknown ({record.error}), "
-            f"so it is not run again. Look up key {record.run_key!r} in the system it calls, then settle it: "
-            f"`ledger resolve {record.id} --done [--result JSON]` or `--not-done` (guard.resolve(id, "
-            f"done=...)); or give the policy a verify= that looks the key up", record.id, record.run_key)
-
-    def verify(self, call: _Call, record: Record) -> None:
-        if not _verified(self.secret, record):
-            raise IntegrityError(
-                f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
-                f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
-                f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
 
     def replay(self, call: _Call, record: Record) -> Any:
         """The recorded result of a verified SUCCESS record."""
@@ -3861,7 +3928,7 @@ class _Core:
                f"the verifier returned {_describe(answer)}, not Done(value), NOT_DONE or None")
         self.warn("%s (call %s): %s; recorded UNKNOWN", call.name, call.id, why)
         record = self.ended(run, Status.UNKNOWN, why[:2000])
-        raise self.unknown(call, record)
+        raise _unknown_outcome(call, record)
 
     def unguarded(self, call: _Call, error: StoreError) -> _Unguarded:
         """The store failed before the call was claimed: under fail_open, run it anyway."""
@@ -3991,11 +4058,14 @@ class _Core:
 
     def release(self, run: _Run, stored: Record | None = None) -> None:
         """Stop renewing the run's lease and wake its in-process duplicates, handing them
-        the record it stored (None: they read the store)."""
+        the record it stored (None: they read the store). A run that was fenced off leaves
+        the flight of the run that took over alone."""
         run.renewer.discard(run)
-        flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
-        if flight is not None:
-            flight.land(stored)
+        key = (self.store.url, run.call.id)
+        with _FLIGHTS_LOCK:
+            if _FLIGHTS.get(key) is run.flight:
+                del _FLIGHTS[key]
+        run.flight.land(stored)
 
     # -- noticing non-deterministic arguments ------------------------------
 
