@@ -4772,9 +4772,12 @@ class Guard:
         return text
 
     def check(self) -> bool:
-        """Self-test: the store contract and the state machine, in memory. True or raises."""
-        check_store(MemoryStore())
-        probe = Guard(MemoryStore(), quiet=True)
+        """Self-test of this guard's store: the store contract (check_store), then the state
+        machine end to end (a run, a replayed duplicate, a failure and its re-run), on scratch
+        records of a workflow of its own, removed afterwards. True or raises."""
+        store, workflow = self.store, f"ledger-check-{secrets.token_hex(6)}"
+        check_store(store)
+        probe = Guard(store, workflow=workflow, quiet=True, secret=self._core.secret)
         calls: list[int] = []
 
         @probe.once(name="ledger.check", replay=True)
@@ -4784,14 +4787,16 @@ class Guard:
                 raise ValueError(n)
             return n * 2
 
-        results = [probe(tool, 21), probe(tool, n=21)]
-        for _ in range(2):
-            try:
-                probe(tool, -1)
-            except ValueError:
-                pass
+        try:
+            results = [probe(tool, 21), probe(tool, n=21)]
+            for _ in range(2):
+                with contextlib.suppress(ValueError):
+                    probe(tool, -1)
+        finally:
+            probe._core.flush(quietly=True)
+            store.clear(workflow)
         if results != [42, 42] or calls != [21, -1, -1]:
-            raise LedgerError(f"self-check failed: results {results}, runs {calls}")
+            raise LedgerError(f"self-check failed on {store!r}: results {results}, runs {calls}")
         return True
 
     def close(self) -> None:
