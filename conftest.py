@@ -6,6 +6,8 @@ import collections
 import importlib.util
 import os
 import pathlib
+import signal
+import threading
 import time
 import uuid
 
@@ -180,6 +182,102 @@ def _own_scope():
     for var in (ledger._WORKFLOW, ledger._CALLER, ledger._STATEMENT):
         var.set(None)
     ledger._SCOPE_TOKENS.set(())
+
+
+# ---------------------------------------------------------------------------
+# The ledgers the command line and the dashboard are tested on, and children
+# that run `python ledger.py ...` as a user would.
+# ---------------------------------------------------------------------------
+
+LEDGER_PY = str(pathlib.Path(__file__).resolve().parent / "ledger.py")
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def ledger_db(tmp_path):
+    """A ledger of five calls in three workflows: blocked and replayed duplicates, one failure
+    (whose message is markup), one stale call, and an argument that looks like an XSS attack."""
+    path = tmp_path / "ledger.db"
+    g = Guard(str(path), quiet=True)
+
+    def lookup(q):
+        return {"q": q}
+
+    def flaky(x):
+        raise ValueError("<svg onload=alert(2)> upstream said no")
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    def charge(order_id, amount):
+        return {"charged": amount, "order": order_id}
+
+    tools = g.wrap_tools({"charge_card": charge, "crm.lookup": lookup, "flaky_api": flaky,
+                          "nightly_job": interrupted})
+    g.policy("crm.lookup", replay=True, cost=0.25)
+    g.policy("nightly_job", lease=0.05, recover="block")
+    with g.workflow("order-7"):
+        tools["charge_card"](7, 9.5)
+        tools["charge_card"](7, 9.5)
+        tools["crm.lookup"](q=XSS)
+        tools["crm.lookup"](q=XSS)
+        with pytest.raises(ValueError):
+            tools["flaky_api"](x=1)
+    with g.workflow("triage").as_caller("agent-2"):
+        for _ in range(3):
+            tools["crm.lookup"](q="acme corp")
+    with pytest.raises(KeyboardInterrupt):  # interrupted under recover="block": RUNNING until its lease runs out
+        tools["nightly_job"](job=1)
+    g.close()
+    time.sleep(0.06)
+    return path
+
+
+@pytest.fixture
+def unknown_db(tmp_path):
+    """A ledger holding one UNKNOWN call (charge_card timed out) and one SUCCESS."""
+    path = tmp_path / "ledger.db"
+    g = Guard(str(path), quiet=True)
+
+    def timed_out(order):
+        raise TimeoutError("no answer from the provider")
+    g.wrap_tools({"charge_card": timed_out, "lookup": lambda q: q})["lookup"](q="acme")
+    with pytest.raises(TimeoutError):
+        g.wrap_tools({"charge_card": timed_out})["charge_card"](order=7)
+    g.close()
+    return path
+
+
+def records_of(path) -> list[dict]:
+    return [r.as_dict() for r in SQLiteStore(path, create=False).records()]
+
+
+def interruptible() -> None:
+    """In a child before it starts: take Ctrl-C as a terminal's foreground program does, even when
+    this test run was started with SIGINT ignored (as shells start background jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Lines:
+    """The lines a child process prints, read in the background so a test can wait with a timeout."""
+
+    def __init__(self, stream):
+        import queue
+        self.queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def until(self, text: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"the process exited before printing {text!r}"
+            if text in line:
+                return line
 
 
 # ---------------------------------------------------------------------------

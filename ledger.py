@@ -5366,10 +5366,12 @@ _Mem = MemoryStore  # ledger-once's name for the in-memory store, which its READ
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_LEASE = 1.0
-DASHBOARD_ROWS = 1000
-# A record's state as shown: its status, or STALE for a RUNNING one whose lease ran out.
-STATES = (Status.RUNNING.value, "STALE", *(s.value for s in Status if s != Status.RUNNING))
-_STATE_STYLE = {"RUNNING": "blue", "STALE": "yellow", "SUCCESS": "green", "FAILED": "red", "UNKNOWN": "magenta"}
+# The states a record is shown in, the one vocabulary of every command and of the dashboard
+# (ledger_dashboard.py): its status, or STALE for a RUNNING one whose lease ran out.
+STALE = "STALE"
+STATES = (Status.RUNNING.value, STALE, *(s.value for s in Status if s != Status.RUNNING))
+_STATE_STYLE = {Status.RUNNING.value: "blue", STALE: "yellow", Status.SUCCESS.value: "green",
+                Status.FAILED.value: "red", Status.UNKNOWN.value: "magenta"}
 # Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
 _CONTROL = {**dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd"), **dict.fromkeys(map(ord, "\t\n\r"), " ")}
 _CSV_CONTROL = {**_CONTROL, ord("\n"): "\n"}
@@ -5558,6 +5560,20 @@ def _money(x: float) -> str:
     return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.2g}"
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction:.0%}"
+
+
+def _clock(t: float) -> str:
+    """A time of day on this machine's clock."""
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def _when(t: float) -> str:
+    """A date and time on this machine's clock."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def _bar(fraction: float, width: int, track: bool = True) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     if not filled and fraction > 0:
@@ -5616,7 +5632,7 @@ def _snapshot(guard: Guard, wf: str | None = None, tool: str | None = None) -> l
 
 
 def _state(record: Record, now: float) -> str:
-    return "STALE" if record.stale(now) else record.status
+    return STALE if record.stale(now) else record.status
 
 
 def _record_json(record: Record, now: float) -> dict[str, Any]:
@@ -5686,7 +5702,7 @@ def _cmd_stats(args: Any) -> int:
           f"{paint('yellow' if stats['stale'] else None, 'stale %d' % stats['stale'])}   "
           f"{paint('red' if stats['failed'] else None, 'failed %d' % stats['failed'])}")
     print(f"calls       {stats['attempts']:<6} ran {stats['executed']}   blocked {stats['blocked']}")
-    print(f"duplicates  {paint('green', bar)} {stats['duplicate_rate']:.0%} of calls did not run again")
+    print(f"duplicates  {paint('green', bar)} {_percent(stats['duplicate_rate'])} of calls did not run again")
     print(f"saved       {_money(stats['saved_usd'])} and {_seconds(stats['saved_seconds'])} of tool time")
     return EXIT_OK
 
@@ -5705,7 +5721,7 @@ def _savings_report(records: list[Record], paint: _Paint) -> list[str]:
     """Runs avoided, money and time saved, per tool, with a bar chart."""
     total = _totals(records)
     lines = [f"{paint('bold', 'Savings')}: {total['blocked']} of {total['attempts']} calls were duplicates "
-             f"and did not run ({total['duplicate_rate']:.0%})",
+             f"and did not run ({_percent(total['duplicate_rate'])})",
              f"saved {paint('green', _money(total['saved_usd']))} and "
              f"{paint('green', _seconds(total['saved_seconds']))} of tool time"]
     if not records:
@@ -5899,7 +5915,8 @@ def _confirm_legacy(store: SQLiteStore, prefix: str) -> int:
 
 # -- tail -------------------------------------------------------------------------
 
-_EVENTS = {"RUNNING": "started", "STALE": "stale", "SUCCESS": "ran", "FAILED": "failed", "UNKNOWN": "unknown"}
+_EVENTS = {Status.RUNNING.value: "started", STALE: "stale", Status.SUCCESS.value: "ran",
+           Status.FAILED.value: "failed", Status.UNKNOWN.value: "unknown"}
 
 
 def _cmd_tail(args: Any) -> int:
@@ -5949,11 +5966,11 @@ def _changes(seen: dict[str, tuple], records: list[Record], now: float) -> tuple
 
 
 def _tail_detail(state: str, r: Record, now: float) -> str:
-    if state in ("FAILED", "UNKNOWN"):
+    if state in (Status.FAILED, Status.UNKNOWN):
         return _clean(r.error)
-    if state == "SUCCESS":
+    if state == Status.SUCCESS:
         return f"in {_seconds(r.duration)}  {_clean(r.args)}"
-    if state == "STALE":
+    if state == STALE:
         return f"lease ran out {_seconds(now - r.lease_until)} ago  {_clean(r.args)}"
     return f"by {_clean(r.caller)}  {_clean(r.args)}" if r.caller else _clean(r.args)
 
@@ -5961,7 +5978,7 @@ def _tail_detail(state: str, r: Record, now: float) -> str:
 def _tail_line(event: str, r: Record, detail: str, paint: _Paint) -> str:
     style = {"ran": "green", "failed": "red", "stale": "yellow", "started": "blue", "blocked": "dim",
              "unknown": "magenta"}[event]
-    head = (f"{time.strftime('%H:%M:%S', time.localtime(r.updated))}  {paint(style, event.ljust(7))}  "
+    head = (f"{_clock(r.updated)}  {paint(style, event.ljust(7))}  "
             f"{_fit(_clean(r.tool), 20, keep_end=True):<20}  {_fit(_clean(r.workflow), 12):<12}  ")
     return head + _fit(detail, max(16, _width() - 55))
 
@@ -6106,491 +6123,12 @@ def _demo_doomed_worker(path: str, workflow: str) -> None:
     worker.wrap_tools({"send_invoice": send_invoice})["send_invoice"](order_id=1042)
 
 
-# -- serve: the dashboard ---------------------------------------------------------
+# -- serve ------------------------------------------------------------------------
 
 def _cmd_serve(args: Any) -> int:
-    from http.server import ThreadingHTTPServer
-    with _opened(args) as guard:
-        board = _Dashboard(guard, args.wf)
-        try:
-            server = ThreadingHTTPServer((args.host, args.port), _dashboard_handler(board))
-        except OSError as e:
-            raise LedgerError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
-                              f"pick another --port") from None
-        server.daemon_threads = True
-        port = server.server_address[1]
-        board.allow_hosts(args.host, port)
-        shown = f"[{args.host}]" if ":" in args.host else args.host
-        try:
-            print(f"ledger dashboard: http://{shown}:{port}/  ({guard.store.url}; Ctrl-C to stop)", flush=True)
-            if board.hosts is None:
-                print(f"ledger: the dashboard shows tool arguments and results to anyone who can reach "
-                      f"{args.host}:{port}", file=sys.stderr)
-            server.serve_forever(poll_interval=0.25)
-        except KeyboardInterrupt:  # Ctrl-C is how it stops
-            pass
-        finally:
-            server.server_close()
-    return EXIT_OK
-
-
-class _Dashboard:
-    """What the page polls: records, totals, per-tool savings, and executed/blocked over time.
-
-    Read-only: it only ever lists records. The time series is sampled from the totals
-    (at most once a second while a page polls), since records keep counts, not events.
-    """
-
-    def __init__(self, guard: Guard, workflow: str | None):
-        import collections
-        self.guard, self.workflow = guard, workflow
-        self.samples: collections.deque = collections.deque(maxlen=2400)
-        self.lock = threading.Lock()
-        self.hosts: set[str] | None = None
-        self.page, self.csp = _dashboard_page()
-
-    def allow_hosts(self, host: str, port: int) -> None:
-        """On a loopback address, answer only requests addressed to it: a web page elsewhere
-        that rebinds its own name to 127.0.0.1 then cannot read the ledger."""
-        import ipaddress
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if loopback:
-            names = ("127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host)
-            self.hosts = {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())
-
-    def state(self) -> dict[str, Any]:
-        records = _snapshot(self.guard, self.workflow)
-        now, clock = time.time(), self.guard.store.now()
-        totals = _totals(records, clock)
-        with self.lock:
-            point = (round(now, 3), totals["executed"], totals["blocked"])
-            if not self.samples or now - self.samples[-1][0] >= 1 or self.samples[-1][1:] != point[1:]:
-                self.samples.append(point)
-            series = list(self.samples)
-        recent = sorted(records, key=lambda r: r.updated)[-DASHBOARD_ROWS:]
-        return {
-            "db": self.guard.store.url, "workflow": self.workflow, "now": now,
-            "totals": totals, "series": series,
-            "tools": {tool: {**_totals(rows, clock), "priced": any(r.cost is not None for r in rows)}
-                      for tool, rows in _by_tool(records).items()},
-            "records": [_record_view(r, clock) for r in reversed(recent)],
-        }
-
-
-def _record_view(r: Record, now: float) -> dict[str, Any]:
-    view = {k: v for k, v in r.as_dict().items() if k not in ("owner", "sig")}
-    if r.result is not None and len(r.result) > 500:
-        view["result"] = r.result[:499] + "…"
-    view["state"] = _state(r, now)
-    return view
-
-
-def _dashboard_handler(board: _Dashboard) -> type:
-    from http.server import BaseHTTPRequestHandler
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = f"ledger.py/{__version__}"
-
-        def version_string(self) -> str:
-            return self.server_version
-
-        def do_GET(self) -> None:
-            self.answer(body=True)
-
-        def do_HEAD(self) -> None:
-            self.answer(body=False)
-
-        def refuse(self) -> None:
-            self.send(405, "application/json", b'{"error": "the dashboard is read-only: GET only"}',
-                      {"Allow": "GET, HEAD"})
-
-        do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_TRACE = do_CONNECT = refuse
-
-        def answer(self, body: bool) -> None:
-            if board.hosts is not None and self.headers.get("Host", "") not in board.hosts:
-                return self.send(403, "text/plain", b"unknown Host header", body=body)
-            path = self.path.split("?", 1)[0]
-            if path == "/":
-                return self.send(200, "text/html; charset=utf-8", board.page, body=body)
-            if path != "/api/state":
-                return self.send(404, "text/plain", b"not found", body=body)
-            try:
-                data, code = board.state(), 200
-            except LedgerError as e:
-                data, code = {"error": _clean(e)}, 503
-            self.send(code, "application/json", json.dumps(data, ensure_ascii=False).encode(), body=body)
-
-        def send(self, code: int, kind: str, payload: bytes, headers: Mapping[str, str] = {},
-                 body: bool = True) -> None:
-            self.send_response(code)
-            for name, value in {"Content-Type": kind, "Content-Length": str(len(payload)),
-                                "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                                "Referrer-Policy": "no-referrer", "Content-Security-Policy": board.csp,
-                                **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if body:
-                self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a page polls every 1.5 s; a line per request would drown everything else
-
-    return Handler
-
-
-def _dashboard_page() -> tuple[bytes, str]:
-    """The page, and a Content-Security-Policy that lets only its own script and style run."""
-    def digest(text: str) -> str:
-        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-    options = "".join(f"<option>{state}</option>" for state in STATES)
-    page = (_DASHBOARD_HTML.replace("/*STYLE*/", _DASHBOARD_CSS).replace("/*SCRIPT*/", _DASHBOARD_JS)
-            .replace("/*STATES*/", options))
-    csp = (f"default-src 'none'; script-src {digest(_DASHBOARD_JS)}; style-src {digest(_DASHBOARD_CSS)}; "
-           f"connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return page.encode(), csp
-
-
-_DASHBOARD_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>ledger.py dashboard</title>
-<link rel="icon" href="data:,">
-<style>/*STYLE*/</style>
-</head>
-<body>
-<header>
-  <h1>ledger<span>.py</span></h1>
-  <div id="db" class="db"></div>
-  <div id="live" class="live">connecting…</div>
-</header>
-<main>
-  <section id="totals" class="cards" aria-label="totals"></section>
-  <section class="panels">
-    <div class="panel">
-      <h2>Executed vs blocked <small id="since"></small></h2>
-      <svg id="chart" viewBox="0 0 640 170" role="img" aria-label="executed and blocked calls over time"></svg>
-      <div class="legend"><span class="key ran"></span>executed <span class="key blk"></span>blocked (did not run)</div>
-    </div>
-    <div class="panel">
-      <h2>Savings by tool <small id="metric"></small></h2>
-      <table id="tools" class="tools"><thead><tr><th>tool</th><th class="num">avoided</th><th class="num">money</th>
-        <th class="num">time</th><th></th></tr></thead><tbody></tbody></table>
-    </div>
-  </section>
-  <section class="filters" aria-label="filters">
-    <label>workflow <select id="f-wf"></select></label>
-    <label>tool <select id="f-tool"></select></label>
-    <label>status <select id="f-status">
-      <option value="">all states</option>/*STATES*/</select></label>
-    <span id="count" class="count"></span>
-  </section>
-  <table id="records" class="records">
-    <thead><tr><th>status</th><th>tool</th><th>workflow</th><th>caller</th><th class="num" title="attempts">att</th>
-      <th class="num" title="executed">ran</th><th class="num" title="blocked duplicates">blk</th>
-      <th class="num">time</th><th>updated</th><th>arguments</th><th>last error</th></tr></thead>
-    <tbody id="rows"></tbody>
-  </table>
-  <p class="foot">Read-only view, refreshed every 1.5 s. Click a row for its details.
-    <code>ledger retry ID</code> releases a stale call.</p>
-</main>
-<script>/*SCRIPT*/</script>
-</body>
-</html>
-"""
-
-_DASHBOARD_CSS = """
-:root { --bg: #f5f6f8; --card: #fff; --ink: #18202c; --mute: #677085; --line: #e3e6eb;
-  --ran: #2f6fde; --blk: #17a362; --fail: #d63a3a; --stale: #c97a06; --run: #7047d6; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", sans-serif; }
-header { display: flex; align-items: baseline; gap: 16px; padding: 12px 24px; background: #151b26; color: #f3f5f8; }
-h1 { margin: 0; font-size: 19px; letter-spacing: .01em; } h1 span { color: #8fa3c4; font-weight: 400; }
-.db { flex: 1; color: #9aa6b8; font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
-  overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.live { font-size: 12px; color: #9aa6b8; white-space: nowrap; }
-.live::before { content: "●"; margin-right: 6px; color: #6b7280; }
-.live.ok::before { color: #33c27f; } .live.down { color: #ffb4b4; } .live.down::before { color: #ef4444; }
-main { max-width: 1440px; margin: 0 auto; padding: 16px 24px 28px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(118px, 1fr)); gap: 10px; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 9px 12px; }
-.card .k { color: var(--mute); font-size: 11.5px; text-transform: uppercase; letter-spacing: .05em; }
-.card .v { font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.card.good .v { color: var(--blk); } .card.bad .v { color: var(--fail); } .card.warn .v { color: var(--stale); }
-.panels { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 10px; margin-top: 10px; }
-.panel { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-h2 { margin: 0 0 6px; font-size: 13px; text-transform: uppercase; letter-spacing: .05em; color: var(--mute); }
-h2 small { text-transform: none; letter-spacing: 0; font-weight: 400; margin-left: 6px; }
-svg { width: 100%; height: auto; display: block; }
-svg .axis { stroke: #c9ced8; stroke-width: 1; } svg .grid { stroke: #eef0f3; stroke-width: 1; }
-svg .ran { fill: none; stroke: var(--ran); stroke-width: 2.2; } svg .blk { fill: none; stroke: var(--blk); stroke-width: 2.2; }
-svg text { fill: var(--mute); font-size: 11px; }
-.legend { font-size: 12px; color: var(--mute); }
-.key { display: inline-block; width: 14px; height: 3px; margin: 0 5px 3px 10px; vertical-align: middle; }
-.key.ran { background: var(--ran); } .key.blk { background: var(--blk); }
-table { width: 100%; border-collapse: collapse; }
-th { text-align: left; font-size: 11.5px; font-weight: 600; color: var(--mute); text-transform: uppercase;
-  letter-spacing: .04em; padding: 6px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-td { padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
-.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.tools td { padding: 4px 8px; } .tools td.bar { width: 40%; }
-.fill { height: 10px; border-radius: 3px; background: var(--blk); min-width: 2px; }
-.filters { display: flex; flex-wrap: wrap; align-items: center; gap: 14px; margin: 16px 0 8px; color: var(--mute); }
-select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 6px; background: #fff; color: var(--ink); }
-.count { margin-left: auto; font-size: 12px; }
-.records { background: var(--card); border: 1px solid var(--line); border-radius: 8px; }
-.records tbody tr { cursor: pointer; } .records tbody tr:hover { background: #f8fafc; }
-.mono { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-td.clip { max-width: 0; width: 32%; overflow: hidden; text-overflow: ellipsis; }
-td.err { width: 20%; color: var(--fail); }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 11px; font-weight: 650; letter-spacing: .03em; }
-.badge.SUCCESS { background: #dcf5e7; color: #146c43; } .badge.FAILED { background: #fde2e2; color: #a61d1d; }
-.badge.RUNNING { background: #ebe5fc; color: #5031a8; } .badge.STALE { background: #fdf0d5; color: #8a5300; }
-.badge.UNKNOWN { background: #fbe0f3; color: #8c1d6b; }
-tr.fresh { animation: flash 2.5s ease-out; } @keyframes flash { from { background: #fff4c2; } to { background: transparent; } }
-tr.detail { cursor: default; background: #fafbfc; } tr.detail:hover { background: #fafbfc; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 4px 0; }
-dt { color: var(--mute); } dd { margin: 0; white-space: pre-wrap; word-break: break-all; }
-tr.detail td { white-space: normal; }
-.empty { text-align: center; color: var(--mute); padding: 22px; }
-.foot { color: var(--mute); font-size: 12px; margin-top: 10px; }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eceff3; padding: 1px 4px; border-radius: 4px; }
-@media (max-width: 900px) { .panels { grid-template-columns: 1fr; } }
-"""
-
-# Built with textContent and createElement only: records hold untrusted text, and none of it
-# is ever parsed as HTML.
-_DASHBOARD_JS = """
-"use strict";
-const POLL_MS = 1500;
-const SVG = "http://www.w3.org/2000/svg";
-const STATES = new Set(""" + json.dumps(STATES) + """);
-const CARDS = [
-  ["attempts", "calls", (t) => t.attempts],
-  ["executed", "ran", (t) => t.executed],
-  ["blocked", "blocked", (t) => t.blocked, "good"],
-  ["duplicate_rate", "duplicate rate", (t) => Math.round(t.duplicate_rate * 100) + "%"],
-  ["saved_usd", "money saved", (t) => money(t.saved_usd), "good"],
-  ["saved_seconds", "time saved", (t) => seconds(t.saved_seconds), "good"],
-  ["failed", "failed", (t) => t.failed, "bad"],
-  ["unknown", "unknown", (t) => t.unknown, "bad"],
-  ["running", "running", (t) => t.running],
-  ["stale", "stale", (t) => t.stale, "warn"],
-];
-const ui = { data: null, known: null, open: new Set(), polls: 0 };
-const $ = (id) => document.getElementById(id);
-
-function el(tag, text, cls) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (cls) node.className = cls;
-  return node;
-}
-function shape(tag, attrs, text) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-  if (text !== undefined) node.textContent = String(text);
-  return node;
-}
-function money(x) {
-  return x >= 0.01 || x === 0 ? "$" + x.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2})
-                              : "$" + x.toPrecision(2);
-}
-function seconds(s) {
-  if (s === null || s === undefined) return "–";
-  if (s < 1) return Math.round(s * 1000) + " ms";
-  if (s < 60) return s.toFixed(1) + " s";
-  if (s < 3600) return Math.floor(s / 60) + " m " + String(Math.floor(s % 60)).padStart(2, "0") + " s";
-  return Math.floor(s / 3600) + " h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + " m";
-}
-function ago(s) {
-  s = Math.max(0, s);
-  if (s < 60) return Math.round(s) + "s ago";
-  if (s < 3600) return Math.round(s / 60) + "m ago";
-  if (s < 86400) return Math.round(s / 3600) + "h ago";
-  return Math.round(s / 86400) + "d ago";
-}
-function clock(t) { return new Date(t * 1000).toLocaleTimeString([], {hour12: false}); }
-function unique(values) { return Array.from(new Set(values)).sort(); }
-
-function setOptions(select, values, allLabel) {
-  const current = select.value;
-  const wanted = [""].concat(values);
-  if (Array.from(select.options, (o) => o.value).join("\\u0000") !== wanted.join("\\u0000")) {
-    select.replaceChildren(...wanted.map((v) => new Option(v === "" ? allLabel : v, v)));
-  }
-  select.value = wanted.includes(current) ? current : "";
-}
-
-function buildCards() {
-  $("totals").replaceChildren(...CARDS.map(([key, label]) => {
-    const card = el("div", null, "card");
-    card.dataset.total = key;
-    card.append(el("div", label, "k"), el("div", "–", "v"));
-    return card;
-  }));
-}
-
-function renderTotals(totals) {
-  for (const [key, , value, tone] of CARDS) {
-    const card = document.querySelector('[data-total="' + key + '"]');
-    card.querySelector(".v").textContent = value(totals);
-    card.className = "card" + (tone && totals[key] > 0 ? " " + tone : "");
-  }
-}
-
-function renderChart(series, now) {
-  const chart = $("chart"), W = 640, H = 170, L = 40, R = 10, T = 10, B = 24;
-  const points = series.concat([[now, series.length ? series[series.length - 1][1] : 0,
-                                 series.length ? series[series.length - 1][2] : 0]]);
-  const t0 = points[0][0], t1 = Math.max(now, t0 + 5);
-  const top = Math.max(1, ...points.map((p) => Math.max(p[1], p[2])));
-  const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
-  const y = (v) => T + (1 - v / top) * (H - T - B);
-  const line = (i) => points.map((p, n) => (n ? x(p[0]).toFixed(1) + "," + y(points[n - 1][i]).toFixed(1) + " " : "")
-                                          + x(p[0]).toFixed(1) + "," + y(p[i]).toFixed(1)).join(" ");
-  const nodes = [];
-  for (const v of [0, top / 2, top]) {
-    nodes.push(shape("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), class: v ? "grid" : "axis"}));
-    nodes.push(shape("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, Math.round(v)));
-  }
-  nodes.push(shape("text", {x: L, y: H - 6}, clock(t0)));
-  nodes.push(shape("text", {x: W - R, y: H - 6, "text-anchor": "end"}, clock(now)));
-  nodes.push(shape("polyline", {points: line(1), class: "ran"}));
-  nodes.push(shape("polyline", {points: line(2), class: "blk"}));
-  chart.replaceChildren(...nodes);
-  $("since").textContent = "since " + clock(t0) + ", when this dashboard first looked";
-}
-
-function renderTools(tools) {
-  const entries = Object.entries(tools);
-  const sum = (k) => entries.reduce((a, [, t]) => a + t[k], 0);
-  const [metric, label] = sum("saved_usd") > 0 ? ["saved_usd", "bars: money saved"]
-    : sum("saved_seconds") > 0 ? ["saved_seconds", "bars: time saved"] : ["blocked", "bars: runs avoided"];
-  const top = Math.max(...entries.map(([, t]) => t[metric]), 0) || 1;
-  entries.sort((a, b) => b[1][metric] - a[1][metric] || b[1].blocked - a[1].blocked || (a[0] < b[0] ? -1 : 1));
-  $("metric").textContent = label;
-  const rows = entries.map(([tool, t]) => {
-    const tr = el("tr");
-    const bar = el("td", null, "bar");
-    if (t[metric] > 0) {
-      const fill = el("div", null, "fill");
-      fill.style.width = (100 * t[metric] / top).toFixed(1) + "%";
-      bar.append(fill);
-    }
-    tr.append(el("td", tool, "mono"), el("td", t.blocked, "num"), el("td", t.priced ? money(t.saved_usd) : "–", "num"),
-              el("td", seconds(t.saved_seconds), "num"), bar);
-    return tr;
-  });
-  if (!rows.length) {
-    const td = el("td", "nothing recorded yet", "empty");
-    td.colSpan = 5;
-    rows.push(el("tr"));
-    rows[0].append(td);
-  }
-  document.querySelector("#tools tbody").replaceChildren(...rows);
-}
-
-function detailRow(r) {
-  const tr = el("tr", null, "detail");
-  const td = el("td");
-  td.colSpan = 11;
-  const dl = el("dl", null, "mono");
-  const fields = [["id", r.id], ["idempotency key", r.run_key], ["epoch", r.epoch], ["successful runs", r.runs],
-    ["created", new Date(r.created * 1000).toLocaleString()], ["arguments", r.args], ["result", r.result],
-    ["not stored", r.unstored], ["error", r.error], ["cost per run", r.cost === null ? null : money(r.cost)]];
-  for (const [name, value] of fields) {
-    if (value === null || value === undefined) continue;
-    dl.append(el("dt", name), el("dd", value));
-  }
-  td.append(dl);
-  tr.append(td);
-  return tr;
-}
-
-function renderRows(records, now) {
-  const wf = $("f-wf").value, tool = $("f-tool").value, status = $("f-status").value;
-  const shown = records.filter((r) => (!wf || r.workflow === wf) && (!tool || r.tool === tool)
-                                      && (!status || r.state === status));
-  const rows = [];
-  for (const r of shown) {
-    const tr = el("tr");
-    tr.dataset.id = r.id;
-    if (ui.known && !ui.known.has(r.id)) tr.classList.add("fresh");
-    const badge = el("span", r.state, "badge");
-    if (STATES.has(r.state)) badge.classList.add(r.state);
-    if (r.state === "STALE") badge.title = "RUNNING, but its lease ran out: its worker died or stalled";
-    const status = el("td");
-    status.append(badge);
-    const updated = el("td", ago(now - r.updated));
-    updated.title = new Date(r.updated * 1000).toLocaleString();
-    tr.append(status, el("td", r.tool, "mono"), el("td", r.workflow), el("td", r.caller || "–"),
-              el("td", r.attempts, "num"), el("td", r.executed, "num"), el("td", r.blocked, "num"),
-              el("td", seconds(r.duration), "num"), updated, el("td", r.args, "mono clip"),
-              el("td", r.error, "mono clip err"));
-    tr.addEventListener("click", () => {
-      if (ui.open.has(r.id)) ui.open.delete(r.id); else ui.open.add(r.id);
-      render();
-    });
-    rows.push(tr);
-    if (ui.open.has(r.id)) rows.push(detailRow(r));
-  }
-  if (!rows.length) {
-    const td = el("td", records.length ? "no call matches these filters" : "no calls recorded yet", "empty");
-    td.colSpan = 11;
-    rows.push(el("tr"));
-    rows[0].append(td);
-  }
-  $("rows").replaceChildren(...rows);
-  const total = ui.data.totals.actions;
-  $("count").textContent = shown.length + " of " + total + " calls"
-    + (records.length < total ? " (the table holds the " + records.length + " most recent)" : "");
-}
-
-function render() {
-  const d = ui.data;
-  if (!d) return;
-  $("db").textContent = d.db + (d.workflow ? "  ·  workflow " + d.workflow : "");
-  renderTotals(d.totals);
-  renderChart(d.series, d.now);
-  renderTools(d.tools);
-  setOptions($("f-wf"), unique(d.records.map((r) => r.workflow)), "all workflows");
-  setOptions($("f-tool"), unique(d.records.map((r) => r.tool)), "all tools");
-  renderRows(d.records, d.now);
-}
-
-function setLive(ok, text) {
-  $("live").className = "live " + (ok ? "ok" : "down");
-  $("live").textContent = text;
-}
-
-async function poll() {
-  try {
-    const response = await fetch("api/state", {cache: "no-store"});
-    const data = await response.json();
-    if (!response.ok) throw new Error(data.error || response.statusText);
-    ui.data = data;
-    render();
-    ui.known = new Set(data.records.map((r) => r.id));
-    setLive(true, "live · " + clock(data.now));
-    document.body.dataset.polls = String(++ui.polls);
-  } catch (error) {
-    setLive(false, "cannot read the ledger: " + error.message);
-  } finally {
-    setTimeout(poll, POLL_MS);
-  }
-}
-
-buildCards();
-for (const id of ["f-wf", "f-tool", "f-status"]) $(id).addEventListener("change", render);
-poll();
-"""
+    # The dashboard's server and page live in ledger_dashboard.py: this file holds no HTML,
+    # CSS or JavaScript, and a user who never serves a dashboard need not copy it.
+    return _companion("ledger_dashboard", "the dashboard (ledger serve)").serve(args)
 
 
 if __name__ == "__main__":

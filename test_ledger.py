@@ -58,7 +58,8 @@ from ledger import BLOCKED, Guard, LedgerError, MemoryStore, Record, SQLiteStore
 
 from conftest import (  # test support shared by every test file (fixtures come from there too)
     POSTGRES_URL, REDIS_URL, SERVER_SCRATCH, STORES, Counter, counter, drop_postgres_table, drop_redis_keys,
-    has_module, need, need_postgres, need_redis, postgres_admin, postgres_store, redis_store, scratch_name,
+    LEDGER_PY, Lines, has_module, interruptible, need, need_postgres, need_redis, postgres_admin, postgres_store,
+    records_of, redis_store, scratch_name,
 )
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -7442,50 +7443,9 @@ def test_safe_bash_lines_of_the_readme_run():
 
 
 # ---------------------------------------------------------------------------
-# Command line and dashboard: every subcommand, its exit codes and output, and
-# the dashboard in a real headless Chromium.
+# Command line: every subcommand, its exit codes and output. (The dashboard,
+# which `serve` loads from ledger_dashboard.py, is tested in test_ledger_dashboard.py.)
 # ---------------------------------------------------------------------------
-
-XSS = "<img src=x onerror=alert(1)>"
-LEDGER_PY = str(HERE / "ledger.py")
-
-
-@pytest.fixture
-def ledger_db(tmp_path):
-    """A ledger of five calls in three workflows: blocked and replayed duplicates, one failure
-    (whose message is markup), one stale call, and an argument that looks like an XSS attack."""
-    path = tmp_path / "ledger.db"
-    g = Guard(str(path), quiet=True)
-
-    def lookup(q):
-        return {"q": q}
-
-    def flaky(x):
-        raise ValueError("<svg onload=alert(2)> upstream said no")
-
-    def interrupted(job):
-        raise KeyboardInterrupt
-
-    tools = g.wrap_tools({"charge_card": charge, "crm.lookup": lookup, "flaky_api": flaky,
-                          "nightly_job": interrupted})
-    g.policy("crm.lookup", replay=True, cost=0.25)
-    g.policy("nightly_job", lease=0.05, recover="block")
-    with g.workflow("order-7"):
-        tools["charge_card"](7, 9.5)
-        tools["charge_card"](7, 9.5)
-        tools["crm.lookup"](q=XSS)
-        tools["crm.lookup"](q=XSS)
-        with pytest.raises(ValueError):
-            tools["flaky_api"](x=1)
-    with g.workflow("triage").as_caller("agent-2"):
-        for _ in range(3):
-            tools["crm.lookup"](q="acme corp")
-    with pytest.raises(KeyboardInterrupt):  # interrupted under recover="block": RUNNING until its lease runs out
-        tools["nightly_job"](job=1)
-    g.close()
-    time.sleep(0.06)
-    return path
-
 
 @pytest.fixture
 def cli(capsys, monkeypatch):
@@ -7534,64 +7494,6 @@ def run_in_terminal(*argv: str, typed: bytes = b"", env: dict | None = None, tim
             break
     os.close(master)
     return proc.wait(timeout=5), shown.decode(errors="replace")
-
-
-def interruptible() -> None:
-    """In a child before it starts: take Ctrl-C as a terminal's foreground program does, even when
-    this test run was started with SIGINT ignored (as shells start background jobs)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Lines:
-    """The lines a child process prints, read in the background so a test can wait with a timeout."""
-
-    def __init__(self, stream):
-        import queue
-        self.queue = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream):
-        for line in stream:
-            self.queue.put(line)
-        self.queue.put(None)
-
-    def until(self, text: str, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.queue.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert line is not None, f"the process exited before printing {text!r}"
-            if text in line:
-                return line
-
-
-@contextlib.contextmanager
-def serving(db, *options: str):
-    """`ledger serve` on a free port; yields its URL and stops it with Ctrl-C."""
-    proc = subprocess.Popen([sys.executable, LEDGER_PY, "serve", "--db", str(db), "--port", "0", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
-    try:
-        line = Lines(proc.stdout).until("http://")
-        yield line.split()[2]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
-        assert "Traceback" not in proc.stderr.read()
-        proc.stderr.close()
-
-
-def http(method: str, url: str, headers: dict | None = None):
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-def records_of(path) -> list[dict]:
-    return [r.as_dict() for r in SQLiteStore(path, create=False).records()]
 
 
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["retry"], ["export", "--format", "xml"], ["serve", "--port", "x"],
@@ -7670,6 +7572,12 @@ def test_show_filters_by_workflow_tool_status_and_limit(ledger_db, cli):
     assert ids("--status", "stale") == ["nightly_job"]
     assert ids("--status", "FAILED") == ["flaky_api"]
     assert ids("--limit", "2") == ["crm.lookup", "nightly_job"]
+
+
+def test_the_readme_lists_the_states_show_filters_by_as_ledger_spells_them():
+    row = next(line for line in (HERE / "README.md").read_text().splitlines() if line.startswith("| `show` |"))
+    listed = row.split("`--status` (", 1)[1].split(")", 1)[0]
+    assert re.findall(r"`(\w+)`", listed) == list(ledger.STATES)
 
 
 def test_show_json_has_every_field_and_the_state(ledger_db, cli):
@@ -7821,21 +7729,6 @@ def test_retry_of_an_unknown_id_is_a_usage_error(ledger_db, cli, wanted, error):
     assert code == 2 and error in err
 
 
-@pytest.fixture
-def unknown_db(tmp_path):
-    """A ledger holding one UNKNOWN call (charge_card timed out) and one SUCCESS."""
-    path = tmp_path / "ledger.db"
-    g = Guard(str(path), quiet=True)
-
-    def timed_out(order):
-        raise TimeoutError("no answer from the provider")
-    g.wrap_tools({"charge_card": timed_out, "lookup": lambda q: q})["lookup"](q="acme")
-    with pytest.raises(TimeoutError):
-        g.wrap_tools({"charge_card": timed_out})["charge_card"](order=7)
-    g.close()
-    return path
-
-
 def unknown_record(db) -> dict:
     return next(r for r in records_of(db) if r["tool"] == "charge_card")
 
@@ -7891,17 +7784,6 @@ def test_resolve_not_done_lets_the_call_run_again(unknown_db, cli):
 def test_resolve_refuses_a_contradictory_or_unreadable_answer(unknown_db, cli, argv, error):
     code, _, err = cli("resolve", "--db", unknown_db, unknown_record(unknown_db)["id"], *argv)
     assert code == 2 and error in err and unknown_record(unknown_db)["status"] == "UNKNOWN"
-
-
-def test_dashboard_counts_unknown_calls_and_filters_by_every_state(unknown_db):
-    with serving(unknown_db) as url:
-        _, _, body = http("GET", url + "api/state")
-        _, _, page = http("GET", url)
-    state = json.loads(body)
-    assert state["totals"]["unknown"] == 1 and {r["state"] for r in state["records"]} == {"SUCCESS", "UNKNOWN"}
-    options = re.findall(r"<option>(\w+)</option>", page.decode())
-    assert options == list(ledger.STATES) and "UNKNOWN" in options
-    assert f"const STATES = new Set({json.dumps(ledger.STATES)});" in page.decode()
 
 
 def test_prune_dry_run_reports_per_status_and_tool_and_deletes_nothing(ledger_db, cli):
@@ -8062,113 +7944,6 @@ def test_demo_keeps_its_ledger_with_db(tmp_path):
     assert {t: (r["executed"], r["blocked"]) for t, r in by_tool.items()} == \
         {"charge_card": (1, 2), "web_search": (1, 7), "send_invoice": (2, 1)}
     assert by_tool["send_invoice"]["epoch"] == 2 and by_tool["send_invoice"]["status"] == "SUCCESS"
-
-
-def test_serve_listens_on_loopback_and_serves_one_self_contained_page(ledger_db):
-    with serving(ledger_db) as url:
-        assert url.startswith("http://127.0.0.1:")
-        status, headers, body = http("GET", url)
-    page = body.decode()
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert "<script>" in page and "<style>" in page
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing from a CDN
-    assert "script-src 'sha256-" in headers["Content-Security-Policy"]
-
-
-def test_dashboard_state_holds_every_record_and_the_totals(ledger_db):
-    with serving(ledger_db) as url:
-        status, headers, body = http("GET", url + "api/state")
-    state = json.loads(body)
-    stats = Guard(str(ledger_db), quiet=True).stats()
-    assert status == 200 and headers["Content-Type"] == "application/json"
-    assert len(state["records"]) == 5 and {k: state["totals"][k] for k in ("attempts", "blocked", "saved_usd")} == \
-        {k: stats[k] for k in ("attempts", "blocked", "saved_usd")}
-    assert state["tools"]["crm.lookup"]["saved_usd"] == 0.75 and state["series"][-1][1:] == [5, 4]
-    assert "sig" not in state["records"][0] and "owner" not in state["records"][0]
-
-
-def test_dashboard_of_one_workflow(ledger_db):
-    with serving(ledger_db, "--wf", "triage") as url:
-        state = json.loads(http("GET", url + "api/state")[2])
-    assert [r["workflow"] for r in state["records"]] == ["triage"]
-
-
-def test_dashboard_is_read_only(ledger_db):
-    before = records_of(ledger_db)
-    with serving(ledger_db) as url:
-        for method in ("POST", "PUT", "PATCH", "DELETE"):
-            for path in ("", "api/state"):
-                status, headers, _ = http(method, url + path)
-                assert (status, headers.get("Allow")) == (405, "GET, HEAD")
-        assert http("GET", url + "api/clear")[0] == 404
-    assert records_of(ledger_db) == before
-
-
-def test_dashboard_answers_only_requests_addressed_to_it(ledger_db):
-    with serving(ledger_db) as url:
-        assert http("GET", url + "api/state", {"Host": "attacker.example"})[0] == 403
-        assert http("GET", url.replace("127.0.0.1", "localhost") + "api/state")[0] == 200
-
-
-def test_dashboard_in_a_real_browser(ledger_db):
-    import importlib.util
-    import shutil
-    chromium = os.environ.get("LEDGER_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    need("Chromium", os.path.exists(chromium), "apt-get install chromium (or set LEDGER_TEST_CHROMIUM)")
-    need("playwright", importlib.util.find_spec("playwright") is not None, "pip install -e '.[browser]'")
-    from playwright.sync_api import expect, sync_playwright
-    expect.set_options(timeout=15_000)  # generous on a loaded machine; a pass takes a few seconds
-    with serving(ledger_db) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            dialogs, errors = [], []
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.goto(url)  # waits go through locators: the page's CSP forbids the eval() of wait_for_function
-            rows = page.locator("#rows tr[data-id]")
-            expect(rows).to_have_count(5)
-            expect(page.locator('[data-total="attempts"] .v')).to_have_text("9")
-            expect(page.locator('[data-total="blocked"] .v')).to_have_text("4")
-            expect(page.locator('[data-total="saved_usd"] .v')).to_have_text("$0.75")
-            expect(page.locator('[data-total="stale"] .v')).to_have_text("1")
-
-            # Untrusted text is shown as text: no element made of it, no script run.
-            expect(rows.filter(has_text=XSS)).to_have_count(1)
-            expect(rows.filter(has_text="<svg onload=alert(2)>")).to_have_count(1)
-            assert page.locator("#rows img, #rows svg").count() == 0
-            rows.filter(has_text=XSS).click()
-            expect(page.locator("tr.detail dd").filter(has_text=XSS)).to_have_count(2)  # arguments, and the result echoing them
-
-            page.select_option("#f-status", "FAILED")
-            expect(rows).to_have_count(1)
-            expect(rows.first).to_contain_text("flaky_api")
-            page.select_option("#f-status", "STALE")
-            expect(rows).to_have_count(1)
-            expect(rows.first).to_contain_text("nightly_job")
-            page.select_option("#f-status", "")
-            page.select_option("#f-wf", "triage")
-            expect(rows).to_have_count(1)
-            page.select_option("#f-wf", "")
-            page.select_option("#f-tool", "crm.lookup")
-            expect(rows).to_have_count(2)
-            page.select_option("#f-tool", "")
-
-            g = Guard(str(ledger_db), quiet=True)
-            g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=1)
-            g.close()
-            expect(rows).to_have_count(6)  # the next poll brings it
-            expect(rows.first).to_contain_text("fresh_tool")
-            expect(page.locator('[data-total="executed"] .v')).to_have_text("6")
-
-            (HERE / "artifacts").mkdir(exist_ok=True)
-            page.screenshot(path=str(HERE / "artifacts" / "dashboard-test.png"), full_page=True)
-            assert (dialogs, errors) == ([], [])
-        finally:
-            browser.close()
 
 
 def test_stats_wait_for_counts_the_heartbeat_is_writing(tmp_path, monkeypatch):
