@@ -866,16 +866,24 @@ def _fingerprint_text(tool: str, workflow: str, arguments_text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Records and states. A record is one call's row in the ledger:
+# Records and states. A record is one call's row in the ledger; its status
+# moves only along these arrows:
 #
-#     (none) --claim--> RUNNING --complete--> SUCCESS
-#                          |  \--raise-----> FAILED --next call--> RUNNING
-#                          |--lease expired--> RUNNING (epoch + 1, new owner)
-#                          \--uncertain error-> UNKNOWN --verify / resolve--> SUCCESS or FAILED
+#   (none) --claim--> RUNNING --returned---------------> SUCCESS
+#                       | | |--raised-------------------> FAILED
+#                       | | \--raised an uncertain error-> UNKNOWN
+#                       | \--interrupted, recover="block": stays RUNNING, turns stale
+#                       \--lease expired, next call (recover="retry")--> RUNNING (epoch+1)
+#
+#   FAILED  --next call-------------------------------> RUNNING (same run, same key)
+#   SUCCESS --ttl window over, runs < max, force------> RUNNING (a new run, a new key)
+#   UNKNOWN --verify= says NOT_DONE / Done(value)-----> RUNNING / SUCCESS
+#   UNKNOWN --resolve(done=True / False)---------------> SUCCESS / FAILED
+#   any but FAILED --retry (operator; a live lease needs force)--> FAILED (the next call runs)
 #
 # A takeover of an expired lease, or of an UNKNOWN record, asks the policy's
 # verifier first when there is one: it may end the call (SUCCESS or UNKNOWN)
-# without running it.
+# without running it. Which arrow a call takes is _decide's table (engine).
 #
 # Every transition is one compare-and-set on (epoch, owner), so two workers
 # never both win, and a leader whose lease was taken over (a lower epoch)
@@ -899,33 +907,45 @@ _SIGNED = (Status.SUCCESS.value, Status.UNKNOWN.value)
 
 @dataclasses.dataclass(slots=True)
 class Record:
-    """One call in the ledger. Treat as immutable: use `evolve` for changes."""
+    """One call in the ledger. Treat as immutable: use `evolve` for changes.
 
-    id: str
-    tool: str
-    workflow: str
-    caller: str | None
-    status: str
-    owner: str
-    epoch: int
-    lease_until: float
-    run_key: str
-    runs: int = 0
-    created: float = 0.0
-    updated: float = 0.0
-    started: float | None = None
-    duration: float | None = None
-    expires: float | None = None
-    attempts: int = 0
-    executed: int = 0
-    blocked: int = 0
-    result: str | None = None
-    sig: str | None = None
-    unstored: str | None = None
-    error: str | None = None
-    argsum: str | None = None
-    args: str | None = None
-    cost: float | None = None
+    Times on the store's lease clock (Store.now(), shared by every worker) decide;
+    wall-clock times (time.time()) are for people. attempts and blocked are counters
+    the engine buffers and adds later (add_counts); every other field is state, written
+    only by a compare-and-set on (epoch, owner).
+    """
+
+    # -- identity
+    id: str                     # the call's fingerprint: tool, workflow, and canonical arguments or key
+    tool: str                   # the tool's record name (see _Core.name_of)
+    workflow: str               # the workflow the call belongs to
+    caller: str | None          # as_caller(...)'s label, for people; identity is in the arguments
+    # -- state (the state machine above)
+    status: str                 # a Status value
+    owner: str                  # token of the worker that claimed the latest run
+    epoch: int                  # +1 on every claim; a run whose epoch was passed is fenced off
+    lease_until: float          # lease clock: RUNNING is presumed alive until then; a finished
+                                # record holds the lease-clock time it finished
+    run_key: str                # current_key() of the latest run, the downstream idempotency key:
+                                # the id for a call that runs once, id.<token> for each later run
+    runs: int = 0               # successful runs in this ttl window; `max` counts these
+    # -- wall-clock times, for people (the order of the fields is the stores' column order)
+    created: float = 0.0        # first claim
+    updated: float = 0.0        # last write of the state
+    started: float | None = None    # start of the latest run
+    duration: float | None = None   # seconds the latest finished run took
+    expires: float | None = None    # lease clock, not wall clock: when the ttl window ends (None: never)
+    # -- counts, the outcome, and what was called
+    attempts: int = 0           # counter: calls that reached this record (runs and duplicates)
+    executed: int = 0           # runs of the tool, one per claim won (a verified Done adds none)
+    blocked: int = 0            # counter: duplicates answered without running (blocked, replayed, shared)
+    result: str | None = None   # the last success's result, encoded (see _dump_result), or None
+    sig: str | None = None      # HMAC of what steers the next call, on SUCCESS and UNKNOWN (see _sign)
+    unstored: str | None = None  # why the result was not kept: duplicates then get BLOCKED
+    error: str | None = None    # "Type: message" of the last failure, or why the outcome is unknown
+    argsum: str | None = None   # with key= and validate=: digest of the validated arguments
+    args: str | None = None     # the arguments as shown to operators (never executed)
+    cost: float | None = None   # the policy's cost of one run, for the savings report
 
     def evolve(self, **changes: Any) -> Record:
         record = Record(*_record_values(self))
