@@ -1066,8 +1066,10 @@ class Policy:
     unlimited: run every call, keep no record (read-only tools).
     replay:    duplicates get the recorded result, waiting for a running call
                (singleflight); otherwise they get BLOCKED at once.
-    max:       how many successful runs a call may have (one at a time).
-    ttl:       seconds after a success when the call may run again.
+    max:       how many successful runs a call may have (one at a time);
+               None means 1, as in ledger-once.
+    ttl:       seconds after a success when the call may run again; None or 0
+               (as in ledger-once): never.
     lease:     seconds a running call is presumed alive without a heartbeat.
     recover:   "retry" lets the next call take over an expired lease;
                "block" keeps it blocked until an operator retries it.
@@ -1104,10 +1106,25 @@ class Policy:
     uncertain: tuple[type[BaseException] | str, ...] = UNCERTAIN_ERRORS
     verify: Callable[[str, dict[str, Any]], Any] | None = None
 
+    @classmethod
+    def of(cls, **options: Any) -> Policy:
+        """A policy from keyword options, as guard.policy and guard.once take them; an unknown
+        option is a ConfigError that lists the known ones."""
+        unknown = sorted(set(options) - set(POLICY_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown policy option{'s' * (len(unknown) > 1)} {', '.join(unknown)}: a policy "
+                              f"takes {', '.join(POLICY_OPTIONS)} (see help(ledger.Policy))")
+        return cls(**options)
+
     def __post_init__(self):
         def need(ok: bool, what: str):
             if not ok:
                 raise ConfigError(f"policy {what}")
+        # ledger-once's spellings of the defaults: max=None is one run, ttl=0 no expiry
+        if self.max is None:
+            object.__setattr__(self, "max", 1)
+        if self.ttl == 0 and not isinstance(self.ttl, bool):
+            object.__setattr__(self, "ttl", None)
         need(isinstance(self.max, int) and not isinstance(self.max, bool) and self.max >= 1,
              f"max must be a whole number >= 1, not {self.max!r}")
         need(self.ttl is None or (isinstance(self.ttl, (int, float)) and self.ttl > 0),
@@ -1134,6 +1151,7 @@ class Policy:
             _codec(self.serializer)
 
 
+POLICY_OPTIONS = tuple(f.name for f in dataclasses.fields(Policy))
 DEFAULT_POLICY = Policy()
 MAX_RESULT_BYTES = 1 << 20
 
@@ -4619,18 +4637,11 @@ class Guard:
 
     # -- policies and callbacks ----------------------------------------------
 
-    def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
-               max: int | None = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
-               validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None, fail_open: bool = False,
-               uncertain: Iterable[type[BaseException] | str] = UNCERTAIN_ERRORS,
-               verify: Callable[[str, dict[str, Any]], Any] | None = None) -> Guard:
+    def policy(self, fn_or_name: Callable | str, /, **options: Any) -> Guard:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
-        Returns the guard, so settings chain. As in ledger-once, max=None means the default
-        (one run) and ttl=0 or None means no expiry."""
-        policy = Policy(unlimited=unlimited, replay=replay, max=1 if max is None else max, ttl=ttl or None,
-                        lease=lease, recover=recover, validate=validate, cost=cost, serializer=serializer,
-                        wait=wait, fail_open=fail_open, uncertain=uncertain, verify=verify)
+        The options are Policy's fields, declared and documented there (help(ledger.Policy));
+        an unknown one is a ConfigError. Returns the guard, so settings chain."""
+        policy = Policy.of(**options)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return self

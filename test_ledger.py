@@ -5391,6 +5391,25 @@ def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
     assert events == [("ran", ledger.tool_name(charge)), ("dup", ledger.tool_name(charge))]
 
 
+def test_an_unknown_policy_option_is_refused_before_any_call_naming_the_known_ones(g):
+    for set_it in (lambda: g.policy(charge, replay=True, tll=60), lambda: g.once(charge, retries=3)):
+        with pytest.raises(ledger.ConfigError, match=r"unknown policy option (tll|retries): a policy takes "
+                                                     r"unlimited, replay, max, ttl, lease"):
+            set_it()
+    assert g.policy(charge) is g and CHARGES == []
+
+
+def test_policy_options_are_declared_once_and_llms_txt_lists_them_with_their_defaults():
+    listed = re.search(r"`guard\.policy\(tool_or_name, \*, (.*?)\) -> Guard`",
+                       (HERE / "llms.txt").read_text(), re.S).group(1)
+    options = dict(part.split("=", 1) for part in re.split(r",\s+", listed))
+    assert list(options) == list(ledger.POLICY_OPTIONS)
+    for field in dataclasses.fields(ledger.Policy):
+        shown = options[field.name]
+        assert shown == ("UNCERTAIN_ERRORS" if field.default is ledger.UNCERTAIN_ERRORS
+                         else json.dumps(field.default) if isinstance(field.default, str) else repr(field.default))
+    assert inspect.signature(Guard.policy).parameters.keys() == {"self", "fn_or_name", "options"}
+
 def test_policy_ttl_zero_means_no_expiry_as_in_ledger_once(g):
     g.policy(charge, ttl=0)
     g(charge, 1)
