@@ -365,7 +365,7 @@ class _ToolInfo:
         try:
             self.name: str | ConfigError = tool_name(fn)
         except ConfigError as e:
-            self.name = e  # raised by _Core.name_of, only where no name= was given
+            self.name = e  # raised by _Core.record_name, only where no name= was given
         self.is_async = _is_async(fn)
         try:
             self.signature: inspect.Signature | None = inspect.signature(fn)
@@ -917,7 +917,7 @@ class Record:
 
     # -- identity
     id: str                     # the call's fingerprint: tool, workflow, and canonical arguments or key
-    tool: str                   # the tool's record name (see _Core.name_of)
+    tool: str                   # the tool's record name (see _Core.record_name)
     workflow: str               # the workflow the call belongs to
     caller: str | None          # as_caller(...)'s label, for people; identity is in the arguments
     # -- state (the state machine above)
@@ -3754,15 +3754,31 @@ class _Core:
             self._env_workflow = _storable(os.environ.get("LEDGER_WORKFLOW") or "default", "workflow")
         return self._env_workflow
 
-    def name_of(self, fn: Callable, info: _ToolInfo) -> str:
-        """The name a function's records are kept under: the one it was wrapped under, if any."""
+    def record_name(self, tool: Any, name: str | None = None) -> str:
+        """The name a tool's records are kept under, and its policy set by; the one rule, used
+        wherever a tool is named (calling, wrapping, policy, history). The first that applies:
+          1. an explicit name: `name` (name=, a wrap_tools dict key, the name a framework
+             registered the function under), or the one a guarded wrapper carries;
+          2. the name this guard wrapped the function under;
+          3. a framework tool's own name (LangChain, Agents SDK, MCP, LlamaIndex, ...);
+          4. tool_name(fn): module and qualified name, the same in every process (or a
+             ConfigError asking for name=, where no such name is stable)."""
+        if name is not None:
+            return _storable(name, "tool name")
+        fn, carried = _unwrap(tool)
+        if carried is not None:
+            return carried
         try:
-            name = self.names.get(fn) or info.name
-        except TypeError:
-            name = info.name
-        if type(name) is not str:
-            raise name
-        return name
+            known = self.names.get(fn)
+        except TypeError:  # an unhashable callable
+            known = None
+        if known is None and type(fn) is not types.FunctionType:  # a framework tool is no plain function
+            known = _framework_name(fn)
+        if known is None:
+            known = _info(fn).name
+            if type(known) is not str:
+                raise known
+        return known
 
     def policy_for(self, name: str, fn: Callable) -> Policy:
         policy = self.policies.get(name)
@@ -4521,7 +4537,7 @@ class Guard:
         info = _info(fn)
         call = _Call()
         call.fn, call.info = fn, info
-        call.name = name or self._core.name_of(fn, info)
+        call.name = name or self._core.record_name(fn)
         call.key = key if key is not None else _key_from(call.name, info, kwargs)
         call.args, call.kwargs = args, kwargs
         call.policy = policy = self._core.policy_for(call.name, fn)
@@ -4555,9 +4571,11 @@ class Guard:
         above one that registers the function and returns it (MCP @server.tool(), Pydantic AI
         @agent.tool) it guards the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
-            if policy:  # under the name the records will have
-                self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
-            return self._wrap_tool(fn, name, blocked_return, "guard.once")
+            options = Policy.of(**policy) if policy else None   # an unknown option fails before wrapping
+            guarded = self._wrap_tool(fn, name, blocked_return, "guard.once")
+            if options is not None:  # by the guarded tool, so under the name its records have
+                self.policy(guarded, **policy)
+            return guarded
         return decorate(fn) if fn is not None else decorate
 
     def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
@@ -4608,8 +4626,8 @@ class Guard:
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
-        inner, inner_name = _unwrap(fn)
-        name = _storable(name or inner_name or self._core.name_of(inner, _info(inner)), "tool name")
+        inner = _unwrap(fn)[0]
+        name = self._core.record_name(fn, name)
         self._core.tools.setdefault(name, inner)
         try:
             self._core.names.setdefault(inner, name)
@@ -4645,8 +4663,8 @@ class Guard:
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return self
-        fn, name = _unwrap(fn_or_name)
-        self._core.policies[name or _framework_name(fn) or self._core.name_of(fn, _info(fn))] = policy
+        fn = _unwrap(fn_or_name)[0]
+        self._core.policies[self._core.record_name(fn_or_name)] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
@@ -4845,10 +4863,7 @@ class Guard:
         return _Named(self._core.tools[fn], fn)
 
     def _tool_name(self, tool: Callable | str | None) -> str | None:
-        if tool is None or isinstance(tool, str):
-            return tool
-        fn, name = _unwrap(tool)
-        return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
+        return tool if tool is None or isinstance(tool, str) else self._core.record_name(tool)
 
 
 # Results whose body runs only while they are iterated, after the call was recorded.

@@ -5629,7 +5629,7 @@ def test_a_callable_object_of_a_mutable_class_without_a_name_is_refused_at_wrap_
     # its state can change, so no name could tell two configured instances apart
     counter = Counter(result="ok")
     for wrap in (lambda: g.wrap_tools([counter]), lambda: g.once(counter)):
-        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a test_ledger.Counter .*name="):
+        with pytest.raises(ledger.ConfigError, match=r"Counter.__call__ is bound to a conftest.Counter .*name="):
             wrap()
     assert counter.calls == [] and g.history() == []
 
