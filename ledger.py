@@ -368,7 +368,7 @@ class _ToolInfo:
         try:
             self.name: str | ConfigError = tool_name(fn)
         except ConfigError as e:
-            self.name = e  # raised by _Core.name_of, only where no name= was given
+            self.name = e  # raised by _Core.record_name, only where no name= was given
         self.is_async = _is_async(fn)
         try:
             self.signature: inspect.Signature | None = inspect.signature(fn)
@@ -869,16 +869,24 @@ def _fingerprint_text(tool: str, workflow: str, arguments_text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Records and states. A record is one call's row in the ledger:
+# Records and states. A record is one call's row in the ledger; its status
+# moves only along these arrows:
 #
-#     (none) --claim--> RUNNING --complete--> SUCCESS
-#                          |  \--raise-----> FAILED --next call--> RUNNING
-#                          |--lease expired--> RUNNING (epoch + 1, new owner)
-#                          \--uncertain error-> UNKNOWN --verify / resolve--> SUCCESS or FAILED
+#   (none) --claim--> RUNNING --returned---------------> SUCCESS
+#                       | | |--raised-------------------> FAILED
+#                       | | \--raised an uncertain error-> UNKNOWN
+#                       | \--interrupted, recover="block": stays RUNNING, turns stale
+#                       \--lease expired, next call (recover="retry")--> RUNNING (epoch+1)
+#
+#   FAILED  --next call-------------------------------> RUNNING (same run, same key)
+#   SUCCESS --ttl window over, runs < max, force------> RUNNING (a new run, a new key)
+#   UNKNOWN --verify= says NOT_DONE / Done(value)-----> RUNNING / SUCCESS
+#   UNKNOWN --resolve(done=True / False)---------------> SUCCESS / FAILED
+#   any but FAILED --retry (operator; a live lease needs force)--> FAILED (the next call runs)
 #
 # A takeover of an expired lease, or of an UNKNOWN record, asks the policy's
 # verifier first when there is one: it may end the call (SUCCESS or UNKNOWN)
-# without running it.
+# without running it. Which arrow a call takes is _decide's table (engine).
 #
 # Every transition is one compare-and-set on (epoch, owner), so two workers
 # never both win, and a leader whose lease was taken over (a lower epoch)
@@ -902,33 +910,45 @@ _SIGNED = (Status.SUCCESS.value, Status.UNKNOWN.value)
 
 @dataclasses.dataclass(slots=True)
 class Record:
-    """One call in the ledger. Treat as immutable: use `evolve` for changes."""
+    """One call in the ledger. Treat as immutable: use `evolve` for changes.
 
-    id: str
-    tool: str
-    workflow: str
-    caller: str | None
-    status: str
-    owner: str
-    epoch: int
-    lease_until: float
-    run_key: str
-    runs: int = 0
-    created: float = 0.0
-    updated: float = 0.0
-    started: float | None = None
-    duration: float | None = None
-    expires: float | None = None
-    attempts: int = 0
-    executed: int = 0
-    blocked: int = 0
-    result: str | None = None
-    sig: str | None = None
-    unstored: str | None = None
-    error: str | None = None
-    argsum: str | None = None
-    args: str | None = None
-    cost: float | None = None
+    Times on the store's lease clock (Store.now(), shared by every worker) decide;
+    wall-clock times (time.time()) are for people. attempts and blocked are counters
+    the engine buffers and adds later (add_counts); every other field is state, written
+    only by a compare-and-set on (epoch, owner).
+    """
+
+    # -- identity
+    id: str                     # the call's fingerprint: tool, workflow, and canonical arguments or key
+    tool: str                   # the tool's record name (see _Core.record_name)
+    workflow: str               # the workflow the call belongs to
+    caller: str | None          # as_caller(...)'s label, for people; identity is in the arguments
+    # -- state (the state machine above)
+    status: str                 # a Status value
+    owner: str                  # token of the worker that claimed the latest run
+    epoch: int                  # +1 on every claim; a run whose epoch was passed is fenced off
+    lease_until: float          # lease clock: RUNNING is presumed alive until then; a finished
+                                # record holds the lease-clock time it finished
+    run_key: str                # current_key() of the latest run, the downstream idempotency key:
+                                # the id for a call that runs once, id.<token> for each later run
+    runs: int = 0               # successful runs in this ttl window; `max` counts these
+    # -- wall-clock times, for people (the order of the fields is the stores' column order)
+    created: float = 0.0        # first claim
+    updated: float = 0.0        # last write of the state
+    started: float | None = None    # start of the latest run
+    duration: float | None = None   # seconds the latest finished run took
+    expires: float | None = None    # lease clock, not wall clock: when the ttl window ends (None: never)
+    # -- counts, the outcome, and what was called
+    attempts: int = 0           # counter: calls that reached this record (runs and duplicates)
+    executed: int = 0           # runs of the tool, one per claim won (a verified Done adds none)
+    blocked: int = 0            # counter: duplicates answered without running (blocked, replayed, shared)
+    result: str | None = None   # the last success's result, encoded (see _dump_result), or None
+    sig: str | None = None      # HMAC of what steers the next call, on SUCCESS and UNKNOWN (see _sign)
+    unstored: str | None = None  # why the result was not kept: duplicates then get BLOCKED
+    error: str | None = None    # "Type: message" of the last failure, or why the outcome is unknown
+    argsum: str | None = None   # with key= and validate=: digest of the validated arguments
+    args: str | None = None     # the arguments as shown to operators (never executed)
+    cost: float | None = None   # the policy's cost of one run, for the savings report
 
     def evolve(self, **changes: Any) -> Record:
         record = Record(*_record_values(self))
@@ -1049,8 +1069,10 @@ class Policy:
     unlimited: run every call, keep no record (read-only tools).
     replay:    duplicates get the recorded result, waiting for a running call
                (singleflight); otherwise they get BLOCKED at once.
-    max:       how many successful runs a call may have (one at a time).
-    ttl:       seconds after a success when the call may run again.
+    max:       how many successful runs a call may have (one at a time);
+               None means 1, as in ledger-once.
+    ttl:       seconds after a success when the call may run again; None or 0
+               (as in ledger-once): never.
     lease:     seconds a running call is presumed alive without a heartbeat.
     recover:   "retry" lets the next call take over an expired lease;
                "block" keeps it blocked until an operator retries it.
@@ -1087,10 +1109,25 @@ class Policy:
     uncertain: tuple[type[BaseException] | str, ...] = UNCERTAIN_ERRORS
     verify: Callable[[str, dict[str, Any]], Any] | None = None
 
+    @classmethod
+    def of(cls, **options: Any) -> Policy:
+        """A policy from keyword options, as guard.policy and guard.once take them; an unknown
+        option is a ConfigError that lists the known ones."""
+        unknown = sorted(set(options) - set(POLICY_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown policy option{'s' * (len(unknown) > 1)} {', '.join(unknown)}: a policy "
+                              f"takes {', '.join(POLICY_OPTIONS)} (see help(ledger.Policy))")
+        return cls(**options)
+
     def __post_init__(self):
         def need(ok: bool, what: str):
             if not ok:
                 raise ConfigError(f"policy {what}")
+        # ledger-once's spellings of the defaults: max=None is one run, ttl=0 no expiry
+        if self.max is None:
+            object.__setattr__(self, "max", 1)
+        if self.ttl == 0 and not isinstance(self.ttl, bool):
+            object.__setattr__(self, "ttl", None)
         need(isinstance(self.max, int) and not isinstance(self.max, bool) and self.max >= 1,
              f"max must be a whole number >= 1, not {self.max!r}")
         need(self.ttl is None or (isinstance(self.ttl, (int, float)) and self.ttl > 0),
@@ -1117,6 +1154,7 @@ class Policy:
             _codec(self.serializer)
 
 
+POLICY_OPTIONS = tuple(f.name for f in dataclasses.fields(Policy))
 DEFAULT_POLICY = Policy()
 MAX_RESULT_BYTES = 1 << 20
 
@@ -1380,10 +1418,11 @@ class Store:
 
     get(id)                   the record, or None
     insert(record)            add it if no record has its id; True if added
-    insert_or_get(record)     claim a new call: insert it if no record has its
-                              id and return None, else return the stored record
-                              and leave it alone (a store that can do both in one
-                              round trip overrides the default, get then insert)
+    insert_or_get(record)     claim a new call: insert it if no record has its id;
+                              the record stored under the id: `record` itself if
+                              inserted, else the stored one, left alone (None: it
+                              was deleted meanwhile); a store that can do both in
+                              one round trip overrides the default, get then insert
     swap(record, epoch, owner) replace the stored record's state fields with
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
@@ -1426,10 +1465,10 @@ class Store:
         raise NotImplementedError
 
     def insert_or_get(self, record: Record) -> Record | None:
-        while True:  # round again only if the stored record is deleted between the two
-            stored = self.get(record.id)
-            if stored is not None or self.insert(record):
-                return stored
+        stored = self.get(record.id)
+        if stored is None and self.insert(record):
+            return record
+        return stored or self.get(record.id)
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
@@ -2523,7 +2562,10 @@ def _resolve(futures: list[asyncio.Future]) -> None:
             future.set_result(None)
 
 
+# The flight of each call running in this process, by (store url, call id). A run ends
+# its own flight; it removes the entry only while it is still its own.
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
+_FLIGHTS_LOCK = threading.Lock()
 
 
 class _Wait:
@@ -2667,8 +2709,8 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
-                 "check", "__weakref__")
+    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "flight", "token",
+                 "outer", "check", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
@@ -2739,6 +2781,112 @@ class _Unguarded:
 
     def __exit__(self, *exc: Any) -> None:
         _CURRENT_RUN.reset(self.token)
+
+
+# -- the decision ---------------------------------------------------------------
+# Given the record the store holds for a call, what this caller does: a pure
+# function of the record, the call and its policy, the store's clock, and what this
+# caller already waited for. Every transition of the state machine is one row:
+#
+#   record                                  policy / caller            decision
+#   ---------------------------------------------------------------------------------------
+#   any, argsum differs from the call's     validate= with key=        raise KeyReuseError
+#   any                                     guard.force(...)           claim (new run)
+#   RUNNING, lease live                     replay=False               duplicate: blocked
+#   RUNNING, lease live                     replay, caller inside it   raise ReentrantCallError
+#   RUNNING, lease live                     replay, waited past wait=  raise WaitTimeout
+#   RUNNING, lease live                     replay                     wait (until it lands, lease, wait=)
+#   RUNNING, lease expired                  recover="block"            duplicate: blocked (stale)
+#   RUNNING, lease expired, ledger-once's   any                        duplicate: blocked (stale)
+#   RUNNING, lease expired                  recover="retry"            claim (take over; verify= asked)
+#   UNKNOWN                                 no verify=, or waited it   raise OutcomeUnknown
+#   UNKNOWN                                 verify=                    claim (take over; verify= asked)
+#   FAILED, the run this caller waited for  any                        raise LeaderFailed
+#   FAILED                                  any                        claim (same run, same key)
+#   SUCCESS, in ttl, runs >= max            waited for it              duplicate: shared
+#   SUCCESS, in ttl, runs >= max            replay=True                duplicate: replayed
+#   SUCCESS, in ttl, runs >= max            replay=False               duplicate: blocked
+#   SUCCESS, in ttl, runs < max             any                        claim (new run)
+#   SUCCESS, ttl window over                any                        claim (new run, new window)
+#
+# A claim is a compare-and-set on the record's (epoch, owner) (Store.swap): of all
+# callers that decide to claim one record, one wins, and the others look again.
+
+class _Decision(typing.NamedTuple):
+    action: str                       # "claim", "duplicate", "wait" or "raise"
+    source: str | None = None         # duplicate: "blocked", "replayed" or "shared"
+    stale: bool = False               # duplicate: blocked behind a lease that ran out
+    new_run: bool = False             # claim: a new intended run (a new current_key())
+    new_window: bool = False          # claim: the ttl window ended; max counts from zero
+    verify: bool = False              # claim: ask verify= before running (it may have taken effect)
+    timeout: float = 0.0              # wait: longest this wait lasts (lease or wait= deadline)
+    deadline: float | None = None     # wait: when wait= runs out, on the store's clock
+    error: LedgerError | None = None  # raise: the error
+
+
+def _decide(call: _Call, record: Record, now: float, waited: int | None, deadline: float | None,
+            force: bool, here: bool) -> _Decision:
+    """The state machine's transition for `call` given its stored `record` (see the table
+    above). `now` is on the store's clock; `waited` is the epoch of the RUNNING record this
+    caller last waited for, `deadline` when its wait= runs out (None: not waiting yet); `here`
+    whether this thread or task is inside the run that holds the record."""
+    policy = call.policy
+    if call.argsum is not None and record.argsum not in (None, call.argsum):
+        return _Decision("raise", error=KeyReuseError(
+            f"{call.name}: idempotency key {call.key!r} was first used with other values of "
+            f"{_validated_names(policy)}; use a new key for a different request"))
+    if force:
+        return _Decision("claim", new_run=True)
+    status = record.status
+    if status == Status.RUNNING:
+        if record.lease_until > now:
+            if not policy.replay:
+                return _Decision("duplicate", "blocked")
+            if here:
+                return _Decision("raise", error=ReentrantCallError(
+                    f"{call.name} (call {call.id}) was called again with the same arguments from inside its "
+                    f"own run (directly or through another tool); with replay=True it would wait for its own "
+                    f"result forever. Give the inner call other arguments or a key= of its own"))
+            if deadline is None:
+                deadline = now + policy.wait if policy.wait is not None else math.inf
+            if now >= deadline:
+                return _Decision("raise", error=WaitTimeout(
+                    f"{call.name}: waited {policy.wait}s for the running call {call.id} to finish; raise the "
+                    f"policy's wait= or try again later"))
+            return _Decision("wait", timeout=min(record.lease_until, deadline) - now, deadline=deadline)
+        if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
+            return _Decision("duplicate", "blocked", stale=True)
+        return _Decision("claim", verify=policy.verify is not None)
+    if status == Status.UNKNOWN:
+        if policy.verify is None or waited == record.epoch:
+            return _Decision("raise", error=_unknown_outcome(call, record))
+        return _Decision("claim", verify=True)
+    if status == Status.FAILED:
+        if waited == record.epoch:
+            return _Decision("raise", error=LeaderFailed(
+                f"{call.name}: the running call this one waited for raised {record.error}; the next call "
+                f"runs it again"))
+        return _Decision("claim")
+    fresh = record.expires is None or record.expires > now
+    if fresh and record.runs >= policy.max:
+        source = "shared" if waited is not None else "replayed" if policy.replay else "blocked"
+        return _Decision("duplicate", source)
+    return _Decision("claim", new_run=True, new_window=not fresh)
+
+
+def _unknown_outcome(call: _Call, record: Record) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"{call.name} (call {record.id}): whether its last run took effect is unknown ({record.error}), "
+        f"so it is not run again. Look up key {record.run_key!r} in the system it calls, then settle it: "
+        f"`ledger resolve {record.id} --done [--result JSON]` or `--not-done` (guard.resolve(id, "
+        f"done=...)); or give the policy a verify= that looks the key up", record.id, record.run_key)
+
+
+def _tampered(call: _Call, record: Record) -> IntegrityError:
+    return IntegrityError(
+        f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
+        f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
+        f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
 
 
 class _Core:
@@ -2835,15 +2983,31 @@ class _Core:
             self._env_workflow = _storable(os.environ.get("LEDGER_WORKFLOW") or "default", "workflow")
         return self._env_workflow
 
-    def name_of(self, fn: Callable, info: _ToolInfo) -> str:
-        """The name a function's records are kept under: the one it was wrapped under, if any."""
+    def record_name(self, tool: Any, name: str | None = None) -> str:
+        """The name a tool's records are kept under, and its policy set by; the one rule, used
+        wherever a tool is named (calling, wrapping, policy, history). The first that applies:
+          1. an explicit name: `name` (name=, a wrap_tools dict key, the name a framework
+             registered the function under), or the one a guarded wrapper carries;
+          2. the name this guard wrapped the function under;
+          3. a framework tool's own name (LangChain, Agents SDK, MCP, LlamaIndex, ...);
+          4. tool_name(fn): module and qualified name, the same in every process (or a
+             ConfigError asking for name=, where no such name is stable)."""
+        if name is not None:
+            return _storable(name, "tool name")
+        fn, carried = _unwrap(tool)
+        if carried is not None:
+            return carried
         try:
-            name = self.names.get(fn) or info.name
-        except TypeError:
-            name = info.name
-        if type(name) is not str:
-            raise name
-        return name
+            known = self.names.get(fn)
+        except TypeError:  # an unhashable callable
+            known = None
+        if known is None and type(fn) is not types.FunctionType:  # a framework tool is no plain function
+            known = _framework_name(fn)
+        if known is None:
+            known = _info(fn).name
+            if type(known) is not str:
+                raise known
+        return known
 
     def policy_for(self, name: str, fn: Callable) -> Policy:
         policy = self.policies.get(name)
@@ -2865,96 +3029,60 @@ class _Core:
 
     def settle(self, call: _Call, force: bool = False) -> Iterator[_Wait]:
         """Yield waits until the call either wins a claim (returns a _Run) or is a
-        duplicate (returns an Outcome)."""
-        store, policy = self.store, call.policy
-        self.secret  # a missing signing key must fail before the tool runs, not after it
-        waited_epoch = deadline = landed = None
+        duplicate (returns an Outcome). The decisions are _decide's; this loop does the
+        reading, claiming and waiting they ask for."""
+        store = self.store
+        secret = self.secret  # a missing signing key fails here, before the tool runs, not after it
+        record = waited = deadline = None
         delay, lost_races = POLL_FIRST, 0
         while True:
             now = store.now()
-            record = landed or store.get(call.id)
-            landed = None
             if record is None and store.legacy and not force:
-                record = self.adopt(call)
-            if record is None:
-                run = self.claim(call, None, now)
-                if store.insert(run.record):
+                record = store.get(call.id) or self.adopt(call)
+            if record is None:  # first look, or the record changed: claim it unless one is stored
+                run = self.prepare_run(call, None, now)
+                record = store.insert_or_get(run.record)
+                if record is run.record:
                     self.note_new_call(call, now)
-                    return self.started(run)
-                lost_races = _lost_race(lost_races, store, call)
-                continue
-            status = record.status
-            if status in _SIGNED and not force:
-                self.verify(call, record)  # before any decision this record steers
-            if call.argsum is not None and record.argsum not in (None, call.argsum):
-                self.count(call.id, 1, 0)
-                raise KeyReuseError(
-                    f"{call.name}: idempotency key {call.key!r} was first used with other values of "
-                    f"{_validated_names(policy)}; use a new key for a different request")
-            if force:
-                takeover = self.claim(call, record, now, new_run=True)
-            elif status == Status.RUNNING:
-                if record.lease_until > now:
-                    if not policy.replay:
-                        return self.duplicate(call, record, "blocked")
-                    if _running_here(store, record):
-                        self.count(call.id, 1, 0)
-                        raise ReentrantCallError(
-                            f"{call.name} (call {call.id}) was called again with the same arguments from "
-                            f"inside its own run (directly or through another tool); with replay=True it "
-                            f"would wait for its own result forever. Give the inner call other arguments "
-                            f"or a key= of its own")
-                    if policy.wait is not None and deadline is None:
-                        deadline = now + policy.wait
-                    if deadline is not None and now >= deadline:
-                        self.count(call.id, 1, 0)
-                        raise WaitTimeout(f"{call.name}: waited {policy.wait}s for the running call {call.id} "
-                                          f"to finish; raise the policy's wait= or try again later")
-                    waited_epoch = record.epoch
-                    timeout = min(record.lease_until - now, (deadline or math.inf) - now)
-                    flight = _FLIGHTS.get((store.url, call.id))
-                    if flight is not None and flight.epoch == record.epoch:
-                        yield _Wait(flight, timeout, store, call.id)
-                        landed = flight.record
-                    else:
-                        yield _Wait(None, min(delay, timeout), store, call.id)
-                        delay = min(delay * 1.5, POLL_MAX)
+                    return self.start(run)
+                if record is None:  # deleted between a failed insert and the read after it
+                    lost_races = _lost_race(lost_races, store, call)
                     continue
-                if policy.recover == "block" or record.owner in (LEGACY_OWNER, LEGACY_CONFIRMED):
+            if record.status in _SIGNED and not force and not _verified(secret, record):
+                raise _tampered(call, record)  # before any decision this record steers
+            here = record.status == Status.RUNNING and _running_here(store, record)
+            decision = _decide(call, record, now, waited, deadline, force, here)
+            if decision.action == "raise":
+                self.count(call.id, 1, 0)
+                raise decision.error
+            if decision.action == "duplicate":
+                if decision.stale:
                     self.warn("%s (call %s) is stale: its worker stopped renewing the lease %.1fs ago and "
                               "%s keeps it blocked; clear it with guard.retry(...) or "
                               "`ledger retry %s` once you know whether it took effect",
                               call.name, call.id, now - record.lease_until,
-                              "recover='block'" if policy.recover == "block" else "a call ledger-once left "
+                              "recover='block'" if call.policy.recover == "block" else "a call ledger-once left "
                               "running", call.id)
-                    return self.duplicate(call, record, "blocked")
-                takeover = self.claim(call, record, now)
-                takeover.check = policy.verify is not None
-            elif status == Status.UNKNOWN:
-                if policy.verify is None or waited_epoch == record.epoch:
-                    self.count(call.id, 1, 0)
-                    raise self.unknown(call, record)
-                takeover = self.claim(call, record, now)
-                takeover.check = True
-            elif status == Status.FAILED:
-                if waited_epoch == record.epoch:
-                    self.count(call.id, 1, 0)
-                    raise LeaderFailed(f"{call.name}: the running call this one waited for raised "
-                                       f"{record.error}; the next call runs it again")
-                takeover = self.claim(call, record, now)
-            else:
-                fresh = record.expires is None or record.expires > now
-                if fresh and record.runs >= policy.max:
-                    source = "shared" if waited_epoch is not None else "replayed" if policy.replay else "blocked"
-                    return self.duplicate(call, record, source)
-                takeover = self.claim(call, record, now, new_run=True, new_window=not fresh)
-            if store.swap(takeover.record, record.epoch, record.owner):
-                if status == Status.RUNNING and not force:
+                return self.duplicate_outcome(call, record, decision.source)
+            if decision.action == "wait":
+                waited, deadline = record.epoch, decision.deadline
+                flight = _FLIGHTS.get((store.url, call.id))
+                if flight is not None and flight.epoch == record.epoch:
+                    yield _Wait(flight, decision.timeout, store, call.id)
+                    record = flight.record  # the record the leader stored, handed over (None: read it)
+                else:
+                    yield _Wait(None, min(delay, decision.timeout), store, call.id)
+                    delay, record = min(delay * 1.5, POLL_MAX), None
+                continue
+            run = self.prepare_run(call, record, now, decision.new_run, decision.new_window)
+            run.check = decision.verify
+            if store.swap(run.record, record.epoch, record.owner):
+                if record.status == Status.RUNNING and not force:
                     self.warn("%s (call %s): took over from a worker whose lease expired %.1fs ago "
                               "(epoch %d -> %d)", call.name, call.id, now - record.lease_until,
-                              record.epoch, takeover.record.epoch)
-                return self.started(takeover)
-            lost_races = _lost_race(lost_races, store, call)
+                              record.epoch, run.record.epoch)
+                return self.start(run)
+            lost_races, record = _lost_race(lost_races, store, call), None
 
     def adopt(self, call: _Call) -> Record | None:
         """The record ledger-once kept for this call, copied under the call's own id; None if none.
@@ -2985,9 +3113,12 @@ class _Core:
         store.insert(record)  # a worker that adopted it first stored the same record
         return store.get(call.id)
 
-    def claim(self, call: _Call, prev: Record | None, now: float,
-              new_run: bool = False, new_window: bool = False) -> _Run:
-        """The RUNNING record this process would write to claim the call (`now` on the store's clock)."""
+    def prepare_run(self, call: _Call, prev: Record | None, now: float,
+                    new_run: bool = False, new_window: bool = False) -> _Run:
+        """The run this process would start by writing its RUNNING record over `prev` (None:
+        the call has no record), `now` on the store's lease clock. `new_run`: a new intended
+        run (a new current_key()), not a retry of the last one; `new_window`: its ttl window
+        ended, so the successful runs `max` counts start again from zero."""
         policy, wall = call.policy, time.time()
         if prev is None or new_run:
             once = policy.max == 1 and policy.ttl is None and prev is None
@@ -3005,32 +3136,22 @@ class _Core:
             cost=policy.cost)
         return _Run(self, call, record)
 
-    def started(self, run: _Run) -> _Run:
+    def start(self, run: _Run) -> _Run:
+        """A claim won: count the attempt, let in-process duplicates wait on its flight, renew its lease."""
         self.count(run.call.id, 1, 0)
-        _FLIGHTS[(self.store.url, run.call.id)] = _Flight(run.record.epoch)
+        run.flight = _Flight(run.record.epoch)
+        with _FLIGHTS_LOCK:
+            _FLIGHTS[(self.store.url, run.call.id)] = run.flight
         run.renewer = _HEARTBEAT.renewer(self.store)
         run.renewer.add(run)
         return run
 
-    def duplicate(self, call: _Call, record: Record, source: str) -> Outcome:
+    def duplicate_outcome(self, call: _Call, record: Record, source: str) -> Outcome:
+        """What a duplicate returns: BLOCKED, or (replayed, shared) the recorded result."""
         value = BLOCKED if source == "blocked" else self.replay(call, record)
         self.count(call.id, 1, 1)
         self.fire("block", record)
         return Outcome(value, source, record.run_key, record)
-
-    def unknown(self, call: _Call, record: Record) -> OutcomeUnknown:
-        return OutcomeUnknown(
-            f"{call.name} (call {record.id}): whether its last run took effect is unknown ({record.error}), "
-            f"so it is not run again. Look up key {record.run_key!r} in the system it calls, then settle it: "
-            f"`ledger resolve {record.id} --done [--result JSON]` or `--not-done` (guard.resolve(id, "
-            f"done=...)); or give the policy a verify= that looks the key up", record.id, record.run_key)
-
-    def verify(self, call: _Call, record: Record) -> None:
-        if not _verified(self.secret, record):
-            raise IntegrityError(
-                f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
-                f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
-                f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
 
     def replay(self, call: _Call, record: Record) -> Any:
         """The recorded result of a verified SUCCESS record."""
@@ -3090,7 +3211,7 @@ class _Core:
                f"the verifier returned {_describe(answer)}, not Done(value), NOT_DONE or None")
         self.warn("%s (call %s): %s; recorded UNKNOWN", call.name, call.id, why)
         record = self.ended(run, Status.UNKNOWN, why[:2000])
-        raise self.unknown(call, record)
+        raise _unknown_outcome(call, record)
 
     def unguarded(self, call: _Call, error: StoreError) -> _Unguarded:
         """The store failed before the call was claimed: under fail_open, run it anyway."""
@@ -3220,11 +3341,14 @@ class _Core:
 
     def release(self, run: _Run, stored: Record | None = None) -> None:
         """Stop renewing the run's lease and wake its in-process duplicates, handing them
-        the record it stored (None: they read the store)."""
+        the record it stored (None: they read the store). A run that was fenced off leaves
+        the flight of the run that took over alone."""
         run.renewer.discard(run)
-        flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
-        if flight is not None:
-            flight.land(stored)
+        key = (self.store.url, run.call.id)
+        with _FLIGHTS_LOCK:
+            if _FLIGHTS.get(key) is run.flight:
+                del _FLIGHTS[key]
+        run.flight.land(stored)
 
     # -- noticing non-deterministic arguments ------------------------------
 
@@ -3642,7 +3766,7 @@ class Guard:
         info = _info(fn)
         call = _Call()
         call.fn, call.info = fn, info
-        call.name = name or self._core.name_of(fn, info)
+        call.name = name or self._core.record_name(fn)
         call.key = key if key is not None else _key_from(call.name, info, kwargs)
         call.args, call.kwargs = args, kwargs
         call.policy = policy = self._core.policy_for(call.name, fn)
@@ -3676,9 +3800,11 @@ class Guard:
         above one that registers the function and returns it (MCP @server.tool(), Pydantic AI
         @agent.tool) it guards the registered tool in place too. blocked_return: as for wrap_tools."""
         def decorate(fn: Callable) -> Any:
-            if policy:  # under the name the records will have
-                self.policy(name or _framework_name(fn) or _registered_name(fn) or fn, **policy)
-            return self._wrap_tool(fn, name, blocked_return, "guard.once")
+            options = Policy.of(**policy) if policy else None   # an unknown option fails before wrapping
+            guarded = self._wrap_tool(fn, name, blocked_return, "guard.once")
+            if options is not None:  # by the guarded tool, so under the name its records have
+                self.policy(guarded, **policy)
+            return guarded
         return decorate(fn) if fn is not None else decorate
 
     def wrap_tools(self, tools: Any, *, blocked_return: Any = _UNSET) -> Any:
@@ -3729,8 +3855,8 @@ class Guard:
         return self._wrap(tool, name, blocked_return)
 
     def _wrap(self, fn: Callable, name: str | None, blocked_return: Any) -> Callable:
-        inner, inner_name = _unwrap(fn)
-        name = _storable(name or inner_name or self._core.name_of(inner, _info(inner)), "tool name")
+        inner = _unwrap(fn)[0]
+        name = self._core.record_name(fn, name)
         self._core.tools.setdefault(name, inner)
         try:
             self._core.names.setdefault(inner, name)
@@ -3758,23 +3884,16 @@ class Guard:
 
     # -- policies and callbacks ----------------------------------------------
 
-    def policy(self, fn_or_name: Callable | str, /, *, unlimited: bool = False, replay: bool = False,
-               max: int | None = 1, ttl: float | None = None, lease: float = 30.0, recover: str = "retry",
-               validate: bool | Iterable[str] = False, cost: float | None = None,
-               serializer: Any = None, wait: float | None = None, fail_open: bool = False,
-               uncertain: Iterable[type[BaseException] | str] = UNCERTAIN_ERRORS,
-               verify: Callable[[str, dict[str, Any]], Any] | None = None) -> Guard:
+    def policy(self, fn_or_name: Callable | str, /, **options: Any) -> Guard:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
-        Returns the guard, so settings chain. As in ledger-once, max=None means the default
-        (one run) and ttl=0 or None means no expiry."""
-        policy = Policy(unlimited=unlimited, replay=replay, max=1 if max is None else max, ttl=ttl or None,
-                        lease=lease, recover=recover, validate=validate, cost=cost, serializer=serializer,
-                        wait=wait, fail_open=fail_open, uncertain=uncertain, verify=verify)
+        The options are Policy's fields, declared and documented there (help(ledger.Policy));
+        an unknown one is a ConfigError. Returns the guard, so settings chain."""
+        policy = Policy.of(**options)
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
             return self
-        fn, name = _unwrap(fn_or_name)
-        self._core.policies[name or _framework_name(fn) or self._core.name_of(fn, _info(fn))] = policy
+        fn = _unwrap(fn_or_name)[0]
+        self._core.policies[self._core.record_name(fn_or_name)] = policy
         try:
             self._core.policies_by_fn[fn] = policy
         except TypeError:
@@ -3931,9 +4050,12 @@ class Guard:
         return text
 
     def check(self) -> bool:
-        """Self-test: the store contract and the state machine, in memory. True or raises."""
-        check_store(MemoryStore())
-        probe = Guard(MemoryStore(), quiet=True)
+        """Self-test of this guard's store: the store contract (check_store), then the state
+        machine end to end (a run, a replayed duplicate, a failure and its re-run), on scratch
+        records of a workflow of its own, removed afterwards. True or raises."""
+        store, workflow = self.store, f"ledger-check-{secrets.token_hex(6)}"
+        check_store(store)
+        probe = Guard(store, workflow=workflow, quiet=True, secret=self._core.secret)
         calls: list[int] = []
 
         @probe.once(name="ledger.check", replay=True)
@@ -3943,14 +4065,16 @@ class Guard:
                 raise ValueError(n)
             return n * 2
 
-        results = [probe(tool, 21), probe(tool, n=21)]
-        for _ in range(2):
-            try:
-                probe(tool, -1)
-            except ValueError:
-                pass
+        try:
+            results = [probe(tool, 21), probe(tool, n=21)]
+            for _ in range(2):
+                with contextlib.suppress(ValueError):
+                    probe(tool, -1)
+        finally:
+            probe._core.flush(quietly=True)
+            store.clear(workflow)
         if results != [42, 42] or calls != [21, -1, -1]:
-            raise LedgerError(f"self-check failed: results {results}, runs {calls}")
+            raise LedgerError(f"self-check failed on {store!r}: results {results}, runs {calls}")
         return True
 
     def close(self) -> None:
@@ -3968,10 +4092,7 @@ class Guard:
         return _Named(self._core.tools[fn], fn)
 
     def _tool_name(self, tool: Callable | str | None) -> str | None:
-        if tool is None or isinstance(tool, str):
-            return tool
-        fn, name = _unwrap(tool)
-        return name or _framework_name(fn) or self._core.name_of(fn, _info(fn))
+        return tool if tool is None or isinstance(tool, str) else self._core.record_name(tool)
 
 
 # Results whose body runs only while they are iterated, after the call was recorded.

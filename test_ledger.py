@@ -1557,6 +1557,120 @@ def test_state_machine_model(backend, tmp_path_factory):
 # Engine: shared waits, leases, crashes, fencing, races, async.
 # ---------------------------------------------------------------------------
 
+# The decision (ledger._decide): every row of the transition table in ledger.py, as a
+# pure function of the stored record, the policy, the clock and what the caller waited for.
+
+NOW = 1_000.0
+
+
+def decided(status, *, lease="live", policy=None, waited=None, deadline=None, force=False, here=False,
+            runs=1, expires=None, owner="worker-1", argsum=None, key=None, validate=False):
+    guard = Guard(":memory:", quiet=True, secret="s")
+    guard.policy(charge, **{**(policy or {}), **({"validate": validate} if validate else {})})
+    call = guard._prepare(charge, (7,), {"key": key} if key else {})
+    record = Record(id=call.id, tool=call.name, workflow=call.workflow, caller=None, status=status, owner=owner,
+                    epoch=3, lease_until=NOW + 10 if lease == "live" else NOW - 10, run_key="run-key", runs=runs,
+                    expires=expires, argsum=argsum, error="RuntimeError: boom")
+    return ledger._decide(call, record, NOW, waited, deadline, force, here)
+
+
+DECISIONS = {
+    # name: (arguments of decided(), expected action, expected fields of the decision)
+    "key reused with other values": (dict(status="SUCCESS", key="k1", validate=True, argsum="other"),
+                                     "raise", {"error": ledger.KeyReuseError}),
+    "forced over a live run": (dict(status="RUNNING", force=True), "claim", {"new_run": True}),
+    "forced over a success": (dict(status="SUCCESS", force=True), "claim", {"new_run": True}),
+    "running, live, no replay": (dict(status="RUNNING"), "duplicate", {"source": "blocked", "stale": False}),
+    "running, live, replay, from inside its run": (dict(status="RUNNING", policy={"replay": True}, here=True),
+                                                   "raise", {"error": ledger.ReentrantCallError}),
+    "running, live, replay, wait= over": (dict(status="RUNNING", policy={"replay": True, "wait": 5},
+                                               deadline=NOW - 1), "raise", {"error": ledger.WaitTimeout}),
+    "running, live, replay, wait=0": (dict(status="RUNNING", policy={"replay": True, "wait": 0}),
+                                      "raise", {"error": ledger.WaitTimeout}),
+    "running, live, replay": (dict(status="RUNNING", policy={"replay": True}),
+                              "wait", {"timeout": 10.0, "deadline": float("inf")}),
+    "running, live, replay, wait= sooner than the lease": (dict(status="RUNNING", policy={"replay": True, "wait": 4}),
+                                                           "wait", {"timeout": 4.0, "deadline": NOW + 4}),
+    "running, expired, recover=block": (dict(status="RUNNING", lease="expired", policy={"recover": "block"}),
+                                        "duplicate", {"source": "blocked", "stale": True}),
+    "running, expired, left by ledger-once": (dict(status="RUNNING", lease="expired", owner=ledger.LEGACY_OWNER),
+                                              "duplicate", {"source": "blocked", "stale": True}),
+    "running, expired, confirmed ledger-once": (dict(status="RUNNING", lease="expired",
+                                                     owner=ledger.LEGACY_CONFIRMED),
+                                                "duplicate", {"source": "blocked", "stale": True}),
+    "running, expired": (dict(status="RUNNING", lease="expired"), "claim", {"new_run": False, "verify": False}),
+    "running, expired, with a verifier": (dict(status="RUNNING", lease="expired",
+                                               policy={"verify": lambda key, arguments: None}),
+                                          "claim", {"new_run": False, "verify": True}),
+    "unknown, no verifier": (dict(status="UNKNOWN"), "raise", {"error": ledger.OutcomeUnknown}),
+    "unknown, waited for it": (dict(status="UNKNOWN", waited=3, policy={"verify": lambda key, arguments: None}),
+                               "raise", {"error": ledger.OutcomeUnknown}),
+    "unknown, with a verifier": (dict(status="UNKNOWN", policy={"verify": lambda key, arguments: None}),
+                                 "claim", {"new_run": False, "verify": True}),
+    "failed, the run it waited for": (dict(status="FAILED", waited=3), "raise", {"error": ledger.LeaderFailed}),
+    "failed, an earlier run it waited for": (dict(status="FAILED", waited=2), "claim", {"new_run": False}),
+    "failed": (dict(status="FAILED"), "claim", {"new_run": False, "new_window": False}),
+    "success, waited for it": (dict(status="SUCCESS", waited=3, policy={"replay": True}),
+                               "duplicate", {"source": "shared"}),
+    "success, replay": (dict(status="SUCCESS", policy={"replay": True}), "duplicate", {"source": "replayed"}),
+    "success": (dict(status="SUCCESS"), "duplicate", {"source": "blocked", "stale": False}),
+    "success, in ttl": (dict(status="SUCCESS", policy={"ttl": 60}, expires=NOW + 1),
+                        "duplicate", {"source": "blocked"}),
+    "success, runs below max": (dict(status="SUCCESS", policy={"max": 2}), "claim",
+                                {"new_run": True, "new_window": False}),
+    "success, ttl window over": (dict(status="SUCCESS", policy={"ttl": 60, "max": 3}, runs=3, expires=NOW),
+                                 "claim", {"new_run": True, "new_window": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(DECISIONS))
+def test_each_transition_of_the_state_machine_is_decided_as_its_table_says(case):
+    arguments, action, fields = DECISIONS[case]
+    decision = decided(**arguments)
+    assert decision.action == action
+    for name, expected in fields.items():
+        value = getattr(decision, name)
+        assert isinstance(value, expected) if isinstance(expected, type) else value == expected, (name, value)
+
+
+def test_the_decision_table_in_ledger_py_has_a_case_for_each_row():
+    source = inspect.getsource(ledger)
+    table = source[source.index("# -- the decision"):source.index("class _Decision")]
+    rows = [line for line in table.splitlines() if re.match(r"#   \S.*  (claim|duplicate|wait|raise)", line)]
+    assert len(rows) == 18 and len(DECISIONS) >= len(rows)
+    actions = collections.Counter(re.search(r"  (claim|duplicate|wait|raise)", line).group(1) for line in rows)
+    cases = collections.Counter(action for _, action, _ in DECISIONS.values())
+    assert all(cases[action] >= n for action, n in actions.items()), (actions, cases)
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=st.sampled_from(["RUNNING", "SUCCESS", "FAILED", "UNKNOWN"]), live=st.booleans(),
+       replay=st.booleans(), recover=st.sampled_from(["retry", "block"]), waited=st.sampled_from([None, 2, 3]),
+       runs=st.integers(0, 3), maximum=st.integers(1, 3), in_window=st.sampled_from([None, True, False]),
+       here=st.booleans(), verifier=st.booleans())
+def test_no_decision_runs_a_call_that_is_live_done_or_of_unknown_outcome(status, live, replay, recover, waited,
+                                                                          runs, maximum, in_window, here, verifier):
+    policy = {"replay": replay, "recover": recover, "max": maximum}
+    if in_window is not None:
+        policy["ttl"] = 60
+    if verifier:
+        policy["verify"] = lambda key, arguments: None
+    expires = None if in_window is None else NOW + 1 if in_window else NOW
+    decision = decided(status, lease="live" if live else "expired", policy=policy, waited=waited, runs=runs,
+                       expires=expires, here=here)
+    assert decision.action in ("claim", "duplicate", "wait", "raise")
+    if decision.action == "claim":
+        assert not (status == "RUNNING" and live)                      # a live run is never taken over
+        assert not (status == "RUNNING" and recover == "block")        # nor a stale one kept blocked
+        assert not (status == "SUCCESS" and expires != NOW and runs >= maximum)   # nor a finished one
+        assert status != "UNKNOWN" or decision.verify                  # nor an uncertain one unverified
+        assert decision.verify or not (status == "RUNNING" and verifier)  # a takeover asks the verifier first
+    if decision.action == "wait":
+        assert status == "RUNNING" and live and replay and not here
+    if decision.action == "duplicate" and decision.source != "blocked":
+        assert status == "SUCCESS"                                     # only a success is replayed or shared
+
+
 PERSISTENT = [name for name in STORES if name != "memory"]
 
 
@@ -1691,6 +1805,20 @@ def test_waiters_get_leader_failed_and_the_next_call_runs_again(store):
     assert len(tool.calls) == 1
     tool.__wrapped__.fail = False
     assert guard(tool, 1) is not BLOCKED and len(tool.calls) == 2
+
+
+def test_a_fenced_run_ending_leaves_the_flight_of_the_run_that_took_over_from_it():
+    guard = Guard(":memory:", quiet=True, secret="s")
+    guard.policy(charge, replay=True)
+    core, call = guard._core, guard._prepare(charge, (1,), {})
+    fenced = core.start(core.prepare_run(call, None, core.store.now()))
+    taker = core.start(core.prepare_run(call, fenced.record, core.store.now()))
+    flights = ledger._FLIGHTS
+    core.release(fenced)
+    assert flights[(core.store.url, call.id)] is taker.flight and not taker.flight.landed
+    assert fenced.flight.landed   # its own waiters wake and read the store
+    core.release(taker, taker.record)
+    assert (core.store.url, call.id) not in flights and taker.flight.record is taker.record
 
 
 def test_a_bounded_wait_that_runs_out_raises(store):
@@ -4619,8 +4747,26 @@ def test_callbacks_fire_and_a_raising_callback_changes_nothing(g):
     assert [e[0] for e in events] == ["success", "block", "fail"]
 
 
-def test_check_runs_the_self_test():
-    assert Guard(":memory:").check() is True
+def test_check_runs_the_self_test_on_the_guards_own_store_and_leaves_its_records_alone(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    guard._core.flush()
+    before = [r.as_dict() for r in store.records()]
+    assert guard.check() is True
+    guard.close()
+    assert [r.as_dict() for r in store.records()] == before and CHARGES == [(1, 10.0, "usd")]
+
+
+def test_check_fails_on_a_store_whose_claims_are_not_kept(tmp_path):
+    class Forgetful(SQLiteStore):   # passes check_store, but loses the engine's finished calls
+        def swap(self, record, epoch, owner):
+            won = super().swap(record, epoch, owner)
+            if record.status != "RUNNING" and record.tool == "ledger.check" and "-" not in record.id:
+                self.delete(record.id)
+            return won
+    guard = Guard(Forgetful(tmp_path / "l.db"), quiet=True, secret="s")
+    with pytest.raises(LedgerError, match="self-check failed"):
+        guard.check()
 
 
 def test_execute_reports_where_a_value_came_from(g):
@@ -4733,6 +4879,25 @@ def test_policy_and_callbacks_return_the_guard_so_ledger_once_chains_work(g):
     assert g(charge, 1) == g(charge, 1) == {"charged": 10.0, "order": 1}
     assert events == [("ran", ledger.tool_name(charge)), ("dup", ledger.tool_name(charge))]
 
+
+def test_an_unknown_policy_option_is_refused_before_any_call_naming_the_known_ones(g):
+    for set_it in (lambda: g.policy(charge, replay=True, tll=60), lambda: g.once(charge, retries=3)):
+        with pytest.raises(ledger.ConfigError, match=r"unknown policy option (tll|retries): a policy takes "
+                                                     r"unlimited, replay, max, ttl, lease"):
+            set_it()
+    assert g.policy(charge) is g and CHARGES == []
+
+
+def test_policy_options_are_declared_once_and_llms_txt_lists_them_with_their_defaults():
+    listed = re.search(r"`guard\.policy\(tool_or_name, \*, (.*?)\) -> Guard`",
+                       (HERE / "llms.txt").read_text(), re.S).group(1)
+    options = dict(part.split("=", 1) for part in re.split(r",\s+", listed))
+    assert list(options) == list(ledger.POLICY_OPTIONS)
+    for field in dataclasses.fields(ledger.Policy):
+        shown = options[field.name]
+        assert shown == ("UNCERTAIN_ERRORS" if field.default is ledger.UNCERTAIN_ERRORS
+                         else json.dumps(field.default) if isinstance(field.default, str) else repr(field.default))
+    assert inspect.signature(Guard.policy).parameters.keys() == {"self", "fn_or_name", "options"}
 
 def test_policy_ttl_zero_means_no_expiry_as_in_ledger_once(g):
     g.policy(charge, ttl=0)
