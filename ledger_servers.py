@@ -170,7 +170,7 @@ class _ServerStore(Store):
 
     def insert_or_get(self, record: Record) -> Record | None:
         return self._claim_once(self._insert_or_get, record,
-                                lambda stored: None if _is_claim(stored, record) else stored)
+                                lambda stored: record if _is_claim(stored, record) else stored)
 
     def _claim_once(self, claim: Callable[[Record], Any], record: Record, answer: Callable[[Record], Any]) -> Any:
         """claim(record); after a break, what it answered is read back: with no record stored
@@ -524,7 +524,7 @@ class PostgresStore(_ServerStore):
         while True:
             (inserted, *stored), = self._run(self._sql["insert_or_get"], values, rows=True)
             if inserted:
-                return None
+                return record
             if stored[0] is not None:
                 return Record(*stored)
             # The record it conflicts with was committed after this statement's snapshot was
@@ -860,7 +860,7 @@ class RedisStore(_ServerStore):
 
     def _insert_or_get(self, record: Record) -> Record | None:
         stored = self._claim(record)
-        return None if stored == 1 else self._decode(dict(zip(stored[::2], stored[1::2])))
+        return record if stored == 1 else self._decode(dict(zip(stored[::2], stored[1::2])))
 
     def _claim(self, record: Record) -> Any:
         pairs = [x for f in RECORD_FIELDS if getattr(record, f) is not None

@@ -1218,7 +1218,7 @@ def test_check_store_leaves_other_records_alone(store):
 
 def test_insert_or_get_claims_a_record_that_is_absent(store):
     record = scratch_record()
-    assert store.insert_or_get(record) is None
+    assert store.insert_or_get(record) is record
     assert store.get(record.id).as_dict() == record.as_dict()
 
 
@@ -1240,9 +1240,9 @@ def test_insert_or_get_racing_on_one_id_claims_it_once_and_every_other_caller_re
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
     [t.start() for t in threads]
     [t.join(30) for t in threads]
-    winners = [n for n, stored in answers if stored is None]
+    winners = [n for n, stored in answers if stored.owner == f"owner-{n}"]
     assert len(answers) == 8 and len(winners) == 1
-    assert {stored.owner for _, stored in answers if stored is not None} == {f"owner-{winners[0]}"}
+    assert {stored.owner for _, stored in answers} == {f"owner-{winners[0]}"}
 
 
 def test_a_pruned_call_runs_again_and_its_duplicates_stay_blocked_until_then(store):
