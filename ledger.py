@@ -31,9 +31,19 @@ tool, ``current_key()`` is a stable idempotency key to hand to the downstream
 API, which is what makes a crash between the side effect and the record
 harmless.
 
-The file reads top to bottom in the order a call flows through it:
-normalize -> fingerprint -> records and states -> stores -> engine ->
-public Guard -> command line.
+The file reads top to bottom in the order a call flows through it: errors ->
+normalize -> fingerprint -> records and states -> the Store contract ->
+engine (calls and runs, the decision, singleflight, the state machine, leases
+and their heartbeat, telemetry) -> Guard -> framework adapters -> the memory
+and SQLite stores (and the ledger-once files they carry over) -> command line. To verify the guarantee, read three
+sections: the decision (its transition table and _decide), the state machine
+(_Core.settle, which carries a decision out, and _Core.complete, which records
+how a run ended), and the Store contract they rely on (check_store tests any
+backend against it). The rest prepares a call or presents it.
+
+Two companion files import this one, each a single file to copy beside it:
+ledger_servers.py (PostgresStore, RedisStore) and ledger_dashboard.py (the
+page `ledger serve` shows); `pip install tool-ledger` installs all three.
 """
 
 from __future__ import annotations
@@ -90,6 +100,21 @@ __all__ = [
 __version__ = "0.1.0"
 
 log = logging.getLogger("ledger")
+
+
+# Public names that live in a companion file, loaded on first use by `ledger.X` or
+# `from ledger import X`. They are not in __all__, so that `from ledger import *`
+# works with ledger.py alone; import them by name.
+_COMPANION_NAMES = {
+    "PostgresStore": "ledger_servers",
+    "RedisStore": "ledger_servers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _COMPANION_NAMES:
+        return getattr(_companion(_COMPANION_NAMES[name], name), name)
+    raise AttributeError(f"module 'ledger' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +381,7 @@ def _describe(value: Any) -> str:
 # bound methods by the class or immutable value they are bound to. A callable
 # with no such name (a closure over data, a method of a mutable object) raises
 # ConfigError asking for name=: never a silent merge, never a silent split.
+# What a framework injects is left out, except what identifies the caller.
 # ---------------------------------------------------------------------------
 
 class _ToolInfo:
@@ -800,6 +826,27 @@ def _arguments_text(bound: Mapping[str, Any], arguments: dict) -> str:
         raise _unfingerprintable(bound, e) from None
 
 
+def _key_from(name: str, info: _ToolInfo, kwargs: dict) -> str | None:
+    """The guard's key=/idempotency_key= keyword, taken out of `kwargs`, unless the tool has a
+    parameter of that name: a tool's own parameters always reach it (guard.keyed passes a key then)."""
+    key = None
+    for spelling in info.key_spellings:
+        if spelling in kwargs:
+            if info.var_keyword:
+                raise ConfigError(
+                    f"{name} takes **{info.var_keyword}, so {spelling}= could be meant for it or for the guard; "
+                    f"pass the guard's key with guard.keyed(key, tool, ...), which leaves every keyword to the tool")
+            if key is not None:
+                raise ConfigError("pass key= or idempotency_key=, not both")
+            key = kwargs.pop(spelling)
+    return key
+
+
+def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
+    names = bound.keys() if validate is True else validate
+    return hashlib.sha256(_dump(_canonical_arguments({n: bound.get(n) for n in names})).encode()).hexdigest()[:16]
+
+
 def _fingerprint_error(where: str, problem: str) -> FingerprintError:
     if len(where) > 200:
         where = where[:120] + "..." + where[-60:]
@@ -898,6 +945,12 @@ class Status(enum.StrEnum):
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"
     UNKNOWN = "UNKNOWN"   # the run may or may not have taken effect: duplicates do not run
+
+
+# The states a record is shown in, the one vocabulary of every command and of the dashboard
+# (ledger_dashboard.py): its status, or STALE for a RUNNING one whose lease ran out.
+STALE = "STALE"
+STATES = (Status.RUNNING.value, STALE, *(s.value for s in Status if s != Status.RUNNING))
 
 
 # The only states whose records `prune` may remove: a finished call's. A RUNNING
@@ -1408,9 +1461,11 @@ class Outcome:
 
 
 # ---------------------------------------------------------------------------
-# Stores. A store keeps records and offers a handful of atomic operations; all
-# logic lives in the engine, so a backend is a thin translation of these
-# methods into its own atomic primitives. `check_store` verifies one.
+# The Store contract. A store keeps records and offers a handful of atomic
+# operations; all logic lives in the engine, so a backend is a thin translation
+# of these methods into its own atomic primitives. `check_store` verifies one.
+# The memory and SQLite stores come after the adapters; PostgreSQL and Redis
+# live in the companion file ledger_servers.py, loaded when a URL names them.
 # ---------------------------------------------------------------------------
 
 class Store:
@@ -1507,80 +1562,6 @@ class Store:
         return f"{type(self).__name__}({self.url!r})"
 
 
-class MemoryStore(Store):
-    """Records in a dict, for tests and single-process use. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, Record] = {}
-        self._lock = threading.Lock()
-        self._secret = secrets.token_bytes(32)
-        self.url = f":memory:{id(self):x}"
-        self._base = time.time() - time.monotonic()   # one process: its monotonic clock, shown near wall time
-
-    def now(self) -> float:
-        return time.monotonic() + self._base
-
-    def get(self, id: str) -> Record | None:
-        return self._rows.get(id)
-
-    def insert(self, record: Record) -> bool:
-        with self._lock:
-            if record.id in self._rows:
-                return False
-            self._rows[record.id] = record
-            return True
-
-    def swap(self, record: Record, epoch: int, owner: str) -> bool:
-        with self._lock:
-            old = self._rows.get(record.id)
-            if old is None or old.epoch != epoch or old.owner != owner:
-                return False
-            self._rows[record.id] = record.evolve(attempts=old.attempts, blocked=old.blocked)
-            return True
-
-    def delete(self, id: str, epoch: int | None = None) -> bool:
-        with self._lock:
-            old = self._rows.get(id)
-            if old is None or (epoch is not None and old.epoch != epoch):
-                return False
-            del self._rows[id]
-            return True
-
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
-        with self._lock:
-            for id, (attempts, blocked) in counts.items():
-                old = self._rows.get(id)
-                if old is not None:
-                    self._rows[id] = old.evolve(attempts=old.attempts + attempts, blocked=old.blocked + blocked)
-
-    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
-        with self._lock:
-            rows = list(self._rows.values())
-        return sorted((r for r in rows if (workflow is None or r.workflow == workflow)
-                       and (tool is None or r.tool == tool)), key=lambda r: r.created)
-
-    def clear(self, workflow: str | None = None) -> int:
-        with self._lock:
-            doomed = [k for k, r in self._rows.items() if workflow is None or r.workflow == workflow]
-            for k in doomed:
-                del self._rows[k]
-            return len(doomed)
-
-    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
-              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
-        counts: dict[tuple[str, str], int] = {}
-        with self._lock:
-            doomed = [r for r in self._rows.values() if _prunable(r, before, now, statuses, workflow)]
-            for r in doomed if not dry_run else ():
-                del self._rows[r.id]
-        for r in doomed:
-            _tally(counts, r.status, r.tool)
-        return counts
-
-    def secret(self) -> bytes:
-        return self._secret
-
-
 PRUNE_BATCH = 1000   # records deleted per transaction (or script): writers wait for one batch at most
 
 
@@ -1592,647 +1573,6 @@ def _prunable(r: Record, before: float, now: float, statuses: tuple[str, ...], w
 
 def _tally(counts: dict[tuple[str, str], int], status: str, tool: str, n: int = 1) -> None:
     counts[(status, tool)] = counts.get((status, tool), 0) + n
-
-
-# 2: the indexes prune selects by. 3: leases and ttl windows are on the store's clock
-# (SQLite keeps its base in a table `clock`; server tables are unchanged, but are marked
-# 3 so that no worker that still judges leases by its own wall clock joins them).
-SCHEMA_VERSION = 3
-_SQL_COLUMNS = ", ".join(RECORD_FIELDS)
-# A record's id is a hash of its tool and workflow, so a swap never changes these
-# three; leaving them out of the UPDATE spares SQLite rewriting the primary key
-# and the workflow index on every completion.
-_SQL_SWAP_FIELDS = tuple(f for f in STATE_FIELDS if f not in ("id", "tool", "workflow"))
-_SQL_STATE = ", ".join(f"{f} = ?" for f in _SQL_SWAP_FIELDS)
-_sql_swap_values = operator.attrgetter(*_SQL_SWAP_FIELDS)
-_SQL_GET = f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?"
-_SQL_INSERT = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
-_SQL_SWAP = f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?"
-# prune selects through two partial indexes that hold only finished records, so a
-# claim (a RUNNING insert) and a lease renewal add no index entry.
-_SQL_PRUNABLE = "status IN (" + ", ".join(f"'{s}'" for s in PRUNABLE) + ")"
-_SQL_PRUNE_INDEXES = (("finished", f"(updated) WHERE {_SQL_PRUNABLE}"),
-                      ("expiring", f"(expires) WHERE {_SQL_PRUNABLE} AND expires IS NOT NULL"))
-
-
-def _sql_prune_passes(before: float, now: float, statuses: tuple[str, ...], workflow: str | None,
-                      mark: str) -> list[tuple[str, list]]:
-    """The WHERE clauses (and parameters) of prune's two passes in SQL: the ttl'd records
-    whose window ended, then the rest that finished before `before`. Each repeats its
-    index's condition word for word, which is what lets the planner use that index."""
-    rest = f" AND status IN ({', '.join([mark] * len(statuses))})"
-    params = list(statuses)
-    if workflow is not None:
-        rest, params = rest + f" AND workflow = {mark}", params + [workflow]
-    return [(f"{_SQL_PRUNABLE} AND expires IS NOT NULL AND expires <= {mark}{rest}", [now, *params]),
-            (f"{_SQL_PRUNABLE} AND updated < {mark} AND (expires IS NULL OR expires > {mark}){rest}",
-             [before, now, *params])]
-
-
-class _Connection:
-    """One thread's connection to a SQLite ledger. `lock` is held while a statement
-    runs, so that close() and fork() can wait for it and then close the connection;
-    its thread opens a new one on its next statement."""
-
-    __slots__ = ("lock", "conn", "__weakref__")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.conn: sqlite3.Connection | None = None
-
-
-# SQLite must not be used across fork(): a connection open in the parent, and
-# SQLite's per-process bookkeeping of the locks it holds on a file, would make the
-# child's own connections take no real locks, so another process could delete the
-# WAL under it. So no ledger connection is open at the moment of a fork: the
-# before-fork hook waits for running statements and closes every connection.
-_SQLITE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
-_INHERITED: list[sqlite3.Connection] = []   # kept, never closed, in a child: see _after_fork_in_child
-_rowcount = operator.attrgetter("rowcount")
-_SQLITE_BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)  # SQLite's own
-
-
-class SQLiteStore(Store):
-    """Records in one SQLite file (WAL), shared by every thread and process on a machine.
-
-    `durable=True` syncs every commit to disk (survives power loss); the default
-    (synchronous=NORMAL) survives a crash of any process. `create=False` opens
-    only an existing ledger database (as the read-only commands do). `timeout` is
-    how long one statement waits for another process's write lock.
-    """
-
-    def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0,
-                 create: bool = True):
-        self.path = os.fspath(path)
-        self.url = "sqlite:///" + os.path.abspath(self.path)
-        self.durable = durable
-        self.timeout = timeout
-        self.create = create
-        self._local = threading.local()
-        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()   # every thread's
-        self._connections_lock = threading.Lock()
-        self._base: float | None = None   # see now()
-        _SQLITE_STORES.add(self)
-        self._run(_SQL_GET, ("",), _fetch_one)   # open now: a bad path fails at once
-
-    def _connection(self) -> _Connection:
-        slot = getattr(self._local, "slot", None)
-        if slot is None:
-            slot = self._local.slot = _Connection()
-            with self._connections_lock:
-                self._connections.add(slot)
-        return slot
-
-    def _open(self) -> sqlite3.Connection:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):
-            raise StoreError(f"cannot open ledger database {self.path!r}: directory {folder!r} does not exist; "
-                             f"create it or point LEDGER_DB elsewhere")
-        if not self.create and not os.path.isfile(self.path):
-            raise StoreError(f"no ledger database at {self.path}")
-        if self.create:
-            _create_private_file(self.path)
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            self._migrate(conn)  # first, so that a file that is no ledger is left as it was
-            self.legacy = _carry_over_ledger_once(conn, self.path, self.create, self.now)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
-            conn.execute("PRAGMA busy_timeout = 0")   # _run waits for other processes' locks itself
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot open ledger database {self.path!r}: {e}. "
-                             f"{_sqlite_advice(self.path, e)}") from None
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
-        if version == 0 and not self.create:
-            raise StoreError(_not_a_ledger(conn, self.path))
-        if version < SCHEMA_VERSION:
-            with _immediate(conn):
-                version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have done it
-                if version == 0:
-                    columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
-                    conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
-                    conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
-                # Each step is idempotent, so one pass upgrades a file of any older schema.
-                for name, definition in _SQL_PRUNE_INDEXES:
-                    conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
-                conn.execute("CREATE TABLE IF NOT EXISTS clock (boot TEXT NOT NULL, base REAL NOT NULL, "
-                             "skew REAL NOT NULL)")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._base = self._clock_base(conn)
-
-    # The lease clock (see now()) is the machine's CLOCK_BOOTTIME, which every process
-    # on it shares and no wall-clock step moves, plus a base kept in the file for the
-    # current boot. A new boot (a new /proc/sys/kernel/random/boot_id) gets a base that
-    # continues the old clock by the wall time that passed, and every call still
-    # RUNNING from the old boot is expired at once: its process is gone. A file's
-    # first base makes the clock read wall time, so schema-1 records keep their meaning.
-
-    def _clock_base(self, conn: sqlite3.Connection) -> float | None:
-        boot = _boot_id()
-        if boot is None:
-            return None   # no boot id or CLOCK_BOOTTIME here: now() is the wall clock
-        row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
-        if row is not None and row[0] == boot:
-            return row[1]
-        with _immediate(conn):
-            row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
-            if row is not None and row[0] == boot:
-                return row[1]
-            skew = row[2] if row is not None else 0.0   # the old clock's lead over wall time
-            wall, up = time.time(), time.clock_gettime(_BOOTTIME)
-            base = wall + skew - up
-            conn.execute("DELETE FROM clock")
-            conn.execute("INSERT INTO clock (boot, base, skew) VALUES (?, ?, ?)", (boot, base, skew))
-            if row is not None:
-                now = up + base
-                conn.execute("UPDATE records SET lease_until = ? WHERE status = ? AND lease_until > ?",
-                             (now, Status.RUNNING.value, now))
-        return base
-
-    def now(self) -> float:
-        """The lease clock: seconds since boot plus this file's base (or wall time where there is no boot id)."""
-        base = self._base
-        return time.time() if base is None else time.clock_gettime(_BOOTTIME) + base
-
-    def _run(self, sql: str, params: Iterable = (), fetch: Callable[[sqlite3.Cursor], Any] = _rowcount,
-             many: bool = False) -> Any:
-        """Run one statement on this thread's connection (opened if need be) and
-        fetch its result while the connection is still sure to be open.
-
-        While another process holds the write lock it tries again for up to `timeout`
-        seconds, sleeping without the connection's lock, so that close() and fork()
-        never wait for more than one attempt."""
-        slot, delays = self._connection(), iter(_SQLITE_BUSY_DELAYS)
-        deadline = None
-        while True:
-            with slot.lock:
-                try:
-                    conn = slot.conn
-                    if conn is None:
-                        conn = slot.conn = self._open()
-                    if many:
-                        with conn:
-                            conn.execute("BEGIN IMMEDIATE")
-                            return fetch(conn.executemany(sql, params))
-                    return fetch(conn.execute(sql, params))
-                except sqlite3.Error as e:
-                    if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                        raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
-                    now = time.monotonic()
-                    deadline = deadline or now + self.timeout
-                    if now >= deadline:
-                        raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
-                                         f"lock for {self.timeout:g}s). {_sqlite_advice(self.path, e)}") from e
-            time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
-
-    def get(self, id: str) -> Record | None:
-        row = self._run(_SQL_GET, (id,), _fetch_one)
-        return Record(*row) if row else None
-
-    def insert(self, record: Record) -> bool:
-        return self._run(_SQL_INSERT, _record_values(record)) == 1
-
-    def swap(self, record: Record, epoch: int, owner: str) -> bool:
-        return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)) == 1
-
-    def delete(self, id: str, epoch: int | None = None) -> bool:
-        if epoch is None:
-            return self._run("DELETE FROM records WHERE id = ?", (id,)) == 1
-        return self._run("DELETE FROM records WHERE id = ? AND epoch = ?", (id, epoch)) == 1
-
-    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
-        self._run("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
-                  [(a, b, id) for id, (a, b) in counts.items()], many=True)
-
-    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
-        sql, params = f"SELECT {_SQL_COLUMNS} FROM records WHERE 1", []
-        if workflow is not None:
-            sql, params = sql + " AND workflow = ?", params + [workflow]
-        if tool is not None:
-            sql, params = sql + " AND tool = ?", params + [tool]
-        return [Record(*row) for row in self._run(sql + " ORDER BY created", params, _fetch_all)]
-
-    def clear(self, workflow: str | None = None) -> int:
-        if workflow is None:
-            return self._run("DELETE FROM records")
-        return self._run("DELETE FROM records WHERE workflow = ?", (workflow,))
-
-    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
-              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
-        counts: dict[tuple[str, str], int] = {}
-        for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
-            if dry_run:
-                for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
-                                                 f"GROUP BY status, tool", params, _fetch_all):
-                    _tally(counts, status, tool, n)
-                continue
-            while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
-                pass
-        return counts
-
-    def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
-        """Delete up to `batch` matching records in one statement (so one short write
-        transaction, which re-checks the rule as it deletes); how many."""
-        rows = self._run(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {where} LIMIT {int(batch)}) "
-                         f"RETURNING status, tool", params, _fetch_all)
-        for status, tool in rows:
-            _tally(counts, status, tool)
-        return len(rows)
-
-    def secret(self) -> bytes:
-        return _key_file(self.path + ".key")
-
-    def close(self) -> None:
-        """Close every thread's connection (each reopens on its next statement)."""
-        with self._connections_lock:
-            for slot in list(self._connections):
-                with slot.lock:
-                    _close_connection(slot)
-
-    # -- fork: see _SQLITE_STORES --------------------------------------------
-
-    def _hold_for_fork(self, held: list[threading.Lock]) -> None:
-        """Wait (boundedly) for this store's running statements and close its connections,
-        holding their locks (and the lock on new ones) until the fork is done."""
-        self._connections_lock.acquire()
-        held.append(self._connections_lock)
-        for slot in list(self._connections):
-            # A statement waits at most `timeout` for a write lock, then fails.
-            if slot.lock.acquire(timeout=self.timeout + 1.0):
-                held.append(slot.lock)
-                _close_connection(slot)
-            else:
-                log.warning("fork(): a statement on %s is still running after %.0fs; the child leaves "
-                            "that connection alone", self.path, self.timeout + 1.0)
-
-    def _forget_inherited(self) -> None:
-        """In a forked child: connections still open (see _hold_for_fork) belong to the parent."""
-        _INHERITED.extend(slot.conn for slot in self._connections if slot.conn is not None)
-        self._local = threading.local()
-        self._connections = weakref.WeakSet()
-        self._connections_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction, taken at once (so two processes never both read, then write)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-@functools.cache
-def _boot_id() -> str | None:
-    """This boot's id (Linux), or None where there is none or no CLOCK_BOOTTIME."""
-    if _BOOTTIME is None:
-        return None
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _fetch_one(cursor: sqlite3.Cursor) -> Any:
-    return cursor.fetchone()
-
-
-def _fetch_all(cursor: sqlite3.Cursor) -> list:
-    return cursor.fetchall()
-
-
-def _close_connection(slot: _Connection) -> None:
-    conn, slot.conn = slot.conn, None
-    if conn is not None:
-        try:
-            conn.close()
-        except sqlite3.Error as e:
-            log.warning("closing a ledger database connection: %s", e)
-
-
-def _create_private_file(path: str) -> None:
-    """Create an absent database file readable by its owner only (it holds every argument
-    and result); SQLite gives its -wal and -shm files the database's mode. An existing
-    file is left as it is."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-    except OSError:
-        pass  # sqlite3.connect meets the same cause and reports it with advice
-
-
-# What to do about an SQLite error, by its primary result code. Moving a database aside
-# is advised only where it is the cure, and always with its price.
-_FRESH_LEDGER = ("a new, empty ledger forgets every past call, so each of them runs again when next "
-                 "called; keep the old file for inspection")
-_SQLITE_ADVICE = {
-    "SQLITE_READONLY": "The file or its folder is read-only for this process: make both writable (SQLite "
-                       "also writes -wal and -shm files beside it), or open it with a user who may write",
-    "SQLITE_PERM": "Permission denied: make the file and its folder readable and writable for this user",
-    "SQLITE_CANTOPEN": "It cannot be opened: check that the path is a file (not a folder) and that the file and "
-                       "its folder are readable and writable for this user",
-    "SQLITE_IOERR": "The disk failed to read or write (full, removed, or a network filesystem, which SQLite "
-                    "locking does not support): free space or move LEDGER_DB to a local disk, then try again",
-    "SQLITE_FULL": "The disk is full: free space, then try again",
-    "SQLITE_BUSY": "Another process holds a lock on it for longer than the timeout: find the process (a "
-                   "long transaction, a stuck tool holding it open) or raise SQLiteStore(timeout=...)",
-    "SQLITE_LOCKED": "It is locked by another connection in this process: close it, then try again",
-    "SQLITE_NOTADB": f"The file is not an SQLite database: point LEDGER_DB at the ledger, or, if this file "
-                     f"is a damaged ledger, move it aside to have a new one created ({_FRESH_LEDGER})",
-    "SQLITE_CORRUPT": f"The database is damaged: try `sqlite3 {{path}} .recover`, restore a backup, or, as a last "
-                      f"resort, move it aside to have a new one created ({_FRESH_LEDGER})",
-}
-
-
-def _sqlite_advice(path: str, error: sqlite3.Error) -> str:
-    primary = "_".join((getattr(error, "sqlite_errorname", None) or "").split("_")[:2])  # SQLITE_IOERR_WRITE
-    if primary in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
-        # SQLite reports a read-only filesystem and a permission as "cannot open" too; tell them apart.
-        for where in (path, os.path.dirname(os.path.abspath(path))):
-            if os.path.exists(where) and not os.access(where, os.W_OK):
-                return _unwritable_advice(where)
-    return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on").format(path=path)
-
-
-def _unwritable_advice(where: str) -> str:
-    beside = "SQLite writes the database and its -wal and -shm files beside it"
-    if os.statvfs(where).f_flag & os.ST_RDONLY:
-        return (f"{where!r} is on a read-only filesystem ({beside}): remount it read-write, or point LEDGER_DB "
-                f"at a writable disk")
-    st = os.stat(where)
-    return (f"{where!r} is not writable by this user (uid {os.geteuid()}; it belongs to uid {st.st_uid}, mode "
-            f"{st.st_mode & 0o777:o}); {beside}: give this user write permission on the file and its folder, "
-            f"or run as the user who owns them")
-
-
-def _sqlite_type(field: str) -> str:
-    kind = Record.__dataclass_fields__[field].type
-    if "int" in kind:
-        return "INTEGER"
-    if "float" in kind:
-        return "REAL"
-    return "TEXT"
-
-
-def _key_file(path: str) -> bytes:
-    """Read the signing key beside the database, creating it (mode 0600) if absent."""
-    for _ in range(50):
-        try:
-            with open(path, "rb") as f:
-                key = f.read()
-                mode = os.fstat(f.fileno()).st_mode
-            if len(key) >= 32:
-                if mode & 0o077:
-                    log.warning("the signing key %s can be read by other users (mode %o): whoever reads it can "
-                                "forge records; chmod 600 it", path, mode & 0o777)
-                return key
-        except FileNotFoundError:
-            _create_key_file(path)
-            continue
-        except OSError as e:
-            raise StoreError(f"cannot read the signing key {path!r}: {e}; "
-                             f"fix its permissions or set LEDGER_SECRET") from None
-        time.sleep(0.01)
-    raise StoreError(f"the signing key {path!r} is too short; delete it to have a new one made, "
-                     f"or set LEDGER_SECRET")
-
-
-def _create_key_file(path: str) -> None:
-    """Write a new key to a temporary file and link it into place, so that no reader
-    ever sees a half-written key; on any failure (a full disk) nothing is left behind."""
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_hex(32).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: read theirs
-        finally:
-            os.unlink(tmp)
-    except OSError as e:
-        raise StoreError(f"cannot create the signing key {path!r}: {e}. Free space on that disk or make the "
-                         f"folder writable, or set LEDGER_SECRET (the same value on every worker)") from None
-
-
-# ledger-once (the package ledger.py replaces; its module is also `ledger` and its
-# file also ./ledger.db) keeps calls in a table `ledger`, each under
-# sha256(JSON of tool, normalized arguments or key=, workflow)[:32] with the tool
-# named fn.__module__ + "." + fn.__name__. Its key= calls keep only that hash, so
-# no record id of ours can be computed from its rows. The first guard to open such
-# a file therefore copies its done and running calls into `records` under
-# "lo:" + their id (its failed calls may run again, so they are left out), and a
-# call that finds no record of its own looks for the one ledger-once would have
-# given it and copies that under its own id (_Core.adopt).
-
-LEGACY_PREFIX = "lo:"
-LEGACY_OWNER = "ledger-once"                       # a carried-over record no operator has vouched for
-LEGACY_CONFIRMED = "ledger-once:confirmed"         # `ledger migrate --confirm ID`: it is this function's
-_LEDGER_ONCE_COLUMNS = ("id", "tool", "args", "wf", "created", "touched", "since", "status",
-                        "attempts", "runs", "blocked", "result", "error")
-
-
-def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
-    return columns.issuperset(_LEDGER_ONCE_COLUMNS)
-
-
-_SQL_LEDGER_ONCE_IMPORTED = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'"
-
-
-def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
-    return conn.execute(_SQL_LEDGER_ONCE_IMPORTED).fetchone() is not None
-
-
-def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
-    if _holds_ledger_once(conn):
-        return _migrate_hint(path)
-    return f"{path} is not a ledger database (it has no ledger schema)"
-
-
-def _migrate_hint(path: str) -> str:
-    return (f"{path} holds calls recorded by ledger-once that ledger.py has not carried over yet; "
-            f"run `ledger migrate {path}` (any guard opening the file does the same)")
-
-
-def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool,
-                            clock: Callable[[], float]) -> bool:
-    """Copy ledger-once's calls into `records`, once per file; whether the file holds any.
-
-    Done in the open, inside one write transaction, so no tool runs before the
-    records are there and two processes opening the file at once import them once.
-    A read-only open (create=False) refuses instead, naming `ledger migrate`.
-    `clock` is the store's lease clock (see SQLiteStore.now)."""
-    if _holds_ledger_once(conn) and not _ledger_once_imported(conn):
-        if not create:
-            raise StoreError(_migrate_hint(path))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            count = 0
-            if not _ledger_once_imported(conn):
-                now = time.time()
-                # Versions before 0.1.3 had no caller column.
-                caller = "caller" if "caller" in {r[1] for r in conn.execute("PRAGMA table_info(ledger)")} else "NULL"
-                rows = conn.execute(f"SELECT {', '.join(_LEDGER_ONCE_COLUMNS)}, {caller} FROM ledger "
-                                    f"WHERE status IN ('success', 'running')").fetchall()
-                records = [_ledger_once_record(row, now, clock()) for row in rows]
-                conn.executemany(_SQL_INSERT, [_record_values(r) for r in records])
-                conn.execute("CREATE TABLE ledger_once_import (imported REAL, calls INTEGER)")
-                conn.execute("INSERT INTO ledger_once_import VALUES (?, ?)", (now, len(records)))
-                count = len(records)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if count:
-            log.warning("%s: carried over %d done or running calls recorded by ledger-once (its table "
-                        "`ledger` is left as it was); they stay done", path, count)
-    hit = conn.execute("SELECT 1 FROM records WHERE id >= ? AND id < ? LIMIT 1", (LEGACY_PREFIX, "lo;"))
-    return hit.fetchone() is not None
-
-
-def _ledger_once_record(row: tuple, now: float, clock: float) -> Record:
-    """One ledger-once row as a record of ours, under its own id ("lo:" + ledger-once's).
-
-    `now` is the wall clock and `clock` the store's lease clock, read together: ledger-once's
-    wall times are kept as they are, and moved onto the lease clock for `lease_until`.
-    A running call stays RUNNING with its lease already expired, and is never taken
-    over on its own (see _Core.settle): ledger.py cannot know whether it took effect.
-    A done call's `lease_until` is its last touch, where its ttl window starts (see _Core.adopt)."""
-    id, tool, args, wf, created, touched, since, status, attempts, runs, blocked, result, error, caller = row
-    created_at = _iso_seconds(created) or now
-    updated_at = _iso_seconds(touched) or created_at
-    running, runs = status == "running", runs or 0
-    on_clock = clock - now
-    if running:
-        lease_until = min((_iso_seconds(since) or updated_at) + on_clock, clock)
-    else:
-        lease_until = updated_at + on_clock
-    return Record(
-        id=LEGACY_PREFIX + id, tool=tool, workflow=wf, caller=caller,
-        status=(Status.RUNNING if running else Status.SUCCESS).value, owner=LEGACY_OWNER, epoch=1,
-        lease_until=lease_until,
-        run_key=LEGACY_PREFIX + id, runs=runs if running else max(runs, 1), created=created_at,
-        updated=updated_at, started=_iso_seconds(since), attempts=attempts or 0, executed=runs + running,
-        blocked=blocked or 0, result=result, error=error, args=args)
-
-
-def _iso_seconds(text: str | None) -> float | None:
-    if not text:
-        return None
-    moment = _dt.datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
-    return moment.timestamp()
-
-
-def _ledger_once_id(call: _Call) -> str | None:
-    """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
-    fn, kwargs, key = call.fn, call.kwargs, call.key
-    if key is None and "key" in call.info.name_set and "key" in kwargs:  # ledger-once took key= from every tool
-        kwargs = dict(kwargs)
-        key = kwargs.pop("key")
-    try:
-        tool = fn.__module__ + "." + fn.__name__
-        if key is not None:
-            payload = {"t": tool, "k": key, "w": call.workflow}
-        else:
-            payload = {"t": tool, "a": _ledger_once_norm(_ledger_once_bind(call.info, call.args, kwargs)),
-                       "w": call.workflow}
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    except Exception:  # no name, or arguments its JSON could not hold: it never recorded such a call
-        return None
-    return LEGACY_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _ledger_once_bind(info: _ToolInfo, args: tuple, kwargs: dict) -> dict:
-    """Arguments by name with defaults, as ledger-once bound them, falling back as it did."""
-    try:
-        if info.signature is None:
-            raise TypeError
-        bound = info.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-    except TypeError:
-        return {**kwargs, "_": list(args)} if args else dict(kwargs)
-
-
-def _ledger_once_norm(value: Any) -> Any:
-    """ledger-once's normal form: sorted dicts, lists for tuples, floats to 8 places, str() for the rest."""
-    if isinstance(value, dict):
-        return {k: _ledger_once_norm(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_ledger_once_norm(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 8)
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _shared_name(fn: Callable) -> bool:
-    """Whether ledger-once's name for fn (module.__name__) also names other functions:
-    methods, nested functions and lambdas."""
-    name = getattr(fn, "__name__", "")
-    return getattr(fn, "__qualname__", name) != name or name.startswith("<")
-
-
-def _companion(module: str, what: str) -> types.ModuleType:
-    """Import a companion file of ledger.py (ledger_servers.py, ledger_dashboard.py), or say
-    in one line how to get it. Each is a single copyable file beside ledger.py that imports
-    ledger; pip install tool-ledger installs them all."""
-    if __name__ == "__main__":  # run as `python ledger.py`: the companion's `import ledger` must get this module
-        sys.modules.setdefault("ledger", sys.modules[__name__])
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise ConfigError(f"{what} lives in {module}.py: copy it next to ledger.py "
-                          f"({os.path.dirname(os.path.abspath(__file__))}), or pip install tool-ledger, "
-                          f"which installs it") from None
-
-
-# Public names that live in a companion file, loaded on first use by `ledger.X` or
-# `from ledger import X`. They are not in __all__, so that `from ledger import *`
-# works with ledger.py alone; import them by name.
-_COMPANION_NAMES = {
-    "PostgresStore": "ledger_servers",
-    "RedisStore": "ledger_servers",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _COMPANION_NAMES:
-        return getattr(_companion(_COMPANION_NAMES[name], name), name)
-    raise AttributeError(f"module 'ledger' has no attribute {name!r}")
-
-
-def _without_query_parameter(url: str, name: str) -> tuple[str, str | None]:
-    """`url` without the query parameter `name` (which the driver would reject), and its value."""
-    parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    values = [v for k, v in query if k == name]
-    if not values:
-        return url, None
-    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != name])
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), values[-1]
 
 
 def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -> Store:
@@ -2264,11 +1604,38 @@ def open_store(spec: str | os.PathLike | Store | None, *, create: bool = True) -
                       f"postgresql://user@host/db or redis://host:6379/0")
 
 
+def _without_query_parameter(url: str, name: str) -> tuple[str, str | None]:
+    """`url` without the query parameter `name` (which the driver would reject), and its value."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in query if k == name]
+    if not values:
+        return url, None
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != name])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), values[-1]
+
+
 def _is_ledger_once_store(spec: Any) -> bool:
     """A store written to ledger-once's six-method protocol, which this engine cannot drive."""
     if all(callable(getattr(spec, m, None)) for m in ("claim", "put", "all")):
         return not isinstance(spec, Store) or type(spec).insert is Store.insert
     return False
+
+
+def _companion(module: str, what: str) -> types.ModuleType:
+    """Import a companion file of ledger.py (ledger_servers.py, ledger_dashboard.py), or say
+    in one line how to get it. Each is a single copyable file beside ledger.py that imports
+    ledger; pip install tool-ledger installs them all."""
+    if __name__ == "__main__":  # run as `python ledger.py`: the companion's `import ledger` must get this module
+        sys.modules.setdefault("ledger", sys.modules[__name__])
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ConfigError(f"{what} lives in {module}.py: copy it next to ledger.py "
+                          f"({os.path.dirname(os.path.abspath(__file__))}), or pip install tool-ledger, "
+                          f"which installs it") from None
 
 
 def check_store(store: Store) -> None:
@@ -2391,263 +1758,9 @@ def _check_prune(store: Store, scratch: Callable[..., Record], expect: Callable[
 
 
 # ---------------------------------------------------------------------------
-# Engine: leases and their heartbeat. Each store has a daemon thread per process
-# that renews the lease of every call running on it (so a tool may run far
-# longer than its lease), and one more thread flushes buffered counters once a
-# second: a slow or stuck store delays neither another store's renewals nor its
-# own renewals behind counters.
-# ---------------------------------------------------------------------------
-
-FLUSH_INTERVAL = 1.0
-EXIT_FLUSH_WAIT = 5.0   # longest an exiting process waits to write buffered counters
-POLL_FIRST, POLL_MAX = 0.001, 0.02
-COMPLETION_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
-
-
-class _Renewer:
-    """Renews the leases of one store's running calls, on a thread that exits when none is left."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.cond = threading.Condition()
-        self.runs: dict[int, _Run] = {}
-        self.thread: threading.Thread | None = None
-
-    def add(self, run: _Run) -> None:
-        with self.cond:
-            self.runs[id(run)] = run
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self.thread.start()
-            elif run.renew_at < time.monotonic() + FLUSH_INTERVAL:
-                self.cond.notify()
-
-    def discard(self, run: _Run) -> None:
-        self.runs.pop(id(run), None)
-
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                # One snapshot decides: discard() runs without the lock, so the last run may
-                # end between a look at self.runs and a copy of it.
-                runs = list(self.runs.values())
-                if not runs:
-                    self.thread = None
-                    return
-                now = time.monotonic()
-                wake = min(r.renew_at for r in runs)
-                if wake > now:
-                    # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
-                    # so it never sleeps longer than that.
-                    self.cond.wait(min(wake - now, FLUSH_INTERVAL))
-                    continue
-            for run in runs:
-                if run.renew_at <= now:
-                    try:
-                        run.renew()
-                    except Exception:  # renewals must outlive any one fault
-                        log.exception("ledger heartbeat: unexpected error; continuing")
-
-
-class _Heartbeat:
-    """This process's renewers (one per store) and its counter flushes."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.renewers: dict[str, _Renewer] = {}
-        self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
-        self.thread: threading.Thread | None = None
-        self.flush_now, self.flushed = threading.Event(), threading.Event()
-
-    def renewer(self, store: Store) -> _Renewer:
-        renewer = self.renewers.get(store.url)
-        if renewer is None:
-            with self.lock:
-                renewer = self.renewers.setdefault(store.url, _Renewer(f"ledger-heartbeat {store.url}"))
-        return renewer
-
-    def watch(self, core: _Core) -> None:
-        with self.lock:
-            self.cores.add(core)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._flush_loop, name="ledger-counters", daemon=True)
-                self.thread.start()
-
-    def _flush_loop(self) -> None:
-        while True:
-            self.flush_now.wait(FLUSH_INTERVAL)
-            asked = self.flush_now.is_set()
-            self.flush_now.clear()
-            for core in list(self.cores):
-                try:
-                    core.flush(quietly=True)
-                except Exception:  # the thread must outlive any one store's fault
-                    log.exception("ledger counters: unexpected error; continuing")
-            _TELEMETRY.look_on_call = True   # once a second, look again whether a provider was set
-            if asked:
-                self.flushed.set()
-
-    def flush_at_exit(self) -> None:
-        """Have the counter thread write every buffered counter, waiting for it only so long:
-        a store that does not answer must not hold up the exit (and no thread can be
-        started at exit)."""
-        if self.thread is None:
-            return   # no guard has opened a store: nothing is buffered
-        self.flushed.clear()
-        self.flush_now.set()
-        if not self.flushed.wait(EXIT_FLUSH_WAIT):
-            log.warning("buffered call counters not written within %.0fs at exit; they are lost (the "
-                        "records themselves are complete)", EXIT_FLUSH_WAIT)
-
-
-_HEARTBEAT = _Heartbeat()
-
-
-class _Flight:
-    """Wakes in-process duplicates the moment the leader's record is written, and
-    hands them that record, so none of them has to read it back from the store.
-
-    Each waiting thread blocks on a lock of its own and each event loop gets one
-    callback, so a hundred duplicates wake without contending for a shared lock.
-    """
-
-    __slots__ = ("epoch", "lock", "sleepers", "futures", "landed", "record")
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-        self.lock = threading.Lock()
-        self.sleepers: list[threading.Lock] = []
-        self.futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-        self.landed = False
-        self.record: Record | None = None  # the leader's final record, as stored
-
-    def wait(self, timeout: float) -> None:
-        sleeper = threading.Lock()
-        sleeper.acquire()
-        with self.lock:
-            if self.landed:
-                return
-            self.sleepers.append(sleeper)
-        sleeper.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
-
-    async def wait_async(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self.lock:
-            if self.landed:
-                return
-            self.futures.setdefault(loop, []).append(future)
-        timer = loop.call_later(timeout, _resolve, [future])
-        try:
-            await future
-        finally:
-            timer.cancel()
-
-    def land(self, record: Record | None) -> None:
-        with self.lock:
-            self.landed, self.record = True, record
-            sleepers, futures, self.sleepers, self.futures = self.sleepers, self.futures, [], {}
-        for sleeper in sleepers:
-            sleeper.release()
-        for loop, waiting in futures.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, waiting)
-            except RuntimeError:  # that loop has closed; nobody is waiting there
-                pass
-
-
-def _resolve(futures: list[asyncio.Future]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)
-
-
-# The flight of each call running in this process, by (store url, call id). A run ends
-# its own flight; it removes the entry only while it is still its own.
-_FLIGHTS: dict[tuple[str, str], _Flight] = {}
-_FLIGHTS_LOCK = threading.Lock()
-
-
-class _Wait:
-    """A pause the state machine asks for; the sync or async driver carries it out."""
-
-    __slots__ = ("flight", "timeout", "store", "id")
-
-    def __init__(self, flight: _Flight | None, timeout: float, store: Store, id: str):
-        self.flight, self.timeout, self.store, self.id = flight, max(timeout, 0.0), store, id
-
-
-def _drive(steps: Iterator) -> Any:
-    try:
-        wait = next(steps)
-        while True:
-            if wait.flight is not None:
-                wait.flight.wait(wait.timeout)
-            else:
-                wait.store.wait(wait.id, wait.timeout)
-            wait = next(steps)
-    except StopIteration as stop:
-        return stop.value
-
-
-async def _drive_async(steps: Iterator) -> Any:
-    try:
-        wait = next(steps)
-        while True:
-            if wait.flight is not None:
-                await wait.flight.wait_async(wait.timeout)
-            else:
-                await wait.store.wait_async(wait.id, wait.timeout)
-            wait = next(steps)
-    except StopIteration as stop:
-        return stop.value
-
-
-_FORK_HELD: list[threading.Lock] = []
-
-
-def _before_fork() -> None:
-    for store in list(_SQLITE_STORES):
-        store._hold_for_fork(_FORK_HELD)
-
-
-def _after_fork_in_parent() -> None:
-    while _FORK_HELD:
-        _FORK_HELD.pop().release()
-
-
-def _after_fork_in_child() -> None:
-    global _HEARTBEAT
-    _after_fork_in_parent()
-    for store in list(_SQLITE_STORES):
-        store._forget_inherited()
-    _unique_token.__init__()
-    cores = list(_HEARTBEAT.cores)
-    _HEARTBEAT = _Heartbeat()   # the parent's runs and threads are not the child's
-    _FLIGHTS.clear()
-    for core in cores:
-        core.forget_pending()
-        _HEARTBEAT.watch(core)
-
-
-def _flush_all(quietly: bool = False, url: str | None = None) -> None:
-    """Write the buffered counters of every guard (on the store at `url`), so readers see this process's counts."""
-    for core in list(_HEARTBEAT.cores):
-        if url is None or (core._store is not None and core._store.url == url):
-            core.flush(quietly=quietly)
-
-
-atexit.register(lambda: _HEARTBEAT.flush_at_exit())
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
-
-
-# ---------------------------------------------------------------------------
-# Engine: the state machine. `_settle` reads the record and decides: run (it
-# won the claim), return a duplicate's outcome, or wait and look again. It is
-# a generator so the sync and async paths share every decision and differ
-# only in how they wait.
+# Engine: calls and runs. A _Call is everything decided before the store is
+# touched (the tool, its name and policy, its fingerprint); a _Run is a call this
+# process claimed and is running, whose key current_key() returns inside it.
 # ---------------------------------------------------------------------------
 
 class _Tokens:
@@ -2783,10 +1896,11 @@ class _Unguarded:
         _CURRENT_RUN.reset(self.token)
 
 
-# -- the decision ---------------------------------------------------------------
-# Given the record the store holds for a call, what this caller does: a pure
-# function of the record, the call and its policy, the store's clock, and what this
-# caller already waited for. Every transition of the state machine is one row:
+# ---------------------------------------------------------------------------
+# Engine: the decision. Given the record the store holds for a call, what
+# this caller does: a pure function of the record, the call and its policy, the
+# store's clock, and what this caller already waited for. Every transition of
+# the state machine is one row:
 #
 #   record                                  policy / caller            decision
 #   ---------------------------------------------------------------------------------------
@@ -2811,6 +1925,7 @@ class _Unguarded:
 #
 # A claim is a compare-and-set on the record's (epoch, owner) (Store.swap): of all
 # callers that decide to claim one record, one wins, and the others look again.
+# ---------------------------------------------------------------------------
 
 class _Decision(typing.NamedTuple):
     action: str                       # "claim", "duplicate", "wait" or "raise"
@@ -2887,6 +2002,130 @@ def _tampered(call: _Call, record: Record) -> IntegrityError:
         f"{call.name}: the stored record {record.id} failed its signature check (tampered with, "
         f"or written with another secret); it is neither replayed nor re-run. Inspect it with "
         f"`ledger show`, then clear it with `ledger retry {record.id}` if the call should run again")
+
+
+# ---------------------------------------------------------------------------
+# Engine: singleflight. A caller the decision tells to wait blocks on the
+# leader's flight when the leader runs in this process (woken the moment its
+# record is written, and handed that record), else on the store's own wakeup
+# (Store.wait / wait_async), polling as a fallback. The state machine is a
+# generator of these waits, so the sync and async paths share every decision
+# and differ only in how they wait (_drive, _drive_async).
+# ---------------------------------------------------------------------------
+
+POLL_FIRST, POLL_MAX = 0.001, 0.02
+
+
+class _Flight:
+    """Wakes in-process duplicates the moment the leader's record is written, and
+    hands them that record, so none of them has to read it back from the store.
+
+    Each waiting thread blocks on a lock of its own and each event loop gets one
+    callback, so a hundred duplicates wake without contending for a shared lock.
+    """
+
+    __slots__ = ("epoch", "lock", "sleepers", "futures", "landed", "record")
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.lock = threading.Lock()
+        self.sleepers: list[threading.Lock] = []
+        self.futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        self.landed = False
+        self.record: Record | None = None  # the leader's final record, as stored
+
+    def wait(self, timeout: float) -> None:
+        sleeper = threading.Lock()
+        sleeper.acquire()
+        with self.lock:
+            if self.landed:
+                return
+            self.sleepers.append(sleeper)
+        sleeper.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
+
+    async def wait_async(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.lock:
+            if self.landed:
+                return
+            self.futures.setdefault(loop, []).append(future)
+        timer = loop.call_later(timeout, _resolve, [future])
+        try:
+            await future
+        finally:
+            timer.cancel()
+
+    def land(self, record: Record | None) -> None:
+        with self.lock:
+            self.landed, self.record = True, record
+            sleepers, futures, self.sleepers, self.futures = self.sleepers, self.futures, [], {}
+        for sleeper in sleepers:
+            sleeper.release()
+        for loop, waiting in futures.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, waiting)
+            except RuntimeError:  # that loop has closed; nobody is waiting there
+                pass
+
+
+def _resolve(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
+# The flight of each call running in this process, by (store url, call id). A run ends
+# its own flight; it removes the entry only while it is still its own.
+_FLIGHTS: dict[tuple[str, str], _Flight] = {}
+_FLIGHTS_LOCK = threading.Lock()
+
+
+class _Wait:
+    """A pause the state machine asks for; the sync or async driver carries it out."""
+
+    __slots__ = ("flight", "timeout", "store", "id")
+
+    def __init__(self, flight: _Flight | None, timeout: float, store: Store, id: str):
+        self.flight, self.timeout, self.store, self.id = flight, max(timeout, 0.0), store, id
+
+
+def _drive(steps: Iterator) -> Any:
+    try:
+        wait = next(steps)
+        while True:
+            if wait.flight is not None:
+                wait.flight.wait(wait.timeout)
+            else:
+                wait.store.wait(wait.id, wait.timeout)
+            wait = next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _drive_async(steps: Iterator) -> Any:
+    try:
+        wait = next(steps)
+        while True:
+            if wait.flight is not None:
+                await wait.flight.wait_async(wait.timeout)
+            else:
+                await wait.store.wait_async(wait.id, wait.timeout)
+            wait = next(steps)
+    except StopIteration as stop:
+        return stop.value
+
+
+# ---------------------------------------------------------------------------
+# Engine: the state machine. _Core.settle reads the record, asks _decide, and
+# does what it says: claims (insert_or_get, swap), returns a duplicate's
+# outcome, or yields a wait and looks again. Then the run's end is recorded
+# with one compare-and-set (complete): SUCCESS with its signed result, FAILED,
+# or UNKNOWN. What a reviewer must read to verify the guarantee: this section,
+# the decision above, and the Store contract.
+# ---------------------------------------------------------------------------
+
+COMPLETION_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class _Core:
@@ -3463,6 +2702,157 @@ def _preview(call: _Call) -> str:
         text = _dump({"key": call.key, "arguments": shown})
     text = text.replace("\\u0000", "")  # tags read as plain words: ["datetime", "2026-..."]
     return text if len(text) <= 2000 else text[:1999] + "…"
+
+
+# ---------------------------------------------------------------------------
+# Engine: leases and their heartbeat. Each store has a daemon thread per process
+# that renews the lease of every call running on it (so a tool may run far
+# longer than its lease), and one more thread flushes buffered counters once a
+# second: a slow or stuck store delays neither another store's renewals nor its
+# own renewals behind counters. After fork(), the child starts its own.
+# ---------------------------------------------------------------------------
+
+FLUSH_INTERVAL = 1.0
+EXIT_FLUSH_WAIT = 5.0   # longest an exiting process waits to write buffered counters
+
+
+class _Renewer:
+    """Renews the leases of one store's running calls, on a thread that exits when none is left."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()
+        self.runs: dict[int, _Run] = {}
+        self.thread: threading.Thread | None = None
+
+    def add(self, run: _Run) -> None:
+        with self.cond:
+            self.runs[id(run)] = run
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+            elif run.renew_at < time.monotonic() + FLUSH_INTERVAL:
+                self.cond.notify()
+
+    def discard(self, run: _Run) -> None:
+        self.runs.pop(id(run), None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                # One snapshot decides: discard() runs without the lock, so the last run may
+                # end between a look at self.runs and a copy of it.
+                runs = list(self.runs.values())
+                if not runs:
+                    self.thread = None
+                    return
+                now = time.monotonic()
+                wake = min(r.renew_at for r in runs)
+                if wake > now:
+                    # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
+                    # so it never sleeps longer than that.
+                    self.cond.wait(min(wake - now, FLUSH_INTERVAL))
+                    continue
+            for run in runs:
+                if run.renew_at <= now:
+                    try:
+                        run.renew()
+                    except Exception:  # renewals must outlive any one fault
+                        log.exception("ledger heartbeat: unexpected error; continuing")
+
+
+class _Heartbeat:
+    """This process's renewers (one per store) and its counter flushes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.renewers: dict[str, _Renewer] = {}
+        self.cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+        self.flush_now, self.flushed = threading.Event(), threading.Event()
+
+    def renewer(self, store: Store) -> _Renewer:
+        renewer = self.renewers.get(store.url)
+        if renewer is None:
+            with self.lock:
+                renewer = self.renewers.setdefault(store.url, _Renewer(f"ledger-heartbeat {store.url}"))
+        return renewer
+
+    def watch(self, core: _Core) -> None:
+        with self.lock:
+            self.cores.add(core)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._flush_loop, name="ledger-counters", daemon=True)
+                self.thread.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self.flush_now.wait(FLUSH_INTERVAL)
+            asked = self.flush_now.is_set()
+            self.flush_now.clear()
+            for core in list(self.cores):
+                try:
+                    core.flush(quietly=True)
+                except Exception:  # the thread must outlive any one store's fault
+                    log.exception("ledger counters: unexpected error; continuing")
+            _TELEMETRY.look_on_call = True   # once a second, look again whether a provider was set
+            if asked:
+                self.flushed.set()
+
+    def flush_at_exit(self) -> None:
+        """Have the counter thread write every buffered counter, waiting for it only so long:
+        a store that does not answer must not hold up the exit (and no thread can be
+        started at exit)."""
+        if self.thread is None:
+            return   # no guard has opened a store: nothing is buffered
+        self.flushed.clear()
+        self.flush_now.set()
+        if not self.flushed.wait(EXIT_FLUSH_WAIT):
+            log.warning("buffered call counters not written within %.0fs at exit; they are lost (the "
+                        "records themselves are complete)", EXIT_FLUSH_WAIT)
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+_FORK_HELD: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    for store in list(_SQLITE_STORES):
+        store._hold_for_fork(_FORK_HELD)
+
+
+def _after_fork_in_parent() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    global _HEARTBEAT
+    _after_fork_in_parent()
+    for store in list(_SQLITE_STORES):
+        store._forget_inherited()
+    _unique_token.__init__()
+    cores = list(_HEARTBEAT.cores)
+    _HEARTBEAT = _Heartbeat()   # the parent's runs and threads are not the child's
+    _FLIGHTS.clear()
+    for core in cores:
+        core.forget_pending()
+        _HEARTBEAT.watch(core)
+
+
+def _flush_all(quietly: bool = False, url: str | None = None) -> None:
+    """Write the buffered counters of every guard (on the store at `url`), so readers see this process's counts."""
+    for core in list(_HEARTBEAT.cores):
+        if url is None or (core._store is not None and core._store.url == url):
+            core.flush(quietly=quietly)
+
+
+atexit.register(lambda: _HEARTBEAT.flush_at_exit())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------
@@ -4128,28 +3518,33 @@ def _refuse_deferred(call: _Call, value: Any) -> None:
         f"cause), so that the guard awaits the tool and records its real outcome")
 
 
+async def _answer(core: _Core, run: _Run, answer: Any) -> Any:
+    """An async verifier's answer, or the exception it raised."""
+    if not inspect.isawaitable(answer):
+        return answer
+    try:
+        return await answer
+    except Exception as e:
+        return e
+    except BaseException:
+        core.interrupted(run)
+        raise
+
+
+async def _value_of(outcome: Any) -> Any:
+    return (await outcome).value
+
+
+async def _outcome_of(awaitable: Any) -> Outcome:
+    return Outcome(await awaitable, "unlimited")
+
+
 def _prune_statuses(status: str | Iterable[str] | None) -> tuple[str, ...]:
     wanted = PRUNABLE if status is None else (status,) if isinstance(status, str) else tuple(status)
     if not wanted or any(s not in PRUNABLE for s in wanted):
         raise ConfigError(f"prune: status must be one or more of {', '.join(PRUNABLE)} (a RUNNING call is "
                           f"never pruned), not {status!r}")
     return tuple(sorted(set(wanted)))
-
-
-def _key_from(name: str, info: _ToolInfo, kwargs: dict) -> str | None:
-    """The guard's key=/idempotency_key= keyword, taken out of `kwargs`, unless the tool has a
-    parameter of that name: a tool's own parameters always reach it (guard.keyed passes a key then)."""
-    key = None
-    for spelling in info.key_spellings:
-        if spelling in kwargs:
-            if info.var_keyword:
-                raise ConfigError(
-                    f"{name} takes **{info.var_keyword}, so {spelling}= could be meant for it or for the guard; "
-                    f"pass the guard's key with guard.keyed(key, tool, ...), which leaves every keyword to the tool")
-            if key is not None:
-                raise ConfigError("pass key= or idempotency_key=, not both")
-            key = kwargs.pop(spelling)
-    return key
 
 
 def _refuse_shared_names(tools: Iterable[Any], guarded: Iterable[Any]) -> None:
@@ -4163,6 +3558,65 @@ def _refuse_shared_names(tools: Iterable[Any], guarded: Iterable[Any]) -> None:
             raise ConfigError(f"wrap_tools: two different tools are both named {name!r}, so they would share "
                               f"records; pass a dict with a name of its own for each")
 
+
+class _HistoryRow(dict):
+    """A record as a dict. row["wf"] and row["touched"], ledger-once's names, read
+    "workflow" and "updated" (without being keys of their own)."""
+
+    _LEDGER_ONCE_NAMES = {"wf": "workflow", "touched": "updated"}
+
+    def __missing__(self, key: str) -> Any:
+        if key in self._LEDGER_ONCE_NAMES:
+            return self[self._LEDGER_ONCE_NAMES[key]]
+        raise KeyError(key)
+
+
+def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.tool, []).append(record)
+    return groups
+
+
+def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
+    """The figures of `Guard.stats`, for any list of records (one tool's, say)."""
+    now = now or time.time()
+    attempts, blocked = sum(r.attempts for r in records), sum(r.blocked for r in records)
+    return {
+        "actions": len(records),
+        "attempts": attempts,
+        "executed": sum(r.executed for r in records),
+        "blocked": blocked,
+        "failed": sum(r.status == Status.FAILED for r in records),
+        "unknown": sum(r.status == Status.UNKNOWN for r in records),
+        "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
+        "stale": sum(r.stale(now) for r in records),
+        "duplicate_rate": round(blocked / attempts, 4) if attempts else 0.0,
+        "saved_usd": round(sum(r.blocked * (r.cost or 0) for r in records), 6),
+        "saved_seconds": round(sum(r.blocked * (r.duration or 0) for r in records), 6),
+    }
+
+
+def _summary_line(tool: str, rows: list[Record]) -> str:
+    """One line of guard.log(); tool names and errors are untrusted, so no control character of theirs."""
+    failed = [r for r in rows if r.status in (Status.FAILED, Status.UNKNOWN)]
+    mark = "✗" if failed else "✓"
+    tool = _clean(tool)
+    line = (f"{mark} {tool:<24} attempts {sum(r.attempts for r in rows):<4} "
+            f"executed {sum(r.executed for r in rows):<4} blocked {sum(r.blocked for r in rows)}")
+    return line + (f"  -> {_clean(failed[-1].error)}" if failed else "")
+
+
+guard = Guard()
+
+
+# ---------------------------------------------------------------------------
+# Framework adapters. Each takes (guard, tool, name, blocked_return) and returns a
+# guarded copy of the framework's own tool object (the MCP server adapter guards
+# the server in place); all of them guard the framework's innermost call of the
+# user's code through Guard._wrap. Frameworks are never imported: a tool's class
+# can only be one of theirs if their module is already loaded.
+# ---------------------------------------------------------------------------
 
 class _Named:
     """A tool under an explicit name (from wrap_tools or once(name=))."""
@@ -4181,12 +3635,6 @@ def _unwrap(fn: Any) -> tuple[Callable, str | None]:
         return marker
     return fn, None
 
-
-# Framework adapters. Each takes (guard, tool, name, blocked_return) and returns a
-# guarded copy of the framework's own tool object (the MCP server adapter guards
-# the server in place); all of them guard the framework's innermost call of the
-# user's code through Guard._wrap. Frameworks are never imported: a tool's class
-# can only be one of theirs if their module is already loaded.
 
 def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) -> Any:
     """StructuredTool / Tool: guard func and coroutine. Any other BaseTool: guard _run (and
@@ -4553,82 +4001,695 @@ def _library_roots() -> tuple[str, ...]:
                  | {os.path.join(p, "") for p in site.getsitepackages()})
 
 
-def _argsum(bound: Mapping[str, Any], validate: bool | tuple[str, ...]) -> str:
-    names = bound.keys() if validate is True else validate
-    return hashlib.sha256(_dump(_canonical_arguments({n: bound.get(n) for n in names})).encode()).hexdigest()[:16]
+# ---------------------------------------------------------------------------
+# Stores: memory and SQLite, the two backends this file holds. MemoryStore is a
+# dict behind a lock, for tests and one process. SQLiteStore is one file in WAL
+# mode shared by every process on the machine: each operation is one short
+# transaction on a per-thread connection, a fork()ed child opens its own, and
+# the lease clock is the machine's boot clock (where it has one), which no
+# wall-clock step moves.
+# ---------------------------------------------------------------------------
+
+class MemoryStore(Store):
+    """Records in a dict, for tests and single-process use. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Record] = {}
+        self._lock = threading.Lock()
+        self._secret = secrets.token_bytes(32)
+        self.url = f":memory:{id(self):x}"
+        self._base = time.time() - time.monotonic()   # one process: its monotonic clock, shown near wall time
+
+    def now(self) -> float:
+        return time.monotonic() + self._base
+
+    def get(self, id: str) -> Record | None:
+        return self._rows.get(id)
+
+    def insert(self, record: Record) -> bool:
+        with self._lock:
+            if record.id in self._rows:
+                return False
+            self._rows[record.id] = record
+            return True
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        with self._lock:
+            old = self._rows.get(record.id)
+            if old is None or old.epoch != epoch or old.owner != owner:
+                return False
+            self._rows[record.id] = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            return True
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        with self._lock:
+            old = self._rows.get(id)
+            if old is None or (epoch is not None and old.epoch != epoch):
+                return False
+            del self._rows[id]
+            return True
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        with self._lock:
+            for id, (attempts, blocked) in counts.items():
+                old = self._rows.get(id)
+                if old is not None:
+                    self._rows[id] = old.evolve(attempts=old.attempts + attempts, blocked=old.blocked + blocked)
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        with self._lock:
+            rows = list(self._rows.values())
+        return sorted((r for r in rows if (workflow is None or r.workflow == workflow)
+                       and (tool is None or r.tool == tool)), key=lambda r: r.created)
+
+    def clear(self, workflow: str | None = None) -> int:
+        with self._lock:
+            doomed = [k for k, r in self._rows.items() if workflow is None or r.workflow == workflow]
+            for k in doomed:
+                del self._rows[k]
+            return len(doomed)
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            doomed = [r for r in self._rows.values() if _prunable(r, before, now, statuses, workflow)]
+            for r in doomed if not dry_run else ():
+                del self._rows[r.id]
+        for r in doomed:
+            _tally(counts, r.status, r.tool)
+        return counts
+
+    def secret(self) -> bytes:
+        return self._secret
 
 
-async def _answer(core: _Core, run: _Run, answer: Any) -> Any:
-    """An async verifier's answer, or the exception it raised."""
-    if not inspect.isawaitable(answer):
-        return answer
-    try:
-        return await answer
-    except Exception as e:
-        return e
-    except BaseException:
-        core.interrupted(run)
-        raise
-
-
-async def _value_of(outcome: Any) -> Any:
-    return (await outcome).value
-
-
-async def _outcome_of(awaitable: Any) -> Outcome:
-    return Outcome(await awaitable, "unlimited")
-
-
-class _HistoryRow(dict):
-    """A record as a dict. row["wf"] and row["touched"], ledger-once's names, read
-    "workflow" and "updated" (without being keys of their own)."""
-
-    _LEDGER_ONCE_NAMES = {"wf": "workflow", "touched": "updated"}
-
-    def __missing__(self, key: str) -> Any:
-        if key in self._LEDGER_ONCE_NAMES:
-            return self[self._LEDGER_ONCE_NAMES[key]]
-        raise KeyError(key)
-
-
-def _by_tool(records: Iterable[Record]) -> dict[str, list[Record]]:
-    groups: dict[str, list[Record]] = {}
-    for record in records:
-        groups.setdefault(record.tool, []).append(record)
-    return groups
-
-
-def _totals(records: list[Record], now: float | None = None) -> dict[str, Any]:
-    """The figures of `Guard.stats`, for any list of records (one tool's, say)."""
-    now = now or time.time()
-    attempts, blocked = sum(r.attempts for r in records), sum(r.blocked for r in records)
-    return {
-        "actions": len(records),
-        "attempts": attempts,
-        "executed": sum(r.executed for r in records),
-        "blocked": blocked,
-        "failed": sum(r.status == Status.FAILED for r in records),
-        "unknown": sum(r.status == Status.UNKNOWN for r in records),
-        "running": sum(r.status == Status.RUNNING and not r.stale(now) for r in records),
-        "stale": sum(r.stale(now) for r in records),
-        "duplicate_rate": round(blocked / attempts, 4) if attempts else 0.0,
-        "saved_usd": round(sum(r.blocked * (r.cost or 0) for r in records), 6),
-        "saved_seconds": round(sum(r.blocked * (r.duration or 0) for r in records), 6),
-    }
-
-
-def _summary_line(tool: str, rows: list[Record]) -> str:
-    """One line of guard.log(); tool names and errors are untrusted, so no control character of theirs."""
-    failed = [r for r in rows if r.status in (Status.FAILED, Status.UNKNOWN)]
-    mark = "✗" if failed else "✓"
-    tool = _clean(tool)
-    line = (f"{mark} {tool:<24} attempts {sum(r.attempts for r in rows):<4} "
-            f"executed {sum(r.executed for r in rows):<4} blocked {sum(r.blocked for r in rows)}")
-    return line + (f"  -> {_clean(failed[-1].error)}" if failed else "")
-
-
-guard = Guard()
 _Mem = MemoryStore  # ledger-once's name for the in-memory store, which its README's tests import
+
+
+# 2: the indexes prune selects by. 3: leases and ttl windows are on the store's clock
+# (SQLite keeps its base in a table `clock`; server tables are unchanged, but are marked
+# 3 so that no worker that still judges leases by its own wall clock joins them).
+SCHEMA_VERSION = 3
+_SQL_COLUMNS = ", ".join(RECORD_FIELDS)
+# A record's id is a hash of its tool and workflow, so a swap never changes these
+# three; leaving them out of the UPDATE spares SQLite rewriting the primary key
+# and the workflow index on every completion.
+_SQL_SWAP_FIELDS = tuple(f for f in STATE_FIELDS if f not in ("id", "tool", "workflow"))
+_SQL_STATE = ", ".join(f"{f} = ?" for f in _SQL_SWAP_FIELDS)
+_sql_swap_values = operator.attrgetter(*_SQL_SWAP_FIELDS)
+_SQL_GET = f"SELECT {_SQL_COLUMNS} FROM records WHERE id = ?"
+_SQL_INSERT = f"INSERT OR IGNORE INTO records ({_SQL_COLUMNS}) VALUES ({', '.join('?' * len(RECORD_FIELDS))})"
+_SQL_SWAP = f"UPDATE records SET {_SQL_STATE} WHERE id = ? AND epoch = ? AND owner = ?"
+# prune selects through two partial indexes that hold only finished records, so a
+# claim (a RUNNING insert) and a lease renewal add no index entry.
+_SQL_PRUNABLE = "status IN (" + ", ".join(f"'{s}'" for s in PRUNABLE) + ")"
+_SQL_PRUNE_INDEXES = (("finished", f"(updated) WHERE {_SQL_PRUNABLE}"),
+                      ("expiring", f"(expires) WHERE {_SQL_PRUNABLE} AND expires IS NOT NULL"))
+
+
+def _sql_prune_passes(before: float, now: float, statuses: tuple[str, ...], workflow: str | None,
+                      mark: str) -> list[tuple[str, list]]:
+    """The WHERE clauses (and parameters) of prune's two passes in SQL: the ttl'd records
+    whose window ended, then the rest that finished before `before`. Each repeats its
+    index's condition word for word, which is what lets the planner use that index."""
+    rest = f" AND status IN ({', '.join([mark] * len(statuses))})"
+    params = list(statuses)
+    if workflow is not None:
+        rest, params = rest + f" AND workflow = {mark}", params + [workflow]
+    return [(f"{_SQL_PRUNABLE} AND expires IS NOT NULL AND expires <= {mark}{rest}", [now, *params]),
+            (f"{_SQL_PRUNABLE} AND updated < {mark} AND (expires IS NULL OR expires > {mark}){rest}",
+             [before, now, *params])]
+
+
+class _Connection:
+    """One thread's connection to a SQLite ledger. `lock` is held while a statement
+    runs, so that close() and fork() can wait for it and then close the connection;
+    its thread opens a new one on its next statement."""
+
+    __slots__ = ("lock", "conn", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+
+# SQLite must not be used across fork(): a connection open in the parent, and
+# SQLite's per-process bookkeeping of the locks it holds on a file, would make the
+# child's own connections take no real locks, so another process could delete the
+# WAL under it. So no ledger connection is open at the moment of a fork: the
+# before-fork hook waits for running statements and closes every connection.
+_SQLITE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_INHERITED: list[sqlite3.Connection] = []   # kept, never closed, in a child: see _after_fork_in_child
+_rowcount = operator.attrgetter("rowcount")
+_SQLITE_BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)  # SQLite's own
+
+
+class SQLiteStore(Store):
+    """Records in one SQLite file (WAL), shared by every thread and process on a machine.
+
+    `durable=True` syncs every commit to disk (survives power loss); the default
+    (synchronous=NORMAL) survives a crash of any process. `create=False` opens
+    only an existing ledger database (as the read-only commands do). `timeout` is
+    how long one statement waits for another process's write lock.
+    """
+
+    def __init__(self, path: str | os.PathLike = "ledger.db", *, durable: bool = False, timeout: float = 10.0,
+                 create: bool = True):
+        self.path = os.fspath(path)
+        self.url = "sqlite:///" + os.path.abspath(self.path)
+        self.durable = durable
+        self.timeout = timeout
+        self.create = create
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()   # every thread's
+        self._connections_lock = threading.Lock()
+        self._base: float | None = None   # see now()
+        _SQLITE_STORES.add(self)
+        self._run(_SQL_GET, ("",), _fetch_one)   # open now: a bad path fails at once
+
+    def _connection(self) -> _Connection:
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Connection()
+            with self._connections_lock:
+                self._connections.add(slot)
+        return slot
+
+    def _open(self) -> sqlite3.Connection:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"cannot open ledger database {self.path!r}: directory {folder!r} does not exist; "
+                             f"create it or point LEDGER_DB elsewhere")
+        if not self.create and not os.path.isfile(self.path):
+            raise StoreError(f"no ledger database at {self.path}")
+        if self.create:
+            _create_private_file(self.path)
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            self._migrate(conn)  # first, so that a file that is no ledger is left as it was
+            self.legacy = _carry_over_ledger_once(conn, self.path, self.create, self.now)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=" + ("FULL" if self.durable else "NORMAL"))
+            conn.execute("PRAGMA busy_timeout = 0")   # _run waits for other processes' locks itself
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open ledger database {self.path!r}: {e}. "
+                             f"{_sqlite_advice(self.path, e)}") from None
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path!r} was written by a newer ledger.py (schema {version}); upgrade ledger.py")
+        if version == 0 and not self.create:
+            raise StoreError(_not_a_ledger(conn, self.path))
+        if version < SCHEMA_VERSION:
+            with _immediate(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have done it
+                if version == 0:
+                    columns = ", ".join(f"{f} {_sqlite_type(f)}" for f in RECORD_FIELDS)
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS records ({columns}, PRIMARY KEY (id)) WITHOUT ROWID")
+                    conn.execute("CREATE INDEX IF NOT EXISTS records_workflow ON records (workflow)")
+                # Each step is idempotent, so one pass upgrades a file of any older schema.
+                for name, definition in _SQL_PRUNE_INDEXES:
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS records_{name} ON records {definition}")
+                conn.execute("CREATE TABLE IF NOT EXISTS clock (boot TEXT NOT NULL, base REAL NOT NULL, "
+                             "skew REAL NOT NULL)")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._base = self._clock_base(conn)
+
+    # The lease clock (see now()) is the machine's CLOCK_BOOTTIME, which every process
+    # on it shares and no wall-clock step moves, plus a base kept in the file for the
+    # current boot. A new boot (a new /proc/sys/kernel/random/boot_id) gets a base that
+    # continues the old clock by the wall time that passed, and every call still
+    # RUNNING from the old boot is expired at once: its process is gone. A file's
+    # first base makes the clock read wall time, so schema-1 records keep their meaning.
+
+    def _clock_base(self, conn: sqlite3.Connection) -> float | None:
+        boot = _boot_id()
+        if boot is None:
+            return None   # no boot id or CLOCK_BOOTTIME here: now() is the wall clock
+        row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
+        if row is not None and row[0] == boot:
+            return row[1]
+        with _immediate(conn):
+            row = conn.execute("SELECT boot, base, skew FROM clock").fetchone()
+            if row is not None and row[0] == boot:
+                return row[1]
+            skew = row[2] if row is not None else 0.0   # the old clock's lead over wall time
+            wall, up = time.time(), time.clock_gettime(_BOOTTIME)
+            base = wall + skew - up
+            conn.execute("DELETE FROM clock")
+            conn.execute("INSERT INTO clock (boot, base, skew) VALUES (?, ?, ?)", (boot, base, skew))
+            if row is not None:
+                now = up + base
+                conn.execute("UPDATE records SET lease_until = ? WHERE status = ? AND lease_until > ?",
+                             (now, Status.RUNNING.value, now))
+        return base
+
+    def now(self) -> float:
+        """The lease clock: seconds since boot plus this file's base (or wall time where there is no boot id)."""
+        base = self._base
+        return time.time() if base is None else time.clock_gettime(_BOOTTIME) + base
+
+    def _run(self, sql: str, params: Iterable = (), fetch: Callable[[sqlite3.Cursor], Any] = _rowcount,
+             many: bool = False) -> Any:
+        """Run one statement on this thread's connection (opened if need be) and
+        fetch its result while the connection is still sure to be open.
+
+        While another process holds the write lock it tries again for up to `timeout`
+        seconds, sleeping without the connection's lock, so that close() and fork()
+        never wait for more than one attempt."""
+        slot, delays = self._connection(), iter(_SQLITE_BUSY_DELAYS)
+        deadline = None
+        while True:
+            with slot.lock:
+                try:
+                    conn = slot.conn
+                    if conn is None:
+                        conn = slot.conn = self._open()
+                    if many:
+                        with conn:
+                            conn.execute("BEGIN IMMEDIATE")
+                            return fetch(conn.executemany(sql, params))
+                    return fetch(conn.execute(sql, params))
+                except sqlite3.Error as e:
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
+                    now = time.monotonic()
+                    deadline = deadline or now + self.timeout
+                    if now >= deadline:
+                        raise StoreError(f"ledger database {self.path!r}: {e} (another process held its write "
+                                         f"lock for {self.timeout:g}s). {_sqlite_advice(self.path, e)}") from e
+            time.sleep(min(next(delays, _SQLITE_BUSY_DELAYS[-1]), max(deadline - now, 0.0)))
+
+    def get(self, id: str) -> Record | None:
+        row = self._run(_SQL_GET, (id,), _fetch_one)
+        return Record(*row) if row else None
+
+    def insert(self, record: Record) -> bool:
+        return self._run(_SQL_INSERT, _record_values(record)) == 1
+
+    def swap(self, record: Record, epoch: int, owner: str) -> bool:
+        return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)) == 1
+
+    def delete(self, id: str, epoch: int | None = None) -> bool:
+        if epoch is None:
+            return self._run("DELETE FROM records WHERE id = ?", (id,)) == 1
+        return self._run("DELETE FROM records WHERE id = ? AND epoch = ?", (id, epoch)) == 1
+
+    def add_counts(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        self._run("UPDATE records SET attempts = attempts + ?, blocked = blocked + ? WHERE id = ?",
+                  [(a, b, id) for id, (a, b) in counts.items()], many=True)
+
+    def records(self, workflow: str | None = None, tool: str | None = None) -> list[Record]:
+        sql, params = f"SELECT {_SQL_COLUMNS} FROM records WHERE 1", []
+        if workflow is not None:
+            sql, params = sql + " AND workflow = ?", params + [workflow]
+        if tool is not None:
+            sql, params = sql + " AND tool = ?", params + [tool]
+        return [Record(*row) for row in self._run(sql + " ORDER BY created", params, _fetch_all)]
+
+    def clear(self, workflow: str | None = None) -> int:
+        if workflow is None:
+            return self._run("DELETE FROM records")
+        return self._run("DELETE FROM records WHERE workflow = ?", (workflow,))
+
+    def prune(self, before: float, now: float, statuses: tuple[str, ...] = PRUNABLE, workflow: str | None = None,
+              dry_run: bool = False, batch: int | None = None) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for where, params in _sql_prune_passes(before, now, statuses, workflow, "?"):
+            if dry_run:
+                for status, tool, n in self._run(f"SELECT status, tool, COUNT(*) FROM records WHERE {where} "
+                                                 f"GROUP BY status, tool", params, _fetch_all):
+                    _tally(counts, status, tool, n)
+                continue
+            while self._prune_batch(where, params, batch or PRUNE_BATCH, counts) == (batch or PRUNE_BATCH):
+                pass
+        return counts
+
+    def _prune_batch(self, where: str, params: list, batch: int, counts: dict[tuple[str, str], int]) -> int:
+        """Delete up to `batch` matching records in one statement (so one short write
+        transaction, which re-checks the rule as it deletes); how many."""
+        rows = self._run(f"DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {where} LIMIT {int(batch)}) "
+                         f"RETURNING status, tool", params, _fetch_all)
+        for status, tool in rows:
+            _tally(counts, status, tool)
+        return len(rows)
+
+    def secret(self) -> bytes:
+        return _key_file(self.path + ".key")
+
+    def close(self) -> None:
+        """Close every thread's connection (each reopens on its next statement)."""
+        with self._connections_lock:
+            for slot in list(self._connections):
+                with slot.lock:
+                    _close_connection(slot)
+
+    # -- fork: see _SQLITE_STORES --------------------------------------------
+
+    def _hold_for_fork(self, held: list[threading.Lock]) -> None:
+        """Wait (boundedly) for this store's running statements and close its connections,
+        holding their locks (and the lock on new ones) until the fork is done."""
+        self._connections_lock.acquire()
+        held.append(self._connections_lock)
+        for slot in list(self._connections):
+            # A statement waits at most `timeout` for a write lock, then fails.
+            if slot.lock.acquire(timeout=self.timeout + 1.0):
+                held.append(slot.lock)
+                _close_connection(slot)
+            else:
+                log.warning("fork(): a statement on %s is still running after %.0fs; the child leaves "
+                            "that connection alone", self.path, self.timeout + 1.0)
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: connections still open (see _hold_for_fork) belong to the parent."""
+        _INHERITED.extend(slot.conn for slot in self._connections if slot.conn is not None)
+        self._local = threading.local()
+        self._connections = weakref.WeakSet()
+        self._connections_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction, taken at once (so two processes never both read, then write)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot's id (Linux), or None where there is none or no CLOCK_BOOTTIME."""
+    if _BOOTTIME is None:
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _fetch_one(cursor: sqlite3.Cursor) -> Any:
+    return cursor.fetchone()
+
+
+def _fetch_all(cursor: sqlite3.Cursor) -> list:
+    return cursor.fetchall()
+
+
+def _close_connection(slot: _Connection) -> None:
+    conn, slot.conn = slot.conn, None
+    if conn is not None:
+        try:
+            conn.close()
+        except sqlite3.Error as e:
+            log.warning("closing a ledger database connection: %s", e)
+
+
+def _create_private_file(path: str) -> None:
+    """Create an absent database file readable by its owner only (it holds every argument
+    and result); SQLite gives its -wal and -shm files the database's mode. An existing
+    file is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        pass  # sqlite3.connect meets the same cause and reports it with advice
+
+
+# What to do about an SQLite error, by its primary result code. Moving a database aside
+# is advised only where it is the cure, and always with its price.
+_FRESH_LEDGER = ("a new, empty ledger forgets every past call, so each of them runs again when next "
+                 "called; keep the old file for inspection")
+_SQLITE_ADVICE = {
+    "SQLITE_READONLY": "The file or its folder is read-only for this process: make both writable (SQLite "
+                       "also writes -wal and -shm files beside it), or open it with a user who may write",
+    "SQLITE_PERM": "Permission denied: make the file and its folder readable and writable for this user",
+    "SQLITE_CANTOPEN": "It cannot be opened: check that the path is a file (not a folder) and that the file and "
+                       "its folder are readable and writable for this user",
+    "SQLITE_IOERR": "The disk failed to read or write (full, removed, or a network filesystem, which SQLite "
+                    "locking does not support): free space or move LEDGER_DB to a local disk, then try again",
+    "SQLITE_FULL": "The disk is full: free space, then try again",
+    "SQLITE_BUSY": "Another process holds a lock on it for longer than the timeout: find the process (a "
+                   "long transaction, a stuck tool holding it open) or raise SQLiteStore(timeout=...)",
+    "SQLITE_LOCKED": "It is locked by another connection in this process: close it, then try again",
+    "SQLITE_NOTADB": f"The file is not an SQLite database: point LEDGER_DB at the ledger, or, if this file "
+                     f"is a damaged ledger, move it aside to have a new one created ({_FRESH_LEDGER})",
+    "SQLITE_CORRUPT": f"The database is damaged: try `sqlite3 {{path}} .recover`, restore a backup, or, as a last "
+                      f"resort, move it aside to have a new one created ({_FRESH_LEDGER})",
+}
+
+
+def _sqlite_advice(path: str, error: sqlite3.Error) -> str:
+    primary = "_".join((getattr(error, "sqlite_errorname", None) or "").split("_")[:2])  # SQLITE_IOERR_WRITE
+    if primary in ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM"):
+        # SQLite reports a read-only filesystem and a permission as "cannot open" too; tell them apart.
+        for where in (path, os.path.dirname(os.path.abspath(path))):
+            if os.path.exists(where) and not os.access(where, os.W_OK):
+                return _unwritable_advice(where)
+    return _SQLITE_ADVICE.get(primary, "Check the file, its folder and the disk it is on").format(path=path)
+
+
+def _unwritable_advice(where: str) -> str:
+    beside = "SQLite writes the database and its -wal and -shm files beside it"
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        return (f"{where!r} is on a read-only filesystem ({beside}): remount it read-write, or point LEDGER_DB "
+                f"at a writable disk")
+    st = os.stat(where)
+    return (f"{where!r} is not writable by this user (uid {os.geteuid()}; it belongs to uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o777:o}); {beside}: give this user write permission on the file and its folder, "
+            f"or run as the user who owns them")
+
+
+def _sqlite_type(field: str) -> str:
+    kind = Record.__dataclass_fields__[field].type
+    if "int" in kind:
+        return "INTEGER"
+    if "float" in kind:
+        return "REAL"
+    return "TEXT"
+
+
+def _key_file(path: str) -> bytes:
+    """Read the signing key beside the database, creating it (mode 0600) if absent."""
+    for _ in range(50):
+        try:
+            with open(path, "rb") as f:
+                key = f.read()
+                mode = os.fstat(f.fileno()).st_mode
+            if len(key) >= 32:
+                if mode & 0o077:
+                    log.warning("the signing key %s can be read by other users (mode %o): whoever reads it can "
+                                "forge records; chmod 600 it", path, mode & 0o777)
+                return key
+        except FileNotFoundError:
+            _create_key_file(path)
+            continue
+        except OSError as e:
+            raise StoreError(f"cannot read the signing key {path!r}: {e}; "
+                             f"fix its permissions or set LEDGER_SECRET") from None
+        time.sleep(0.01)
+    raise StoreError(f"the signing key {path!r} is too short; delete it to have a new one made, "
+                     f"or set LEDGER_SECRET")
+
+
+def _create_key_file(path: str) -> None:
+    """Write a new key to a temporary file and link it into place, so that no reader
+    ever sees a half-written key; on any failure (a full disk) nothing is left behind."""
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_hex(32).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        finally:
+            os.unlink(tmp)
+    except OSError as e:
+        raise StoreError(f"cannot create the signing key {path!r}: {e}. Free space on that disk or make the "
+                         f"folder writable, or set LEDGER_SECRET (the same value on every worker)") from None
+
+
+# ---------------------------------------------------------------------------
+# ledger-once databases. A SQLite file ledger-once wrote is carried over in
+# place: its calls keep blocking, under its names, until each is found by the
+# call that made it (_Core.adopt) or an operator confirms or retries it.
+# ---------------------------------------------------------------------------
+
+# ledger-once (the package ledger.py replaces; its module is also `ledger` and its
+# file also ./ledger.db) keeps calls in a table `ledger`, each under
+# sha256(JSON of tool, normalized arguments or key=, workflow)[:32] with the tool
+# named fn.__module__ + "." + fn.__name__. Its key= calls keep only that hash, so
+# no record id of ours can be computed from its rows. The first guard to open such
+# a file therefore copies its done and running calls into `records` under
+# "lo:" + their id (its failed calls may run again, so they are left out), and a
+# call that finds no record of its own looks for the one ledger-once would have
+# given it and copies that under its own id (_Core.adopt).
+
+LEGACY_PREFIX = "lo:"
+LEGACY_OWNER = "ledger-once"                       # a carried-over record no operator has vouched for
+LEGACY_CONFIRMED = "ledger-once:confirmed"         # `ledger migrate --confirm ID`: it is this function's
+_LEDGER_ONCE_COLUMNS = ("id", "tool", "args", "wf", "created", "touched", "since", "status",
+                        "attempts", "runs", "blocked", "result", "error")
+
+
+def _holds_ledger_once(conn: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    return columns.issuperset(_LEDGER_ONCE_COLUMNS)
+
+
+_SQL_LEDGER_ONCE_IMPORTED = "SELECT 1 FROM sqlite_master WHERE name = 'ledger_once_import'"
+
+
+def _ledger_once_imported(conn: sqlite3.Connection) -> bool:
+    return conn.execute(_SQL_LEDGER_ONCE_IMPORTED).fetchone() is not None
+
+
+def _not_a_ledger(conn: sqlite3.Connection, path: str) -> str:
+    if _holds_ledger_once(conn):
+        return _migrate_hint(path)
+    return f"{path} is not a ledger database (it has no ledger schema)"
+
+
+def _migrate_hint(path: str) -> str:
+    return (f"{path} holds calls recorded by ledger-once that ledger.py has not carried over yet; "
+            f"run `ledger migrate {path}` (any guard opening the file does the same)")
+
+
+def _carry_over_ledger_once(conn: sqlite3.Connection, path: str, create: bool,
+                            clock: Callable[[], float]) -> bool:
+    """Copy ledger-once's calls into `records`, once per file; whether the file holds any.
+
+    Done in the open, inside one write transaction, so no tool runs before the
+    records are there and two processes opening the file at once import them once.
+    A read-only open (create=False) refuses instead, naming `ledger migrate`.
+    `clock` is the store's lease clock (see SQLiteStore.now)."""
+    if _holds_ledger_once(conn) and not _ledger_once_imported(conn):
+        if not create:
+            raise StoreError(_migrate_hint(path))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = 0
+            if not _ledger_once_imported(conn):
+                now = time.time()
+                # Versions before 0.1.3 had no caller column.
+                caller = "caller" if "caller" in {r[1] for r in conn.execute("PRAGMA table_info(ledger)")} else "NULL"
+                rows = conn.execute(f"SELECT {', '.join(_LEDGER_ONCE_COLUMNS)}, {caller} FROM ledger "
+                                    f"WHERE status IN ('success', 'running')").fetchall()
+                records = [_ledger_once_record(row, now, clock()) for row in rows]
+                conn.executemany(_SQL_INSERT, [_record_values(r) for r in records])
+                conn.execute("CREATE TABLE ledger_once_import (imported REAL, calls INTEGER)")
+                conn.execute("INSERT INTO ledger_once_import VALUES (?, ?)", (now, len(records)))
+                count = len(records)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if count:
+            log.warning("%s: carried over %d done or running calls recorded by ledger-once (its table "
+                        "`ledger` is left as it was); they stay done", path, count)
+    hit = conn.execute("SELECT 1 FROM records WHERE id >= ? AND id < ? LIMIT 1", (LEGACY_PREFIX, "lo;"))
+    return hit.fetchone() is not None
+
+
+def _ledger_once_record(row: tuple, now: float, clock: float) -> Record:
+    """One ledger-once row as a record of ours, under its own id ("lo:" + ledger-once's).
+
+    `now` is the wall clock and `clock` the store's lease clock, read together: ledger-once's
+    wall times are kept as they are, and moved onto the lease clock for `lease_until`.
+    A running call stays RUNNING with its lease already expired, and is never taken
+    over on its own (see _Core.settle): ledger.py cannot know whether it took effect.
+    A done call's `lease_until` is its last touch, where its ttl window starts (see _Core.adopt)."""
+    id, tool, args, wf, created, touched, since, status, attempts, runs, blocked, result, error, caller = row
+    created_at = _iso_seconds(created) or now
+    updated_at = _iso_seconds(touched) or created_at
+    running, runs = status == "running", runs or 0
+    on_clock = clock - now
+    if running:
+        lease_until = min((_iso_seconds(since) or updated_at) + on_clock, clock)
+    else:
+        lease_until = updated_at + on_clock
+    return Record(
+        id=LEGACY_PREFIX + id, tool=tool, workflow=wf, caller=caller,
+        status=(Status.RUNNING if running else Status.SUCCESS).value, owner=LEGACY_OWNER, epoch=1,
+        lease_until=lease_until,
+        run_key=LEGACY_PREFIX + id, runs=runs if running else max(runs, 1), created=created_at,
+        updated=updated_at, started=_iso_seconds(since), attempts=attempts or 0, executed=runs + running,
+        blocked=blocked or 0, result=result, error=error, args=args)
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    moment = _dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _ledger_once_id(call: _Call) -> str | None:
+    """The id ledger-once gave this call (prefixed), or None if it could not have recorded it."""
+    fn, kwargs, key = call.fn, call.kwargs, call.key
+    if key is None and "key" in call.info.name_set and "key" in kwargs:  # ledger-once took key= from every tool
+        kwargs = dict(kwargs)
+        key = kwargs.pop("key")
+    try:
+        tool = fn.__module__ + "." + fn.__name__
+        if key is not None:
+            payload = {"t": tool, "k": key, "w": call.workflow}
+        else:
+            payload = {"t": tool, "a": _ledger_once_norm(_ledger_once_bind(call.info, call.args, kwargs)),
+                       "w": call.workflow}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except Exception:  # no name, or arguments its JSON could not hold: it never recorded such a call
+        return None
+    return LEGACY_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _ledger_once_bind(info: _ToolInfo, args: tuple, kwargs: dict) -> dict:
+    """Arguments by name with defaults, as ledger-once bound them, falling back as it did."""
+    try:
+        if info.signature is None:
+            raise TypeError
+        bound = info.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except TypeError:
+        return {**kwargs, "_": list(args)} if args else dict(kwargs)
+
+
+def _ledger_once_norm(value: Any) -> Any:
+    """ledger-once's normal form: sorted dicts, lists for tuples, floats to 8 places, str() for the rest."""
+    if isinstance(value, dict):
+        return {k: _ledger_once_norm(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_ledger_once_norm(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 8)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _shared_name(fn: Callable) -> bool:
+    """Whether ledger-once's name for fn (module.__name__) also names other functions:
+    methods, nested functions and lambdas."""
+    name = getattr(fn, "__name__", "")
+    return getattr(fn, "__qualname__", name) != name or name.startswith("<")
 
 
 # ---------------------------------------------------------------------------
@@ -4641,10 +4702,6 @@ _Mem = MemoryStore  # ledger-once's name for the in-memory store, which its READ
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEMO_LEASE = 1.0
-# The states a record is shown in, the one vocabulary of every command and of the dashboard
-# (ledger_dashboard.py): its status, or STALE for a RUNNING one whose lease ran out.
-STALE = "STALE"
-STATES = (Status.RUNNING.value, STALE, *(s.value for s in Status if s != Status.RUNNING))
 _STATE_STYLE = {Status.RUNNING.value: "blue", STALE: "yellow", Status.SUCCESS.value: "green",
                 Status.FAILED.value: "red", Status.UNKNOWN.value: "magenta"}
 # Tool arguments, errors and names are untrusted: no control character of theirs reaches the terminal.
@@ -5258,6 +5315,14 @@ def _tail_line(event: str, r: Record, detail: str, paint: _Paint) -> str:
     return head + _fit(detail, max(16, _width() - 55))
 
 
+# -- serve ------------------------------------------------------------------------
+
+def _cmd_serve(args: Any) -> int:
+    # The dashboard's server and page live in ledger_dashboard.py: this file holds no HTML,
+    # CSS or JavaScript, and a user who never serves a dashboard need not copy it.
+    return _companion("ledger_dashboard", "the dashboard (ledger serve)").serve(args)
+
+
 # -- demo ---------------------------------------------------------------------------
 
 def _cmd_demo(args: Any) -> int:
@@ -5396,14 +5461,6 @@ def _demo_doomed_worker(path: str, workflow: str) -> None:
         os._exit(1)
 
     worker.wrap_tools({"send_invoice": send_invoice})["send_invoice"](order_id=1042)
-
-
-# -- serve ------------------------------------------------------------------------
-
-def _cmd_serve(args: Any) -> int:
-    # The dashboard's server and page live in ledger_dashboard.py: this file holds no HTML,
-    # CSS or JavaScript, and a user who never serves a dashboard need not copy it.
-    return _companion("ledger_dashboard", "the dashboard (ledger serve)").serve(args)
 
 
 if __name__ == "__main__":

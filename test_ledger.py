@@ -1635,7 +1635,7 @@ def test_each_transition_of_the_state_machine_is_decided_as_its_table_says(case)
 
 def test_the_decision_table_in_ledger_py_has_a_case_for_each_row():
     source = inspect.getsource(ledger)
-    table = source[source.index("# -- the decision"):source.index("class _Decision")]
+    table = source[source.index("# Engine: the decision"):source.index("class _Decision")]
     rows = [line for line in table.splitlines() if re.match(r"#   \S.*  (claim|duplicate|wait|raise)", line)]
     assert len(rows) == 18 and len(DECISIONS) >= len(rows)
     actions = collections.Counter(re.search(r"  (claim|duplicate|wait|raise)", line).group(1) for line in rows)
