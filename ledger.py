@@ -859,9 +859,18 @@ def _fingerprint_error(where: str, problem: str) -> FingerprintError:
 def _unfingerprintable(bound: Mapping[str, Any], error: BaseException) -> FingerprintError:
     """Find, off the hot path, the innermost argument value whose fingerprint fails."""
     for name, value in bound.items():
-        if _fingerprints(value) is None:
+        failure = _fingerprints(value)
+        if failure is None:
             continue
-        where, seen = name, [id(value)]
+        if isinstance(failure, RecursionError):  # a value that contains itself, or one nested too deeply
+            loop = _path_back_to_a_container(value)
+            if loop is not None:
+                where, inner = loop
+                return _fingerprint_error(name + where, f"contains itself (a {_describe(inner)} that refers back "
+                                                        f"to one of its own containers), which has no fingerprint")
+            return _fingerprint_error(name, f"is nested too deeply (a {_describe(value)} over "
+                                            f"{sys.getrecursionlimit() // 2} levels) to fingerprint")
+        where = name   # not recursion: the failing value is within the recursion limit, so descend to it
         while True:
             for step, child in _children(value):
                 if _fingerprints(child) is not None:
@@ -869,17 +878,32 @@ def _unfingerprintable(bound: Mapping[str, Any], error: BaseException) -> Finger
                     break
             else:
                 break
-            if id(value) in seen:
-                return _fingerprint_error(where, f"contains itself (a {_describe(value)} that refers back "
-                                                 f"to one of its own containers), which has no fingerprint")
-            seen.append(id(value))
         failure = _fingerprints(value)
-        if isinstance(failure, RecursionError):
-            return _fingerprint_error(where, f"is nested too deeply (a {_describe(value)} over "
-                                             f"{sys.getrecursionlimit() // 2} levels) to fingerprint")
         return _fingerprint_error(where, f"is a {_describe(value)}, and fingerprinting it raised "
                                          f"{type(failure).__name__}: {failure}")
     return _fingerprint_error("?", f"cannot be fingerprinted ({type(error).__name__}: {error})")
+
+
+def _path_back_to_a_container(value: Any) -> tuple[str, Any] | None:
+    """The path to the first value found inside `value` that is one of its own containers
+    (and that value), or None. Iterative, and each container is looked into once, so any depth
+    or sharing takes time in proportion to the number of containers."""
+    on_path, looked_into, path = {id(value)}, set(), [(value, _children(value), "")]
+    while path:
+        container, children, _ = path[-1]
+        step, child = next(children, (None, None))
+        if step is None:  # nothing in it leads back to a container on any path
+            on_path.discard(id(container))
+            looked_into.add(id(container))
+            path.pop()
+            continue
+        if id(child) in on_path:
+            return "".join(s for _, _, s in path[1:]) + step, child
+        if id(child) not in looked_into and (isinstance(child, (Mapping, list, tuple, set, frozenset)) or (
+                dataclasses.is_dataclass(child) and not isinstance(child, type))):
+            on_path.add(id(child))
+            path.append((child, _children(child), step))
+    return None
 
 
 def _fingerprints(value: Any) -> BaseException | None:

@@ -336,13 +336,37 @@ def test_a_self_referential_argument_is_a_fingerprint_error_naming_it():
         fp(items=loop)
 
 
-@pytest.mark.slow
-def test_a_too_deep_argument_is_a_fingerprint_error():
+def test_a_too_deep_argument_is_a_fingerprint_error_found_in_time_linear_in_its_depth():
     deep = []
-    for _ in range(5000):
+    for _ in range(50_000):
         deep = [deep]
-    with pytest.raises(ledger.FingerprintError, match="argument 'tree.*nested too deeply"):
+    started = time.process_time()
+    with pytest.raises(ledger.FingerprintError, match="argument 'tree' is nested too deeply"):
         fp(tree=deep)
+    assert time.process_time() - started < 2.0   # a search that descends level by level took minutes
+
+
+def test_a_deep_argument_sharing_its_parts_is_a_fingerprint_error_found_in_time():
+    shared = []
+    for _ in range(2000):
+        shared = [shared, shared]   # 2**2000 paths through 2000 lists
+    started = time.process_time()
+    with pytest.raises(ledger.FingerprintError, match="argument 'tree' is nested too deeply"):
+        fp(tree=shared)
+    assert time.process_time() - started < 2.0
+
+
+def test_a_value_deep_inside_that_contains_itself_is_named_by_its_path():
+    loop = {"k": []}
+    node = loop
+    for _ in range(1500):
+        node["k"] = [{"k": []}]
+        node = node["k"][0]
+    node["k"] = [loop]
+    started = time.process_time()
+    with pytest.raises(ledger.FingerprintError, match=r"argument 'x(\['k'\]\[0\]){4}.*\]\[0\]' contains itself"):
+        fp(x=loop)
+    assert time.process_time() - started < 2.0
 
 
 def test_an_int_too_long_for_str_is_a_fingerprint_error_naming_it(g):
