@@ -860,8 +860,8 @@ def test_ttl_lets_the_call_run_again_after_it(g):
 
 def test_unlimited_tools_always_run_and_keep_no_record(g):
     g.policy(charge, unlimited=True)
-    g(charge, 1)
-    g(charge, 1)
+    for _ in range(2):
+        g(charge, 1)
     assert len(CHARGES) == 2 and g.history() == []
 
 
@@ -1861,13 +1861,18 @@ def test_a_tool_running_ten_times_its_lease_is_never_run_twice(shared_store, tmp
     assert guard.store.records()[0].status == "SUCCESS"
 
 
-def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_path):
-    path = str(tmp_path / "runs")
-    victim = forked(_run_long_tool, shared_store, path, 1.0, 60)
+def kill_a_leader_mid_run(shared_store, path: str, lease: float) -> None:
+    """A leader that started log_run under `lease`, SIGKILLed before the tool returns."""
+    victim = forked(_run_long_tool, shared_store, path, lease, 60)
     victim.start()
     wait_for(lambda: runs_of(path), what="the victim to start")
     os.kill(victim.pid, signal.SIGKILL)
     victim.join()
+
+
+def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_path):
+    path = str(tmp_path / "runs")
+    kill_a_leader_mid_run(shared_store, path, 1.0)
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=1.0)
     assert guard(log_run, path, "long", 0, key="long-job") is BLOCKED   # its lease is still alive
@@ -1884,11 +1889,7 @@ def test_a_call_killed_mid_run_is_taken_over_after_its_lease(shared_store, tmp_p
 def stale_after_a_killed_leader(shared_store, path: str) -> Guard:
     """A leader SIGKILLed in the middle of log_run under recover="block", and a guard on
     the same store once that call's lease has run out."""
-    victim = forked(_run_long_tool, shared_store, path, 0.3, 60)
-    victim.start()
-    wait_for(lambda: runs_of(path), what="the victim to start")
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join()
+    kill_a_leader_mid_run(shared_store, path, 0.3)
     guard = Guard(shared_store, quiet=True, secret="s")
     guard.policy(log_run, lease=0.3, recover="block")
     wait_for(lambda: shared_store.records()[0].stale(shared_store.now()), what="the lease to expire")
@@ -2480,8 +2481,10 @@ def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store,
     assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
 
 
-def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store, monkeypatch):
-    guard = Guard(store, quiet=True, secret="s")
+@contextlib.contextmanager
+def a_call_running_in_a_thread(guard: Guard):
+    """Yields a guarded tool once a call of it is running in another thread; that call
+    returns when the block ends."""
     inside, release = threading.Event(), threading.Event()
 
     @guard.once(name="long_tool")
@@ -2492,15 +2495,21 @@ def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store,
     worker.start()
     try:
         assert inside.wait(10)
+        yield tool
+    finally:
+        release.set()
+        worker.join()
+
+
+def test_an_operator_whose_wall_clock_is_ahead_cannot_release_a_live_call(store, monkeypatch):
+    guard = Guard(store, quiet=True, secret="s")
+    with a_call_running_in_a_thread(guard) as tool:
         real_time = time.time
         monkeypatch.setattr(time, "time", lambda: real_time() + 3600)   # stepped as NTP would step it
         with pytest.raises(ledger.LeaseLiveError, match="running now"):
             guard.retry(tool)
         monkeypatch.undo()
         assert store.records()[0].status == "RUNNING"
-    finally:
-        release.set()
-        worker.join()
 
 
 @pytest.mark.slow
@@ -3048,25 +3057,12 @@ def test_a_deliberate_retry_gets_a_fresh_key_and_a_crash_recovery_keeps_the_old_
 def test_retry_refuses_a_call_whose_lease_is_live_unless_forced(store):
     guard = Guard(store, quiet=True, secret="s")
     guard.policy(log_run, lease=30)
-    inside = threading.Event()
-    release = threading.Event()
-
-    @guard.once(name="long_tool")
-    def tool():
-        inside.set()
-        release.wait(10)
-    worker = threading.Thread(target=tool)
-    worker.start()
-    try:
-        inside.wait(10)
+    with a_call_running_in_a_thread(guard) as tool:
         with pytest.raises(ledger.LeaseLiveError, match=r"holds its lease for another \d+\.\ds"):
             guard.retry(tool)
         assert store.records()[0].status == "RUNNING"
         assert guard.retry(tool, force=True) is True
         assert store.records()[0].status == "FAILED"
-    finally:
-        release.set()
-        worker.join()
 
 
 def plain_decorator(fn):
@@ -4413,6 +4409,16 @@ def test_langchain_injected_tool_arg_identifies_the_caller(g):
     assert runs == [("alice", 7), ("bob", 7)]
 
 
+def assert_sends_one_invoice_with_the_schema_of_the_bare_function(tools, send_invoice, runs: list) -> None:
+    """A guarded langchain send_invoice tool: the model sees the schema the undecorated
+    function would give, and a repeated tool call is blocked."""
+    assert send_invoice.tool_call_schema.model_json_schema() == \
+        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
+    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
+               for n in (1, 2)]
+    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+
+
 def test_once_above_a_langchain_tool_returns_that_tool_guarded(g):
     tools = framework("langchain_core.tools")
     runs = []
@@ -4426,11 +4432,7 @@ def test_once_above_a_langchain_tool_returns_that_tool_guarded(g):
 
     assert isinstance(send_invoice, tools.StructuredTool)
     assert send_invoice.name == "send_invoice" and send_invoice.description == "Email an invoice to a customer."
-    assert send_invoice.tool_call_schema.model_json_schema() == \
-        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
-    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
-               for n in (1, 2)]
-    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+    assert_sends_one_invoice_with_the_schema_of_the_bare_function(tools, send_invoice, runs)
 
 
 def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
@@ -4444,11 +4446,7 @@ def test_once_below_a_langchain_tool_guards_it_with_an_unchanged_schema(g):
         runs.append(customer)
         return "sent"
 
-    assert send_invoice.tool_call_schema.model_json_schema() == \
-        tools.tool(send_invoice.func.__wrapped__).tool_call_schema.model_json_schema()
-    replies = [send_invoice.invoke(tool_call("send_invoice", n, customer="acme", amount=1.0)).content
-               for n in (1, 2)]
-    assert replies == ["sent", ledger.BLOCKED_MESSAGE] and runs == ["acme"]
+    assert_sends_one_invoice_with_the_schema_of_the_bare_function(tools, send_invoice, runs)
 
 
 def test_once_below_a_content_and_artifact_tool_blocks_with_a_content_artifact_pair(g):
@@ -4822,7 +4820,7 @@ def test_function_tool_without_a_context_parameter_is_the_same_call_for_every_ru
 
 def test_once_above_a_function_tool_returns_that_tool_guarded(g):
     agents = framework("agents")
-    runs = []
+    runs: list[int] = []
 
     @g.once
     @agents.function_tool
@@ -6616,12 +6614,17 @@ def legacy_spelling(call: dict, positional: int) -> tuple[list, dict]:
     return call["values"][:positional], dict(zip(names[positional:], call["values"][positional:]))
 
 
+def a_legacy_folder(tmp_path_factory) -> LedgerOnceFolder:
+    """A new folder for ledger-once 0.1.5 to record calls in (the test skips without it)."""
+    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
+    return LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+
+
 @pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(calls=LEGACY_CALLS)
 def test_every_call_ledger_once_recorded_is_found_by_the_same_call_spelled_any_way(calls, tmp_path_factory):
-    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
-    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    folder = a_legacy_folder(tmp_path_factory)
     spelled = [[*legacy_spelling(c, c["positional"]), c["key"], c["wf"]] for c in calls]
     (folder.folder / "calls.json").write_text(json.dumps(spelled))
     try:
@@ -6661,8 +6664,7 @@ FINGERPRINTED_CALLS = st.lists(st.tuples(
 @settings(max_examples=4, deadline=None)
 @given(calls=FINGERPRINTED_CALLS)
 def test_the_id_ledger_py_looks_for_is_the_id_ledger_once_gave_the_call(calls, tmp_path_factory):
-    need("ledger-once 0.1.5", bool(LEDGER_ONCE_PYTHON), "set LEDGER_TEST_LEDGER_ONCE (.ci/run does)")
-    folder = LedgerOnceFolder(tmp_path_factory.mktemp("legacy"), LEDGER_ONCE_PYTHON)
+    folder = a_legacy_folder(tmp_path_factory)
     tools = folder.tools()
     calls = [c for c in calls if binds(getattr(tools, c[0]), c[1], c[2])]  # calls a tool could be given
     (folder.folder / "calls.json").write_text(json.dumps(calls))
@@ -7143,19 +7145,27 @@ def test_show_and_stats_show_an_unknown_call_and_its_error(unknown_db, cli):
     assert code == 0 and json.loads(out)["unknown"] == 1
 
 
-def test_tail_shows_an_unknown_call(unknown_db):
-    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(unknown_db), "--last", "5",
+@contextlib.contextmanager
+def tailing(db, last: int):
+    """`ledger tail --last <last>` on db, its output read line by line, until the block ends;
+    then Ctrl-C, which must end it cleanly."""
+    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(db), "--last", str(last),
                              "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interruptible)
     try:
-        line = Lines(proc.stdout).until("charge_card")
-        assert " unknown " in line and "TimeoutError: no answer" in line
+        yield Lines(proc.stdout)
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
     assert code == 0 and "Traceback" not in proc.stderr.read()
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_tail_shows_an_unknown_call(unknown_db):
+    with tailing(unknown_db, 5) as lines:
+        line = lines.until("charge_card")
+        assert " unknown " in line and "TimeoutError: no answer" in line
 
 
 def test_resolve_done_records_the_result_and_settles_only_once(unknown_db, cli):
@@ -7305,11 +7315,7 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(ledger_db):
 
 @pytest.mark.slow
 def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
-    proc = subprocess.Popen([sys.executable, LEDGER_PY, "tail", "--db", str(ledger_db), "--last", "2",
-                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
-    try:
-        lines = Lines(proc.stdout)
+    with tailing(ledger_db, 2) as lines:
         assert "stale" in lines.until("nightly_job")
         g = Guard(str(ledger_db), quiet=True)
         g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=41)
@@ -7318,12 +7324,6 @@ def test_tail_shows_the_latest_calls_then_new_activity_until_ctrl_c(ledger_db):
         g.wrap_tools({"fresh_tool": lambda n: n})["fresh_tool"](n=41)
         g.close()  # writes the blocked count
         assert "+1 duplicate" in lines.until("blocked")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=10)
-    assert code == 0 and "Traceback" not in proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
 
 
 @pytest.mark.slow
