@@ -2464,8 +2464,10 @@ def log_run_until(path: str, release: str) -> str:
     return f"released-{os.getpid()}"
 
 
-@pytest.mark.slow
-def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
+@contextlib.contextmanager
+def a_leader_running_until_released(shared_store, tmp_path):
+    """A guard of this process running log_run_until under a 2 s lease in a thread; yields
+    (that guard, the runs file, the release file) once the tool runs, and releases it when the block ends."""
     path, release = str(tmp_path / "runs"), str(tmp_path / "release")
     leader = Guard(shared_store, quiet=True, secret="s")
     leader.policy(log_run_until, lease=2.0)
@@ -2473,11 +2475,17 @@ def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store,
     running.start()
     try:
         wait_for(lambda: runs_of(path), what="the leader to start")
-        ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run_until, {"lease": 2.0}, path, release)
-        wait_for(lambda: ahead.poll() is not None or len(runs_of(path)) > 1, timeout=60, what="the other worker")
+        yield leader, path, release
     finally:
         pathlib.Path(release).touch()
         running.join(30)
+
+
+@pytest.mark.slow
+def test_a_wall_clock_stepped_forward_cannot_take_over_a_live_call(shared_store, tmp_path):
+    with a_leader_running_until_released(shared_store, tmp_path) as (_, path, release):
+        ahead = call_with_wall_clock_stepped(+3600, shared_store, log_run_until, {"lease": 2.0}, path, release)
+        wait_for(lambda: ahead.poll() is not None or len(runs_of(path)) > 1, timeout=60, what="the other worker")
     assert ahead.communicate(timeout=30)[0] == "BLOCKED\n" and len(runs_of(path)) == 1
 
 
@@ -2545,20 +2553,11 @@ except ledger.LeaseLiveError:
 
 @pytest.mark.slow
 def test_a_wall_clock_stepped_forward_cannot_release_a_live_call_with_retry(shared_store, tmp_path):
-    path, release = str(tmp_path / "runs"), str(tmp_path / "release")
-    leader = Guard(shared_store, quiet=True, secret="s")
-    leader.policy(log_run_until, lease=2.0)
-    running = threading.Thread(target=leader, args=(log_run_until, path, release), kwargs={"key": "job"})
-    running.start()
-    try:
-        wait_for(lambda: runs_of(path), what="the leader to start")
+    with a_leader_running_until_released(shared_store, tmp_path) as (leader, path, release):
         ahead = subprocess.run([sys.executable, "-c", _RETRY_CALL, "3600", spec_of(shared_store), path, release],
                                env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=HERE, capture_output=True,
                                text=True, timeout=60)
         still = leader.history()[0]["status"]
-    finally:
-        pathlib.Path(release).touch()
-        running.join(30)
     assert ahead.stdout == "LeaseLiveError\n", ahead.stderr
     assert still == "RUNNING"
 
