@@ -5340,7 +5340,7 @@ def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
         """Quote a price."""
         return "42"
 
-    tools = [example.FunctionTool.from_defaults(example.refund),
+    tools = [example.FunctionTool.from_defaults(example.cancel_order),
              example.FunctionTool.from_defaults(quote, name="get_quote")]
     for before, after in zip(tools, g.wrap_tools(tools)):
         assert type(after) is type(before) and after is not before
@@ -5353,33 +5353,38 @@ def test_llama_index_function_tools_keep_name_description_schema_and_context(g):
 @pytest.mark.slow
 def test_llama_index_duplicates_are_blocked_through_the_agent(g):
     example = example_module("llama_index_agent", "llama_index.core")
-    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)], blocked_return="already done")
-    call = ("refund", {"order_id": 1, "amount": 2.0})
-    assert llama_index_run(example, tools, [call, call]) == ["already done", "refunded 2.0 on order 1"]
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.cancel_order)], blocked_return="already done")
+    call = ("cancel_order", {"order_id": 1, "reason": "late"})
+    assert llama_index_run(example, tools, [call, call]) == ["already done", "cancelled order 1"]
     assert llama_index_run(example, tools, [call]) == ["already done"]
-    assert example.REFUNDS == ["order 1: 2.0"]
+    assert example.CANCELLED == ["order 1 (late)"]
 
 
 def test_llama_index_duplicates_are_replayed_and_users_scoped_by_workflow(g):
     example = example_module("llama_index_agent", "llama_index.core")
-    g.policy("refund", replay=True)
-    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.refund)])
-    call = ("refund", {"order_id": 1, "amount": 2.0})
+    g.policy("cancel_order", replay=True)
+    tools = g.wrap_tools([example.FunctionTool.from_defaults(example.cancel_order)])
+    call = ("cancel_order", {"order_id": 1, "reason": "late"})
     for user in ("ada", "bob"):
         with g.workflow(f"user-{user}"):
-            assert llama_index_run(example, tools, [call, call]) == ["refunded 2.0 on order 1"] * 2
-    assert example.REFUNDS == ["order 1: 2.0"] * 2
+            assert llama_index_run(example, tools, [call, call]) == ["cancelled order 1"] * 2
+    assert example.CANCELLED == ["order 1 (late)"] * 2
 
 
-def test_llama_index_sync_tool_is_one_tool_for_call_and_acall(g):
-    tools = framework("llama_index.core.tools")
+def a_notify_function():
+    """A plain function for a framework to make a tool of, and the list of whom it notified."""
     runs = []
 
     def notify(to: str) -> str:
         """Notify someone."""
         runs.append(to)
         return "sent"
+    return notify, runs
 
+
+def test_llama_index_sync_tool_is_one_tool_for_call_and_acall(g):
+    tools = framework("llama_index.core.tools")
+    notify, runs = a_notify_function()
     [tool] = g.wrap_tools([tools.FunctionTool.from_defaults(notify)], blocked_return="already done")
     assert tool.call(to="a").content == "sent"
     assert asyncio.run(tool.acall(to="a")).content == "already done"
@@ -5432,13 +5437,7 @@ def test_llama_index_tool_spec_is_guarded_under_its_function_names(g):
 
 def test_llama_index_once_in_either_order_guards_the_tool(g):
     tools = framework("llama_index.core.tools")
-    runs = []
-
-    def notify(to: str) -> str:
-        """Notify someone."""
-        runs.append(to)
-        return "sent"
-
+    notify, runs = a_notify_function()
     below = tools.FunctionTool.from_defaults(g.once(notify, name="notify"))
     above = g.once(tools.FunctionTool.from_defaults(notify, name="notify"))
     assert isinstance(above, tools.FunctionTool) and above.metadata.name == below.metadata.name == "notify"
@@ -5592,12 +5591,7 @@ def test_autogen_cancellation_token_is_passed_on_but_not_fingerprinted(g):
 def test_autogen_sync_function_tool_is_guarded_in_its_executor_thread(g):
     tools = framework("autogen_core.tools")
     from autogen_core import CancellationToken
-    runs = []
-
-    def notify(to: str) -> str:
-        runs.append(to)
-        return "sent"
-
+    notify, runs = a_notify_function()
     [tool] = g.wrap_tools([tools.FunctionTool(notify, description="Notify someone.")])
     with g.workflow("user-ada"):  # the scope reaches the thread AutoGen runs a sync tool in
         results = [asyncio.run(tool.run_json({"to": "x"}, CancellationToken())) for _ in range(2)]
@@ -7389,7 +7383,9 @@ EXAMPLES = {
                                     "then was killed by SIGKILL", "verifier in main: done, ch_1",
                                     "attempt 3: verified, ran again: False, returns ch_1", "attempt 4: blocked",
                                     "charges at the provider: 1 (ch_1)"]),
-    "llama_index_agent.py": ("llama_index.core", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
+    "llama_index_agent.py": ("llama_index.core", ["  already cancelled: the warehouse was told before",
+                                                  "orders cancelled: ['order 17 (ordered twice)']",
+                                                  "1 cancellation ran; 2 repeats were blocked"]),
     "smolagents_agent.py": ("smolagents", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "autogen_agent.py": ("autogen_agentchat", ["refunds that ran: ['order 42: 30.0']", "executed 1, blocked 2"]),
     "google_adk_agent.py": ("google.adk", ["refunds that ran: ['ada: order 42, 30.0', 'bob: order 42, 30.0']",
