@@ -23,7 +23,7 @@ guard = Guard(":memory:")  # records in memory: this example leaves no files beh
 CANCELLED: list[str] = []
 
 
-async def cancel_order(ctx: Context, order_id: int, reason: str) -> str:
+async def cancel_order(ctx: Context, order_id: int, reason: str = "not given") -> str:
     """Cancel an order that has not shipped, and tell the warehouse to stop it."""
     CANCELLED.append(f"order {order_id} ({reason})")
     return f"cancelled order {order_id}"
