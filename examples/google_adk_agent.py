@@ -71,9 +71,8 @@ async def main() -> None:
     ]
     for user in ("ada", "bob"):
         print(f"{user}: tool results {sorted(await run(tools, script, user))}")
-    print("refunds that ran:", REFUNDS)
-    stats = guard.stats()
-    print(f"executed {stats['executed']}, blocked {stats['blocked']}")
+    print("refunds that ran, one for each user:", REFUNDS)
+    print("{executed} refunds ran; {blocked} duplicates were blocked".format_map(guard.stats()))
 
 
 if __name__ == "__main__":

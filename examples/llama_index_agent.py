@@ -1,10 +1,11 @@
 """LlamaIndex: guard the agent's FunctionTool objects (or a ToolSpec) as they are.
 
 A scripted model (LlamaIndex's MockFunctionCallingLLM with a response generator,
-no network, no API key) asks for the same refund twice in one turn and again in
-the next, the way a model retries. The refund runs once; the agent reads
-"already done" for the duplicates. The workflow Context the agent injects is
-passed on and does not count: scope each user with guard.workflow(...).
+no network, no API key) asks to cancel the same order twice in one turn and
+again in the next, the way a model retries. The order is cancelled once; the
+agent reads "already cancelled" for the duplicates. The workflow Context the
+agent injects is passed on and does not count: scope each user with
+guard.workflow(...).
 Run: python examples/llama_index_agent.py
 """
 
@@ -19,13 +20,13 @@ from llama_index.core.workflow import Context
 from ledger import Guard
 
 guard = Guard(":memory:")  # records in memory: this example leaves no files behind
-REFUNDS: list[str] = []
+CANCELLED: list[str] = []
 
 
-async def refund(ctx: Context, order_id: int, amount: float) -> str:
-    """Refund an order to the customer's card."""
-    REFUNDS.append(f"order {order_id}: {amount}")
-    return f"refunded {amount} on order {order_id}"
+async def cancel_order(ctx: Context, order_id: int, reason: str = "not given") -> str:
+    """Cancel an order that has not shipped, and tell the warehouse to stop it."""
+    CANCELLED.append(f"order {order_id} ({reason})")
+    return f"cancelled order {order_id}"
 
 
 def scripted_llm(turns: list) -> MockFunctionCallingLLM:
@@ -52,19 +53,19 @@ async def run(agent: FunctionAgent, request: str) -> list[str]:
 
 
 async def main() -> None:
-    tools = guard.wrap_tools([FunctionTool.from_defaults(refund)],
-                             blocked_return="already done: this refund ran before")
+    tools = guard.wrap_tools([FunctionTool.from_defaults(cancel_order)],
+                             blocked_return="already cancelled: the warehouse was told before")
+    cancel = {"order_id": 17, "reason": "ordered twice"}
     script = [
-        [("refund", {"order_id": 42, "amount": 30.0})] * 2,   # a duplicate in one turn
-        [("refund", {"amount": 30.0, "order_id": 42})],       # and a retry
-        "Refund is done.",
+        [("cancel_order", cancel)] * 2,                        # a duplicate in one turn
+        [("cancel_order", dict(reversed(cancel.items())))],    # and a retry, arguments in another order
+        "Order 17 is cancelled.",
     ]
-    agent = FunctionAgent(tools=tools, llm=scripted_llm(script), system_prompt="Refund what is asked.")
-    for result in sorted(await run(agent, "Refund order 42.")):
-        print("tool result:", result)
-    print("refunds that ran:", REFUNDS)
-    stats = guard.stats()
-    print(f"executed {stats['executed']}, blocked {stats['blocked']}")
+    agent = FunctionAgent(tools=tools, llm=scripted_llm(script), system_prompt="Cancel the orders asked for.")
+    results = await run(agent, "Please cancel order 17, I ordered it twice.")
+    print("the agent read:", *sorted(results), sep="\n  ")
+    print(f"orders cancelled: {CANCELLED}")
+    print("{executed} cancellation ran; {blocked} repeats were blocked".format_map(guard.stats()))
 
 
 if __name__ == "__main__":
