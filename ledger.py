@@ -1273,17 +1273,9 @@ def _load_result(text: str) -> Any:
 
 
 def _pack(v: Any) -> Any:
-    """`v` itself if it is plain JSON, else its tagged form."""
-    t = type(v)
-    if t is str:
-        return v if v[:1] != _TAG else _TAG + v
-    if t is int or t is float or t is bool or v is None:
-        return v
-    if t is dict:
-        return _pack_dict(v)
-    if t is list:
-        return _pack_list(v)
-    pack = _PACK.get(t)
+    """`v` itself if it is plain JSON, else its tagged form. Exact types only: a subclass
+    (an IntEnum, a namedtuple, an OrderedDict) would come back as its base."""
+    pack = _PACK.get(type(v))
     if pack is None:
         raise _Unsupported(v, [])
     return pack(v)
@@ -1384,6 +1376,10 @@ def _b64(v: bytes | bytearray) -> str:
 
 
 _PACK: dict[type, Callable[[Any], Any]] = {
+    str: lambda v: v if v[:1] != _TAG else _TAG + v,
+    int: _itself, float: _itself, bool: _itself, type(None): _itself,
+    dict: _pack_dict,
+    list: _pack_list,
     tuple: lambda v: [_TAG + "tuple", _pack_list(list(v))],
     set: lambda v: [_TAG + "set", _pack_list(list(v))],
     frozenset: lambda v: [_TAG + "frozenset", _pack_list(list(v))],
@@ -3670,8 +3666,13 @@ def _adapt_langchain(guard: Guard, tool: Any, name: str, blocked_return: Any) ->
     if "func" in fields or "coroutine" in fields:
         return tool.model_copy(update={attr: guard._wrap(getattr(tool, attr), name, blocked_return)
                                        for attr in ("func", "coroutine") if getattr(tool, attr, None)})
+    return _guard_own_run_methods(guard, tool, sys.modules["langchain_core.tools"].BaseTool, name, blocked_return)
+
+
+def _guard_own_run_methods(guard: Guard, tool: Any, base: type, name: str, blocked_return: Any) -> Any:
+    """A copy of a pydantic tool object (LangChain's or CrewAI's BaseTool) with the _run and
+    _arun its class defines over `base` guarded: what the framework's run and arun call."""
     guarded = tool.model_copy()
-    base = sys.modules["langchain_core.tools"].BaseTool
     for attr in ("_run", "_arun"):
         if getattr(type(tool), attr) is not getattr(base, attr):
             object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
@@ -3894,12 +3895,7 @@ def _adapt_crewai_tool(guard: Guard, tool: Any, name: str, blocked_return: Any) 
     blocked_return = _readable(blocked_return)
     if "func" in type(tool).model_fields:
         return tool.model_copy(update={"func": guard._wrap(tool.func, name, blocked_return)})
-    guarded = tool.model_copy()
-    base = sys.modules["crewai.tools.base_tool"].BaseTool
-    for attr in ("_run", "_arun"):
-        if getattr(type(tool), attr) is not getattr(base, attr):
-            object.__setattr__(guarded, attr, guard._wrap(getattr(tool, attr), name, blocked_return))
-    return guarded
+    return _guard_own_run_methods(guard, tool, sys.modules["crewai.tools.base_tool"].BaseTool, name, blocked_return)
 
 
 # (module, class name, adapter): framework objects wrap_tools and once take.
