@@ -239,9 +239,10 @@ def _list(items: Iterable[Any]) -> list:
     try:
         for item in items:
             # Plain strings and ints are their own canonical form; testing for them
-            # here instead of calling canonical() is a third of a fingerprint's cost.
+            # here instead of calling canonical() is a third of a fingerprint's cost,
+            # and other common types go straight to their handler.
             t = type(item)
-            out.append(item if t is int or (t is str and item[:1] != _TAG) else canonical(item))
+            out.append(item if t is int or (t is str and item[:1] != _TAG) else (_CANON.get(t) or canonical)(item))
     except _Unsupported as e:
         e.path.append("[%d]" % len(out))
         raise
@@ -259,7 +260,8 @@ def _dict(d: Mapping) -> Any:
     try:
         for k, v in d.items():
             t = type(v)  # as in _list
-            out[k if k[:1] != _TAG else _TAG + k] = v if t is int or (t is str and v[:1] != _TAG) else canonical(v)
+            out[k if k[:1] != _TAG else _TAG + k] = v if t is int or (t is str and v[:1] != _TAG) else (
+                _CANON.get(t) or canonical)(v)
     except _Unsupported as e:
         e.path.append("[%r]" % k)
         raise
@@ -983,6 +985,8 @@ PRUNABLE = (Status.SUCCESS.value, Status.FAILED.value)
 # The states whose records are signed, and verified before they steer a call: a SUCCESS
 # replays or blocks; an UNKNOWN blocks, and gives the verifier and the next run their key.
 _SIGNED = (Status.SUCCESS.value, Status.UNKNOWN.value)
+# Status.X.value is two Python-level calls: on the hot path, read it once
+_RUNNING, _SUCCESS = Status.RUNNING.value, Status.SUCCESS.value
 
 
 @dataclasses.dataclass(slots=True)
@@ -1254,16 +1258,26 @@ def _codec(serializer: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]
 # Anything else, subclasses included (an IntEnum would come back an int), is
 # refused: the record keeps why in `unstored`. ASCII output keeps NULs and
 # lone surrogates as \u escapes, which every store can hold.
-_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# The encoder json.dumps(value, separators=(",", ":")) builds on every call, built once (as
+# _ENCODE is). No circular-reference markers: _pack has walked the value already, and a
+# value that contains itself fails there, with RecursionError.
+_RESULT_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _no_default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 _TAGGED = "~"
+
+
+def _encode_result(packed: Any) -> str:
+    if _RESULT_ENCODE is None:
+        return json.dumps(packed, separators=(",", ":"))
+    return "".join(_RESULT_ENCODE(packed, 0))
 
 
 def _dump_result(value: Any) -> str:
     """The stored text of a result; _Unsupported (with its path) if it cannot come back exactly."""
     packed = _pack(value)
     if packed is value:  # plain JSON: one walk to check, then the C encoder
-        return _RESULT_ENCODER.encode(value)
-    return _TAGGED + _RESULT_ENCODER.encode(packed)
+        return _encode_result(value)
+    return _TAGGED + _encode_result(packed)
 
 
 def _load_result(text: str) -> Any:
@@ -1458,9 +1472,12 @@ def _mac(secret: bytes, message: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _keyed_hmac(secret: bytes) -> hmac.HMAC:
-    """An HMAC with the key already set up; copying it is cheaper than setting up the key per record."""
-    return hmac.new(secret, digestmod=hashlib.sha256)
+def _keyed_hmac(secret: bytes) -> Any:
+    """An HMAC with the key already set up; copying it is cheaper than setting up the key per record.
+    It is OpenSSL's HMAC object itself where hmac.HMAC wraps one (same copy, update and hexdigest),
+    which spares three Python-level calls per signature."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    return getattr(mac, "_hmac", None) or mac
 
 
 @dataclasses.dataclass(slots=True)
@@ -1842,11 +1859,12 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "flight", "token",
-                 "outer", "check", "__weakref__")
+    __slots__ = ("core", "store", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "flight",
+                 "token", "outer", "check", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
+        self.store = core.store   # the store it is claimed in, which records its outcome
         self.lock = threading.Lock()
         self.done = self.lost = False
         self.check = False   # ask the policy's verifier before running: a side effect may be repeated
@@ -1873,7 +1891,7 @@ class _Run:
         with self.lock:
             if self.done or self.lost:
                 return
-            store, lease, started = self.core.store, self.call.policy.lease, time.monotonic()
+            store, lease, started = self.store, self.call.policy.lease, time.monotonic()
             try:
                 renewed = self.record.evolve(lease_until=store.now() + lease, updated=time.time())
                 won = store.swap(renewed, self.record.epoch, self.record.owner)
@@ -2386,7 +2404,7 @@ class _Core:
             run_key = prev.run_key
         record = Record(
             id=call.id, tool=call.name, workflow=call.workflow, caller=call.caller,
-            status=Status.RUNNING.value, owner=_unique_token(),
+            status=_RUNNING, owner=_unique_token(),
             epoch=prev.epoch + 1 if prev else 1, lease_until=now + policy.lease, run_key=run_key,
             runs=0 if prev is None or new_window else prev.runs,
             created=prev.created if prev else wall, updated=wall, started=wall,
@@ -2400,8 +2418,8 @@ class _Core:
         self.count(run.call.id, 1, 0)
         run.flight = _Flight(run.record.epoch)
         with _FLIGHTS_LOCK:
-            _FLIGHTS[(self.store.url, run.call.id)] = run.flight
-        run.renewer = _HEARTBEAT.renewer(self.store)
+            _FLIGHTS[(run.store.url, run.call.id)] = run.flight
+        run.renewer = _HEARTBEAT.renewer(run.store)
         run.renewer.add(run)
         return run
 
@@ -2509,7 +2527,7 @@ class _Core:
     def success_record(self, run: _Run, value: Any, unstored: str | None = None) -> Record:
         """The signed SUCCESS record of a run that returned `value` (or, given `unstored`,
         of one whose result is not kept, for that reason)."""
-        call, now, clock = run.call, time.time(), self.store.now()
+        call, now, clock = run.call, time.time(), run.store.now()
         result = None
         if unstored is None:
             result, unstored = _encode(call.policy, value)
@@ -2518,7 +2536,7 @@ class _Core:
                           "duplicates get BLOCKED; give the policy a serializer= to store such values",
                           call.name, _describe(value), unstored)
         record = run.record.evolve(
-            status=Status.SUCCESS.value, updated=now, lease_until=clock, duration=now - run.record.started,
+            status=_SUCCESS, updated=now, lease_until=clock, duration=now - run.record.started,
             expires=clock + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
             result=result, unstored=unstored)
         record.sig = _sign(self.secret, record)
@@ -2561,7 +2579,7 @@ class _Core:
         """Record a run that did not succeed as FAILED or UNKNOWN (signed: it steers the next
         call's key and whether it runs); the record, written or not."""
         now = time.time()
-        record = run.record.evolve(status=status.value, updated=now, lease_until=self.store.now(),
+        record = run.record.evolve(status=status.value, updated=now, lease_until=run.store.now(),
                                    duration=now - run.record.started, error=error)
         if status in _SIGNED:
             record.sig = _sign(self.secret, record)
@@ -2580,7 +2598,7 @@ class _Core:
         try:
             for delay in COMPLETION_RETRIES + (None,):
                 try:
-                    won = self.store.swap(record, run.record.epoch, run.record.owner)
+                    won = run.store.swap(record, run.record.epoch, run.record.owner)
                     break
                 except StoreError:
                     if delay is None:
@@ -2603,7 +2621,7 @@ class _Core:
         the record it stored (None: they read the store). A run that was fenced off leaves
         the flight of the run that took over alone."""
         run.renewer.discard(run)
-        key = (self.store.url, run.call.id)
+        key = (run.store.url, run.call.id)
         with _FLIGHTS_LOCK:
             if _FLIGHTS.get(key) is run.flight:
                 del _FLIGHTS[key]
@@ -2616,9 +2634,11 @@ class _Core:
         timestamps or UUIDs: those are retries the ledger cannot recognise."""
         if call.key is not None or call.name in self.warned:
             return
-        volatile = sorted(name for name, value in call.bound.items() if _looks_volatile(value))
+        volatile = [name for name, value in call.bound.items()
+                    if type(value) not in _NEVER_VOLATILE and _looks_volatile(value)]
         if not volatile:
             return
+        volatile.sort()
         stable = _dump({k: v for k, v in call.arguments.items() if k not in volatile})
         recent = [entry for entry in self.recent.get(call.name, ()) if now - entry[0] < 10]
         recent.append((now, stable, call.id))
@@ -2648,6 +2668,9 @@ def _lost_race(lost: int, store: Store, call: _Call) -> int:
         raise StoreError(f"{call.name}: {store!r} refused 1000 claims in a row for call {call.id}; "
                          f"run ledger.check_store() against it")
     return lost + 1
+
+
+_NEVER_VOLATILE = frozenset((int, float, bool, type(None), dict, list))  # tested first: most arguments are these
 
 
 def _looks_volatile(value: Any) -> bool:
@@ -2733,20 +2756,24 @@ def _preview(call: _Call) -> str:
 # ---------------------------------------------------------------------------
 
 FLUSH_INTERVAL = 1.0
+RENEWER_LINGER = FLUSH_INTERVAL   # no longer than a renewer's longest sleep, so add() need not wake it
 EXIT_FLUSH_WAIT = 5.0   # longest an exiting process waits to write buffered counters
 
 
 class _Renewer:
-    """Renews the leases of one store's running calls, on a thread that exits when none is left."""
+    """Renews the leases of one store's running calls, on a thread that exits when none has
+    been left for RENEWER_LINGER seconds: calls come in bursts, and starting a thread for
+    each call of a burst would cost more than the calls."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()   # a plain lock: add() takes it on every claim
+        self.cond = threading.Condition(self.lock)
         self.runs: dict[int, _Run] = {}
         self.thread: threading.Thread | None = None
 
     def add(self, run: _Run) -> None:
-        with self.cond:
+        with self.lock:
             self.runs[id(run)] = run
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -2758,15 +2785,21 @@ class _Renewer:
         self.runs.pop(id(run), None)
 
     def _loop(self) -> None:
+        idle_since = None
         while True:
             with self.cond:
                 # One snapshot decides: discard() runs without the lock, so the last run may
                 # end between a look at self.runs and a copy of it.
                 runs = list(self.runs.values())
-                if not runs:
-                    self.thread = None
-                    return
                 now = time.monotonic()
+                if not runs:
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= RENEWER_LINGER:
+                        self.thread = None
+                        return
+                    self.cond.wait(RENEWER_LINGER - (now - idle_since))  # a run added meanwhile is seen then
+                    continue
+                idle_since = None
                 wake = min(r.renew_at for r in runs)
                 if wake > now:
                     # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
@@ -4053,12 +4086,18 @@ class MemoryStore(Store):
             self._rows[record.id] = record
             return True
 
+    def insert_or_get(self, record: Record) -> Record | None:
+        with self._lock:   # as every write: clear and prune iterate the rows under it
+            return self._rows.setdefault(record.id, record)
+
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         with self._lock:
             old = self._rows.get(record.id)
             if old is None or old.epoch != epoch or old.owner != owner:
                 return False
-            self._rows[record.id] = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            if record.attempts != old.attempts or record.blocked != old.blocked:  # the stored counters stay
+                record = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            self._rows[record.id] = record
             return True
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
