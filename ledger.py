@@ -1136,16 +1136,26 @@ def _codec(serializer: Any) -> tuple[Callable[[Any], str], Callable[[str], Any]]
 # Anything else, subclasses included (an IntEnum would come back an int), is
 # refused: the record keeps why in `unstored`. ASCII output keeps NULs and
 # lone surrogates as \u escapes, which every store can hold.
-_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# The encoder json.dumps(value, separators=(",", ":")) builds on every call, built once (as
+# _ENCODE is). No circular-reference markers: _pack has walked the value already, and a
+# value that contains itself fails there, with RecursionError.
+_RESULT_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _no_default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 _TAGGED = "~"
+
+
+def _encode_result(packed: Any) -> str:
+    if _RESULT_ENCODE is None:
+        return json.dumps(packed, separators=(",", ":"))
+    return "".join(_RESULT_ENCODE(packed, 0))
 
 
 def _dump_result(value: Any) -> str:
     """The stored text of a result; _Unsupported (with its path) if it cannot come back exactly."""
     packed = _pack(value)
     if packed is value:  # plain JSON: one walk to check, then the C encoder
-        return _RESULT_ENCODER.encode(value)
-    return _TAGGED + _RESULT_ENCODER.encode(packed)
+        return _encode_result(value)
+    return _TAGGED + _encode_result(packed)
 
 
 def _load_result(text: str) -> Any:
@@ -1493,7 +1503,9 @@ class MemoryStore(Store):
             old = self._rows.get(record.id)
             if old is None or old.epoch != epoch or old.owner != owner:
                 return False
-            self._rows[record.id] = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            if record.attempts != old.attempts or record.blocked != old.blocked:  # the stored counters stay
+                record = record.evolve(attempts=old.attempts, blocked=old.blocked)
+            self._rows[record.id] = record
             return True
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
