@@ -1354,9 +1354,12 @@ def _mac(secret: bytes, message: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _keyed_hmac(secret: bytes) -> hmac.HMAC:
-    """An HMAC with the key already set up; copying it is cheaper than setting up the key per record."""
-    return hmac.new(secret, digestmod=hashlib.sha256)
+def _keyed_hmac(secret: bytes) -> Any:
+    """An HMAC with the key already set up; copying it is cheaper than setting up the key per record.
+    It is OpenSSL's HMAC object itself where hmac.HMAC wraps one (same copy, update and hexdigest),
+    which spares three Python-level calls per signature."""
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    return getattr(mac, "_hmac", None) or mac
 
 
 @dataclasses.dataclass(slots=True)
