@@ -3149,19 +3149,23 @@ FLUSH_INTERVAL = 1.0
 EXIT_FLUSH_WAIT = 5.0   # longest an exiting process waits to write buffered counters
 POLL_FIRST, POLL_MAX = 0.001, 0.02
 COMPLETION_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
+RENEWER_LINGER = FLUSH_INTERVAL   # no longer than a renewer's longest sleep, so add() need not wake it
 
 
 class _Renewer:
-    """Renews the leases of one store's running calls, on a thread that exits when none is left."""
+    """Renews the leases of one store's running calls, on a thread that exits when none has
+    been left for RENEWER_LINGER seconds: calls come in bursts, and starting a thread for
+    each call of a burst would cost more than the calls."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()   # a plain lock: add() takes it on every claim
+        self.cond = threading.Condition(self.lock)
         self.runs: dict[int, _Run] = {}
         self.thread: threading.Thread | None = None
 
     def add(self, run: _Run) -> None:
-        with self.cond:
+        with self.lock:
             self.runs[id(run)] = run
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -3173,15 +3177,21 @@ class _Renewer:
         self.runs.pop(id(run), None)
 
     def _loop(self) -> None:
+        idle_since = None
         while True:
             with self.cond:
                 # One snapshot decides: discard() runs without the lock, so the last run may
                 # end between a look at self.runs and a copy of it.
                 runs = list(self.runs.values())
-                if not runs:
-                    self.thread = None
-                    return
                 now = time.monotonic()
+                if not runs:
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= RENEWER_LINGER:
+                        self.thread = None
+                        return
+                    self.cond.wait(RENEWER_LINGER - (now - idle_since))  # a run added meanwhile is seen then
+                    continue
+                idle_since = None
                 wake = min(r.renew_at for r in runs)
                 if wake > now:
                     # add() wakes this thread only for a renewal due within FLUSH_INTERVAL,
