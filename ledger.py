@@ -4029,9 +4029,11 @@ class _Core:
         timestamps or UUIDs: those are retries the ledger cannot recognise."""
         if call.key is not None or call.name in self.warned:
             return
-        volatile = sorted(name for name, value in call.bound.items() if _looks_volatile(value))
+        volatile = [name for name, value in call.bound.items()
+                    if type(value) not in _NEVER_VOLATILE and _looks_volatile(value)]
         if not volatile:
             return
+        volatile.sort()
         stable = _dump({k: v for k, v in call.arguments.items() if k not in volatile})
         recent = [entry for entry in self.recent.get(call.name, ()) if now - entry[0] < 10]
         recent.append((now, stable, call.id))
@@ -4061,6 +4063,9 @@ def _lost_race(lost: int, store: Store, call: _Call) -> int:
         raise StoreError(f"{call.name}: {store!r} refused 1000 claims in a row for call {call.id}; "
                          f"run ledger.check_store() against it")
     return lost + 1
+
+
+_NEVER_VOLATILE = frozenset((int, float, bool, type(None), dict, list))  # tested first: most arguments are these
 
 
 def _looks_volatile(value: Any) -> bool:
