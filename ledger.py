@@ -895,6 +895,7 @@ PRUNABLE = (Status.SUCCESS.value, Status.FAILED.value)
 # The states whose records are signed, and verified before they steer a call: a SUCCESS
 # replays or blocks; an UNKNOWN blocks, and gives the verifier and the next run their key.
 _SIGNED = (Status.SUCCESS.value, Status.UNKNOWN.value)
+_SUCCESS = Status.SUCCESS.value   # Status.X.value is two Python-level calls: on the hot path, read it once
 
 
 @dataclasses.dataclass(slots=True)
@@ -3463,11 +3464,12 @@ class _Call:
 class _Run:
     """A claimed call that this process is running."""
 
-    __slots__ = ("core", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
+    __slots__ = ("core", "store", "call", "record", "lock", "done", "lost", "renew_at", "renewer", "token", "outer",
                  "check", "__weakref__")
 
     def __init__(self, core: _Core, call: _Call, record: Record):
         self.core, self.call, self.record = core, call, record
+        self.store = core.store   # the store it is claimed in, which records its outcome
         self.lock = threading.Lock()
         self.done = self.lost = False
         self.check = False   # ask the policy's verifier before running: a side effect may be repeated
@@ -3494,7 +3496,7 @@ class _Run:
         with self.lock:
             if self.done or self.lost:
                 return
-            store, lease, started = self.core.store, self.call.policy.lease, time.monotonic()
+            store, lease, started = self.store, self.call.policy.lease, time.monotonic()
             try:
                 renewed = self.record.evolve(lease_until=store.now() + lease, updated=time.time())
                 won = store.swap(renewed, self.record.epoch, self.record.owner)
@@ -3925,7 +3927,7 @@ class _Core:
     def success_record(self, run: _Run, value: Any, unstored: str | None = None) -> Record:
         """The signed SUCCESS record of a run that returned `value` (or, given `unstored`,
         of one whose result is not kept, for that reason)."""
-        call, now, clock = run.call, time.time(), self.store.now()
+        call, now, clock = run.call, time.time(), run.store.now()
         result = None
         if unstored is None:
             result, unstored = _encode(call.policy, value)
@@ -3934,7 +3936,7 @@ class _Core:
                           "duplicates get BLOCKED; give the policy a serializer= to store such values",
                           call.name, _describe(value), unstored)
         record = run.record.evolve(
-            status=Status.SUCCESS.value, updated=now, lease_until=clock, duration=now - run.record.started,
+            status=_SUCCESS, updated=now, lease_until=clock, duration=now - run.record.started,
             expires=clock + call.policy.ttl if call.policy.ttl else None, runs=run.record.runs + 1,
             result=result, unstored=unstored)
         record.sig = _sign(self.secret, record)
@@ -3977,7 +3979,7 @@ class _Core:
         """Record a run that did not succeed as FAILED or UNKNOWN (signed: it steers the next
         call's key and whether it runs); the record, written or not."""
         now = time.time()
-        record = run.record.evolve(status=status.value, updated=now, lease_until=self.store.now(),
+        record = run.record.evolve(status=status.value, updated=now, lease_until=run.store.now(),
                                    duration=now - run.record.started, error=error)
         if status in _SIGNED:
             record.sig = _sign(self.secret, record)
@@ -3996,7 +3998,7 @@ class _Core:
         try:
             for delay in COMPLETION_RETRIES + (None,):
                 try:
-                    won = self.store.swap(record, run.record.epoch, run.record.owner)
+                    won = run.store.swap(record, run.record.epoch, run.record.owner)
                     break
                 except StoreError:
                     if delay is None:
@@ -4018,7 +4020,7 @@ class _Core:
         """Stop renewing the run's lease and wake its in-process duplicates, handing them
         the record it stored (None: they read the store)."""
         run.renewer.discard(run)
-        flight = _FLIGHTS.pop((self.store.url, run.call.id), None)
+        flight = _FLIGHTS.pop((run.store.url, run.call.id), None)
         if flight is not None:
             flight.land(stored)
 
