@@ -211,9 +211,10 @@ def _list(items: Iterable[Any]) -> list:
     try:
         for item in items:
             # Plain strings and ints are their own canonical form; testing for them
-            # here instead of calling canonical() is a third of a fingerprint's cost.
+            # here instead of calling canonical() is a third of a fingerprint's cost,
+            # and other common types go straight to their handler.
             t = type(item)
-            out.append(item if t is int or (t is str and item[:1] != _TAG) else canonical(item))
+            out.append(item if t is int or (t is str and item[:1] != _TAG) else (_CANON.get(t) or canonical)(item))
     except _Unsupported as e:
         e.path.append("[%d]" % len(out))
         raise
@@ -231,7 +232,8 @@ def _dict(d: Mapping) -> Any:
     try:
         for k, v in d.items():
             t = type(v)  # as in _list
-            out[k if k[:1] != _TAG else _TAG + k] = v if t is int or (t is str and v[:1] != _TAG) else canonical(v)
+            out[k if k[:1] != _TAG else _TAG + k] = v if t is int or (t is str and v[:1] != _TAG) else (
+                _CANON.get(t) or canonical)(v)
     except _Unsupported as e:
         e.path.append("[%r]" % k)
         raise
