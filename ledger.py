@@ -1510,11 +1510,12 @@ class Store:
 
     get(id)                   the record, or None
     insert(record)            add it if no record has its id; True if added
-    insert_or_get(record)     claim a new call: insert it if no record has its id;
-                              the record stored under the id: `record` itself if
-                              inserted, else the stored one, left alone (None: it
-                              was deleted meanwhile); a store that can do both in
-                              one round trip overrides the default, get then insert
+    insert_or_get(id, claim)  claim a new call: where no record has this id, insert
+                              claim() (a function that makes the RUNNING record)
+                              and return that very record; else return the stored
+                              one, left alone (None: deleted meanwhile). The default
+                              reads first and calls claim() only to insert; a store
+                              that claims and reads in one round trip calls it always
     swap(record, epoch, owner) replace the stored record's state fields with
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
@@ -1556,11 +1557,14 @@ class Store:
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         raise NotImplementedError
 
-    def insert_or_get(self, record: Record) -> Record | None:
-        stored = self.get(record.id)
-        if stored is None and self.insert(record):
-            return record
-        return stored or self.get(record.id)
+    def insert_or_get(self, id: str, claim: Callable[[], Record]) -> Record | None:
+        stored = self.get(id)
+        if stored is None:
+            record = claim()
+            if self.insert(record):
+                return record
+            stored = self.get(id)
+        return stored
 
     def delete(self, id: str, epoch: int | None = None) -> bool:
         raise NotImplementedError
@@ -1703,6 +1707,15 @@ def check_store(store: Store) -> None:
         got = store.get(first.id)
         expect(got is not None and got.as_dict() == first.as_dict(),
                f"get must return the inserted record unchanged, got {got!r}")
+        claimed = scratch(3)
+        expect(store.insert_or_get(claimed.id, lambda: claimed) is claimed,
+               "insert_or_get of a new id must insert claim()'s record and return that very record")
+        got = store.get(claimed.id)
+        expect(got is not None and got.as_dict() == claimed.as_dict(), "insert_or_get must store that record unchanged")
+        kept = store.insert_or_get(first.id, lambda: scratch(1, owner="b"))
+        expect(kept is not None and kept.as_dict() == first.as_dict() == store.get(first.id).as_dict(),
+               "insert_or_get of an existing id must return the stored record and leave it alone")
+        expect(store.delete(claimed.id) is True, "delete of a record must succeed")
 
         done = first.evolve(status=Status.SUCCESS.value, result='{"v":1}', sig="s1", duration=0.25, runs=1)
         expect(store.swap(done, 2, "a") is False, "swap with a wrong epoch must fail")
@@ -2317,9 +2330,14 @@ class _Core:
             if record is None and store.legacy and not force:
                 record = store.get(call.id) or self.adopt(call)
             if record is None:  # first look, or the record changed: claim it unless one is stored
-                run = self.prepare_run(call, None, now)
-                record = store.insert_or_get(run.record)
-                if record is run.record:
+                run = None
+
+                def claim() -> Record:  # made only where the store may insert it: a hit builds no run
+                    nonlocal run
+                    run = self.prepare_run(call, None, now)
+                    return run.record
+                record = store.insert_or_get(call.id, claim)
+                if run is not None and record is run.record:
                     self.note_new_call(call, now)
                     return self.start(run)
                 if record is None:  # deleted between a failed insert and the read after it
@@ -4086,9 +4104,12 @@ class MemoryStore(Store):
             self._rows[record.id] = record
             return True
 
-    def insert_or_get(self, record: Record) -> Record | None:
+    def insert_or_get(self, id: str, claim: Callable[[], Record]) -> Record | None:
         with self._lock:   # as every write: clear and prune iterate the rows under it
-            return self._rows.setdefault(record.id, record)
+            stored = self._rows.get(id)
+            if stored is None:
+                stored = self._rows[id] = claim()
+            return stored
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         with self._lock:

@@ -168,7 +168,8 @@ class _ServerStore(Store):
     def insert(self, record: Record) -> bool:
         return self._claim_once(self._insert, record, lambda stored: _is_claim(stored, record))
 
-    def insert_or_get(self, record: Record) -> Record | None:
+    def insert_or_get(self, id: str, claim: Callable[[], Record]) -> Record | None:
+        record = claim()   # sent with the read: one round trip either way
         return self._claim_once(self._insert_or_get, record,
                                 lambda stored: record if _is_claim(stored, record) else stored)
 
