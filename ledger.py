@@ -2007,7 +2007,7 @@ def _decide(call: _Call, record: Record, now: float, waited: int | None, deadlin
     if status == Status.RUNNING:
         if record.lease_until > now:
             if not policy.replay:
-                return _Decision("duplicate", "blocked")
+                return _DUPLICATE["blocked"]
             if here:
                 return _Decision("raise", error=ReentrantCallError(
                     f"{call.name} (call {call.id}) was called again with the same arguments from inside its "
@@ -2036,8 +2036,12 @@ def _decide(call: _Call, record: Record, now: float, waited: int | None, deadlin
     fresh = record.expires is None or record.expires > now
     if fresh and record.runs >= policy.max:
         source = "shared" if waited is not None else "replayed" if policy.replay else "blocked"
-        return _Decision("duplicate", source)
+        return _DUPLICATE[source]
     return _Decision("claim", new_run=True, new_window=not fresh)
+
+
+# The decisions every hit returns, made once: a duplicate is the common case.
+_DUPLICATE = {source: _Decision("duplicate", source) for source in ("blocked", "replayed", "shared")}
 
 
 def _unknown_outcome(call: _Call, record: Record) -> OutcomeUnknown:
@@ -2273,7 +2277,7 @@ class _Core:
             self._env_workflow = _storable(os.environ.get("LEDGER_WORKFLOW") or "default", "workflow")
         return self._env_workflow
 
-    def record_name(self, tool: Any, name: str | None = None) -> str:
+    def record_name(self, tool: Any, name: str | None = None, info: _ToolInfo | None = None) -> str:
         """The name a tool's records are kept under, and its policy set by; the one rule, used
         wherever a tool is named (calling, wrapping, policy, history). The first that applies:
           1. an explicit name: `name` (name=, a wrap_tools dict key, the name a framework
@@ -2281,7 +2285,8 @@ class _Core:
           2. the name this guard wrapped the function under;
           3. a framework tool's own name (LangChain, Agents SDK, MCP, LlamaIndex, ...);
           4. tool_name(fn): module and qualified name, the same in every process (or a
-             ConfigError asking for name=, where no such name is stable)."""
+             ConfigError asking for name=, where no such name is stable).
+        `info` is the tool's _ToolInfo where the caller has it already (the hot path does)."""
         if name is not None:
             return _storable(name, "tool name")
         fn, carried = _unwrap(tool)
@@ -2294,7 +2299,7 @@ class _Core:
         if known is None and type(fn) is not types.FunctionType:  # a framework tool is no plain function
             known = _framework_name(fn)
         if known is None:
-            known = _info(fn).name
+            known = (info or _info(fn)).name
             if type(known) is not str:
                 raise known
         return known
@@ -3227,7 +3232,7 @@ class Guard:
         info = _info(fn)
         call = _Call()
         call.fn, call.info = fn, info
-        call.name = name or self._core.record_name(fn)
+        call.name = name or self._core.record_name(fn, info=info)
         call.key = key if key is not None else _key_from(call.name, info, kwargs)
         call.args, call.kwargs = args, kwargs
         call.policy = policy = self._core.policy_for(call.name, fn)
