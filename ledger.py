@@ -2905,7 +2905,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _HEARTBEAT
+    global _HEARTBEAT, _FLIGHTS_LOCK
     _after_fork_in_parent()
     for store in list(_SQLITE_STORES):
         store._forget_inherited()
@@ -2913,6 +2913,7 @@ def _after_fork_in_child() -> None:
     cores = list(_HEARTBEAT.cores)
     _HEARTBEAT = _Heartbeat()   # the parent's runs and threads are not the child's
     _FLIGHTS.clear()
+    _FLIGHTS_LOCK = threading.Lock()   # another of the parent's threads may have held it at fork()
     for core in cores:
         core.forget_pending()
         _HEARTBEAT.watch(core)

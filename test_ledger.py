@@ -1845,6 +1845,22 @@ def test_a_fenced_run_ending_leaves_the_flight_of_the_run_that_took_over_from_it
     assert (core.store.url, call.id) not in flights and taker.flight.record is taker.record
 
 
+def _guarded_call_then_exit(path):
+    guard = Guard(path, quiet=True, secret="s")
+    os._exit(0 if guard(charge, 99) is not BLOCKED else 3)
+
+
+def test_a_child_forked_while_a_thread_starts_a_run_can_run_calls(tmp_path):
+    ledger._FLIGHTS_LOCK.acquire()   # as a parent thread inside start() or release() holds it at fork()
+    try:
+        child = forked(_guarded_call_then_exit, str(tmp_path / "l.db"))
+        child.start()
+        child.join(20)
+    finally:
+        ledger._FLIGHTS_LOCK.release()
+    assert child.exitcode == 0, "the child's first guarded call hung on a lock held at fork()"
+
+
 def test_a_bounded_wait_that_runs_out_raises(store):
     guard = Guard(store, quiet=True, secret="s")
     tool = counter(guard, sleep=0.5)
