@@ -3270,7 +3270,7 @@ class Guard:
             options = Policy.of(**policy) if policy else None   # an unknown option fails before wrapping
             guarded = self._wrap_tool(fn, name, blocked_return, "guard.once")
             if options is not None:  # by the guarded tool, so under the name its records have
-                self.policy(guarded, **policy)
+                self._set_policy(guarded, options)
             return guarded
         return decorate(fn) if fn is not None else decorate
 
@@ -3355,17 +3355,18 @@ class Guard:
         """Set how calls of one tool (a function, its wrapped form, or its name) are treated.
         The options are Policy's fields, declared and documented there (help(ledger.Policy));
         an unknown one is a ConfigError. Returns the guard, so settings chain."""
-        policy = Policy.of(**options)
+        self._set_policy(fn_or_name, Policy.of(**options))
+        return self
+
+    def _set_policy(self, fn_or_name: Callable | str, policy: Policy) -> None:
         if isinstance(fn_or_name, str):
             self._core.policies[fn_or_name] = policy
-            return self
-        fn = _unwrap(fn_or_name)[0]
+            return
         self._core.policies[self._core.record_name(fn_or_name)] = policy
         try:
-            self._core.policies_by_fn[fn] = policy
+            self._core.policies_by_fn[_unwrap(fn_or_name)[0]] = policy
         except TypeError:
             pass
-        return self
 
     def on_success(self, callback: Callable[[Record], Any]) -> Guard:
         """Call `callback(record)` after each recorded run. Returns the guard, so settings chain."""
@@ -4030,11 +4031,6 @@ def _registrations(fn: Any) -> list[tuple[Any, Callable[..., None] | None, Calla
                 found += [(owner, guard_in_place, blocked) for cls, guard_in_place, blocked in kinds
                           if isinstance(owner, cls)][:1]
     return found
-
-
-def _registered_name(fn: Any) -> str | None:
-    """The name a framework registered `fn` under, which is also the name of its records."""
-    return next((owner.name for owner, guard_in_place, _ in _registrations(fn) if guard_in_place), None)
 
 
 def _blocked_default(wrapper: Callable) -> Any:
