@@ -2079,10 +2079,11 @@ class _Flight:
     callback, so a hundred duplicates wake without contending for a shared lock.
     """
 
-    __slots__ = ("epoch", "lock", "sleepers", "futures", "landed", "record")
+    __slots__ = ("run", "epoch", "lock", "sleepers", "futures", "landed", "record")
 
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, run: _Run):
+        self.run = run  # the leader, whose record (renewed in place) a new duplicate here decides on
+        self.epoch = run.record.epoch
         self.lock = threading.Lock()
         self.sleepers: list[threading.Lock] = []
         self.futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
@@ -2332,6 +2333,8 @@ class _Core:
         delay, lost_races = POLL_FIRST, 0
         while True:
             now = store.now()
+            if record is None and not force:
+                record = _leading_here(store, call, now)
             if record is None and store.legacy and not force:
                 record = store.get(call.id) or self.adopt(call)
             if record is None:  # first look, or the record changed: claim it unless one is stored
@@ -2439,7 +2442,7 @@ class _Core:
     def start(self, run: _Run) -> _Run:
         """A claim won: count the attempt, let in-process duplicates wait on its flight, renew its lease."""
         self.count(run.call.id, 1, 0)
-        run.flight = _Flight(run.record.epoch)
+        run.flight = _Flight(run)
         with _FLIGHTS_LOCK:
             _FLIGHTS[(run.store.url, run.call.id)] = run.flight
         run.renewer = _HEARTBEAT.renewer(run.store)
@@ -2672,6 +2675,18 @@ class _Core:
             self.warn("%s ran %d times within 10 s with arguments that differ only in %s; if these are "
                       "retries of one call, pass key='...' (a stable id such as f'email-{order_id}') "
                       "so they count as one", call.name, repeats + 1, ", ".join(volatile))
+
+
+def _leading_here(store: Store, call: _Call, now: float) -> Record | None:
+    """The RUNNING record of this call's live run in this process, if it has one: a duplicate
+    decides on it without reading the store. A live lease can only make the decision block,
+    wait or raise, never claim, so a record this process holds can steer nothing it should not;
+    a lease that has run out (here) or a fenced run sends the caller to the store instead."""
+    flight = _FLIGHTS.get((store.url, call.id))
+    if flight is None or flight.landed or flight.run.lost:
+        return None
+    record = flight.run.record
+    return record if record.epoch == flight.epoch and record.lease_until > now else None
 
 
 def _running_here(store: Store, record: Record) -> bool:

@@ -1845,6 +1845,64 @@ def test_a_fenced_run_ending_leaves_the_flight_of_the_run_that_took_over_from_it
     assert (core.store.url, call.id) not in flights and taker.flight.record is taker.record
 
 
+def counting_reads(monkeypatch, store):
+    """Count the store's reads and claims on this instance (the store itself stays real)."""
+    reads = []
+    for method in ("get", "insert_or_get"):
+        real = getattr(store, method)
+        monkeypatch.setattr(store, method, lambda *a, _real=real, _m=method, **k: (reads.append(_m), _real(*a, **k))[1])
+    return reads
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_a_duplicate_of_a_call_running_in_this_process_does_not_read_the_store(store, monkeypatch, replay):
+    guard = Guard(store, quiet=True, secret="s")
+    tool = counter(guard, result="done", sleep=0.3)
+    guard.policy(tool, replay=replay)
+    leader = threading.Thread(target=guard, args=(tool,))
+    leader.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+    reads = counting_reads(monkeypatch, store)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(guard(tool))) for _ in range(10)]
+    [t.start() for t in threads]
+    [t.join() for t in threads + [leader]]
+    assert results == (["done"] if replay else [BLOCKED]) * 10 and len(tool.calls) == 1
+    assert reads == [], f"duplicates of a call running here read the store: {reads}"
+
+
+def test_a_duplicate_of_a_fenced_run_here_decides_on_the_store(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, replay=True)
+    core, call = guard._core, guard._prepare(charge, (1,), {})
+    fenced = core.start(core.prepare_run(call, None, core.store.now()))
+    assert store.insert(fenced.record)
+    taker = core.prepare_run(call, fenced.record, core.store.now())
+    assert store.swap(taker.record, fenced.record.epoch, fenced.record.owner)
+    assert store.swap(core.success_record(taker, {"by": "taker"}), taker.record.epoch, taker.record.owner)
+    fenced.renew()   # finds its lease taken
+    try:
+        started = time.monotonic()
+        assert guard(charge, 1) == {"by": "taker"} and CHARGES == []
+        assert time.monotonic() - started < 1, "the duplicate waited on the fenced run's flight"
+    finally:
+        core.release(fenced)
+
+
+def test_a_duplicate_does_not_take_over_a_run_here_whose_lease_only_this_process_saw_run_out(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard.policy(charge, recover="retry")
+    core, call = guard._core, guard._prepare(charge, (1,), {})
+    run = core.prepare_run(call, None, core.store.now())
+    assert store.insert(run.record.evolve(lease_until=core.store.now() + 60))  # a renewal that was stored
+    run.record = run.record.evolve(lease_until=core.store.now() - 1)  # but that this process did not see
+    core.start(run)
+    try:
+        assert guard(charge, 1) is BLOCKED and CHARGES == []
+    finally:
+        core.release(run)
+
+
 def _guarded_call_then_exit(path):
     guard = Guard(path, quiet=True, secret="s")
     os._exit(0 if guard(charge, 99) is not BLOCKED else 3)
