@@ -263,34 +263,43 @@ def fill_sqlite(store: ledger.SQLiteStore, template: ledger.Record, missing: int
 
 
 # ---------------------------------------------------------------------------
-# The raw floor: bare sqlite3, same table, same settings
+# The raw floors: the bare statements of a call, on a table or key prefix shaped
+# like the ledger's own, on the same store
 # ---------------------------------------------------------------------------
+
+def floor_claim() -> ledger.Record:
+    """The record a floor claims: a typical call's, RUNNING."""
+    return ledger.Record(id="", tool="bench.search", workflow="default", caller=None, status="RUNNING",
+                         owner=secrets.token_hex(8), epoch=1, lease_until=0.0, run_key="", started=0.0,
+                         args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,'
+                              '"query":"running shoes 1","tags":["new","sale"]}')
+
 
 class RawFloor:
     """The bare sqlite3 statements a call needs, on the ledger's own table in a WAL file
     with synchronous=NORMAL: what no SQLite-backed guard can beat."""
 
-    def __init__(self, folder: str):
-        path = os.path.join(folder, "floor.db")
-        ledger.SQLiteStore(path).close()  # creates the ledger's own table
-        self.conn = sqlite3.connect(path, isolation_level=None)
+    def __init__(self, path: str):
+        # other processes' floors may hold the write lock: wait for it, as the store does
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.prepare("records", "?")
+
+    def prepare(self, table: str, mark: str) -> None:
+        """The statements, with `mark` for a parameter, and their values, built once: a call
+        only puts its id in them."""
         columns = ledger.RECORD_FIELDS
-        row = ledger.Record(id="", tool="bench.search", workflow="default", caller=None, status="RUNNING",
-                            owner=secrets.token_hex(8), epoch=1, lease_until=0.0, run_key="", started=0.0,
-                            args='{"filters":{"brand":"acme","size":42},"limit":10,"min_score":0.5,'
-                                 '"query":"running shoes 1","tags":["new","sale"]}')
+        row = floor_claim()
         state = [f for f in columns if f not in ("attempts", "blocked")]
-        self.insert = f"INSERT INTO records ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        self.update = (f"UPDATE records SET {', '.join(f + ' = ?' for f in state)} "
-                       f"WHERE id = ? AND epoch = ? AND owner = ?")
-        self.select = f"SELECT {', '.join(columns)} FROM records WHERE id = ?"
+        self.insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+        self.update = (f"UPDATE {table} SET {', '.join(f'{f} = {mark}' for f in state)} "
+                       f"WHERE id = {mark} AND epoch = {mark} AND owner = {mark}")
+        self.select = f"SELECT {', '.join(columns)} FROM {table} WHERE id = {mark}"
         self.claimed = [getattr(row, f) for f in columns]
         self.done = [getattr(row, f) for f in state] + [None, 1, row.owner]
         self.done[state.index("status")] = "SUCCESS"
         self.at = columns.index("id"), columns.index("run_key"), state.index("id")
-        self.ids: list[str] = []
 
     def claim_and_complete(self, id: str) -> None:
         """INSERT the claim, UPDATE it to its outcome: two commits, all that a new call needs."""
@@ -303,6 +312,57 @@ class RawFloor:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class PostgresFloor(RawFloor):
+    """The same INSERT and UPDATE through psycopg, each autocommitted, on a table that
+    PostgresStore made."""
+
+    def __init__(self, dsn: str, table: str):
+        import psycopg  # only when PostgreSQL is measured
+
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.prepare(".".join(f'"{part}"' for part in table.split(".")), "%s")
+
+
+class RedisFloor:
+    """The least a claim and its completion need on Redis: SET NX of the claimed record (the
+    claim's exclusive create), then SET XX of the finished one (a write only where it is),
+    one command and one round trip each, under the key RedisStore gives a record. The
+    store writes a hash and its indexes from a script; these are plain strings."""
+
+    def __init__(self, url: str, prefix: str):
+        import redis  # only when Redis is measured
+
+        self.client = redis.Redis.from_url(url)
+        self.key = prefix + "r:"
+        claimed = floor_claim()
+        self.claimed, self.done = (json.dumps({f: getattr(r, f) for f in ledger.RECORD_FIELDS})
+                                   for r in (claimed, claimed.evolve(status="SUCCESS")))
+
+    def claim_and_complete(self, id: str) -> None:
+        self.client.set(self.key + id, self.claimed, nx=True)
+        self.client.set(self.key + id, self.done, xx=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_floor(url: str) -> RawFloor | RedisFloor:
+    """The floor of a store's URL, on that store's own file, table or key prefix."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        return RawFloor(rest[1:])
+    if scheme in ("postgresql", "postgres"):
+        return PostgresFloor(*ledger._without_query_parameter(url, "table"))
+    return RedisFloor(*ledger._without_query_parameter(url, "prefix"))
+
+
+def floor_file(folder: str) -> str:
+    """A new SQLite file with the ledger's own table, for the single-process floor."""
+    path = os.path.join(folder, "floor.db")
+    ledger.SQLiteStore(path).close()
+    return path
 
 
 def naive_fingerprint(kwargs: dict) -> str:
@@ -318,7 +378,7 @@ def per_call_paths(folder: str, stores: dict[str, Stores], calls: int, rounds: i
     """The raw floors, the fingerprint, and miss and hit on each store, measured in turns
     of a few hundred calls, so that a burst of load on the machine falls on all alike and
     the ratios to the floor stay honest. Returns (floors, figures by store)."""
-    floor = RawFloor(folder)
+    floor = RawFloor(floor_file(folder))
     info = ledger._info(search)
 
     def fingerprint(kw: dict) -> str:
