@@ -12,8 +12,12 @@ Every figure is per guarded call: the median and the 99th percentile. The raw
 floor is measured in the same run: the bare sqlite3 statements that a claim and
 its completion need (INSERT, then UPDATE, each its own commit) and that a
 lookup needs (SELECT), on the same table in a WAL file with synchronous=NORMAL.
-Standard library only; stores are opened with ledger.open_store(url), each in a
-scratch file, table or key prefix of its own that is removed at the end.
+The cross-process test (8 processes) reports calls/s on distinct keys against
+the same claim and completion run bare by the same processes, in turns, on the
+same store: INSERT then UPDATE on SQLite and PostgreSQL (psycopg, autocommit),
+SET NX then SET XX on Redis. Standard library only (and psycopg or redis when
+that server store is measured); stores are opened with ledger.open_store(url),
+each in a scratch file, table or key prefix of its own that is removed at the end.
 
 --against ledger-once runs the same SQLite workloads with ledger-once 0.1.5 (its
 module is also named `ledger`, so it runs in a worker process with its own
