@@ -2329,7 +2329,7 @@ class _Core:
         reading, claiming and waiting they ask for."""
         store = self.store
         secret = self.secret  # a missing signing key fails here, before the tool runs, not after it
-        record = waited = deadline = None
+        record = waited = deadline = handed = None
         delay, lost_races = POLL_FIRST, 0
         while True:
             now = store.now()
@@ -2351,7 +2351,7 @@ class _Core:
                 if record is None:  # deleted between a failed insert and the read after it
                     lost_races = _lost_race(lost_races, store, call)
                     continue
-            if record.status in _SIGNED and not force and not _verified(secret, record):
+            if record.status in _SIGNED and not force and record is not handed and not _verified(secret, record):
                 raise _tampered(call, record)  # before any decision this record steers
             here = record.status == Status.RUNNING and _running_here(store, record)
             decision = _decide(call, record, now, waited, deadline, force, here)
@@ -2372,7 +2372,10 @@ class _Core:
                 flight = _FLIGHTS.get((store.url, call.id))
                 if flight is not None and flight.epoch == record.epoch:
                     yield _Wait(flight, decision.timeout, store, call.id)
-                    record = flight.record  # the record the leader stored, handed over (None: read it)
+                    # The record the leader stored, handed over (None: read it). Made and signed
+                    # in this process, it never left it: with the same key it needs no check.
+                    record = flight.record
+                    handed = record if flight.run.core.secret == secret else None
                 else:
                     yield _Wait(None, min(delay, decision.timeout), store, call.id)
                     delay, record = min(delay * 1.5, POLL_MAX), None

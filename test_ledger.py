@@ -1903,6 +1903,21 @@ def test_a_duplicate_does_not_take_over_a_run_here_whose_lease_only_this_process
         core.release(run)
 
 
+def test_a_waiter_with_another_secret_is_not_handed_the_leaders_result():
+    store = MemoryStore()
+    leader, waiter = Guard(store, quiet=True, secret="a"), Guard(store, quiet=True, secret="b")
+    tool = Counter(result="done", sleep=0.3)
+    for guard in (leader, waiter):
+        guard.policy("slow", replay=True)
+    running = threading.Thread(target=leader.wrap_tools({"slow": tool})["slow"])
+    running.start()
+    wait_for(lambda: tool.calls, what="the leader to start")
+    with pytest.raises(ledger.IntegrityError):
+        waiter.wrap_tools({"slow": tool})["slow"]()
+    running.join()
+    assert len(tool.calls) == 1
+
+
 def _guarded_call_then_exit(path):
     guard = Guard(path, quiet=True, secret="s")
     os._exit(0 if guard(charge, 99) is not BLOCKED else 3)
