@@ -1547,6 +1547,9 @@ class Store:
     # True when the store holds calls carried over from ledger-once; only then does a
     # call that has no record of its own look for one (see _Core.adopt).
     legacy = False
+    # True when a look (insert_or_get) is a round trip to a server: callers in one process
+    # that look at the same call at the same moment then share one (see _share_look).
+    shared_looks = False
 
     def get(self, id: str) -> Record | None:
         raise NotImplementedError
@@ -2081,9 +2084,9 @@ class _Flight:
 
     __slots__ = ("run", "epoch", "lock", "sleepers", "futures", "landed", "record")
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: _Run | None = None):
         self.run = run  # the leader, whose record (renewed in place) a new duplicate here decides on
-        self.epoch = run.record.epoch
+        self.epoch = run.record.epoch if run is not None else None   # None: a look (see _share_look)
         self.lock = threading.Lock()
         self.sleepers: list[threading.Lock] = []
         self.futures: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
@@ -2134,7 +2137,31 @@ def _resolve(futures: list[asyncio.Future]) -> None:
 # The flight of each call running in this process, by (store url, call id). A run ends
 # its own flight; it removes the entry only while it is still its own.
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
+# The first look at each call under way in this process, on stores with shared_looks; it
+# lands with the record it found or claimed (None: it failed, the others look themselves).
+_LOOKS: dict[tuple[str, str], _Flight] = {}
 _FLIGHTS_LOCK = threading.Lock()
+# A look is one round trip; callers behind one that takes longer (a statement stalled on
+# the server) stop waiting for it and look for themselves.
+LOOK_WAIT = 5.0
+
+
+def _share_look(store: Store, call: _Call) -> tuple[_Flight, bool]:
+    """The look at `call` under way in this process, and whether it is this caller's own
+    (which it must end with _end_look, found record or not)."""
+    key = (store.url, call.id)
+    with _FLIGHTS_LOCK:
+        look = _LOOKS.get(key)
+        if look is not None:
+            return look, False
+        look = _LOOKS[key] = _Flight()
+        return look, True
+
+
+def _end_look(store: Store, call: _Call, look: _Flight, record: Record | None) -> None:
+    with _FLIGHTS_LOCK:
+        del _LOOKS[(store.url, call.id)]
+    look.land(record)
 
 
 class _Wait:
@@ -2331,12 +2358,18 @@ class _Core:
         secret = self.secret  # a missing signing key fails here, before the tool runs, not after it
         record = waited = deadline = handed = None
         delay, lost_races = POLL_FIRST, 0
+        share = store.shared_looks and not force
         while True:
             now = store.now()
             if record is None and not force:
                 record = _leading_here(store, call, now)
             if record is None and store.legacy and not force:
                 record = store.get(call.id) or self.adopt(call)
+            look, mine = _share_look(store, call) if record is None and share else (None, False)
+            if look is not None and not mine:   # another caller here is looking at this call: wait for it
+                yield _Wait(look, LOOK_WAIT, store, call.id)
+                record, share = look.record, look.landed
+                continue
             if record is None:  # first look, or the record changed: claim it unless one is stored
                 run = None
 
@@ -2344,10 +2377,14 @@ class _Core:
                     nonlocal run
                     run = self.prepare_run(call, None, now)
                     return run.record
-                record = store.insert_or_get(call.id, claim)
-                if run is not None and record is run.record:
-                    self.note_new_call(call, now)
-                    return self.start(run)
+                try:
+                    record = store.insert_or_get(call.id, claim)
+                    if run is not None and record is run.record:
+                        self.note_new_call(call, now)
+                        return self.start(run)   # before the look ends, so that its waiters find the flight
+                finally:
+                    if mine:
+                        _end_look(store, call, look, record)
                 if record is None:  # deleted between a failed insert and the read after it
                     lost_races = _lost_race(lost_races, store, call)
                     continue
@@ -2931,6 +2968,7 @@ def _after_fork_in_child() -> None:
     cores = list(_HEARTBEAT.cores)
     _HEARTBEAT = _Heartbeat()   # the parent's runs and threads are not the child's
     _FLIGHTS.clear()
+    _LOOKS.clear()
     _FLIGHTS_LOCK = threading.Lock()   # another of the parent's threads may have held it at fork()
     for core in cores:
         core.forget_pending()

@@ -135,6 +135,7 @@ class _ServerStore(Store):
     """
 
     where = "?"
+    shared_looks = True   # a look is a round trip: concurrent ones in a process share one
 
     def __init__(self) -> None:
         self._wakeups = _Wakeups(self._listen, f"ledger-wakeups {self.where}")

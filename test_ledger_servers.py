@@ -542,6 +542,76 @@ def test_a_new_call_takes_two_round_trips_claim_or_read_then_complete(counted_st
     assert len(sent) == 2, sent
 
 
+def slow_pay(order_id: int) -> dict:
+    time.sleep(0.2)
+    return pay(order_id)
+
+
+def looks_counted(monkeypatch, store, before=None):
+    """Count the store's first looks (insert_or_get); `before(n)` runs ahead of the n-th."""
+    looks = []
+    real = store.insert_or_get
+
+    def counted(*args, **kwargs):
+        looks.append(threading.get_ident())
+        if before is not None:
+            before(len(looks))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(store, "insert_or_get", counted)
+    return looks
+
+
+def same_call_at_once(guard, tool, threads=30):
+    """`threads` threads make the same call at the same moment; what each got."""
+    barrier, results = threading.Barrier(threads), []
+
+    def call():
+        barrier.wait()
+        try:
+            results.append(guard(tool, 7))
+        except Exception as e:   # noqa: BLE001 - the test looks at what each caller got
+            results.append(e)
+    workers = [threading.Thread(target=call) for _ in range(threads)]
+    [w.start() for w in workers]
+    [w.join() for w in workers]
+    return results
+
+
+def test_callers_in_one_process_looking_at_one_call_at_once_share_one_round_trip(server_store, monkeypatch):
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard.policy(slow_pay, replay=True)
+    looks = looks_counted(monkeypatch, server_store)
+    assert same_call_at_once(guard, slow_pay) == [{"paid": 10.0, "order": 7}] * 30
+    assert len(looks) == 1 and payments() == [7]
+
+
+def test_callers_behind_a_look_that_failed_look_for_themselves(server_store, monkeypatch):
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard.policy(slow_pay, replay=True)
+
+    def first_fails(n):
+        if n == 1:
+            time.sleep(0.2)   # long enough for the others to queue behind it
+            raise ledger.StoreError("the server went away")
+    looks = looks_counted(monkeypatch, server_store, first_fails)
+    results = same_call_at_once(guard, slow_pay)
+    assert sum(isinstance(r, ledger.StoreError) for r in results) == 1
+    assert results.count({"paid": 10.0, "order": 7}) == 29 and payments() == [7]
+    assert 2 <= len(looks) < 30   # the next caller looked, and the rest shared its look
+
+
+def test_callers_behind_a_stalled_look_stop_waiting_for_it(server_store, monkeypatch):
+    monkeypatch.setattr(ledger, "LOOK_WAIT", 0.3)
+    guard = Guard(server_store, quiet=True, secret="s")
+    guard.policy(slow_pay, replay=True)
+    looks = looks_counted(monkeypatch, server_store, lambda n: n == 1 and time.sleep(2))
+    started = time.monotonic()
+    results = same_call_at_once(guard, slow_pay, threads=5)
+    assert results == [{"paid": 10.0, "order": 7}] * 5 and payments() == [7]
+    assert len(looks) >= 2   # they stopped waiting: one looked and ran it (the rest may wait on its run)
+    assert time.monotonic() - started < 2.5
+
+
 # ---------------------------------------------------------------------------
 # PostgreSQL: table names, schema marks, pooled connections, prune's locks, time
 # limits, a restart, fail-open.
