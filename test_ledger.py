@@ -155,6 +155,52 @@ def test_set_fingerprint_is_the_same_whatever_the_hash_seed():
     assert here != ledger.fingerprint("t", "w", ledger._canonical_arguments({"x": {"a", "b", "c", "zz"}}))
 
 
+class Text(str):
+    """A str subclass: fingerprinted as its str value."""
+
+
+def pinned_tool(query, limit=10, min_score=0.5, filters=None, tags=()):
+    return None
+
+
+# Calls and their fingerprints as computed when they were pinned: stored records are found by
+# these ids, so any faster path to an id must give each of them byte for byte.
+PINNED_FINGERPRINTS = [  # (fingerprint, workflow, positional, keyword arguments)
+    ("c5324611243495e1a6d5079c5ce328d0", "default", (),
+     dict(query="running shoes 1", limit=10, min_score=0.5, filters={"brand": "acme", "size": 42}, tags=["new", "sale"])),
+    ("c5324611243495e1a6d5079c5ce328d0", "default", ("running shoes 1", 10, 0.5, {"size": 42, "brand": "acme"},
+                                                     ("new", "sale")), {}),
+    ("1f61a06be502e566e02c42259e7b5359", "nightly", (),
+     dict(query="running shoes 1", limit=10, min_score=0.5, filters={"brand": "acme", "size": 42}, tags=["new", "sale"])),
+    ("7376de280c18c0c526129160cb1556a3", "default", ("q",), {}),
+    ("80783b1e0496e63def26f62453ecfb9e", "default", ("q",), dict(limit=True, min_score=False, filters=None, tags=[])),
+    ("8a7d3e04d844f9d7e17f740481529b89", "default", ("q",),
+     dict(limit=2 ** 70, min_score=-0.0, filters={}, tags=[None, 1.0, -5])),
+    ("3db7865a664bcacc2b481476cd1fd6f7", "default", ("q",),
+     dict(limit=99.0, min_score=0.1 + 0.2, tags=[1e300, 1.7976931348623157e308, 1e-7, 123456789.123456, 5e-324])),
+    ("f3b0cc49ac84c4f1f72e9f5a21716217", "default", ("q",),
+     dict(min_score=float("nan"), tags=[float("inf"), float("-inf")])),
+    ("ea177dc3a15f5c033750592e570bb1c5", "default", ("\x00tag",),
+     dict(filters={"\x00k": "\x00v", "a\"b\\c": "é🙂\u2028"}, tags=["\x00", ""])),
+    ("c5b02bb2bba9a2ae18e236eb933faf75", "default", (Text("q"),), dict(filters={"k": Text("v")}, tags=[Text("\x00x")])),
+    ("5bcffb5151f75d58754d672d4b4a907f", "default", ("q",), dict(filters={1: "a", 2: "b"}, tags={3, 1, 2})),
+    ("aab1227a03307768c8d7c6dd7c63846e", "default", ("q",),
+     dict(filters={"b": 1, "a": [{"z": 1.0, "y": (1, [2])}]}, tags=[[], {}, ()])),
+    ("b8a9664fbc448243f8713d2c358aa520", "default", ("q",), dict(filters={True: 1, "1": 2}, tags=frozenset({"x"}))),
+    ("20e37a6f564cf1a80850bdd1423431a4", "default", ("q",),
+     dict(filters={"d": decimal.Decimal("1.50"), "u": uuid.UUID(int=7), "b": b"\x00\xff",
+                   "t": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)})),
+    ("287845187b677c00debc3e44863bc43f", "default", ("q",), dict(key="order-7")),
+    ("287845187b677c00debc3e44863bc43f", "default", ("q",), dict(idempotency_key="order-7", limit=3)),
+]
+
+
+@pytest.mark.parametrize("expected, workflow, args, kwargs", PINNED_FINGERPRINTS)
+def test_fingerprints_of_calls_stay_as_pinned(expected, workflow, args, kwargs):
+    guard = Guard(":memory:", quiet=True, workflow=workflow)
+    assert guard._prepare(pinned_tool, args, dict(kwargs)).id == expected
+
+
 class Color(enum.Enum):
     RED = "red"
     BLUE = "blue"
