@@ -2066,7 +2066,10 @@ def _tampered(call: _Call, record: Record) -> IntegrityError:
 # Engine: singleflight. A caller the decision tells to wait blocks on the
 # leader's flight when the leader runs in this process (woken the moment its
 # record is written, and handed that record), else on the store's own wakeup
-# (Store.wait / wait_async), polling as a fallback. The state machine is a
+# (Store.wait / wait_async), polling as a fallback. A duplicate of a run live
+# in this process decides on the leader's own record, without reading the
+# store; on a server store, callers here that look at one call at the same
+# moment share one look (_share_look). The state machine is a
 # generator of these waits, so the sync and async paths share every decision
 # and differ only in how they wait (_drive, _drive_async).
 # ---------------------------------------------------------------------------
