@@ -7780,6 +7780,33 @@ def test_benchmark_callgrind_counts_instructions_per_call_without_start_up():
     # a count that kept the interpreter's start-up (hundreds of millions of instructions) would be far larger
     assert all(0 < count < 5_000_000 for count in counts.values()), counts
     assert counts["sqlite_miss"] > counts["memory_miss"]  # two commits on top of the same Python work
+    least = json.loads(run.stdout)["callgrind"]["stdlib floor"]
+    assert set(least) == set(counts) and all(0 < least[path] < counts[path] for path in counts), (least, counts)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_the_benchmarks_stdlib_floor_runs_a_new_call_once_and_checks_a_duplicates_signature(kind, tmp_path):
+    source = (HERE / "examples" / "benchmark.py").read_text()
+    worker = source.split("WORKER = r\'\'\'", 1)[1].split('if sys.argv[1] == "serve"', 1)[0]
+    check = worker + textwrap.dedent(f"""
+        ran = []
+        def tool(**kw):
+            ran.append(kw)
+            return {{"hits": len(ran)}}
+        g = open_guard({kind!r})
+        first, second = new_calls(2)
+        assert g(tool, **first) == {{"hits": 1}} and g(tool, **second) == {{"hits": 2}}
+        assert g(tool, **first) is FloorGuard.BLOCKED and len(ran) == 2
+        if g.db is None:
+            g.records = {{k: (text, "forged") for k, (text, sig) in g.records.items()}}
+        else:
+            g.db.execute("UPDATE records SET sig = 'forged'")
+        assert g(tool, **first) is None and len(ran) == 2  # a forged record blocks nothing, runs nothing
+        print("checked")
+    """)
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={**os.environ, "BENCHMARK_FLOOR": "1"})
+    assert run.returncode == 0 and run.stdout == "checked\n", run.stderr
 
 
 def _mint_tokens(queue):
