@@ -7740,6 +7740,9 @@ def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
     assert at_scale["SQLite hit with 1,000 records / with 100"] == round(
         sqlite["scale"]["1000"]["hit"]["median_us"] / sqlite["scale"]["100"]["hit"]["median_us"], 2)
     assert len(at_scale) == 4
+    bare = sqlite["scale"]["1000"]["raw_lookup"]["median_us"] / sqlite["scale"]["100"]["raw_lookup"]["median_us"]
+    assert targets["SQLite hit with 1,000 records / with 100"]["floor"] == f"{bare:.2f}x (its SELECT, bare)"
+    assert benchmark_report["stores"]["memory"]["scale"]["1000"]["raw_lookup"] is None
     assert benchmark_report["against"] is None and benchmark_report["callgrind"] is None
 
 

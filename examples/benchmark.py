@@ -432,22 +432,32 @@ def miss_and_hit(g: ledger.Guard, kwargs: list[dict]) -> dict[str, list[int]]:
 def scale(stores: Stores, sizes: list[int], calls: int, rounds: int = 5) -> dict:
     """Hit and miss cost in stores already holding `sizes` records. Each size has a store
     of its own, and they are measured in turns of a few hundred calls, so that a burst of
-    load on the machine falls on all alike."""
-    samples: dict[int, dict[str, list[int]]] = {size: {"miss": [], "hit": []} for size in sizes}
-    guards, filled = {}, {}
+    load on the machine falls on all alike. On SQLite, the hit's own SELECT is timed bare too,
+    on the same file and the same records (raw_lookup): the part of a hit's cost that is the
+    B-tree's own, which grows with its depth."""
+    samples: dict[int, dict[str, list[int]]] = {size: {"miss": [], "hit": [], "raw_lookup": []} for size in sizes}
+    guards, filled, raw = {}, {}, {}
     for size in sizes:
         store = stores.open()
         filled[size] = fill(store, size)
         guards[size] = stores.guard(store)
+        if isinstance(store, ledger.SQLiteStore):
+            raw[size] = RawFloor(store.path)
     for _ in range(rounds):
         for size, g in guards.items():
             keys = [call_args(secrets.token_hex(4)) for _ in range(max(1, calls // rounds))]
             samples[size]["miss"] += samples_of(lambda kw: g(search, **kw), keys)
             samples[size]["hit"] += samples_of(lambda kw: g(search, **kw), keys)
+            if size in raw:
+                ids = [g._prepare(search, (), kw).id for kw in keys]
+                samples[size]["raw_lookup"] += samples_of(raw[size].lookup, ids)
     for g in guards.values():
         g.close()
+    for floor in raw.values():
+        floor.close()
     gc.unfreeze()
     return {str(size): {"miss": summary(samples[size]["miss"]), "hit": summary(samples[size]["hit"]),
+                        "raw_lookup": summary(samples[size]["raw_lookup"]) if size in raw else None,
                         "fill_s": round(filled[size], 2)} for size in sizes}
 
 
@@ -931,8 +941,9 @@ def targets(report: dict) -> list[dict]:
         ("SQLite hit / raw floor (fingerprint + SELECT)", "x", "<=", 1.5,
          over(median(sqlite, "hit_blocked"), floor["fingerprint_lookup"]["median_us"])),
         ("memory-store miss, instructions per call", "", "<=", 110_000, ours.get("memory_miss"),
-         least.get("memory_miss")),
-        ("memory-store hit, instructions per call", "", "<=", 60_000, ours.get("memory_hit"), least.get("memory_hit")),
+         least.get("memory_miss") and f"{least['memory_miss']:,} (stdlib floor, callgrind)"),
+        ("memory-store hit, instructions per call", "", "<=", 60_000, ours.get("memory_hit"),
+         least.get("memory_hit") and f"{least['memory_hit']:,} (stdlib floor, callgrind)"),
         ("SQLite miss: ledger-once time / ledger.py time", "x", ">=", 2.0,
          over(median(once, "miss"), median(mine, "miss"))),
         ("SQLite hit: ledger-once time / ledger.py time", "x", ">=", 5.0,
@@ -950,9 +961,11 @@ def targets(report: dict) -> list[dict]:
         sizes = sorted(figures["scale"], key=int)
         if len(sizes) > 1:
             small, large = figures["scale"][sizes[0]], figures["scale"][sizes[-1]]
+            bare = over(median(large, "raw_lookup"), median(small, "raw_lookup")) if large["raw_lookup"] else None
             for path in ("miss", "hit"):
                 found.append((f"{labels[kind]} {path} with {int(sizes[-1]):,} records / with {int(sizes[0]):,}",
-                              "x", "<=", 1.2, over(large[path]["median_us"], small[path]["median_us"])))
+                              "x", "<=", 1.2, over(large[path]["median_us"], small[path]["median_us"]),
+                              f"{bare:.2f}x (its SELECT, bare)" if path == "hit" and bare else None))
     # Throughput on distinct keys against the floor on the same store: the issue asks for it
     # reported, with no goal.
     for kind, label, statements in (("sqlite", "SQLite", "INSERT + UPDATE"),
@@ -961,9 +974,9 @@ def targets(report: dict) -> list[dict]:
         found.append((f"{label} calls/s, {report['processes']} processes on distinct keys / raw floor ({statements})",
                       "x", "reported", None, cross and cross["distinct_over_floor"]))
     return [{"target": name, "unit": unit, "goal": op if limit is None else f"{op} {limit:,}{unit}",
-             "measured": value, "stdlib_floor": floor_count[0] if floor_count else None,
+             "measured": value, "floor": floor_text[0] if floor_text else None,
              "met": None if value is None or limit is None else (value <= limit if op == "<=" else value >= limit)}
-            for name, unit, op, limit, value, *floor_count in found]
+            for name, unit, op, limit, value, *floor_text in found]
 
 
 # ---------------------------------------------------------------------------
@@ -1017,6 +1030,7 @@ def table(report: dict) -> str:
     for size in sizes:
         row(f"miss with {int(size):,} records", lambda s: us(s["scale"][size]["miss"], floor["claim_complete"]))
         row(f"hit with {int(size):,} records", lambda s: us(s["scale"][size]["hit"], floor["lookup"]))
+        row(f"raw floor: the hit's SELECT with {int(size):,} records", lambda s: us(s["scale"][size]["raw_lookup"]))
     lines.append("| raw floor: claim + complete (INSERT, UPDATE) | "
                  + " | ".join(us(floor["claim_complete"]) for _ in stores) + " |")
     lines.append("| raw floor: lookup (SELECT) | " + " | ".join(us(floor["lookup"]) for _ in stores) + " |")
@@ -1057,12 +1071,11 @@ def callgrind_table(report: dict) -> str:
 
 
 def targets_table(report: dict) -> str:
-    lines = ["| target | goal | measured | stdlib floor (callgrind) | met |", "|---|---|---|---|---|"]
+    lines = ["| target | goal | measured | floor, same run | met |", "|---|---|---|---|---|"]
     for t in report["targets"]:
         measured = "not measured" if t["measured"] is None else f"{t['measured']:,}{t['unit']}"
-        least = "—" if t["stdlib_floor"] is None else f"{t['stdlib_floor']:,}"
         met = "—" if t["met"] is None else ("yes" if t["met"] else "no")
-        lines.append(f"| {t['target']} | {t['goal']} | {measured} | {least} | {met} |")
+        lines.append(f"| {t['target']} | {t['goal']} | {measured} | {t['floor'] or '—'} | {met} |")
     return "\n".join(lines)
 
 
