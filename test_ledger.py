@@ -32,6 +32,7 @@ import os
 import pathlib
 import random
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -7796,8 +7797,7 @@ def test_benchmark_callgrind_counts_instructions_per_call_without_start_up():
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_the_benchmarks_stdlib_floor_runs_a_new_call_once_and_checks_a_duplicates_signature(kind, tmp_path):
-    source = (HERE / "examples" / "benchmark.py").read_text()
-    worker = source.split("WORKER = r\'\'\'", 1)[1].split('if sys.argv[1] == "serve"', 1)[0]
+    worker = runpy.run_path(str(HERE / "examples" / "benchmark.py"))["WORKER"].split('if sys.argv[1] == "serve"')[0]
     check = worker + textwrap.dedent(f"""
         ran = []
         def tool(**kw):

@@ -971,10 +971,10 @@ def targets(report: dict) -> list[dict]:
                               f"{bare:.2f}x (its SELECT, bare)" if path == "hit" and bare else None))
     # Throughput on distinct keys against the floor on the same store: the issue asks for it
     # reported, with no goal.
-    for kind, label, statements in (("sqlite", "SQLite", "INSERT + UPDATE"),
-                                    ("postgres", "PostgreSQL", "INSERT + UPDATE"), ("redis", "Redis", "SET NX + SET XX")):
+    for kind, statements in (("sqlite", "INSERT + UPDATE"), ("postgres", "INSERT + UPDATE"),
+                             ("redis", "SET NX + SET XX")):
         cross = (stores.get(kind) or {}).get("cross_process")
-        found.append((f"{label} calls/s, {report['processes']} processes on distinct keys / raw floor ({statements})",
+        found.append((f"{labels[kind]} calls/s, {report['processes']} processes on distinct keys / raw floor ({statements})",
                       "x", "reported", None, cross and cross["distinct_over_floor"]))
     return [{"target": name, "unit": unit, "goal": op if limit is None else f"{op} {limit:,}{unit}",
              "measured": value, "floor": floor_text[0] if floor_text else None,
