@@ -1514,8 +1514,10 @@ class Store:
                               claim() (a function that makes the RUNNING record)
                               and return that very record; else return the stored
                               one, left alone (None: deleted meanwhile). The default
-                              reads first and calls claim() only to insert; a store
-                              that claims and reads in one round trip calls it always
+                              reads first and calls claim() only to insert; SQLite
+                              tries the insert first after a look that found none; a
+                              store that claims and reads in one round trip calls
+                              claim() always
     swap(record, epoch, owner) replace the stored record's state fields with
                               record's iff the stored epoch and owner match;
                               the counters attempts and blocked are kept
@@ -4268,11 +4270,12 @@ class _Connection:
     runs, so that close() and fork() can wait for it and then close the connection;
     its thread opens a new one on its next statement."""
 
-    __slots__ = ("lock", "conn", "__weakref__")
+    __slots__ = ("lock", "conn", "claim_first", "__weakref__")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
+        self.claim_first = False   # this thread's last look found no record: see insert_or_get
 
 
 # SQLite must not be used across fork(): a connection open in the parent, and
@@ -4430,6 +4433,28 @@ class SQLiteStore(Store):
 
     def insert(self, record: Record) -> bool:
         return self._run(_SQL_INSERT, _record_values(record)) == 1
+
+    def insert_or_get(self, id: str, claim: Callable[[], Record]) -> Record | None:
+        # A new call needs its INSERT and UPDATE; a read before the INSERT is a third
+        # statement. A duplicate needs only the read; an INSERT tried first would take the
+        # write lock that every process's claims queue for. So each thread tries first
+        # what its last look needed: the claim after a look that found no record, the
+        # read after one that found a record. Either order gives the same answer.
+        slot = self._connection()
+        if slot.claim_first:
+            record = claim()
+            if self.insert(record):
+                return record
+            slot.claim_first = False
+            return self.get(id)
+        stored = self.get(id)
+        if stored is None:
+            slot.claim_first = True
+            record = claim()
+            if self.insert(record):
+                return record
+            stored = self.get(id)
+        return stored
 
     def swap(self, record: Record, epoch: int, owner: str) -> bool:
         return self._run(_SQL_SWAP, _sql_swap_values(record) + (record.id, epoch, owner)) == 1

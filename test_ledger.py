@@ -6002,6 +6002,50 @@ def test_sqlite_gives_each_thread_its_own_connection(tmp_path):
     assert other[0] is not None and other[0] is not store._connection().conn
 
 
+def statements_of(store: SQLiteStore) -> list[str]:
+    """The first word of each statement this thread's connection runs from now on."""
+    seen: list[str] = []
+    store.get("")   # this thread's connection, opened
+    store._connection().conn.set_trace_callback(lambda sql: seen.append(sql.split()[0]))
+    return seen
+
+
+def test_sqlite_claims_a_new_call_after_one_without_reading_first(tmp_path):
+    guard = Guard(str(tmp_path / "l.db"), quiet=True, secret="s")
+    path = str(tmp_path / "runs")
+    guard(log_run, path, "first")
+    seen = statements_of(guard.store)
+    guard(log_run, path, "second")
+    assert seen == ["INSERT", "UPDATE"] and len(runs_of(path)) == 2
+
+
+def test_sqlite_answers_a_duplicate_after_one_with_a_single_read(tmp_path):
+    guard = Guard(str(tmp_path / "l.db"), quiet=True, secret="s")
+    path = str(tmp_path / "runs")
+    guard(log_run, path, "a"), guard(log_run, path, "b")
+    assert guard(log_run, path, "a") is BLOCKED   # the look that finds a record
+    seen = statements_of(guard.store)
+    assert guard(log_run, path, "b") is BLOCKED
+    assert seen == ["SELECT"] and len(runs_of(path)) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=25))
+def test_sqlite_runs_each_call_once_whatever_the_order_of_new_calls_and_duplicates(calls):
+    # Each step calls one of six calls, through this process's guard or through a second
+    # guard on the same file that stands for another process: the first guard's
+    # thread then meets records it never looked at, in whichever order it tries first.
+    with tempfile.TemporaryDirectory() as folder:
+        here, there = (Guard(os.path.join(folder, "l.db"), quiet=True, secret="s") for _ in range(2))
+        path, ran = os.path.join(folder, "runs"), set()
+        for n, elsewhere in calls:
+            value = (there if elsewhere else here)(log_run, path, str(n))
+            assert value == (BLOCKED if n in ran else f"{n}-{os.getpid()}")
+            ran.add(n)
+        assert len(runs_of(path)) == len(ran)
+        here.close(), there.close()
+
+
 def _open_connections(store: SQLiteStore) -> list:
     return [slot.conn for slot in store._connections if slot.conn is not None]
 
@@ -7701,6 +7745,31 @@ def test_benchmark_shared_wait_runs_the_tool_once(benchmark_report):
         assert shared["executions"] == 1
         assert shared["waiters"] + shared["late"] == benchmark_report["threads"] + benchmark_report["tasks"] - 1
         assert 0 <= shared["wake"]["p50_ms"] <= shared["wake"]["p99_ms"]
+
+
+class _NoGuard:
+    """Stands in for a guard that runs every call: what the benchmark must refuse to report on."""
+
+    kind, store = "memory", types.SimpleNamespace(get=lambda id: None)
+
+    def guard(self):
+        return self
+
+    def policy(self, *args, **kwargs):
+        pass
+
+    def wrap_tools(self, tools):
+        return tools
+
+    def close(self):
+        pass
+
+
+@pytest.mark.slow
+def test_benchmark_stops_when_a_shared_wait_runs_the_tool_more_than_once():
+    bench = runpy.run_path(str(HERE / "examples" / "benchmark.py"))
+    with pytest.raises(SystemExit, match="memory shared wait: 3 threads and 2 tasks on one call ran it 5 times"):
+        bench["shared_wait"](_NoGuard(), 3, 2, 20)
 
 
 @pytest.mark.slow
