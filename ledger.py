@@ -995,8 +995,9 @@ class Record:
 
     Times on the store's lease clock (Store.now(), shared by every worker) decide;
     wall-clock times (time.time()) are for people. attempts and blocked are counters
-    the engine buffers and adds later (add_counts); every other field is state, written
-    only by a compare-and-set on (epoch, owner).
+    the engine buffers and adds later (add_counts), but for a new record's first attempt,
+    which its insert writes; every other field is state, written only by a compare-and-set
+    on (epoch, owner).
     """
 
     # -- identity
@@ -2386,7 +2387,7 @@ class _Core:
                     record = store.insert_or_get(call.id, claim)
                     if run is not None and record is run.record:
                         self.note_new_call(call, now)
-                        return self.start(run)   # before the look ends, so that its waiters find the flight
+                        return self.start(run, inserted=True)   # before the look ends, so that its waiters find the flight
                 finally:
                     if mine:
                         _end_look(store, call, look, record)
@@ -2479,14 +2480,17 @@ class _Core:
             epoch=prev.epoch + 1 if prev else 1, lease_until=now + policy.lease, run_key=run_key,
             runs=0 if prev is None or new_window else prev.runs,
             created=prev.created if prev else wall, updated=wall, started=wall,
-            attempts=prev.attempts if prev else 0, executed=prev.executed + 1 if prev else 1,
+            attempts=prev.attempts if prev else 1, executed=prev.executed + 1 if prev else 1,
             blocked=prev.blocked if prev else 0, argsum=call.argsum, args=_preview(call),
             cost=policy.cost)
         return _Run(self, call, record)
 
-    def start(self, run: _Run) -> _Run:
-        """A claim won: count the attempt, let in-process duplicates wait on its flight, renew its lease."""
-        self.count(run.call.id, 1, 0)
+    def start(self, run: _Run, inserted: bool = False) -> _Run:
+        """A claim won: count the attempt, let in-process duplicates wait on its flight, renew its lease.
+        An inserted record counts its own first attempt (prepare_run), so a new call leaves no
+        counter to write later; a swap keeps the stored counters, so a claim by swap is counted."""
+        if not inserted:
+            self.count(run.call.id, 1, 0)
         run.flight = _Flight(run)
         with _FLIGHTS_LOCK:
             _FLIGHTS[(run.store.url, run.call.id)] = run.flight

@@ -1813,6 +1813,30 @@ def test_counters_are_exact_under_concurrency(store):
     assert CHARGES == [(1, 10.0, "usd")]
 
 
+def test_a_new_call_writes_its_attempt_with_its_claim_and_buffers_no_counter(store):
+    guard = Guard(store, quiet=True, secret="s")
+    guard(charge, 1)
+    assert guard._core.pending == {}   # nothing for the heartbeat to write
+    [record] = store.records()
+    assert (record.attempts, record.executed, record.blocked) == (1, 1, 0)
+
+
+def test_a_claim_over_a_failed_record_counts_its_attempt(store):
+    guard, failures = Guard(store, quiet=True, secret="s"), [ValueError("declined")]
+
+    @guard.once(name="pay")
+    def pay(order: str) -> str:
+        if failures:
+            raise failures.pop()
+        return "paid"
+    with pytest.raises(ValueError):
+        guard(pay, "o-1")
+    assert guard(pay, "o-1") == "paid"
+    guard._core.flush()
+    [record] = store.records()
+    assert (record.status, record.attempts, record.executed) == ("SUCCESS", 2, 2)
+
+
 def test_replay_waiters_share_the_running_leaders_result(store):
     guard = Guard(store, quiet=True, secret="s")
     tool = counter(guard, result="answer", sleep=0.2)
@@ -6060,7 +6084,7 @@ def test_closing_a_guard_closes_every_threads_connection_and_they_reopen(tmp_pat
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
     [t.start() for t in threads]
     wait_for(lambda: len(runs_of(path)) == 3, what="the three calls")
-    # this thread's, the three workers' and perhaps the counter thread's
+    guard.store.get("")   # this thread's connection, beside the three workers' (and perhaps the counter thread's)
     wait_for(lambda: len(_open_connections(guard.store)) >= 4, what="the threads' connections")
     opened = _open_connections(guard.store)
     guard.close()
