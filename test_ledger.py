@@ -7565,7 +7565,7 @@ def test_demo_shows_all_three_stories_and_the_savings_in_under_ten_seconds(tmp_p
     assert "the card was charged once for 3 attempts" in out
     assert "web_search ran once" in out and "8 of 8 agents" in out
     assert "kill -9" in out and "retry at once      BLOCKED" in out and "taken over under the same key" in out
-    assert "Savings: 10 of 13 calls were duplicates" in out and "saved $0.35" in out
+    assert "Savings: 10 of 14 calls were duplicates" in out and "saved $0.35" in out
     assert max(map(len, out.splitlines())) <= 80
     assert list(tmp_path.iterdir()) == []  # its database was temporary
 
