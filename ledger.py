@@ -4401,13 +4401,14 @@ class SQLiteStore(Store):
         return time.time() if base is None else time.clock_gettime(_BOOTTIME) + base
 
     def _run(self, sql: str, params: Iterable = (), fetch: Callable[[sqlite3.Cursor], Any] = _rowcount,
-             many: bool = False) -> Any:
+             many: bool = False, patient: bool = True) -> Any:
         """Run one statement on this thread's connection (opened if need be) and
         fetch its result while the connection is still sure to be open.
 
         While another process holds the write lock it tries again for up to `timeout`
         seconds, sleeping without the connection's lock, so that close() and fork()
-        never wait for more than one attempt."""
+        never wait for more than one attempt; with `patient=False` it returns None
+        instead of trying again."""
         slot, delays = self._connection(), iter(_SQLITE_BUSY_DELAYS)
         deadline = None
         while True:
@@ -4424,6 +4425,8 @@ class SQLiteStore(Store):
                 except sqlite3.Error as e:
                     if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                         raise StoreError(f"ledger database {self.path!r}: {e}. {_sqlite_advice(self.path, e)}") from e
+                    if not patient:
+                        return None
                     now = time.monotonic()
                     deadline = deadline or now + self.timeout
                     if now >= deadline:
@@ -4443,18 +4446,18 @@ class SQLiteStore(Store):
         # statement. A duplicate needs only the read; an INSERT tried first would take the
         # write lock that every process's claims queue for. So each thread tries first
         # what its last look needed: the claim after a look that found no record, the
-        # read after one that found a record. Either order gives the same answer.
-        slot = self._connection()
+        # read after one that found a record. Either order gives the same answer. A claim
+        # tried first does not wait for another process's write lock: the read that
+        # follows may answer without it.
+        slot, record = self._connection(), None
         if slot.claim_first:
             record = claim()
-            if self.insert(record):
+            if self._run(_SQL_INSERT, _record_values(record), patient=False) == 1:
                 return record
-            slot.claim_first = False
-            return self.get(id)
         stored = self.get(id)
+        slot.claim_first = stored is None
         if stored is None:
-            slot.claim_first = True
-            record = claim()
+            record = claim() if record is None else record
             if self.insert(record):
                 return record
             stored = self.get(id)

@@ -6053,6 +6053,17 @@ def test_sqlite_answers_a_duplicate_after_one_with_a_single_read(tmp_path):
     assert seen == ["SELECT"] and len(runs_of(path)) == 2
 
 
+def test_sqlite_answers_a_duplicate_after_a_new_call_while_another_process_holds_the_write_lock(tmp_path):
+    guard = Guard(SQLiteStore(tmp_path / "l.db", timeout=5.0), quiet=True, secret="s")
+    path = str(tmp_path / "runs")
+    guard(log_run, path, "a"), guard(log_run, path, "b")   # this thread now tries the claim first
+    with sqlite_write_locked(guard.store.path):
+        began = time.monotonic()
+        assert guard(log_run, path, "a") is BLOCKED
+        took = time.monotonic() - began
+    assert took < 1.0 and len(runs_of(path)) == 2   # the read answered; the claim did not wait for the lock
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=25))
 def test_sqlite_runs_each_call_once_whatever_the_order_of_new_calls_and_duplicates(calls):
