@@ -7836,6 +7836,13 @@ def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
     hit = targets["SQLite hit / raw floor (fingerprint + SELECT)"]["measured"]
     assert miss == round(sqlite["miss"]["median_us"] / floor["claim_complete"]["median_us"], 2)
     assert hit == round(sqlite["hit_blocked"]["median_us"] / floor["fingerprint_lookup"]["median_us"], 2)
+    memory, commits = benchmark_report["stores"]["memory"], floor["claim_complete"]["median_us"]
+    miss_bound = (commits + memory["miss"]["median_us"]) / commits
+    hit_bound = (floor["lookup"]["median_us"] + memory["hit_blocked"]["median_us"]) / floor["fingerprint_lookup"]["median_us"]
+    assert targets["SQLite miss / raw floor (INSERT + UPDATE, two commits)"]["floor"] == (
+        f"{miss_bound:.2f}x (the raw floor plus the memory store's miss, over the raw floor)")
+    assert targets["SQLite hit / raw floor (fingerprint + SELECT)"]["floor"] == (
+        f"{hit_bound:.2f}x (the bare SELECT plus the memory store's hit, over the raw floor)")
     throughput = {name.split()[0]: t["measured"] for name, t in targets.items() if t["goal"] == "reported"}
     assert throughput == {"SQLite": sqlite["cross_process"]["distinct_over_floor"], "PostgreSQL": None, "Redis": None}
     wake = [t for name, t in targets.items() if name.startswith("SQLite shared wait")]
@@ -7872,9 +7879,14 @@ def test_benchmark_against_ledger_once_measures_both_in_rounds_side_by_side():
     for side in against.values():
         for path in ("miss", "hit_blocked", "hit_replayed"):
             assert 0 < side[path]["median_us"] <= side[path]["p99_us"] and side[path]["rounds"] == 3, path
-    faster = {t["target"]: t for t in report["targets"]}["SQLite hit: ledger-once time / ledger.py time"]
+    targets = {t["target"]: t for t in report["targets"]}
+    faster = targets["SQLite hit: ledger-once time / ledger.py time"]
     assert faster["measured"] == round(against["ledger-once"]["hit_blocked"]["median_us"]
                                        / against["ledger.py"]["hit_blocked"]["median_us"], 2)
+    # the most any implementation could be faster: ledger-once's time over the raw floor of the same run
+    most = against["ledger-once"]["miss"]["median_us"] / report["floor"]["claim_complete"]["median_us"]
+    assert targets["SQLite miss: ledger-once time / ledger.py time"]["floor"] == (
+        f"{most:.2f}x (ledger-once's miss over the raw floor: the most two commits allow)")
 
 
 @pytest.mark.slow
