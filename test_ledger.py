@@ -7838,7 +7838,8 @@ def test_benchmark_reports_each_target_with_whether_it_is_met(benchmark_report):
     assert hit == round(sqlite["hit_blocked"]["median_us"] / floor["fingerprint_lookup"]["median_us"], 2)
     memory, commits = benchmark_report["stores"]["memory"], floor["claim_complete"]["median_us"]
     miss_bound = (commits + memory["miss"]["median_us"]) / commits
-    hit_bound = (floor["lookup"]["median_us"] + memory["hit_blocked"]["median_us"]) / floor["fingerprint_lookup"]["median_us"]
+    hit_bound = ((floor["lookup"]["median_us"] + memory["hit_blocked"]["median_us"])
+                 / floor["fingerprint_lookup"]["median_us"])
     assert targets["SQLite miss / raw floor (INSERT + UPDATE, two commits)"]["floor"] == (
         f"{miss_bound:.2f}x (the raw floor plus the memory store's miss, over the raw floor)")
     assert targets["SQLite hit / raw floor (fingerprint + SELECT)"]["floor"] == (

@@ -979,10 +979,12 @@ def targets(report: dict) -> list[dict]:
          least.get("memory_hit") and f"{least['memory_hit']:,} (stdlib floor, callgrind)"),
         ("SQLite miss: ledger-once time / ledger.py time", "x", ">=", 2.0,
          over(median(once, "miss"), median(mine, "miss")),
-         bound(over(median(once, "miss"), commits), "ledger-once's miss over the raw floor: the most two commits allow")),
+         bound(over(median(once, "miss"), commits),
+               "ledger-once's miss over the raw floor: the most two commits allow")),
         ("SQLite hit: ledger-once time / ledger.py time", "x", ">=", 5.0,
          over(median(once, "hit_blocked"), median(mine, "hit_blocked")),
-         bound(over(median(once, "hit_blocked"), lookup), "ledger-once's hit over the raw floor: the most a hit allows")),
+         bound(over(median(once, "hit_blocked"), lookup),
+               "ledger-once's hit over the raw floor: the most a hit allows")),
     ]
     labels = {"memory": "memory", "sqlite": "SQLite", "postgres": "PostgreSQL", "redis": "Redis"}
     wake = floor["thread_wake"]["p99_ms"]
